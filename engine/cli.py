@@ -1,0 +1,176 @@
+"""`longrl`: the command line.
+
+    longrl convert SRC OUT            GGUF file / model name / HF dir -> checkpoint directory
+    longrl generate --prompt TEXT     answer one prompt
+    longrl generate --input FILE      answer a JSONL of doc-QA items (context, question)
+
+Every subcommand that reads a config accepts a TOML recipe (--recipe FILE) and dotted
+overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+
+def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Dotted `--section.key=value` arguments are config overrides; the rest is argparse's."""
+    overrides, rest = [], []
+    for arg in argv:
+        if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    return overrides, rest
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="longrl",
+        description="longrl: long-document reasoning RL (QwenLong-L1) — lean engine.",
+        epilog="Config keys can be overridden with --section.key=value (e.g. --generate.max_new_tokens=64). "
+               "Run `longrl SUBCOMMAND --help` for details.",
+    )
+    p.add_argument("--version", action="version", version=f"longrl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND")
+
+    c = sub.add_parser("convert", help="import a GGUF file, model name or HF dir into a checkpoint directory",
+                       description="Load SRC (an embedded model name such as smollm2-135m-instruct, a .gguf "
+                                   "file, or a Hugging Face checkpoint directory) and write a checkpoint "
+                                   "directory that longrl and transformers both load.")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype written (default float32)")
+    c.add_argument("--shard-size-mb", type=int, default=4096, help="largest safetensors shard (MiB)")
+
+    g = sub.add_parser("generate", help="generate answers for a prompt or a JSONL of doc-QA items",
+                       description="Answer doc-QA items with the model of the config ([model] path). Items "
+                                   "are JSONL rows with 'context' and 'question' (and optional 'id', "
+                                   "'answers'); they are wrapped in the [data] template, truncated in the "
+                                   "middle to fit, and generated with the [generate] settings.")
+    g.add_argument("--recipe", help="TOML recipe to read the [model], [data], [generate] sections from")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="a raw user prompt (chat-templated when the tokenizer has a template)")
+    src.add_argument("--input", help="JSONL file of doc-QA items")
+    g.add_argument("--output", help="write one JSON row per item here (id, completion, token counts)")
+    g.add_argument("--bench", action="store_true", help="print prompt and generated tokens/s")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    overrides, rest = _split_overrides(argv)
+    parser = _build_parser()
+    args = parser.parse_args(rest)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "convert":
+            if overrides:
+                raise ConfigError(f"convert takes no config overrides (got {overrides})")
+            return cmd_convert(args)
+        cfg = load_config(args.recipe, overrides)
+        return cmd_generate(args, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"longrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("longrl: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_convert(args) -> int:
+    from .model import load_model, save_model
+
+    model, tokenizer = load_model(args.src, device="cpu", dtype=args.dtype)
+    out = save_model(model, tokenizer, args.out, max_shard_bytes=args.shard_size_mb << 20)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {out} ({model.config.model_type}, {n / 1e6:.1f}M parameters, {args.dtype})")
+    return 0
+
+
+def cmd_generate(args, cfg: Config) -> int:
+    from tqdm import tqdm
+
+    from .data.jsonl import read_docqa_jsonl
+    from .data.template import build_prompt_ids, encode_prompt
+    from .model import load_model
+    from .rollout.simple import SimpleSampling, generate_simple
+
+    model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  attn_backend=cfg.model.attn_backend)
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
+    gen = cfg.generate
+    limit = cfg.data.max_input_tokens or max(1, model.config.max_position_embeddings - gen.max_new_tokens)
+
+    if args.prompt is not None:
+        items = [{"id": "prompt", "prompt": args.prompt}]
+    else:
+        items = read_docqa_jsonl(args.input)
+    prompts, truncated = [], []
+    for item in items:
+        if "prompt" in item:
+            ids, cut = encode_prompt(tokenizer, item["prompt"], cfg.data.chat_template), False
+        else:
+            ids, cut = build_prompt_ids(tokenizer, item["context"], item["question"], template=cfg.data.template,
+                                        max_tokens=limit, chat=cfg.data.chat_template)
+        prompts.append(ids)
+        truncated.append(cut)
+
+    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    params = SimpleSampling(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            top_k=gen.top_k, seed=gen.seed, stop_token_ids=stop)
+    out_f = open(args.output, "w", encoding="utf-8") if args.output else None
+    prompt_tokens = new_tokens = 0
+    started = time.perf_counter()
+    bar = tqdm(total=len(items), desc="generate", unit="item", disable=len(items) < 2, file=sys.stderr)
+    try:
+        for start in range(0, len(items), gen.batch_size):
+            batch = slice(start, start + gen.batch_size)
+            outs = generate_simple(model, prompts[batch], params)
+            for item, ids, cut, out in zip(items[batch], prompts[batch], truncated[batch], outs):
+                ended = bool(out) and out[-1] in stop
+                text = tokenizer.decode(out[:-1] if ended else out, skip_special_tokens=True).strip()
+                row = {"id": item["id"], "completion": text, "prompt_tokens": len(ids),
+                       "completion_tokens": len(out), "finish_reason": "stop" if ended else "length",
+                       "truncated_input": cut}
+                prompt_tokens += len(ids)
+                new_tokens += len(out)
+                _print_answer(item, row)
+                if out_f:
+                    out_f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    out_f.flush()
+            bar.update(len(outs))
+    finally:
+        bar.close()
+        if out_f:
+            out_f.close()
+    if args.bench:
+        dt = time.perf_counter() - started
+        print(f"bench: {len(items)} items, {prompt_tokens} prompt + {new_tokens} generated tokens in {dt:.2f}s "
+              f"-> {new_tokens / dt:.1f} generated tokens/s ({(prompt_tokens + new_tokens) / dt:.1f} total tokens/s; "
+              f"device {model.embed_tokens.weight.device}, {model.embed_tokens.weight.dtype})")
+    return 0
+
+
+def _print_answer(item: dict, row: dict) -> None:
+    if "question" in item:
+        print(f"[{row['id']}] Q: {item['question']}")
+    print(f"[{row['id']}] A: {row['completion']}")
+    if item.get("answers"):
+        print(f"[{row['id']}] gold: {item['answers']}")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

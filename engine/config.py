@@ -1,0 +1,219 @@
+"""Configs: dataclasses, TOML recipes, dotted command-line overrides, validation.
+
+A recipe is a TOML file whose tables match the sections below:
+
+    [model]
+    path = "smollm2-135m-instruct"
+    [generate]
+    temperature = 0.7
+
+and any key can be overridden on the command line as `--generate.temperature=0.7`.
+Unknown keys, values of the wrong type and impossible values are rejected with a message
+that names the key, where it came from, and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message says which key and why."""
+
+
+# ---- sections ----------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m-instruct"  # embedded name, checkpoint directory or .gguf file
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
+    device: str = "auto"  # auto: cuda when available, else cpu
+    attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
+    activation_checkpointing: bool = False
+
+    def validate(self, key: str) -> None:
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ConfigError(f"{key}.device: expected auto, cpu or cuda[:N], got {self.device!r}")
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    seed: int = 0
+    batch_size: int = 4  # prompts generated together
+
+    def validate(self, key: str) -> None:
+        _check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _check(self.temperature >= 0, f"{key}.temperature", "a number >= 0 (0 = greedy)", self.temperature)
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "a number in (0, 1]", self.top_p)
+        _check(self.top_k >= 0, f"{key}.top_k", "an integer >= 0 (0 = off)", self.top_k)
+        _check(self.batch_size >= 1, f"{key}.batch_size", "an integer >= 1", self.batch_size)
+
+
+@dataclass
+class DataConfig:
+    template: str = "qwenlong"  # a name in engine.data.template.TEMPLATES
+    # longest prompt in tokens; longer documents lose their middle. 0: the model's context
+    # length minus generate.max_new_tokens
+    max_input_tokens: int = 0
+    chat_template: bool = True  # wrap the prompt with the tokenizer's chat template
+
+    def validate(self, key: str) -> None:
+        _check(self.max_input_tokens >= 0, f"{key}.max_input_tokens", "an integer >= 0", self.max_input_tokens)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def _check(ok: bool, key: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+# ---- building from dicts -----------------------------------------------------------
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "", source: str = "config"):
+    """Build dataclass `cls` from a nested dict, checking keys and types recursively."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'}: expected a table, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; valid keys here: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name] = from_dict(tp, value, f"{prefix}{name}.", source)
+        else:
+            values[name] = _coerce(value, tp, f"{prefix}{name}", source)
+    obj = cls(**values)
+    for name in fields:
+        sub = getattr(obj, name)
+        if dataclasses.is_dataclass(sub) and hasattr(sub, "validate"):
+            try:
+                sub.validate(f"{prefix}{name}")
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+    return obj
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, key: str, source: str):
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        errors = []
+        for arm in get_args(tp):
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{source}: {key}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: {key}: expected a list, got {value!r}")
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key}: expected a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported config type {tp!r}")
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+# ---- recipes and overrides ---------------------------------------------------------
+def parse_override(arg: str) -> tuple[list[str], Any]:
+    """'--generate.temperature=0.7' -> (['generate', 'temperature'], 0.7).
+
+    The value is read as a TOML value when it is one (numbers, true/false, quoted strings,
+    [lists]); anything else is taken as a bare string, so --model.path=/x/y works unquoted."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body:
+        raise ConfigError(f"override {arg!r}: expected --section.key=value")
+    key, raw = body.split("=", 1)
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"override {arg!r}: malformed key {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return parts, value
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] = (), cls: type = Config):
+    """A recipe file (or none: defaults) plus dotted overrides -> a validated config."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe {path}: no such file")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
+        source = str(path)
+        from_dict(cls, data, source=source)  # report recipe errors against the recipe itself
+    for arg in overrides:
+        parts, value = parse_override(arg)
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    if overrides:
+        source = f"{source} + command-line overrides"
+    return from_dict(cls, data, source=source)

@@ -1,0 +1,37 @@
+"""Reading doc-QA JSONL with errors that name the file, the line and the field."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class DataError(ValueError):
+    """A data file or row is malformed; the message names file, line and field."""
+
+
+def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "question")) -> list[dict[str, Any]]:
+    """Rows of {id, context, question, answers?}. `id` defaults to '<file stem>-<line>'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            for key in required:
+                if not isinstance(row.get(key), str):
+                    got = "missing" if key not in row else f"{type(row[key]).__name__}"
+                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string ({got})")
+            row.setdefault("id", f"{path.stem}-{lineno}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows

@@ -1,0 +1,93 @@
+"""Attention behind one seam.
+
+The decoder never calls an attention function directly. Each layer hands its rotated
+q [T, Hq, D], k, v [T, Hkv, D] to an *attention context* — any object with
+
+    attend(layer: int, q, k, v) -> out [T, Hq, D]
+
+— built once per forward pass. The context decides the layout: packed variable-length
+sequences for training (`VarlenAttention`, backends `sdpa` and `flash_attn`), a KV cache
+for generation (engine/rollout), and later the sequence-parallel ring. A new backend is a
+new context class; the model code does not change.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "sdpa", "flash_attn")
+
+
+class AttentionContext(Protocol):
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+@functools.cache
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except Exception:  # ImportError, or a build for another CUDA/torch
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`auto` picks flash_attn on a GPU with half-precision weights when it imports, else sdpa."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend {name!r} unknown; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        half = dtype in (torch.float16, torch.bfloat16)
+        return "flash_attn" if device.type == "cuda" and half and flash_attn_available() else "sdpa"
+    if name == "flash_attn" and not flash_attn_available():
+        raise RuntimeError("attention backend 'flash_attn' requested but flash_attn does not import "
+                           "on this machine (install the `gpu` extra on a CUDA machine)")
+    return name
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                q_offset: int = 0) -> torch.Tensor:
+    """One sequence: q [Tq, Hq, D] attends causally to k, v [Tk, Hkv, D].
+
+    q_offset is the position of q's first token among the keys (Tk - Tq when the keys
+    hold a cached prefix); query i sees keys 0 .. q_offset + i.
+    """
+    tq, tk = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    gqa = q.shape[1] != k.shape[1]
+    if q_offset == 0 and tq == tk:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
+    elif tq == 1:  # one new token sees every key: no mask
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    else:
+        rows = torch.arange(tq, device=q.device)[:, None] + q_offset
+        mask = torch.arange(tk, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(0, 1)
+
+
+class VarlenAttention:
+    """Packed sequences without padding: tokens [T] cut by cu_seqlens [S+1]."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, backend: str = "sdpa", scale: float | None = None):
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        self.bounds = cu_seqlens.tolist()  # one host sync per forward, not per layer
+        self.max_seqlen = max(b - a for a, b in zip(self.bounds[:-1], self.bounds[1:]))
+        self.backend = backend
+        self.scale = scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        if self.backend == "flash_attn":
+            from flash_attn import flash_attn_varlen_func
+            cu = self.cu_seqlens.to(q.device)
+            return flash_attn_varlen_func(q, k, v, cu, cu, self.max_seqlen, self.max_seqlen,
+                                          softmax_scale=scale, causal=True)
+        if len(self.bounds) == 2:
+            return causal_sdpa(q, k, v, scale)
+        # sdpa has no varlen form on CPU; a loop over sequences costs no padding and no
+        # [T, T] block-diagonal mask
+        return torch.cat([causal_sdpa(q[a:b], k[a:b], v[a:b], scale)
+                          for a, b in zip(self.bounds[:-1], self.bounds[1:])])

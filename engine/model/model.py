@@ -1,0 +1,173 @@
+"""One decoder for Llama, Qwen2 and Qwen3, written plainly in torch.
+
+Input is a packed batch: token ids [T] of S sequences laid end to end, cut by
+cu_seqlens [S+1]; positions restart at 0 for every sequence. Output is the final hidden
+state [T, H] — not logits: the fused kernels take hidden states and `lm_head_weight` and
+never build [T, V].
+
+Parameter names follow Hugging Face's minus the leading "model." (weights.py maps them),
+so a reader who knows those checkpoints knows these modules.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import AttentionContext, VarlenAttention, resolve_backend
+from .config import DecoderConfig
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32 whatever the activation dtype; scale after casting back
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # Qwen3 normalises each head of q and k before the rotation
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionContext, layer: int) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn.attend(layer, q, k, v)  # [T, Hq, D]
+        return self.o_proj(out.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionContext) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, self.index)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, attn_backend: str = "auto"):
+        super().__init__()
+        self.config = cfg
+        self.attn_backend = attn_backend
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._checkpointed: frozenset[int] = frozenset()
+        self._rope_cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
+
+    # ---- outputs ---------------------------------------------------------------------
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: the embedding matrix itself when the model ties them."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> logits [T, V]. For tests and tiny shapes only: the trainer
+        uses the fused kernels, which never build this tensor."""
+        return hidden @ self.lm_head_weight.t()
+
+    # ---- switches --------------------------------------------------------------------
+    def set_activation_checkpointing(self, layers: bool | Iterable[int]) -> None:
+        """True: every layer; False: none; an iterable: those layer indices. Checkpointed
+        layers keep only their input and recompute the rest in backward."""
+        if layers is True:
+            chosen = range(len(self.layers))
+        elif layers is False:
+            chosen = ()
+        else:
+            chosen = list(layers)
+            bad = [i for i in chosen if not 0 <= i < len(self.layers)]
+            if bad:
+                raise ValueError(f"activation checkpointing: layers {bad} out of range 0..{len(self.layers) - 1}")
+        self._checkpointed = frozenset(chosen)
+
+    # ---- forward ---------------------------------------------------------------------
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = positions.device
+        if dev not in self._rope_cache:
+            inv_freq, scaling = rope_inv_freq(self.config.rope, self.config.head_dim)
+            self._rope_cache[dev] = (inv_freq.to(dev), scaling)
+        inv_freq, scaling = self._rope_cache[dev]
+        return rope_cos_sin(inv_freq, scaling, positions, dtype)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None,
+                attn: AttentionContext | None = None) -> torch.Tensor:
+        """input_ids [T], cu_seqlens [S+1] (None: one sequence) -> hidden [T, H].
+
+        position_ids default to 0..len-1 within each sequence. `attn` replaces the default
+        varlen context (the rollout engine passes its KV cache here, with positions)."""
+        if input_ids.dim() != 1:
+            raise ValueError(f"input_ids must be packed 1-D [T], got shape {tuple(input_ids.shape)}")
+        t = input_ids.shape[0]
+        if cu_seqlens is None:
+            cu_seqlens = torch.tensor([0, t], dtype=torch.int32, device=input_ids.device)
+        if position_ids is None:
+            position_ids = positions_from_cu_seqlens(cu_seqlens, t)
+        if attn is None:
+            w = self.embed_tokens.weight
+            attn = VarlenAttention(cu_seqlens, resolve_backend(self.attn_backend, w.device, w.dtype))
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        grad = torch.is_grad_enabled()
+        for layer in self.layers:
+            if grad and layer.index in self._checkpointed:
+                h = checkpoint(layer, h, cos, sin, attn, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, attn)
+        return self.norm(h)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[0, 3, 5] -> [0, 1, 2, 0, 1]: positions restarting at each sequence start."""
+    cu = cu_seqlens.to(torch.long)
+    if cu[0].item() != 0 or cu[-1].item() != total:
+        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    if (lengths < 0).any():
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu.tolist()}")
+    starts = torch.repeat_interleave(cu[:-1], lengths)
+    return torch.arange(total, device=cu.device) - starts

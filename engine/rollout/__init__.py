@@ -1,0 +1,1 @@
+"""Generation: the contiguous-cache generator now; the paged engine later."""

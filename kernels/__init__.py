@@ -1,0 +1,1 @@
+"""Fused Triton kernels with plain-torch references. Knows nothing of `engine`."""
