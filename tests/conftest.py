@@ -1,0 +1,68 @@
+"""Shared fixtures: the embedded model (ours and transformers'), tiny random checkpoints."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernels run on CPU
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(our Decoder, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32 CPU."""
+    from engine.model import load_model
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm(smollm):
+    """transformers' model read from the same cached checkpoint directory."""
+    from transformers import AutoModelForCausalLM
+    model, _ = smollm
+    return AutoModelForCausalLM.from_pretrained(str(model.checkpoint_dir), dtype=torch.float32).eval()
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0) -> None:
+    """Give every parameter (biases and norm weights included, which HF initialises to
+    constants) random values, so that a wrongly applied bias or norm changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+
+
+TINY = dict(vocab_size=331, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+
+
+def tiny_hf_model(kind: str, **overrides):
+    """A random transformers model of family `kind` (llama | qwen2 | qwen3), fp32, eval mode."""
+    import transformers
+    cfg_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+               "qwen3": transformers.Qwen3Config}[kind]
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}[kind]
+    cfg = cfg_cls(**{**TINY, **overrides})
+    torch.manual_seed(0)
+    model = model_cls(cfg).float().eval()
+    randomize_(model)
+    return model
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """Factory: kind, **config overrides -> (checkpoint dir written by transformers, HF model)."""
+    def make(kind: str, **overrides):
+        hf = tiny_hf_model(kind, **overrides)
+        path = tmp_path / f"{kind}-ckpt"
+        hf.save_pretrained(str(path))
+        return path, hf
+    return make
