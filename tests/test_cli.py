@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ def test_help_lists_subcommands():
 
 
 def test_console_script_installed():
-    out = subprocess.run(["longrl", "generate", "--help"], capture_output=True, text=True)
+    script = Path(sys.executable).parent / "longrl"  # the venv's bin, active or not
+    out = subprocess.run([str(script), "generate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--input" in out.stdout
 
 
