@@ -1,1 +1,9 @@
-"""Fused Triton kernels with plain-torch references. Knows nothing of `engine`."""
+"""Fused kernels for the policy loss, with plain-torch references. Knows nothing of `engine`.
+
+    linear_logprob(hidden, weight, targets, ...)   -> per-token log-prob (+ entropy)
+    linear_grpo_loss(hidden, weight, targets, ...) -> GRPO/DAPO loss, gradient in the forward
+"""
+from .grpo_loss import AGGREGATIONS, GRPOLossConfig, aggregation_weights, linear_grpo_loss
+from .logprob import linear_logprob
+
+__all__ = ["linear_logprob", "linear_grpo_loss", "GRPOLossConfig", "aggregation_weights", "AGGREGATIONS"]

@@ -1,0 +1,117 @@
+"""Row operations on one chunk of logits, the part of the fused path between the GEMMs.
+
+Two passes over z [C, V] (raw logits of C tokens, any float dtype):
+
+  stats(z, targets, inv_temp)  -> lse, logp, entropy     [C] fp32 each
+  grad(z, targets, lse, entropy, grad_logp, grad_ent, inv_temp) -> dz [C, V]
+
+with x = z · inv_temp, p = softmax(x), logp = x[y] − lse, H = lse − Σ p·x, and
+
+  dz_j = inv_temp · ( grad_logp · (δ_jy − p_j) − grad_ent · p_j · (log p_j + H) )
+
+which is d(Σ grad_logp·logp + grad_ent·H)/dz. `grad` may overwrite z (it returns the
+buffer that holds dz). Each op exists twice: `TorchRows` (plain torch, the CPU path) and
+`TritonRows` (kernels/triton_rows.py, one program per row, fp32 math inside). Everything
+else in the fused path — the GEMMs, the per-token loss math — is shared.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+class TorchRows:
+    name = "torch"
+
+    @staticmethod
+    def stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool = True):
+        x = z.float()
+        if inv_temp != 1.0:
+            x = x * inv_temp
+        lse = torch.logsumexp(x, dim=-1)
+        logp = x.gather(-1, targets[:, None]).squeeze(-1) - lse
+        entropy = None
+        if with_entropy:  # -Σ p log p from log p directly: no cancellation when p_y -> 1
+            logp_all = x - lse[:, None]
+            entropy = -(torch.exp(logp_all).mul_(logp_all)).sum(-1)
+        return lse, logp, entropy
+
+    @staticmethod
+    def grad(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
+             grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
+        buf = z if z.dtype == torch.float32 else z.float()
+        if inv_temp != 1.0:
+            buf.mul_(inv_temp)
+        buf.sub_(lse[:, None])  # log p
+        if grad_ent is not None:
+            coef = (buf + entropy[:, None]).mul_(grad_ent[:, None]).add_(grad_logp[:, None])
+            buf.exp_().mul_(coef).neg_()
+        else:
+            buf.exp_().mul_(-grad_logp[:, None])
+        rows = torch.arange(buf.shape[0], device=buf.device)
+        buf[rows, targets] += grad_logp
+        if inv_temp != 1.0:
+            buf.mul_(inv_temp)
+        return buf
+
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def pick_rows(backend: str | None, device: torch.device):
+    """auto: triton on CUDA, torch elsewhere. $LONGRL_KERNEL_BACKEND overrides auto."""
+    choice = backend or "auto"
+    if choice == "auto":
+        choice = os.environ.get("LONGRL_KERNEL_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"kernel backend {choice!r} unknown; choose one of {', '.join(BACKENDS)}")
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if choice == "torch":
+        return TorchRows
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        raise RuntimeError("kernel backend 'triton' needs a CUDA device, or TRITON_INTERPRET=1 "
+                           "(set before triton is imported) to run the kernels on the CPU")
+    from .triton_rows import TritonRows
+    return TritonRows
+
+
+def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: int | None = None) -> int:
+    """Tokens per chunk: from a byte budget for one [C, V] fp32 logits chunk.
+
+    Budget: $LONGRL_CHUNK_MB, else 256 MiB on CPU and 2 GiB on a GPU; the result is kept
+    within 64..4096 tokens (smaller chunks are launch-bound on a GPU) and a multiple of 64."""
+    if chunk_tokens:
+        return max(1, min(chunk_tokens, num_tokens))
+    default_mb = 2048 if device.type == "cuda" else 256
+    budget = int(os.environ.get("LONGRL_CHUNK_MB", default_mb)) << 20
+    rows = budget // (vocab * 4)
+    rows = max(64, min(4096, rows // 64 * 64))
+    return max(1, min(rows, num_tokens))
+
+
+def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """dw [V, H] fp32 += dz.T @ h. Half-precision inputs accumulate straight into fp32 where
+    torch's addmm takes out_dtype (CUDA), else through a temporary."""
+    if dz.dtype == torch.float32:
+        dw.addmm_(dz.t(), h)
+        return
+    if dz.is_cuda:
+        try:
+            torch.addmm(dw, dz.t(), h, out_dtype=torch.float32, out=dw)
+            return
+        except (TypeError, RuntimeError):
+            pass
+    dw.add_((dz.t() @ h).float())
