@@ -156,7 +156,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         inv_temp = 1.0 / cfg.temperature
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
-        with_ent = bool(cfg.entropy_coef) or stats_out is not None
+        with_ent = bool(cfg.entropy_coef) or (stats_out is not None and stats_out.get("entropy", True))
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             h = hidden[s:e]
@@ -177,6 +177,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
                     torch.matmul(dz, weight, out=d_hidden[s:e])  # GEMM 2
                 if need_dw:
                     accumulate_dw(d_weight, dz, h)  # GEMM 3
+                del dz
+            del z  # free this chunk's logits before the next GEMM allocates the next ones
         if stats_out is not None:
             active = (token_weight != 0).sum().clamp(min=1)
             stats_out.update({k: (v / active).detach() for k, v in sums.items()})
@@ -188,8 +190,9 @@ class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         d_hidden, d_weight = ctx.saved_tensors
-        gh = d_hidden * grad_loss.to(d_hidden.dtype) if d_hidden is not None else None
-        gw = (d_weight * grad_loss).to(ctx.weight_dtype) if d_weight is not None else None
+        # scale in place: the stored gradients are handed over, not copied (dW is [V, H] fp32)
+        gh = d_hidden.mul_(grad_loss.to(d_hidden.dtype)) if d_hidden is not None else None
+        gw = d_weight.mul_(grad_loss).to(ctx.weight_dtype) if d_weight is not None else None
         return gh, gw, None, None, None, None, None, None, None, None, None
 
 

@@ -30,6 +30,7 @@ class _FusedLogprob(torch.autograd.Function):
             lse[s:e], logp[s:e] = c_lse, c_logp
             if with_entropy:
                 ent[s:e] = c_ent
+            del z
         ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
         ctx.cfg = (inv_temp, with_entropy, rows, chunk)
         if with_entropy:
@@ -59,6 +60,7 @@ class _FusedLogprob(torch.autograd.Function):
                 torch.matmul(dz, weight, out=d_hidden[s:e])
             if need_dw:
                 accumulate_dw(d_weight, dz, h)
+            del z, dz  # one chunk of logits alive at a time
         gw = d_weight.to(weight.dtype) if d_weight is not None else None
         return d_hidden, gw, None, None, None, None, None
 

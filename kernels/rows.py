@@ -23,33 +23,44 @@ import torch
 
 
 class TorchRows:
-    name = "torch"
+    """The row ops in plain torch. Both passes walk the vocabulary in slices of VOCAB_SLICE
+    columns, like the Triton kernels walk it in tiles, so no temporary is [C, V]: the
+    chunk's logits buffer is the only full-width tensor (grad overwrites it with dz)."""
 
-    @staticmethod
-    def stats(z: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool = True):
-        x = z.float()
-        if inv_temp != 1.0:
-            x = x * inv_temp
-        lse = torch.logsumexp(x, dim=-1)
-        logp = x.gather(-1, targets[:, None]).squeeze(-1) - lse
-        entropy = None
-        if with_entropy:  # -Σ p log p from log p directly: no cancellation when p_y -> 1
-            logp_all = x - lse[:, None]
-            entropy = -(torch.exp(logp_all).mul_(logp_all)).sum(-1)
+    name = "torch"
+    VOCAB_SLICE = 8192
+
+    @classmethod
+    def stats(cls, z: torch.Tensor, targets: torch.Tensor, inv_temp: float, with_entropy: bool = True):
+        m = z.max(dim=-1).values.float() * inv_temp  # inv_temp > 0 keeps the argmax
+        s = torch.zeros_like(m)
+        t = torch.zeros_like(m) if with_entropy else None
+        for v0 in range(0, z.shape[1], cls.VOCAB_SLICE):
+            shifted = z[:, v0:v0 + cls.VOCAB_SLICE].to(torch.float32, copy=True).mul_(inv_temp).sub_(m[:, None])
+            e = torch.exp(shifted)
+            s += e.sum(-1)
+            if with_entropy:
+                t += e.mul_(shifted).sum(-1)
+        log_s = torch.log(s)
+        lse = m + log_s
+        logp = z.gather(-1, targets[:, None]).squeeze(-1).float() * inv_temp - lse
+        # entropy = log s - Σ e (x - m) / s: no cancellation between large numbers when p_y -> 1
+        entropy = log_s - t / s if with_entropy else None
         return lse, logp, entropy
 
-    @staticmethod
-    def grad(z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
+    @classmethod
+    def grad(cls, z: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
              grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
         buf = z if z.dtype == torch.float32 else z.float()
-        if inv_temp != 1.0:
-            buf.mul_(inv_temp)
-        buf.sub_(lse[:, None])  # log p
-        if grad_ent is not None:
-            coef = (buf + entropy[:, None]).mul_(grad_ent[:, None]).add_(grad_logp[:, None])
-            buf.exp_().mul_(coef).neg_()
-        else:
-            buf.exp_().mul_(-grad_logp[:, None])
+        g_logp = grad_logp[:, None]
+        for v0 in range(0, buf.shape[1], cls.VOCAB_SLICE):
+            part = buf[:, v0:v0 + cls.VOCAB_SLICE]
+            part.mul_(inv_temp).sub_(lse[:, None])  # log p
+            if grad_ent is not None:
+                coef = (part + entropy[:, None]).mul_(grad_ent[:, None]).add_(g_logp)
+                part.exp_().mul_(coef).neg_()
+            else:
+                part.exp_().mul_(-g_logp)
         rows = torch.arange(buf.shape[0], device=buf.device)
         buf[rows, targets] += grad_logp
         if inv_temp != 1.0:

@@ -12,7 +12,13 @@ import torch
 from kernels import AGGREGATIONS, GRPOLossConfig, aggregation_weights, linear_grpo_loss, linear_logprob
 from kernels.reference import grpo_token_loss_reference, naive_grpo_loss, naive_logprob
 
-BACKENDS = ["torch", "triton"]
+# backend names, with "-cuda" variants when a GPU is present (the GPU suite runs those)
+BACKENDS = ["torch", "triton"] + (["torch-cuda", "triton-cuda"] if torch.cuda.is_available() else [])
+
+
+def _split(name: str) -> tuple[str, str]:
+    backend, _, device = name.partition("-")
+    return backend, device or "cpu"
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
 
@@ -33,12 +39,12 @@ def _close(ours, same_dtype, ref, dtype, what):
     assert err <= budget, f"{what}: |ours - ref| = {err:.3g} > {budget:.3g}"
 
 
-def _grads(fn, hidden, weight, dtype):
-    h = hidden.detach().to(dtype).requires_grad_()
-    w = weight.detach().to(dtype).requires_grad_()
+def _grads(fn, hidden, weight, dtype, device="cpu"):
+    h = hidden.detach().to(device=device, dtype=dtype).requires_grad_()
+    w = weight.detach().to(device=device, dtype=dtype).requires_grad_()
     out = fn(h, w)
     out.backward()
-    return out.detach(), h.grad, w.grad
+    return out.detach().cpu(), h.grad.cpu(), w.grad.cpu()
 
 
 # ---- linear_logprob -----------------------------------------------------------------
@@ -51,6 +57,7 @@ def _grads(fn, hidden, weight, dtype):
     dict(t=70, v=4100, chunk=32),              # V past one 4096 tile, T not a multiple of the chunk
 ])
 def test_logprob_values_and_grads(backend, case):
+    backend, device = _split(backend)
     case = dict(case)
     temperature, chunk = case.pop("temperature", 1.0), case.pop("chunk", 16)
     hidden, weight, targets, g = _inputs(**case)
@@ -58,10 +65,10 @@ def test_logprob_values_and_grads(backend, case):
     up_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
 
     def ours(h, w):
-        lp, ent = linear_logprob(h, w, targets, temperature=temperature, with_entropy=True, backend=backend,
-                                 chunk_tokens=chunk)
-        ours.values = (lp, ent)
-        return (lp.double() * up_logp).sum() + (ent.double() * up_ent).sum()
+        lp, ent = linear_logprob(h, w, targets.to(device), temperature=temperature, with_entropy=True,
+                                 backend=backend, chunk_tokens=chunk)
+        ours.values = (lp.cpu(), ent.cpu())
+        return (lp.double() * up_logp.to(device)).sum() + (ent.double() * up_ent.to(device)).sum()
 
     def naive(h, w):
         lp, ent = naive_logprob(h, w, targets, temperature=temperature, with_entropy=True)
@@ -72,7 +79,7 @@ def test_logprob_values_and_grads(backend, case):
     ref_vals = naive.values
     _, n_dh, n_dw = _grads(naive, hidden, weight, torch.float32)
     n_vals = naive.values
-    _, o_dh, o_dw = _grads(ours, hidden, weight, torch.float32)
+    _, o_dh, o_dw = _grads(ours, hidden, weight, torch.float32, device)
     for name, o, n, r in zip(("logprob", "entropy"), ours.values, n_vals, ref_vals):
         assert o.dtype == torch.float32
         _close(o, n, r, torch.float32, name)
@@ -82,9 +89,12 @@ def test_logprob_values_and_grads(backend, case):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_logprob_without_entropy_and_no_grad(backend):
+    backend, device = _split(backend)
     hidden, weight, targets, _ = _inputs()
     with torch.no_grad():
-        lp, ent = linear_logprob(hidden.float(), weight.float(), targets, backend=backend, chunk_tokens=10)
+        lp, ent = linear_logprob(hidden.float().to(device), weight.float().to(device), targets.to(device),
+                                 backend=backend, chunk_tokens=10)
+        lp = lp.cpu()
     ref, _ = naive_logprob(hidden, weight, targets)
     assert ent is None
     _close(lp, naive_logprob(hidden.float(), weight.float(), targets)[0], ref, torch.float32, "logprob")
@@ -127,6 +137,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("on_policy", [False, True])
 def test_grpo_loss_values_and_grads(backend, name, on_policy):
+    backend, device = _split(backend)
     cfg = CONFIGS[name]
     hidden, weight, targets, g = _inputs(seed=3)
     t = hidden.shape[0]
@@ -137,11 +148,14 @@ def test_grpo_loss_values_and_grads(backend, name, on_policy):
     tw[::5] = 0  # masked tokens
     old = None if on_policy else old
 
-    def run(fn, dtype, **kw):
+    def run(fn, dtype, device="cpu", **kw):
+        def on(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
         def loss(h, w):
-            return fn(h, w, targets, advantages=adv.to(dtype), token_weight=tw.to(dtype),
-                      old_logprob=None if old is None else old.to(dtype), ref_logprob=ref.to(dtype), cfg=cfg, **kw)
-        return _grads(loss, hidden, weight, dtype)
+            return fn(h, w, targets.to(device), advantages=on(adv), token_weight=on(tw), old_logprob=on(old),
+                      ref_logprob=on(ref), cfg=cfg, **kw)
+        return _grads(loss, hidden, weight, dtype, device)
 
     def fused(h, w, y, **kw):
         loss, stats = linear_grpo_loss(h, w, y, **kw)
@@ -150,7 +164,7 @@ def test_grpo_loss_values_and_grads(backend, name, on_policy):
 
     ref_out = run(naive_grpo_loss, torch.float64)
     same_out = run(naive_grpo_loss, torch.float32)
-    ours_out = run(fused, torch.float32, backend=backend, chunk_tokens=16)
+    ours_out = run(fused, torch.float32, device, backend=backend, chunk_tokens=16)
     for what, o, n, r in zip(("loss", "d hidden", "d weight"), ours_out, same_out, ref_out):
         _close(o, n, r, torch.float32, what)
     assert int(fused.stats["tokens"]) == int((tw != 0).sum())
@@ -197,14 +211,16 @@ def test_kl_estimators_by_hand(estimator, expected):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_micro_batched_sum_equals_whole_batch_loss(mode, backend):
     """Uneven micro-batches with global counts sum to the whole-batch loss of each mode."""
+    backend, device = _split(backend)
     g = torch.Generator().manual_seed(5)
     lengths = [7, 3, 12, 5, 9]  # response tokens of 5 sequences
     seq_index = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
     t = len(seq_index)
     mask = (torch.rand(t, generator=g) > 0.15).float()
     hidden, weight, targets, _ = _inputs(t=t, seed=9)
-    hidden, weight = hidden.float(), weight.float()
-    adv = torch.randn(t, generator=g)
+    hidden, weight, targets = hidden.float().to(device), weight.float().to(device), targets.to(device)
+    adv = torch.randn(t, generator=g).to(device)
+    mask, seq_index = mask.to(device), seq_index.to(device)
     norm = 16 if mode == "seq-mean-token-sum-norm" else None
     whole_w = aggregation_weights(mask, seq_index, mode, norm_len=norm)
     whole, _ = linear_grpo_loss(hidden, weight, targets, advantages=adv, token_weight=whole_w, backend=backend)
@@ -218,6 +234,7 @@ def test_micro_batched_sum_equals_whole_batch_loss(mode, backend):
                                    backend=backend)
         parts = parts + loss
     torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-6)
+    whole, adv, mask, seq_index = whole.cpu(), adv.cpu(), mask.cpu(), seq_index.cpu()
     # and the whole-batch value matches the definition computed by hand
     per_tok = (-adv).double() * mask.double()  # on-policy: ratio 1, so loss per token = −A
     per_seq_sum = torch.zeros(len(lengths), dtype=torch.float64).index_add_(0, seq_index, per_tok)

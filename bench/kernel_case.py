@@ -1,0 +1,95 @@
+"""One forward+backward of the policy loss, in this process, with its time and peak memory.
+
+    python -m bench.kernel_case --impl fused|naive --tokens 8192 --hidden 1536 --vocab 151936
+
+Prints one JSON line. Run one case per process: peak memory is the process's peak RSS
+(CPU) or torch's peak allocation (CUDA) minus what the inputs already held, so every
+case starts from a clean slate. The benches and the GPU suite call this.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32", device: str = "cpu",
+        chunk_tokens: int | None = None, repeats: int = 1) -> dict:
+    import torch
+
+    from kernels import GRPOLossConfig, linear_grpo_loss
+    from kernels.reference import naive_grpo_loss
+
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    dev = torch.device(device)
+    cfg = GRPOLossConfig()
+
+    def make(t, h, v):
+        g = torch.Generator(device=dev).manual_seed(0)
+        hid = (torch.randn(t, h, device=dev, generator=g) * 0.5).to(dt).requires_grad_()
+        w = (torch.randn(v, h, device=dev, generator=g) / h ** 0.5).to(dt).requires_grad_()
+        y = torch.randint(0, v, (t,), device=dev, generator=g)
+        adv = torch.randn(t, device=dev, generator=g)
+        tw = torch.full((t,), 1.0 / t, device=dev)
+        return hid, w, y, adv, tw
+
+    def step(hid, w, y, adv, tw):
+        if impl == "fused":
+            loss, _ = linear_grpo_loss(hid, w, y, advantages=adv, token_weight=tw, cfg=cfg, chunk_tokens=chunk_tokens)
+        else:
+            loss = naive_grpo_loss(hid, w, y, advantages=adv.to(dt), token_weight=tw.to(dt), cfg=cfg)
+        loss.backward()
+        return loss
+
+    step(*make(64, 16, 32))  # warm code paths on tiny shapes (keeps the memory baseline clean)
+    inputs = make(tokens, hidden, vocab)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _rss_bytes()
+    times = []
+    for _ in range(repeats):
+        inputs[0].grad = inputs[1].grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(*inputs)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
+            "seconds": min(times), "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
+            "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", choices=["fused", "naive"], required=True)
+    p.add_argument("--tokens", type=int, required=True)
+    p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--vocab", type=int, required=True)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk-tokens", type=int)
+    p.add_argument("--repeats", type=int, default=1)
+    a = p.parse_args(argv)
+    print(json.dumps(run(a.impl, a.tokens, a.hidden, a.vocab, a.dtype, a.device, a.chunk_tokens, a.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
