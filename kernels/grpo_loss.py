@@ -53,8 +53,8 @@ class GRPOLossConfig:
 # ---- aggregation -------------------------------------------------------------------
 def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, mode: str, *,
                         global_tokens: int | None = None, global_seqs: int | None = None,
-                        norm_len: int | None = None) -> torch.Tensor:
-    """token_weight [T] for one micro-batch.
+                        norm_len: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """token_weight [T] (in `dtype`) for one micro-batch.
 
     loss_mask [T] (1 on tokens in the loss), seq_index [T] (which sequence each token
     belongs to; a sequence lies whole in one micro-batch). global_tokens / global_seqs are
@@ -87,7 +87,7 @@ def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, mode: 
         if not norm_len:
             raise ValueError("seq-mean-token-sum-norm needs norm_len (e.g. the maximum response length)")
         w = mask / (max(seqs, 1) * norm_len)
-    return w.to(torch.float32)
+    return w.to(dtype)
 
 
 # ---- per-token math (shared by every backend) ----------------------------------------

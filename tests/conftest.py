@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton: kernels run on CPU
+import torch  # importing torch does not import triton
+
+if not torch.cuda.is_available():
+    # before anything imports triton: without a GPU the Triton kernels run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-import torch
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 

@@ -298,3 +298,40 @@ def test_bad_shapes_and_config_are_refused():
         linear_logprob(hidden, weight, targets, backend="cuda")
     with pytest.raises(ValueError, match="needs norm_len"):
         aggregation_weights(torch.ones(3), torch.zeros(3), "seq-mean-token-sum-norm")
+
+
+# ---- the policy-loss table shared with engine.rl's reference (tests/policy_cases.py) ----
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", [
+    n for n in __import__("policy_cases").POLICY_CASES])
+def test_fused_loss_agrees_with_policy_table(backend, name):
+    from policy_cases import POLICY_CASES, case_tensors
+
+    from engine.rl import policy_loss
+    backend, device = _split(backend)
+    case = POLICY_CASES[name]
+    cfg = case["cfg"]
+    t = len(case["logp"])
+    hidden, weight, targets, _ = _inputs(t=t, h=16, v=40, seed=11)
+    # the table's ratios, advantages and weights around the model's own log-probs
+    with torch.no_grad():
+        logp0, _ = naive_logprob(hidden, weight, targets, temperature=cfg.temperature)
+    parts = case_tensors(case, logp0)
+
+    def reference(h, w):
+        lp, ent = naive_logprob(h, w, targets, temperature=cfg.temperature, with_entropy=True)
+        return policy_loss(lp, parts["adv"], parts["weight"], old_logprob=parts["old"], ref_logprob=parts["ref"],
+                           entropy=ent, cfg=cfg)[0]
+
+    def fused(h, w):
+        def on(x):
+            return None if x is None else x.to(device=device, dtype=torch.float32)
+        loss, _ = linear_grpo_loss(h, w, targets.to(device), advantages=on(parts["adv"]),
+                                   token_weight=on(parts["weight"]), old_logprob=on(parts["old"]),
+                                   ref_logprob=on(parts["ref"]), cfg=cfg, backend=backend)
+        return loss
+
+    ref_out = _grads(reference, hidden, weight, torch.float64)
+    ours = _grads(fused, hidden, weight, torch.float32, device)
+    for what, o, r in zip(("loss", "d hidden", "d weight"), ours, ref_out):
+        _close(o, r.float(), r, torch.float32, what)

@@ -1,4 +1,11 @@
-"""Doc-QA data: prompt templates and truncation (loaders and the synthetic generator join here)."""
+"""Doc-QA data: records and loaders, prompt templates and truncation, lengths and buckets,
+and the synthetic generator (engine.data.synthetic)."""
+from . import synthetic
+from .jsonl import DataError, read_docqa_jsonl
+from .lengths import LengthCache, length_buckets, prompt_lengths, record_prompt_ids
+from .loaders import FORMATS, DocQADataset, DocQARecord, detect_format, load_docqa, write_docqa
 from .template import TEMPLATES, build_prompt_ids, encode_prompt, render_prompt
 
-__all__ = ["TEMPLATES", "build_prompt_ids", "encode_prompt", "render_prompt"]
+__all__ = ["DocQARecord", "DocQADataset", "load_docqa", "write_docqa", "detect_format", "FORMATS", "DataError",
+           "read_docqa_jsonl", "TEMPLATES", "build_prompt_ids", "encode_prompt", "render_prompt",
+           "prompt_lengths", "length_buckets", "record_prompt_ids", "LengthCache", "synthetic"]

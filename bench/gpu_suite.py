@@ -1,0 +1,121 @@
+"""The one-call GPU suite: correctness on CUDA, then the GPU benches, a short table last.
+
+    bash bench/gpu_suite.sh [OUT_DIR]        (= python3 -m bench.gpu_suite --out OUT_DIR)
+
+Runs from the repository root with the machine's own python3, torch and triton (no
+installs, nothing downloaded):
+  1. the kernel tests on CUDA (pytest, the "-cuda" parametrisations and gpu-marked tests);
+  2. the bf16 matmul rate of this card, measured now (the roofline's denominator);
+  3. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
+     time, fraction of the 3-GEMM roofline (6·T·H·V FLOPs at the measured rate), and peak
+     extra memory against one chunk of fp32 logits plus an fp32 dW.
+Full figures go to OUT_DIR/gpu_suite.json, the pytest log to OUT_DIR/tests.log.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = [(8192, 4096), (32768, 4096), (65536, 4096), (32768, 5120), (65536, 5120)]
+VOCAB = 151_936
+
+
+def bf16_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
+    import torch
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e12
+
+
+def run_tests(out: Path) -> dict:
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py",
+           "-k", "cuda or gpu", "-p", "no:cacheprovider"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    (out / "tests.log").write_text(proc.stdout + proc.stderr)
+    tail = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    return {"returncode": proc.returncode, "summary": tail, "seconds": time.perf_counter() - t0}
+
+
+def run_case(tokens: int, hidden: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.kernel_case", "--impl", "fused", "--tokens", str(tokens), "--hidden",
+           str(hidden), "--vocab", str(VOCAB), "--dtype", "bfloat16", "--device", "cuda", "--repeats", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"tokens": tokens, "hidden": hidden, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / f"gpu-{datetime.date.today()}"))
+    p.add_argument("--skip-tests", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    import triton
+    if not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device here", file=sys.stderr)
+        return 2
+    from kernels.rows import chunk_rows
+    card = torch.cuda.get_device_name()
+    report = {"card": card, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "triton": triton.__version__}
+    print(f"gpu_suite on {card}: torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    if not args.skip_tests:
+        report["tests"] = run_tests(out)
+        print(f"tests: {report['tests']['summary']}", flush=True)
+    rate = bf16_matmul_tflops()
+    report["bf16_matmul_tflops"] = rate
+    print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
+
+    rows = []
+    for tokens, hidden in CASES:
+        r = run_case(tokens, hidden)
+        if "error" not in r:
+            chunk = chunk_rows(tokens, VOCAB, torch.device("cuda"))
+            budget = chunk * VOCAB * 4 + VOCAB * hidden * 4  # one fp32 logits chunk + fp32 dW
+            r["roofline_fraction"] = 6 * tokens * hidden * VOCAB / r["seconds"] / (rate * 1e12)
+            r["memory_budget_bytes"] = budget
+            r["memory_vs_budget"] = r["peak_extra_bytes"] / budget
+            r["chunk_tokens"] = chunk
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+    report["grpo_loss"] = rows
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+
+    gb = 1 << 30
+    print("\n== fused GRPO loss, bf16, V=151936: forward+backward ==")
+    print(f"{'T':>6} {'H':>5} {'time':>8} {'roofline':>9} {'peak extra':>11} {'vs chunk+dW':>12}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tokens']:>6} {r['hidden']:>5}  error: {r['error']}")
+            continue
+        print(f"{r['tokens']:>6} {r['hidden']:>5} {r['seconds'] * 1e3:7.1f}ms {r['roofline_fraction']:8.1%} "
+              f"{r['peak_extra_bytes'] / gb:9.2f}GB {r['memory_vs_budget']:11.2f}x")
+    print("targets: roofline >= 85%, peak extra <= 1.10x (one fp32 logits chunk + fp32 dW)")
+    if "tests" in report:
+        print(f"tests on CUDA: {report['tests']['summary']}")
+    print(f"full figures: {out / 'gpu_suite.json'}")
+    return 0 if report.get("tests", {}).get("returncode", 0) == 0 else 1
+
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Doc-QA records and the loaders that read the formats long-document QA comes in.
+
+One record: (id, data_source, task, context, question, answers). `load_docqa(path)` reads
+a file in any of these layouts (detected from the first row, or named with `format=`):
+
+  docqa       our JSONL: context, question, answers (+ id, data_source, task)
+  longbench   LongBench JSONL: context, input, answers (+ _id, dataset)
+  hotpotqa    HotpotQA / 2WikiMultihopQA, original ([title, sentences] pairs, `_id`) or the
+              Hugging Face layout ({title: [...], sentences: [[...]]})
+  musique     MuSiQue: paragraphs [{title, paragraph_text}], answer, answer_aliases
+  lciteeval   L-CiteEval: question, answer, docs [{title, text}] (or a full `context`)
+  leval       L-Eval: input (document), instructions [questions], outputs [answers]:
+              one record per question
+  docmath     DocMath-Eval: paragraphs, question, ground_truth (task math)
+  frames      FRAMES: Prompt (or Question), Answer, wiki_items [{title, text}] (the article
+              texts; a row with only Wikipedia links has no document and is an error)
+  verl        verl parquet as in DocQA-RL-1.6K: prompt [messages], data_source,
+              reward_model.ground_truth, extra_info (needs pyarrow)
+
+A bad row raises DataError naming file, row and field, or with on_error="skip" is skipped
+and counted in the returned dataset's `.skipped`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from .jsonl import DataError
+
+FORMATS = ("docqa", "longbench", "hotpotqa", "musique", "lciteeval", "leval", "docmath", "frames", "verl")
+
+
+@dataclass
+class DocQARecord:
+    id: str
+    data_source: str
+    task: str  # qa | math | choice
+    context: str
+    question: str
+    answers: list[str]
+    prompt: str | None = None  # a pre-rendered prompt (verl rows); when set, no template is applied
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        row = asdict(self)
+        if row["prompt"] is None:
+            del row["prompt"]
+        if not row["meta"]:
+            del row["meta"]
+        return json.dumps(row, ensure_ascii=False)
+
+
+class DocQADataset(list):
+    """A list of DocQARecord, plus the messages of rows skipped under on_error='skip'."""
+
+    def __init__(self, records=(), skipped=()):
+        super().__init__(records)
+        self.skipped: list[str] = list(skipped)
+
+
+class _Row:
+    """Field access that names file, row and field in its errors."""
+
+    def __init__(self, data: dict, where: str):
+        self.data, self.where = data, where
+
+    def get(self, key: str, default=None):
+        return self.data.get(key, default)
+
+    def str(self, *keys: str) -> str:
+        for key in keys:
+            value = self.data.get(key)
+            if isinstance(value, str):
+                return value
+        got = {k: type(self.data[k]).__name__ for k in keys if k in self.data}
+        raise DataError(f"{self.where}: field {' or '.join(repr(k) for k in keys)} must be a string "
+                        f"({'got ' + str(got) if got else 'missing'})")
+
+    def list(self, key: str) -> list:
+        value = self.data.get(key)
+        if not isinstance(value, list):
+            raise DataError(f"{self.where}: field {key!r} must be a list "
+                            f"({'missing' if key not in self.data else 'got ' + type(value).__name__})")
+        return value
+
+    def answers(self, *keys: str) -> list[str]:
+        for key in keys:
+            if key in self.data and self.data[key] is not None:
+                value = self.data[key]
+                items = value if isinstance(value, list) else [value]
+                out = [str(v) for v in items if str(v).strip()]
+                if out:
+                    return out
+        raise DataError(f"{self.where}: no answer in field {' or '.join(repr(k) for k in keys)}")
+
+
+def _join_passages(passages: list[tuple[str, str]]) -> str:
+    return "\n\n".join(f"{title}\n{text}".strip() if title else text.strip() for title, text in passages)
+
+
+# ---- per-format row converters: (_Row, index) -> list of records -----------------------
+def _docqa(r: _Row, i: int, source: str):
+    task = r.get("task", "qa")
+    if task not in ("qa", "math", "choice"):
+        raise DataError(f"{r.where}: field 'task' must be qa, math or choice, got {task!r}")
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=str(r.get("data_source", source)),
+                        task=task, context=r.str("context"), question=r.str("question"),
+                        answers=r.answers("answers", "answer"), meta=r.get("meta") or {})]
+
+
+def _longbench(r: _Row, i: int, source: str):
+    return [DocQARecord(id=str(r.get("_id", f"{source}-{i}")), data_source=str(r.get("dataset") or source),
+                        task="qa", context=r.str("context"), question=r.str("input"), answers=r.answers("answers"))]
+
+
+def _hotpotqa(r: _Row, i: int, source: str):
+    ctx = r.get("context")
+    if isinstance(ctx, dict):  # Hugging Face layout
+        titles, sentences = ctx.get("title"), ctx.get("sentences")
+        if not isinstance(titles, list) or not isinstance(sentences, list) or len(titles) != len(sentences):
+            raise DataError(f"{r.where}: field 'context' must hold equal-length 'title' and 'sentences' lists")
+        passages = [(t, "".join(s)) for t, s in zip(titles, sentences)]
+    elif isinstance(ctx, list):
+        try:
+            passages = [(t, "".join(s)) for t, s in ctx]
+        except (TypeError, ValueError):
+            raise DataError(f"{r.where}: field 'context' must be a list of [title, [sentences]] pairs") from None
+    else:
+        raise DataError(f"{r.where}: field 'context' must be a list of [title, sentences] or a "
+                        f"{{title, sentences}} table ({'missing' if ctx is None else type(ctx).__name__})")
+    return [DocQARecord(id=str(r.get("_id") or r.get("id") or f"{source}-{i}"), data_source=source, task="qa",
+                        context=_join_passages(passages), question=r.str("question"), answers=r.answers("answer"))]
+
+
+def _musique(r: _Row, i: int, source: str):
+    passages = []
+    for j, p in enumerate(r.list("paragraphs")):
+        if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str):
+            raise DataError(f"{r.where}: paragraphs[{j}] must have a string 'paragraph_text'")
+        passages.append((p.get("title", ""), p["paragraph_text"]))
+    answers = r.answers("answer") + [str(a) for a in (r.get("answer_aliases") or [])]
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+                        context=_join_passages(passages), question=r.str("question"), answers=answers)]
+
+
+def _lciteeval(r: _Row, i: int, source: str):
+    if isinstance(r.get("context"), str):
+        context = r.get("context")
+    else:
+        docs = r.list("docs")
+        context = _join_passages([("", d["text"] if isinstance(d, dict) else str(d)) for d in docs])
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+                        context=context.lstrip("\ufeff").removeprefix("ï»¿"), question=r.str("question"),
+                        answers=r.answers("answer", "answers"))]
+
+
+def _leval(r: _Row, i: int, source: str):
+    questions, outputs = r.list("instructions"), r.list("outputs")
+    if len(questions) != len(outputs):
+        raise DataError(f"{r.where}: 'instructions' ({len(questions)}) and 'outputs' ({len(outputs)}) differ in length")
+    doc = r.str("input")
+    return [DocQARecord(id=f"{source}-{i}-{j}", data_source=str(r.get("source") or source), task="qa", context=doc,
+                        question=str(q), answers=[str(a)]) for j, (q, a) in enumerate(zip(questions, outputs))]
+
+
+def _docmath(r: _Row, i: int, source: str):
+    paragraphs = r.list("paragraphs")
+    context = "\n\n".join(str(p) for p in paragraphs)
+    return [DocQARecord(id=str(r.get("question_id", f"{source}-{i}")), data_source=source, task="math",
+                        context=context, question=r.str("question"), answers=r.answers("ground_truth"))]
+
+
+def _frames(r: _Row, i: int, source: str):
+    items = r.get("wiki_items")
+    if not isinstance(items, list) or not items:
+        raise DataError(f"{r.where}: field 'wiki_items' (the Wikipedia article texts) is missing; a FRAMES row "
+                        f"with only links has no document to read")
+    passages = [((d.get("title") or ""), d.get("text") or "") if isinstance(d, dict) else ("", str(d)) for d in items]
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+                        context=_join_passages(passages), question=r.str("Prompt", "Question"),
+                        answers=r.answers("Answer", "answer"))]
+
+
+_TEXT_BLOCK = re.compile(r"<text>\n?(.*)\n?</text>\s*(.*?)\s*(?:Format your (?:response|answer)|$)", re.DOTALL)
+
+
+def _verl(r: _Row, i: int, source: str):
+    messages = r.list("prompt")
+    user = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not user:
+        raise DataError(f"{r.where}: field 'prompt' has no user message")
+    content = str(user[-1].get("content", ""))
+    reward = r.get("reward_model") or {}
+    gold = reward.get("ground_truth") if isinstance(reward, dict) else None
+    if gold is None:
+        raise DataError(f"{r.where}: field 'reward_model.ground_truth' is missing")
+    m = _TEXT_BLOCK.search(content)
+    context, question = (m.group(1).strip(), m.group(2).strip()) if m else ("", content)
+    data_source = str(r.get("data_source") or source)
+    task = "math" if "docmath" in data_source.lower() else "qa"
+    extra = r.get("extra_info") or {}
+    rid = str(extra.get("index", f"{source}-{i}")) if isinstance(extra, dict) else f"{source}-{i}"
+    golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
+    return [DocQARecord(id=rid, data_source=data_source, task=task, context=context, question=question,
+                        answers=golds, prompt=content)]
+
+
+CONVERTERS: dict[str, Callable] = {"docqa": _docqa, "longbench": _longbench, "hotpotqa": _hotpotqa,
+                                   "musique": _musique, "lciteeval": _lciteeval, "leval": _leval,
+                                   "docmath": _docmath, "frames": _frames, "verl": _verl}
+
+
+def detect_format(row: dict) -> str | None:
+    keys = set(row)
+    if "prompt" in keys and "reward_model" in keys:
+        return "verl"
+    if {"instructions", "outputs", "input"} <= keys:
+        return "leval"
+    if "input" in keys and "context" in keys and "answers" in keys:
+        return "longbench"
+    if "paragraphs" in keys and "ground_truth" in keys:
+        return "docmath"
+    if "paragraphs" in keys and "answer" in keys:
+        return "musique"
+    if ("Prompt" in keys or "Question" in keys) and "Answer" in keys:
+        return "frames"
+    if "docs" in keys and "question" in keys:
+        return "lciteeval"
+    if "context" in keys and "question" in keys and ("answers" in keys or "task" in keys):
+        return "docqa"
+    if "context" in keys and "question" in keys and "answer" in keys:
+        return "hotpotqa"
+    return None
+
+
+def _rows(path: Path) -> Iterator[tuple[int, Any]]:
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install 'longrl[data]')") from None
+        for i, row in enumerate(pq.read_table(str(path)).to_pylist()):
+            yield i, row
+        return
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        yield from enumerate(rows)
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | None = None,
+               on_error: str = "raise") -> DocQADataset:
+    """Read doc-QA records from `path` (JSON list, JSONL or parquet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if format != "auto" and format not in FORMATS:
+        raise DataError(f"format {format!r} unknown; choose auto or one of {', '.join(FORMATS)}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    source = data_source or path.stem
+    fmt = None if format == "auto" else format
+    records, skipped = [], []
+    unit = "line" if path.suffix == ".jsonl" else "row"
+    for i, row in _rows(path):
+        where = f"{path}:{i}" if unit == "line" else f"{path} row {i}"
+        try:
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+            if fmt is None:
+                fmt = detect_format(row)
+                if fmt is None:
+                    raise DataError(f"{where}: cannot tell the format from fields {sorted(row)[:12]}; "
+                                    f"pass format= (one of {', '.join(FORMATS)})")
+            records.extend(CONVERTERS[fmt](_Row(row, where), i, source))
+        except DataError as e:
+            if on_error == "raise":
+                raise
+            skipped.append(str(e))
+    if not records:
+        raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""))
+    return DocQADataset(records, skipped)
+
+
+def write_docqa(records, path: str | Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(rec.to_json() + "\n")

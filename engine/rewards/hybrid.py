@@ -1,0 +1,67 @@
+"""The hybrid reward of QwenLong-L1: max(rule-based check, LLM judge).
+
+The rule runs on every completion; the judge is asked only where the rule scored below 1
+(an exact-enough answer needs no second opinion), and only about the extracted answer. A
+judge that is unavailable after its retries leaves the rule score in place and is
+counted: training never stops for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .judge import Judge, JudgeItem
+from .rule import extract_answer, extract_choice, gold_answers, rule_reward
+
+
+@dataclass
+class RewardItem:
+    completion: str
+    gold: str | list[str]
+    task: str = "qa"
+    question: str = ""
+
+
+@dataclass
+class RewardResult:
+    reward: float
+    rule: float
+    judge: bool | None  # None: not asked, or unavailable
+    answer: str | None
+
+
+class HybridReward:
+    def __init__(self, judge: Judge | None = None, *, think: str = "auto", judge_tasks=("qa", "math")):
+        self.judge = judge
+        self.think = think
+        self.judge_tasks = tuple(judge_tasks)
+        self.judge_fallbacks = 0  # items scored by the rule alone because the judge was down
+
+    def __call__(self, items: list[RewardItem]) -> list[RewardResult]:
+        results = []
+        ask: list[tuple[int, JudgeItem]] = []
+        for i, item in enumerate(items):
+            rule = rule_reward(item.completion, item.gold, item.task, think=self.think)
+            if item.task == "choice":
+                answer = extract_choice(item.completion, self.think)
+            else:
+                answer = extract_answer(item.completion, self.think)
+            results.append(RewardResult(reward=rule, rule=rule, judge=None, answer=answer))
+            if self.judge is not None and rule < 1 and answer and item.task in self.judge_tasks:
+                golds = gold_answers(item.gold)
+                gold = golds[0] if len(golds) == 1 else " | ".join(golds)
+                ask.append((i, JudgeItem(question=item.question, prediction=answer, gold=gold)))
+        if ask:
+            verdicts = self.judge([j for _, j in ask])
+            for (i, _), verdict in zip(ask, verdicts):
+                results[i].judge = verdict
+                if verdict is None:
+                    self.judge_fallbacks += 1
+                elif verdict:
+                    results[i].reward = max(results[i].rule, 1.0)
+        return results
+
+    def metrics(self) -> dict[str, float]:
+        out = {"reward/judge_fallbacks": self.judge_fallbacks}
+        if self.judge is not None:
+            out.update(self.judge.stats.as_dict())
+        return out

@@ -1,0 +1,193 @@
+"""Rule-based answer checks: extraction, SQuAD normalisation, sub-EM / EM / F1, numbers,
+multiple choice.
+
+Decisions (each tested):
+- Thinking: with think="auto" the answer is read after the last `</think>` when there is
+  one; think="required" scores a completion without `</think>` as no answer (a thinking
+  model that never closed its thought); think="off" ignores the tag.
+- The answer is the text after the *last* "the answer is", matched case-insensitively, up to
+  the end of that line, with wrapping parentheses, quotes, bold markers and a final period
+  removed. A completion that never says "the answer is" has no answer and scores 0: a
+  lenient fallback would reward long outputs that merely contain the gold string.
+- sub-EM (QwenLong-L1's training reward): after normalisation, the gold is contained in the
+  prediction or the prediction in the gold; an empty prediction never matches.
+- Numbers (DocMath): thousands separators, signs, (123) as −123, currency symbols, %, and
+  scale words (thousand, million, billion, trillion) are parsed by a regular expression,
+  never eval(); a prediction matches within a relative 0.15% of the gold, or of the gold
+  ×100, /100, ×1000, /1000 (percent vs fraction, units of thousands).
+- Gold answers may be a bare answer, a sentence with "the answer is" (its answer is
+  extracted the same way), or a list of acceptable answers (the best score counts).
+"""
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+
+TASKS = ("qa", "math", "choice")
+_ANSWER_IS = re.compile(r"the\s+(?:correct\s+|final\s+)?answer\s+is", re.IGNORECASE)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
+
+
+def strip_thinking(completion: str, think: str = "auto") -> str | None:
+    if think not in ("auto", "required", "off"):
+        raise ValueError(f"think must be auto, required or off, got {think!r}")
+    if think == "off":
+        return completion
+    idx = completion.rfind("</think>")
+    if idx < 0:
+        return None if think == "required" else completion
+    return completion[idx + len("</think>"):]
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().splitlines()[0] if answer.strip() else ""
+    answer = answer.strip().lstrip(":").strip()
+    for _ in range(3):  # peel wrappers: **(Paris).** -> Paris
+        before = answer
+        answer = answer.strip().rstrip(".").strip()
+        for left, right in (("**", "**"), ("(", ")"), ('"', '"'), ("'", "'"), ("[", "]"), ("“", "”"), ("$", "$")):
+            if len(answer) >= len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
+                answer = answer[len(left):len(answer) - len(right)]
+        if answer == before:
+            break
+    return answer.strip()
+
+
+def extract_answer(completion: str, think: str = "auto") -> str | None:
+    """The answer a completion commits to, or None when it commits to none."""
+    text = strip_thinking(completion, think)
+    if text is None:
+        return None
+    matches = list(_ANSWER_IS.finditer(text))
+    if not matches:
+        return None
+    answer = _clean(text[matches[-1].end():])
+    return answer or None
+
+
+def gold_answers(gold: str | list[str]) -> list[str]:
+    """Normalise the forms a gold answer comes in to a list of bare answers."""
+    items = [gold] if isinstance(gold, str) else list(gold)
+    out = []
+    for item in items:
+        if not isinstance(item, str):
+            item = str(item)
+        found = extract_answer(item, think="off") if _ANSWER_IS.search(item) else None
+        out.append(found if found else _clean(item) or item.strip())
+    return [g for g in out if g]
+
+
+# ---- text scores -----------------------------------------------------------------------
+def normalize(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize(prediction) == normalize(gold) != "")
+
+
+def sub_exact_match(prediction: str, gold: str) -> float:
+    p, g = normalize(prediction), normalize(gold)
+    if not p or not g:
+        return 0.0
+    return float(g in p or p in g)
+
+
+def token_f1(prediction: str, gold: str) -> float:
+    p, g = normalize(prediction).split(), normalize(gold).split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if not p or not g or common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---- numbers ---------------------------------------------------------------------------
+_SCALES = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mn": 1e6, "billion": 1e9, "bn": 1e9,
+           "b": 1e9, "trillion": 1e12, "tn": 1e12}
+_NUMBER = re.compile(
+    r"(?P<open>\()?\s*(?P<sign>[-+−])?\s*[$€£¥]?\s*(?P<sign2>[-+−])?\s*"
+    r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    r"\s*(?P<close>\))?\s*(?P<pct>%|percent\b)?"
+    # a scale word after a space, or a one-letter abbreviation glued to the number ($5k, 1.2B)
+    r"(?:\s*(?P<scale>thousand|million|billion|trillion|mn|bn|tn)\b|(?P<abbr>[kmb])(?![a-z]))?",
+    re.IGNORECASE)
+
+
+def parse_number(text: str) -> float | None:
+    """The first number in `text`, with sign, currency, %, parentheses and scale word."""
+    if not text:
+        return None
+    m = _NUMBER.search(text)
+    if not m:
+        return None
+    value = float(m.group("num").replace(",", ""))
+    if m.group("sign") in ("-", "−") or m.group("sign2") in ("-", "−") or (m.group("open") and m.group("close")):
+        value = -value
+    scale = m.group("scale") or m.group("abbr")
+    if scale:
+        value *= _SCALES[scale.lower()]
+    return value if math.isfinite(value) else None
+
+
+def numbers_match(prediction: float, gold: float, rel_tol: float = 0.0015) -> bool:
+    for candidate in (gold, gold * 100, gold / 100, gold * 1000, gold / 1000):
+        if candidate == 0:
+            if abs(prediction) <= 1e-9:
+                return True
+        elif abs(prediction - candidate) <= rel_tol * abs(candidate):
+            return True
+    return False
+
+
+# ---- multiple choice -------------------------------------------------------------------
+_CHOICE = re.compile(r"answer\s+is\s*:?\s*\(?\s*([A-Z])\s*\)?(?![A-Za-z])", re.IGNORECASE)
+_BARE_CHOICE = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\.?$")
+
+
+def extract_choice(completion: str, think: str = "auto") -> str | None:
+    text = strip_thinking(completion, think)
+    if text is None:
+        return None
+    matches = list(_CHOICE.finditer(text))
+    return matches[-1].group(1).upper() if matches else None
+
+
+def _gold_choice(gold: str) -> str | None:
+    m = _BARE_CHOICE.match(gold.strip())
+    if m:
+        return m.group(1).upper()
+    return extract_choice(gold, think="off")
+
+
+# ---- the reward ------------------------------------------------------------------------
+def rule_reward(completion: str, gold: str | list[str], task: str, *, think: str = "auto") -> float:
+    """1.0 when the completion's answer matches a gold answer under the task's rule, else 0.0.
+
+    task: qa (sub-EM), math (numeric, sub-EM when the gold is not a number), choice (letter)."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} unknown; choose one of {', '.join(TASKS)}")
+    golds = gold_answers(gold)
+    if not golds:
+        return 0.0
+    if task == "choice":
+        letter = extract_choice(completion, think)
+        return float(letter is not None and any(_gold_choice(g) == letter for g in golds))
+    answer = extract_answer(completion, think)
+    if answer is None:
+        return 0.0
+    if task == "math":
+        pred = parse_number(answer)
+        for g in golds:
+            g_num = parse_number(g)
+            if g_num is not None and pred is not None and numbers_match(pred, g_num):
+                return 1.0
+            if g_num is None and sub_exact_match(answer, g):
+                return 1.0
+        return 0.0
+    return max(sub_exact_match(answer, g) for g in golds)

@@ -1,0 +1,241 @@
+"""Loaders on real fixtures and real-shaped rows, bad rows, lengths, and the synthetic generator."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from engine.data import (DataError, DocQARecord, length_buckets, load_docqa, prompt_lengths, record_prompt_ids,
+                         synthetic, write_docqa)
+from engine.rewards import rule_reward
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+
+
+# ---- real fixtures ----------------------------------------------------------------------
+@pytest.mark.parametrize("name,count,question,answer", [
+    ("hotpotqa_dev_hf.json", 3, "Were Scott Derrickson and Ed Wood of the same nationality?", "yes"),
+    ("hotpotqa_train_orig.json", 2, "If Gallu is a demon Lilu is what?", "a spirit"),
+    ("musique_dev.json", 2, "What did the actress in My Fair Lady win a Tony for?",
+     "for Best Performance by a Leading Actress in a Play in Ondine"),
+    ("2wikimqa.json", 2, "When did Lothair Ii's mother die?", "20 March 851"),
+    ("narrativeqa_lciteeval.json", 1, None, None),
+    ("qasper_leval.jsonl", None, None, None),
+])
+def test_real_fixtures_load(name, count, question, answer):
+    ds = load_docqa(REAL / name)
+    if count is not None:
+        assert len(ds) == count
+    rec = ds[0]
+    assert rec.task == "qa" and len(rec.context) > 1000 and rec.question and rec.answers
+    if question:
+        assert rec.question == question and rec.answers[0] == answer
+    assert not ds.skipped
+
+
+def test_hotpotqa_layouts_give_titled_passages():
+    hf = load_docqa(REAL / "hotpotqa_dev_hf.json")[0]
+    assert hf.context.startswith("Ed Wood (film)\n")  # the first title of row 0, then its sentences
+    orig = load_docqa(REAL / "hotpotqa_train_orig.json")[0]
+    assert orig.id == "5a77ec115542992a6e59dff7" and orig.context.startswith("Demon Dice\n")
+
+
+def test_musique_aliases_and_leval_questions():
+    mu = load_docqa(REAL / "musique_dev.json")[0]
+    assert "leading actress" in mu.answers  # answer_aliases are acceptable answers
+    qasper = load_docqa(REAL / "qasper_leval.jsonl")
+    raw = json.loads((REAL / "qasper_leval.jsonl").read_text().splitlines()[0])
+    assert len(qasper) == len(raw["instructions"]) > 1
+    assert {r.context for r in qasper} == {raw["input"]}  # one document, several questions
+
+
+def test_narrativeqa_bom_is_stripped():
+    rec = load_docqa(REAL / "narrativeqa_lciteeval.json")[0]
+    assert not rec.context.startswith("ï»¿") and rec.context.startswith("Project Gutenberg")
+
+
+def test_frames_without_documents_is_refused_clearly():
+    with pytest.raises(DataError, match=r"frames_links_only\.json row 0: field 'wiki_items'"):
+        load_docqa(REAL / "frames_links_only.json")
+    ds_skip = None
+    with pytest.raises(DataError, match="no usable rows \\(2 skipped"):
+        ds_skip = load_docqa(REAL / "frames_links_only.json", on_error="skip")
+    assert ds_skip is None
+
+
+# ---- real-shaped rows of the formats without a public sample here -------------------------
+def _write(tmp_path, name, rows, jsonl=True):
+    path = tmp_path / name
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return path
+
+
+def test_longbench_jsonl(tmp_path):
+    row = {"input": "Who founded the observatory?", "context": "Passage 1:\nThe observatory was founded by Mara.",
+           "answers": ["Mara"], "length": 9, "dataset": "hotpotqa", "language": "en", "all_classes": None,
+           "_id": "abc123"}
+    rec = load_docqa(_write(tmp_path, "hotpotqa.jsonl", [row]))[0]
+    assert (rec.id, rec.data_source, rec.question, rec.answers) == ("abc123", "hotpotqa", row["input"], ["Mara"])
+
+
+def test_docmath_rows_are_math(tmp_path):
+    row = {"question_id": "complong-testmini-0", "paragraphs": ["Revenue was $5 million.", "| 2018 | 5 |"],
+           "question": "What was the revenue in millions?", "ground_truth": 5.0}
+    rec = load_docqa(_write(tmp_path, "docmath.json", [row], jsonl=False))[0]
+    assert rec.task == "math" and rec.answers == ["5.0"] and "| 2018 | 5 |" in rec.context
+
+
+def test_frames_with_wiki_items(tmp_path):
+    row = {"Prompt": "Which town hosts the fair?", "Answer": "Brellin",
+           "wiki_items": [{"title": "Brellin", "text": "Brellin hosts an annual fair."}], "wiki_links": "[]"}
+    rec = load_docqa(_write(tmp_path, "frames.json", [row], jsonl=False))[0]
+    assert rec.question == row["Prompt"] and rec.context.startswith("Brellin\nBrellin hosts")
+
+
+def test_our_jsonl_round_trip(tmp_path):
+    recs = [DocQARecord("a", "synthetic", "math", "ctx", "q?", ["12"], meta={"kind": "numeric"}),
+            DocQARecord("b", "synthetic", "choice", "ctx", "q?\n(A) x\n(B) y", ["B"])]
+    path = tmp_path / "ours.jsonl"
+    write_docqa(recs, path)
+    assert load_docqa(path) == recs
+
+
+def test_verl_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    content = ("Please read the following text and answer the question below.\n\n<text>\nThe bridge opened in "
+               "1931.\n</text>\n\nWhen did the bridge open?\n\nFormat your response as follows: \"Therefore, the "
+               "answer is (insert answer here)\".")
+    table = pa.Table.from_pylist([{
+        "data_source": "docmath_qa", "prompt": [{"role": "user", "content": content}], "ability": "doc-math",
+        "reward_model": {"style": "rule", "ground_truth": "1931"}, "extra_info": {"index": 7, "split": "train"}}])
+    path = tmp_path / "train.parquet"
+    pq.write_table(table, str(path))
+    rec = load_docqa(path)[0]
+    assert (rec.id, rec.task, rec.answers) == ("7", "math", ["1931"])
+    assert rec.context == "The bridge opened in 1931." and rec.question == "When did the bridge open?"
+    assert rec.prompt == content
+
+
+# ---- bad rows ---------------------------------------------------------------------------
+def test_bad_row_names_file_row_and_field(tmp_path):
+    good = {"context": "c", "question": "q", "answers": ["a"]}
+    path = _write(tmp_path, "mixed.jsonl", [good, {"context": "c", "question": 3, "answers": ["a"]}, good])
+    with pytest.raises(DataError, match=r"mixed\.jsonl:2: field 'question' must be a string \(got \{'question': 'int'\}\)"):
+        load_docqa(path)
+    ds = load_docqa(path, on_error="skip")
+    assert len(ds) == 2 and len(ds.skipped) == 1 and "mixed.jsonl:2" in ds.skipped[0]
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_docqa(tmp_path / "none.jsonl")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        load_docqa(_write(tmp_path, "odd.jsonl", [{"foo": 1}]))
+    with pytest.raises(DataError, match=r"x\.jsonl:1: not valid JSON"):
+        (tmp_path / "x.jsonl").write_text("{broken\n")
+        load_docqa(tmp_path / "x.jsonl")
+    with pytest.raises(DataError, match="'task' must be qa, math or choice"):
+        load_docqa(_write(tmp_path, "t.jsonl", [{"context": "c", "question": "q", "answers": ["a"], "task": "essay"}]))
+    with pytest.raises(DataError, match="format 'csv' unknown"):
+        load_docqa(_write(tmp_path, "ok.jsonl", [{"context": "c", "question": "q", "answers": ["a"]}]), format="csv")
+
+
+# ---- lengths ----------------------------------------------------------------------------
+class CountingTokenizer:
+    """Wraps a tokenizer and counts encode calls, to see the length cache work."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+        self.name_or_path, self.chat_template = inner.name_or_path, inner.chat_template
+
+    def __len__(self):
+        return len(self.inner)
+
+    def apply_chat_template(self, *a, **k):
+        self.calls += 1
+        return self.inner.apply_chat_template(*a, **k)
+
+    def encode(self, *a, **k):
+        self.calls += 1
+        return self.inner.encode(*a, **k)
+
+    def decode(self, *a, **k):
+        return self.inner.decode(*a, **k)
+
+
+def test_prompt_lengths_are_cached(smollm, tmp_path):
+    _, tok = smollm
+    recs = load_docqa(REAL / "hotpotqa_dev_hf.json")
+    counting = CountingTokenizer(tok)
+    cache = tmp_path / "lengths.json"
+    first = prompt_lengths(recs, counting, cache_path=cache)
+    calls = counting.calls
+    assert calls >= len(recs)
+    assert prompt_lengths(recs, counting, cache_path=cache) == first and counting.calls == calls
+    assert first[0] == len(record_prompt_ids(recs[0], tok)[0])
+
+
+def test_length_buckets():
+    assert length_buckets([5, 10, 11, 20, 21], [10, 20]) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="increasing"):
+        length_buckets([1], [20, 10])
+
+
+# ---- synthetic --------------------------------------------------------------------------
+def test_synthetic_is_deterministic(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_docqa(synthetic.generate(12, 600, seed=3), a)
+    write_docqa(synthetic.generate(12, 600, seed=3), b)
+    assert a.read_bytes() == b.read_bytes()
+    write_docqa(synthetic.generate(12, 600, seed=4), b)
+    assert a.read_bytes() != b.read_bytes()
+
+
+@pytest.mark.parametrize("target", [1024, 4096])
+def test_synthetic_lengths_with_the_real_tokenizer(smollm, target):
+    _, tok = smollm
+
+    def count(text):
+        return len(tok.encode(text, add_special_tokens=False))
+
+    for rec in synthetic.generate(4, target, seed=1, count_tokens=count):
+        assert abs(count(rec.context) - target) <= 0.05 * target
+
+
+def test_synthetic_128k_document():
+    rec = synthetic.generate(1, 128_000, seed=2)[0]
+    n = synthetic.word_count_tokens(rec.context)
+    assert abs(n - 128_000) <= 0.05 * 128_000
+
+
+def test_synthetic_answers_score_one_and_shuffled_answers_zero():
+    recs = synthetic.generate(80, 300, seed=5)
+    assert {r.task for r in recs} == {"qa", "math", "choice"}
+    assert {r.meta["kind"] for r in recs} == set(synthetic.KINDS)
+    rng = random.Random(0)
+    for rec in recs:
+        assert rule_reward(f"Let me look. Therefore, the answer is {rec.answers[0]}.", rec.answers, rec.task) == 1.0
+        if rec.task == "choice":
+            wrong = rng.choice([c for c in "ABCD" if c != rec.answers[0]])
+            completion = f"The correct answer is ({wrong})."
+        else:
+            others = [r for r in recs if r.task == rec.task and r.id != rec.id]
+            completion = f"Therefore, the answer is {rng.choice(others).answers[0]}."
+        assert rule_reward(completion, rec.answers, rec.task) == 0.0, (rec.question, completion)
+        assert rec.question.split("?")[0].split()[-1] in rec.question  # sanity
+        for fact_word in rec.answers[0].split():
+            if rec.task == "qa":
+                assert fact_word in rec.context  # the answer is in the document
+
+
+def test_synthetic_cli(tmp_path):
+    out = tmp_path / "s.jsonl"
+    assert synthetic.main(["--n", "5", "--tokens", "200", "400", "--out", str(out), "--seed", "1"]) == 0
+    recs = load_docqa(out)
+    assert len(recs) == 5 and all(150 <= synthetic.word_count_tokens(r.context) <= 420 for r in recs)
