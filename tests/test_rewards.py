@@ -307,3 +307,17 @@ def test_hybrid_degrades_to_rule_when_the_judge_is_down(fake_server):
                       RewardItem("Therefore, the answer is Shakespeare", "Shakespeare", "qa", "Who?")])
     assert [r.reward for r in results] == [0.0, 1.0]
     assert hybrid.metrics()["reward/judge_fallbacks"] == 1
+
+
+def test_local_judge_runs_a_real_checkpoint(smollm):
+    """The embedded model as judge: greedy, batched; whatever it says is parsed strictly."""
+    from engine.rewards import LocalJudge
+    model, tok = smollm
+    judge = LocalJudge(model, tok, max_new_tokens=12, batch_size=2)
+    items = [JudgeItem("Who wrote Hamlet?", "Shakespeare", "William Shakespeare"),
+             JudgeItem("What is 2 + 2?", "five", "4"),
+             JudgeItem("Capital of France?", "Paris", "Paris")]
+    verdicts = judge(items)
+    assert all(v in (True, False) for v in verdicts)
+    assert judge.stats.calls == 3 and judge.stats.malformed + judge.stats.yes <= 3
+    assert judge(items) == verdicts and judge.stats.cached == 3  # the second call is served from the cache
