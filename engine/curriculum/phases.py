@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from ..data.lengths import length_buckets
+
 
 @dataclass
 class Phase:
@@ -21,12 +23,4 @@ def phase_members(lengths: Sequence[int], phases: Sequence[Phase]) -> list[list[
     bounds = [p.max_input_tokens for p in phases]
     if bounds != sorted(bounds) or len(set(bounds)) != len(bounds):
         raise ValueError(f"phase lengths must increase, got {bounds}")
-    members: list[list[int]] = [[] for _ in phases]
-    for i, n in enumerate(lengths):
-        low = 0
-        for k, high in enumerate(bounds):
-            if low < n <= high:
-                members[k].append(i)
-                break
-            low = high
-    return members
+    return length_buckets(lengths, bounds)
