@@ -1,1 +1,10 @@
-"""Generation: the contiguous-cache generator now; the paged engine later."""
+"""In-process generation: the paged rollout engine (Generator) and a plain contiguous-cache
+generator (simple.py) kept as a reference and for tiny jobs."""
+from .block_manager import BlockManager, NoFreeBlocks
+from .engine import Generator, RolloutStats
+from .paged import CacheConfig
+from .sampling import Completion, SamplingParams
+from .scheduler import CacheTooSmall
+
+__all__ = ["Generator", "SamplingParams", "Completion", "CacheConfig", "BlockManager", "NoFreeBlocks",
+           "CacheTooSmall", "RolloutStats"]

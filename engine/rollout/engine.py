@@ -1,0 +1,164 @@
+"""The rollout engine: in-process generation on the trainer's own model object.
+
+    gen = Generator(model, tokenizer)
+    groups = gen.generate(prompts, n=8, params=SamplingParams(temperature=0.7, top_p=0.95))
+    groups[i][j]: Completion(token_ids, logprobs, finish_reason) of sample j of prompt i
+
+Each prompt is prefilled once (in chunks of at most `max_prefill_tokens`), then forked
+into its n samples, which share the prompt's KV blocks (copy-on-write on the last partial
+block). Samples decode together with every other running sequence (continuous batching)
+and free their blocks the moment they finish. Runs under inference mode; the KV cache is
+allocated per call and dropped at its end, and nothing is left in the model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager
+from .paged import CacheConfig, PagedAttention, PagedKVCache
+from .sampling import Completion, SamplingParams, sample_token
+from .scheduler import Scheduler, Sequence
+
+
+@dataclass
+class RolloutStats:
+    prompt_tokens: int = 0  # prompt tokens the model prefilled (a group's prompt counts once)
+    recomputed_tokens: int = 0  # tokens prefilled again after a preemption
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    steps: int = 0
+    preemptions: int = 0
+    peak_blocks: int = 0
+    cache_blocks: int = 0
+    blocks_trace: list[int] = field(default_factory=list)  # blocks in use after each decode step
+
+    def as_dict(self) -> dict[str, float]:
+        d = {k: v for k, v in self.__dict__.items() if k != "blocks_trace"}
+        d["prefill_tokens_per_s"] = self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        d["decode_tokens_per_s"] = self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+        return d
+
+
+class Generator:
+    def __init__(self, model, tokenizer=None, cache_cfg: CacheConfig | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache_cfg = cache_cfg or CacheConfig()
+        self.stats = RolloutStats()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], n: int = 1,
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[list[Completion]]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: every prompt needs at least one token")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
+        if any(p.stop for p in per_prompt) and self.tokenizer is None:
+            raise ValueError("stop strings need the tokenizer: Generator(model, tokenizer)")
+        self.stats = RolloutStats()
+        cache = PagedKVCache(self.model, self.cache_cfg)
+        blocks = BlockManager(cache.num_blocks, cache.block_size)
+        sched = Scheduler(blocks, self.cache_cfg.max_prefill_tokens, self.cache_cfg.max_num_seqs)
+        self.stats.cache_blocks = cache.num_blocks
+        results: list[list[Completion | None]] = [[None] * n for _ in prompts]
+        self._next_id = 0
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            sched.add(self._new_seq(i, -1, list(prompt), len(prompt), p, fork_into=n))
+        try:
+            while sched.has_work():
+                self._step(sched, cache, blocks, results)
+        finally:
+            del cache  # the memory goes back before the update
+        self.stats.preemptions = sched.preemptions
+        return results  # type: ignore[return-value]
+
+    def _new_seq(self, request, sample, tokens, prompt_len, params, fork_into=0) -> Sequence:
+        gen = None
+        if sample >= 0 and params.temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(params.seed * 1_000_003 + sample if params.seed is not None else torch.seed())
+        self._next_id += 1
+        return Sequence(self._next_id, request, sample, tokens, prompt_len, params, gen, fork_into=fork_into)
+
+    def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:
+        batch, copies = sched.schedule()
+        cache.copy_blocks(copies)
+        decode = all(n == 1 for _, n in batch) and all(s.num_cached > 0 for s, _ in batch)
+        started = time.perf_counter()
+        device = cache.k.device
+        ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
+        positions = torch.cat([torch.arange(s.num_cached, s.num_cached + n) for s, n in batch]).to(device)
+        ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch], [n for _, n in batch])
+        hidden = self.model(ids, position_ids=positions, attn=ctx)
+        ends, ready = [], []
+        offset = 0
+        for seq, n in batch:
+            if not decode:
+                if seq.sample < 0 or seq.num_generated == 0:
+                    self.stats.prompt_tokens += n
+                else:
+                    self.stats.recomputed_tokens += n
+            seq.num_cached += n
+            offset += n
+            if seq.pending == 0:
+                ends.append(offset - 1)
+                ready.append(seq)
+        if ready:
+            logits = self.model.logits(hidden[torch.tensor(ends, device=device)]).float()
+            for seq, row in zip(ready, logits):
+                if seq.fork_into:
+                    self._fork(seq, row, sched, blocks, results)
+                else:
+                    if seq not in sched.running:
+                        sched.running.append(seq)
+                    self._append(seq, row, sched, blocks, results)
+        elapsed = time.perf_counter() - started
+        if decode:
+            self.stats.decode_seconds += elapsed
+            self.stats.blocks_trace.append(blocks.num_used)
+        else:
+            self.stats.prefill_seconds += elapsed
+        self.stats.steps += 1
+        self.stats.peak_blocks = max(self.stats.peak_blocks, blocks.num_used)
+
+    def _fork(self, parent: Sequence, logits: torch.Tensor, sched, blocks, results) -> None:
+        """The group's prompt is prefilled: its samples share its blocks from here on."""
+        for j in range(parent.fork_into):
+            child = self._new_seq(parent.request, j, list(parent.token_ids), parent.prompt_len, parent.params)
+            child.table = blocks.fork(parent.table)
+            child.num_cached = parent.num_cached
+            sched.running.append(child)
+            self._append(child, logits, sched, blocks, results)
+        blocks.release(parent.table)
+
+    def _append(self, seq: Sequence, logits: torch.Tensor, sched, blocks, results) -> None:
+        token, logprob = sample_token(logits, seq.params, seq.generator)
+        seq.token_ids.append(token)
+        seq.logprobs.append(logprob)
+        self.stats.generated_tokens += 1
+        reason = None
+        if token in seq.params.stop_token_ids or self._hits_stop_string(seq):
+            reason = "stop"
+        elif seq.num_generated >= seq.params.max_new_tokens:
+            reason = "length"
+        if reason:
+            seq.finish_reason = reason
+            results[seq.request][seq.sample] = Completion(seq.token_ids[seq.prompt_len:], seq.logprobs, reason)
+            sched.running.remove(seq)
+            blocks.release(seq.table)  # finished samples free their memory at once
+
+    def _hits_stop_string(self, seq: Sequence) -> bool:
+        if not seq.params.stop:
+            return False
+        longest = max(len(s) for s in seq.params.stop)
+        # decode a window of recent tokens wide enough to contain any stop string
+        window = seq.token_ids[max(seq.prompt_len, len(seq.token_ids) - longest - 8):]
+        text = self.tokenizer.decode(window, skip_special_tokens=False)
+        return any(s in text for s in seq.params.stop)

@@ -1,0 +1,139 @@
+"""Continuous batching over the paged cache: chunked prefill, decode, preemption.
+
+A sequence's *pending* tokens are those not yet in the cache: the whole prompt before
+prefill, one token (the last sampled) during decode. Each step is either a prefill step —
+waiting sequences fed up to `max_prefill_tokens` tokens in all, a long prompt split over
+several steps — or a decode step, one token for every running sequence. When a decode step
+finds no free block, the most recently started sequence is preempted: its blocks are freed
+and it waits to be prefilled again from its tokens so far (recompute), ahead of new work.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .block_manager import BlockManager, NoFreeBlocks
+from .sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    seq_id: int
+    request: int  # index of the prompt
+    sample: int  # index among the prompt's n samples (-1: the shared prompt of a group)
+    token_ids: list[int]
+    prompt_len: int
+    params: SamplingParams
+    generator: torch.Generator | None = None
+    table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    logprobs: list[float] = field(default_factory=list)
+    fork_into: int = 0  # a group's prompt: fork this many samples when its prefill completes
+    finish_reason: str | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+class CacheTooSmall(RuntimeError):
+    pass
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_prefill_tokens: int, max_num_seqs: int):
+        self.blocks = blocks
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
+        """-> ([(sequence, tokens to feed)], block copies to do first)."""
+        batch, copies = self._prefill()
+        if batch:
+            return batch, copies
+        return self._decode()
+
+    def _prefill(self):
+        budget, batch, copies = self.max_prefill_tokens, [], []
+        slots = self.max_num_seqs - len(self.running)
+        for seq in list(self.waiting):
+            if budget <= 0 or slots - max(seq.fork_into, 1) < 0:
+                break
+            n = min(seq.pending, budget, self._fits(seq))
+            if n <= 0:
+                if not self.running and not batch:
+                    self._too_small(seq)
+                break
+            copies += self.blocks.reserve(seq.table, seq.num_cached, n)
+            batch.append((seq, n))
+            budget -= n
+            if n < seq.pending:
+                break  # the rest of this prompt goes in the next step
+            slots -= max(seq.fork_into, 1)
+        for seq, n in batch:
+            if n == seq.pending:
+                self.waiting.remove(seq)
+        return batch, copies
+
+    def _fits(self, seq: Sequence) -> int:
+        """How many of seq's pending tokens the free blocks can hold now."""
+        capacity = (len(seq.table) + self.blocks.num_free) * self.blocks.block_size - seq.num_cached
+        n = min(seq.pending, capacity)
+        while n > 0 and self.blocks.cost(seq.table, seq.num_cached, n) > self.blocks.num_free:
+            n -= self.blocks.block_size  # a shared partial block costs one more (copy-on-write)
+        return max(n, 0)
+
+    def _decode(self):
+        copies = []
+        scheduled: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while True:
+                try:
+                    copies += self.blocks.reserve(seq.table, seq.num_cached, 1)
+                    scheduled.append(seq)
+                    break
+                except NoFreeBlocks:
+                    if queue:  # the most recently started running sequence
+                        self._preempt(queue.pop())
+                        continue
+                    holder = next((w for w in reversed(self.waiting) if w.table), None)
+                    if holder is not None:  # a half-prefilled prompt gives its blocks back
+                        self.blocks.release(holder.table)
+                        holder.num_cached = 0
+                        self.preemptions += 1
+                        continue
+                    if not scheduled:
+                        self._too_small(seq)
+                    self._preempt(seq)
+                    break
+        return [(s, 1) for s in scheduled], copies
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq.table)
+        seq.num_cached = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _too_small(self, seq: Sequence) -> None:
+        need = self.blocks.blocks_for(len(seq.token_ids) + 1)
+        raise CacheTooSmall(f"KV cache too small: a sequence of {len(seq.token_ids)} tokens needs {need} blocks of "
+                            f"{self.blocks.block_size}, the cache has {self.blocks.num_blocks}; raise the cache "
+                            f"budget (CacheConfig.max_bytes / num_blocks) or shorten the input")
