@@ -103,7 +103,7 @@ def cmd_generate(args, cfg: Config) -> int:
     from .data.jsonl import read_docqa_jsonl
     from .data.template import build_prompt_ids, encode_prompt
     from .model import load_model
-    from .rollout.simple import SimpleSampling, generate_simple
+    from .rollout import Generator, SamplingParams
 
     model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
@@ -128,38 +128,40 @@ def cmd_generate(args, cfg: Config) -> int:
 
     stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
-    params = SimpleSampling(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             top_k=gen.top_k, seed=gen.seed, stop_token_ids=stop)
+    generator = Generator(model, tokenizer)
     out_f = open(args.output, "w", encoding="utf-8") if args.output else None
-    prompt_tokens = new_tokens = 0
-    started = time.perf_counter()
+    totals = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
     bar = tqdm(total=len(items), desc="generate", unit="item", disable=len(items) < 2, file=sys.stderr)
     try:
         for start in range(0, len(items), gen.batch_size):
             batch = slice(start, start + gen.batch_size)
-            outs = generate_simple(model, prompts[batch], params)
-            for item, ids, cut, out in zip(items[batch], prompts[batch], truncated[batch], outs):
-                ended = bool(out) and out[-1] in stop
-                text = tokenizer.decode(out[:-1] if ended else out, skip_special_tokens=True).strip()
-                row = {"id": item["id"], "completion": text, "prompt_tokens": len(ids),
-                       "completion_tokens": len(out), "finish_reason": "stop" if ended else "length",
+            groups = generator.generate(prompts[batch], n=1, params=params)
+            for key in totals:
+                totals[key] += getattr(generator.stats, key)
+            for item, ids, cut, group in zip(items[batch], prompts[batch], truncated[batch], groups):
+                out = group[0]
+                ended = out.finish_reason == "stop" and bool(out.token_ids) and out.token_ids[-1] in stop
+                text = tokenizer.decode(out.token_ids[:-1] if ended else out.token_ids, skip_special_tokens=True)
+                row = {"id": item["id"], "completion": text.strip(), "prompt_tokens": len(ids),
+                       "completion_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
                        "truncated_input": cut}
-                prompt_tokens += len(ids)
-                new_tokens += len(out)
                 _print_answer(item, row)
                 if out_f:
                     out_f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     out_f.flush()
-            bar.update(len(outs))
+            bar.update(len(groups))
     finally:
         bar.close()
         if out_f:
             out_f.close()
     if args.bench:
-        dt = time.perf_counter() - started
-        print(f"bench: {len(items)} items, {prompt_tokens} prompt + {new_tokens} generated tokens in {dt:.2f}s "
-              f"-> {new_tokens / dt:.1f} generated tokens/s ({(prompt_tokens + new_tokens) / dt:.1f} total tokens/s; "
-              f"device {model.embed_tokens.weight.device}, {model.embed_tokens.weight.dtype})")
+        w = model.embed_tokens.weight
+        prefill = totals["prompt_tokens"] / max(totals["prefill_seconds"], 1e-9)
+        decode = totals["generated_tokens"] / max(totals["decode_seconds"], 1e-9)
+        print(f"bench: {len(items)} items; prefill {totals['prompt_tokens']} tokens at {prefill:.1f} tokens/s; "
+              f"decode {totals['generated_tokens']} tokens at {decode:.1f} tokens/s ({w.device}, {w.dtype})")
     return 0
 
 

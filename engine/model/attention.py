@@ -55,7 +55,8 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     hold a cached prefix); query i sees keys 0 .. q_offset + i.
     """
     tq, tk = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    # 4-D [1, H, T, D]: with 3-D inputs torch's CPU sdpa takes its unfused math path (~6x slower)
+    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[1]
     if q_offset == 0 and tq == tk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -65,7 +66,7 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         rows = torch.arange(tq, device=q.device)[:, None] + q_offset
         mask = torch.arange(tk, device=q.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 class VarlenAttention:

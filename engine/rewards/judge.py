@@ -184,14 +184,15 @@ class LocalJudge(Judge):
 
     def _complete(self, prompts: list[str]) -> list[str | None]:
         from ..data.template import encode_prompt
-        from ..rollout.simple import SimpleSampling, generate_simple
+        from ..rollout import Generator, SamplingParams
 
         tok = self.tokenizer
         stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
-        params = SimpleSampling(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_token_ids=stops)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=0.0, stop_token_ids=stops)
+        generator = Generator(self.model, tok)
         replies: list[str | None] = []
         for i in range(0, len(prompts), self.batch_size):
             ids = [encode_prompt(tok, p) for p in prompts[i:i + self.batch_size]]
-            for out in generate_simple(self.model, ids, params):
-                replies.append(tok.decode(out, skip_special_tokens=True))
+            for group in generator.generate(ids, n=1, params=params):
+                replies.append(tok.decode(group[0].token_ids, skip_special_tokens=True))
         return replies

@@ -19,7 +19,7 @@ import torch
 
 from .block_manager import BlockManager
 from .paged import CacheConfig, PagedAttention, PagedKVCache
-from .sampling import Completion, SamplingParams, sample_token
+from .sampling import Completion, SamplingParams, sample_batch
 from .scheduler import Scheduler, Sequence
 
 
@@ -63,7 +63,11 @@ class Generator:
         if any(p.stop for p in per_prompt) and self.tokenizer is None:
             raise ValueError("stop strings need the tokenizer: Generator(model, tokenizer)")
         self.stats = RolloutStats()
-        cache = PagedKVCache(self.model, self.cache_cfg)
+        bs = self.cache_cfg.block_size
+        # what the rollout needs without preemption: each prompt once, and per sample its new
+        # tokens plus a copied partial block; a smaller budget makes the scheduler preempt
+        bound = sum(-(-len(p) // bs) + n * (-(-q.max_new_tokens // bs) + 1) for p, q in zip(prompts, per_prompt))
+        cache = PagedKVCache(self.model, self.cache_cfg, max_blocks=bound)
         blocks = BlockManager(cache.num_blocks, cache.block_size)
         sched = Scheduler(blocks, self.cache_cfg.max_prefill_tokens, self.cache_cfg.max_num_seqs)
         self.stats.cache_blocks = cache.num_blocks
@@ -95,7 +99,9 @@ class Generator:
         device = cache.k.device
         ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
         positions = torch.cat([torch.arange(s.num_cached, s.num_cached + n) for s, n in batch]).to(device)
-        ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch], [n for _, n in batch])
+        ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch],
+                             [n for _, n in batch], prefix_lens=[s.shared_prefix for s, _ in batch],
+                             groups=[s.request for s, _ in batch])
         hidden = self.model(ids, position_ids=positions, attn=ctx)
         ends, ready = [], []
         offset = 0
@@ -112,13 +118,21 @@ class Generator:
                 ready.append(seq)
         if ready:
             logits = self.model.logits(hidden[torch.tensor(ends, device=device)]).float()
-            for seq, row in zip(ready, logits):
-                if seq.fork_into:
-                    self._fork(seq, row, sched, blocks, results)
+            samplers, rows = [], []
+            for r, seq in enumerate(ready):
+                if seq.fork_into:  # a group's prompt: its samples draw their first token from its logits
+                    children = self._fork(seq, sched, blocks)
+                    samplers += children
+                    rows += [r] * len(children)
                 else:
                     if seq not in sched.running:
                         sched.running.append(seq)
-                    self._append(seq, row, sched, blocks, results)
+                    samplers.append(seq)
+                    rows.append(r)
+            tokens, logprobs = sample_batch(logits[rows], [s.params for s in samplers],
+                                            [s.generator for s in samplers])
+            for seq, token, logprob in zip(samplers, tokens, logprobs):
+                self._append(seq, token, logprob, sched, blocks, results)
         elapsed = time.perf_counter() - started
         if decode:
             self.stats.decode_seconds += elapsed
@@ -128,18 +142,20 @@ class Generator:
         self.stats.steps += 1
         self.stats.peak_blocks = max(self.stats.peak_blocks, blocks.num_used)
 
-    def _fork(self, parent: Sequence, logits: torch.Tensor, sched, blocks, results) -> None:
+    def _fork(self, parent: Sequence, sched, blocks) -> list[Sequence]:
         """The group's prompt is prefilled: its samples share its blocks from here on."""
+        children = []
         for j in range(parent.fork_into):
             child = self._new_seq(parent.request, j, list(parent.token_ids), parent.prompt_len, parent.params)
             child.table = blocks.fork(parent.table)
             child.num_cached = parent.num_cached
+            child.shared_prefix = parent.num_cached if parent.fork_into > 1 else 0
             sched.running.append(child)
-            self._append(child, logits, sched, blocks, results)
+            children.append(child)
         blocks.release(parent.table)
+        return children
 
-    def _append(self, seq: Sequence, logits: torch.Tensor, sched, blocks, results) -> None:
-        token, logprob = sample_token(logits, seq.params, seq.generator)
+    def _append(self, seq: Sequence, token: int, logprob: float, sched, blocks, results) -> None:
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
         self.stats.generated_tokens += 1

@@ -33,7 +33,8 @@ class CacheConfig:
 
 
 class PagedKVCache:
-    def __init__(self, model, cfg: CacheConfig):
+    def __init__(self, model, cfg: CacheConfig, max_blocks: int | None = None):
+        """max_blocks: the most this rollout can use; the cache is never sized past it."""
         mc = model.config
         w = model.embed_tokens.weight
         self.block_size = cfg.block_size
@@ -50,6 +51,8 @@ class PagedKVCache:
             else:
                 budget = cfg.cpu_bytes
             num_blocks = budget // per_block
+        if max_blocks is not None and not cfg.num_blocks:
+            num_blocks = min(num_blocks, max_blocks)
         if num_blocks < 1:
             raise ValueError(f"KV cache budget too small: one block needs {per_block} bytes")
         self.num_blocks = int(num_blocks)
@@ -58,6 +61,9 @@ class PagedKVCache:
         # zeros: rows past a sequence's end are masked in attention but still multiplied by 0
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        # torch decode path: each group's prompt K^T / V laid out for batched matmuls, built at
+        # the group's first decode step and reused until the rollout ends (the prompt never changes)
+        self.prefix_store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
@@ -74,9 +80,16 @@ def _decode_backend(device: torch.device) -> str:
 
 class PagedAttention:
     """Attention context for one scheduler step: sequence i feeds new[i] tokens after
-    cached[i] tokens already in its blocks (tables[i])."""
+    cached[i] tokens already in its blocks (tables[i]).
 
-    def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int]):
+    Decode on the torch path uses shared-prefix ("cascade") attention when samples of a
+    group decode together: prefix_lens[i] > 0 says sequence i's first prefix_lens[i] tokens
+    are the prompt it shares with the other members of groups[i]. The prompt's keys are then
+    read once per group, not once per sample, and each sample's own suffix is attended
+    separately; the two partial results merge through their log-sum-exp."""
+
+    def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int],
+                 prefix_lens: list[int] | None = None, groups: list[int] | None = None):
         self.cache = cache
         bs = cache.block_size
         device = cache.k.device
@@ -88,14 +101,20 @@ class PagedAttention:
             slots.append(blocks * bs + pos % bs)
         self.slots = torch.cat(slots).to(device)
         self.decode = all(n == 1 for n in new)
+        self.cascade = None
         if self.decode:
-            width = max(len(t) for t in tables)
-            bt = torch.zeros(len(tables), width, dtype=torch.int32)
-            for i, t in enumerate(tables):
-                bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            self.block_tables = bt.to(device)
-            self.seq_lens = torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32, device=device)
             self.backend = _decode_backend(device)
+            lens = [c + n for c, n in zip(cached, new)]
+            shared = prefix_lens is not None and groups is not None and any(p > 0 for p in prefix_lens)
+            if self.backend == "torch" and shared:
+                self.cascade = _plan_cascade(tables, lens, prefix_lens, groups, bs, device)
+            else:
+                width = max(len(t) for t in tables)
+                bt = torch.zeros(len(tables), width, dtype=torch.int32)
+                for i, t in enumerate(tables):
+                    bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+                self.block_tables = bt.to(device)
+                self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [NB, BS, Hkv, D]
@@ -103,6 +122,9 @@ class PagedAttention:
         kc.view(-1, hkv, d)[self.slots] = k
         vc.view(-1, hkv, d)[self.slots] = v
         scale = q.shape[-1] ** -0.5
+        if self.cascade is not None:
+            return _cascade_decode(q, kc.view(-1, hkv, d), vc.view(-1, hkv, d), self.cascade, scale,
+                                   self.cache.prefix_store, layer)
         if self.decode:
             fn = paged_decode_attention if self.backend == "triton" else paged_decode_attention_ref
             return fn(q, kc, vc, self.block_tables, self.seq_lens, scale)
@@ -116,3 +138,72 @@ class PagedAttention:
             outs.append(causal_sdpa(q[start:start + n], keys, values, scale, q_offset=c))
             start += n
         return torch.cat(outs)
+
+
+def _slots(table: list[int], positions: torch.Tensor, bs: int) -> torch.Tensor:
+    return torch.tensor(table, dtype=torch.long)[positions // bs] * bs + positions % bs
+
+
+def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
+    """Slot indices, built once per step: each group's shared prefix, and every sequence's
+    suffix (padded to the longest, with a mask)."""
+    members: dict[int, list[int]] = {}
+    for i, (p, g) in enumerate(zip(prefix_lens, groups)):
+        if p > 0:
+            members.setdefault(g, []).append(i)
+    prefix = []
+    for group, idx in members.items():
+        plen = prefix_lens[idx[0]]
+        rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=device)
+        key = (group, plen, tables[idx[0]][0])  # the first block id tells a group from a later one
+        prefix.append((rows, len(idx), key, _slots(tables[idx[0]], torch.arange(plen), bs).to(device)))
+    suffix_len = [n - p for n, p in zip(lens, prefix_lens)]
+    width = max(suffix_len)
+    rows = []
+    for table, n, p in zip(tables, lens, prefix_lens):
+        pos = torch.arange(p, p + width).clamp(max=n - 1)
+        rows.append(_slots(table, pos, bs))
+    mask = torch.arange(width)[None, :] < torch.tensor(suffix_len)[:, None]
+    return {"prefix": prefix, "suffix_slots": torch.stack(rows).to(device), "suffix_mask": mask.to(device)}
+
+
+def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: dict, scale: float,
+                    store: dict | None = None, layer: int = 0):
+    """q [B, Hq, D]; k_flat, v_flat [slots, Hkv, D] -> [B, Hq, D]. `store` keeps each
+    group's prefix in matmul layout between steps."""
+    b, hq, d = q.shape
+    hkv = k_flat.shape[1]
+    g = hq // hkv
+    qh = q.float().view(b, hkv, g, d)
+    # each sequence's own suffix: [B, Hkv, G, S]
+    ks = k_flat[plan["suffix_slots"]].float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
+    vs = v_flat[plan["suffix_slots"]].float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
+    s2 = (qh @ ks) * scale
+    s2 = s2.masked_fill(~plan["suffix_mask"][:, None, None, :], float("-inf"))
+    m2 = s2.amax(-1, keepdim=True)
+    p2 = torch.exp(s2 - m2)
+    l2 = p2.sum(-1, keepdim=True)
+    o2 = p2 @ vs  # [B, Hkv, G, D]
+    m1 = torch.full_like(m2, float("-inf"))
+    l1 = torch.zeros_like(l2)
+    o1 = torch.zeros_like(o2)
+    for idx, m, key, slots in plan["prefix"]:
+        cached = store.get((layer, key)) if store is not None else None
+        if cached is None:  # the prompt's keys and values, read once for the whole group
+            cached = (k_flat[slots].float().permute(1, 2, 0).contiguous(),  # K^T [Hkv, D, P]
+                      v_flat[slots].float().permute(1, 0, 2).contiguous())  # V [Hkv, P, D]
+            if store is not None:
+                store[(layer, key)] = cached
+        kt, vp = cached
+        qg = qh[idx].permute(1, 0, 2, 3).reshape(hkv, m * g, d)
+        s1 = (qg @ kt) * scale  # [Hkv, m·G, P]
+        mx = s1.amax(-1, keepdim=True)
+        p1 = torch.exp(s1 - mx)
+        part = (p1 @ vp).view(hkv, m, g, d).permute(1, 0, 2, 3)
+        m1[idx] = mx.view(hkv, m, g, 1).permute(1, 0, 2, 3)
+        l1[idx] = p1.sum(-1, keepdim=True).view(hkv, m, g, 1).permute(1, 0, 2, 3)
+        o1[idx] = part
+    top = torch.maximum(m1, m2)
+    a1, a2 = torch.exp(m1 - top), torch.exp(m2 - top)
+    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
+    return out.view(b, hq, d).to(q.dtype)

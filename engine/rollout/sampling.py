@@ -58,13 +58,41 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
-    """logits [V] fp32 -> (token, behaviour log-prob)."""
-    if params.temperature == 0:
-        token = int(logits.argmax())
-        return token, float(torch.log_softmax(logits, -1)[token])
-    scaled = logits / params.temperature
-    logprobs = torch.log_softmax(scaled, -1)
-    support = truncate_logits(scaled, params.top_k, params.top_p)
-    probs = torch.softmax(support, -1)
-    token = int(torch.multinomial(probs.cpu(), 1, generator=generator))
-    return token, float(logprobs[token])
+    """logits [V] fp32 -> (token, behaviour log-prob): sample_batch for one row."""
+    tokens, logprobs = sample_batch(logits[None], [params], [generator])
+    return tokens[0], logprobs[0]
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
+                 generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
+    """logits [B, V] fp32 -> tokens and behaviour log-probs, one row per sequence.
+
+    Rows are drawn by inverse CDF with a uniform from each row's own generator, so a
+    sequence's samples depend only on its seed, not on what else is in the batch; the
+    arithmetic over [B, V] runs once for all rows that share their settings."""
+    tokens = [0] * len(params)
+    logprobs = [0.0] * len(params)
+    by_setting: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        by_setting.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    for (temperature, top_k, top_p), rows in by_setting.items():
+        sub = logits[rows]
+        if temperature == 0:
+            picked = sub.argmax(-1)
+            lp = torch.log_softmax(sub, -1)
+        else:
+            scaled = sub / temperature
+            lp = torch.log_softmax(scaled, -1)
+            support = scaled
+            if top_k > 0 or top_p < 1.0:
+                support = torch.stack([truncate_logits(r, top_k, top_p) for r in scaled])
+            cdf = torch.softmax(support, -1).cumsum(-1)
+            u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(cdf.device)
+            # scaled by the total so cumsum rounding never leaves u past the end; kept above 0 so
+            # the first index with cdf >= u is always a token of positive probability
+            u = (u.to(cdf.dtype) * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)
+            picked = torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        chosen = lp.gather(-1, picked[:, None]).squeeze(-1)
+        for row, tok, val in zip(rows, picked.tolist(), chosen.tolist()):
+            tokens[row], logprobs[row] = tok, val
+    return tokens, logprobs

@@ -31,6 +31,7 @@ class Sequence:
     num_cached: int = 0
     logprobs: list[float] = field(default_factory=list)
     fork_into: int = 0  # a group's prompt: fork this many samples when its prefill completes
+    shared_prefix: int = 0  # tokens of KV shared with the group's other samples (0: none)
     finish_reason: str | None = None
 
     @property
@@ -66,13 +67,18 @@ class Scheduler:
         batch, copies = self._prefill()
         if batch:
             return batch, copies
-        return self._decode()
+        batch, copies = self._decode()
+        if not batch:
+            raise RuntimeError(f"scheduler: nothing schedulable with {len(self.waiting)} waiting and "
+                               f"{len(self.running)} running sequences")
+        return batch, copies
 
     def _prefill(self):
         budget, batch, copies = self.max_prefill_tokens, [], []
         slots = self.max_num_seqs - len(self.running)
         for seq in list(self.waiting):
-            if budget <= 0 or slots - max(seq.fork_into, 1) < 0:
+            # a group larger than max_num_seqs still runs, alone
+            if budget <= 0 or (slots < max(seq.fork_into, 1) and (self.running or batch)):
                 break
             n = min(seq.pending, budget, self._fits(seq))
             if n <= 0:
@@ -128,6 +134,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.table)
         seq.num_cached = 0
+        seq.shared_prefix = 0  # it comes back with blocks of its own
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1

@@ -1,0 +1,235 @@
+"""The paged rollout engine: parity with transformers, group sharing, preemption, chunked
+prefill, sampling statistics, behaviour log-probs, and the paged decode kernel."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.data import build_prompt_ids
+from engine.model import load_model
+from engine.rollout import (BlockManager, CacheConfig, CacheTooSmall, Generator, NoFreeBlocks, SamplingParams)
+from engine.rollout.sampling import sample_token
+from kernels import linear_logprob
+from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+
+
+def _hf_greedy(hf, prompt, n, eos=None):
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                      max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos if eos is not None else 0)
+    new = out[0, len(prompt):].tolist()
+    return new[: new.index(eos) + 1] if eos is not None and eos in new else new
+
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0)
+
+
+def _tiny(tiny_checkpoint, kind, **overrides):
+    path, hf = tiny_checkpoint(kind, **overrides)
+    model, _ = load_model(path, device="cpu", dtype="float32")
+    return model, hf
+
+
+def _prompts(vocab, lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- parity -----------------------------------------------------------------------------
+def test_greedy_matches_transformers_embedded(smollm, hf_smollm):
+    model, tok = smollm
+    doc = "The Lindqvist Bridge opened in 1931. It was designed by Ada Lindqvist and spans 212 metres."
+    prompts = [build_prompt_ids(tok, doc, "Who designed the bridge?")[0], tok.encode("Name three rivers:")]
+    eos = tok.eos_token_id
+    params = SamplingParams(max_new_tokens=32, temperature=0, stop_token_ids=[eos])
+    out = Generator(model, tok).generate(prompts, n=2, params=params)
+    for prompt, group in zip(prompts, out):
+        expected = _hf_greedy(hf_smollm, prompt, 32, eos)
+        assert [c.token_ids for c in group] == [expected, expected]
+        assert group[0].finish_reason == ("stop" if expected[-1] == eos else "length")
+
+
+@pytest.mark.parametrize("kind,overrides", [("qwen2", {}), ("qwen3", {"head_dim": 24})])
+def test_greedy_matches_transformers_tiny(tiny_checkpoint, kind, overrides):
+    model, hf = _tiny(tiny_checkpoint, kind, **overrides)
+    prompts = _prompts(331, [17, 5, 40, 23])
+    out = Generator(model, cache_cfg=CacheConfig(block_size=8)).generate(prompts, n=1, params=GREEDY)
+    for prompt, group in zip(prompts, out):
+        assert group[0].token_ids == _hf_greedy(hf, prompt, 24)
+
+
+# ---- sharing, preemption, chunking --------------------------------------------------------
+def test_group_prompt_is_prefilled_once_and_blocks_are_shared(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "llama")
+    prompts = _prompts(331, [10, 13])
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, max_num_seqs=3))
+    gen.generate(prompts[:1], n=3, params=SamplingParams(max_new_tokens=6, temperature=1.0, seed=1))
+    assert gen.stats.prompt_tokens == 10  # not 3 × 10
+    # first decode step: 2 full prompt blocks shared by all three, each sample's own copy of
+    # the partial third block (the last writer reuses the original): 2 + 3, not 3 × 3
+    assert gen.stats.blocks_trace[0] == 10 // 4 + 3
+    gen.generate(prompts, n=4, params=SamplingParams(max_new_tokens=3, temperature=1.0, seed=1))
+    assert gen.stats.prompt_tokens == 10 + 13
+
+
+def test_forced_preemption_gives_the_same_greedy_outputs(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "qwen2")
+    prompts = _prompts(331, [9, 14, 6])
+    roomy = Generator(model).generate(prompts, n=2, params=GREEDY)
+    tight_gen = Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=12))
+    tight = tight_gen.generate(prompts, n=2, params=GREEDY)
+    assert tight_gen.stats.preemptions > 0 and tight_gen.stats.recomputed_tokens > 0
+    assert [[c.token_ids for c in g] for g in tight] == [[c.token_ids for c in g] for g in roomy]
+
+
+def test_chunked_prefill_gives_the_same_outputs(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "qwen3", head_dim=24)
+    prompts = _prompts(331, [45, 7, 30])
+    whole_gen = Generator(model)
+    whole = whole_gen.generate(prompts, params=GREEDY)
+    chunked_gen = Generator(model, cache_cfg=CacheConfig(max_prefill_tokens=8))
+    chunked = chunked_gen.generate(prompts, params=GREEDY)
+    assert chunked_gen.stats.steps > whole_gen.stats.steps
+    assert [g[0].token_ids for g in chunked] == [g[0].token_ids for g in whole]
+
+
+def test_cache_too_small_is_a_clear_error(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "llama")
+    with pytest.raises(CacheTooSmall, match="raise the cache budget"):
+        Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=2)).generate([[1] * 20], params=GREEDY)
+
+
+def test_block_manager_fork_and_copy_on_write():
+    bm = BlockManager(num_blocks=6, block_size=4)
+    parent: list[int] = []
+    assert bm.reserve(parent, 0, 6) == [] and len(parent) == 2
+    a, b = bm.fork(parent), bm.fork(parent)
+    bm.release(parent)
+    assert bm.num_used == 2
+    copies = bm.reserve(a, 6, 1)  # a writes into the shared partial block: copy it
+    assert len(copies) == 1 and copies[0][0] == b[1] and a[1] != b[1] and a[0] == b[0]
+    assert bm.reserve(b, 6, 1) == []  # b is now the only owner of the original: no copy
+    with pytest.raises(NoFreeBlocks):
+        bm.reserve(a, 7, 100)
+    assert len(a) == 2  # all-or-nothing
+    bm.release(a)
+    bm.release(b)
+    assert bm.num_free == 6
+
+
+# ---- sampling -----------------------------------------------------------------------------
+def test_first_token_frequencies_match_softmax(tiny_checkpoint):
+    """Chi-square at a fixed seed: 4,000 samples of the first token over an 8-token vocabulary."""
+    model, _ = _tiny(tiny_checkpoint, "llama", vocab_size=8)
+    prompt = [1, 5, 2]
+    temperature = 0.8
+    with torch.no_grad():
+        probs = torch.softmax(model.logits(model(torch.tensor(prompt)))[-1] / temperature, -1).double()
+    out = Generator(model).generate([prompt], n=4000, params=SamplingParams(max_new_tokens=1, temperature=temperature,
+                                                                            seed=123))
+    counts = torch.bincount(torch.tensor([c.token_ids[0] for c in out[0]]), minlength=8).double()
+    expected = probs * 4000
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 24.32  # chi-square, 7 degrees of freedom, p = 0.001
+
+
+def test_top_k_and_top_p_keep_exactly_the_right_support():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+
+    def support(**kw):
+        return {sample_token(logits, SamplingParams(temperature=1.0, **kw), g)[0] for _ in range(400)}
+
+    assert support(top_k=2) == {0, 1}
+    assert support(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8
+    assert support(top_p=0.81) == {0, 1, 2}
+    assert support() == {0, 1, 2, 3}
+    assert support(top_k=1) == {0}
+
+
+def test_seeds_make_samples_reproducible(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "qwen2")
+    prompts = _prompts(331, [6, 11])
+
+    def run(seed):
+        out = Generator(model).generate(prompts, n=3, params=SamplingParams(max_new_tokens=10, temperature=1.0,
+                                                                            seed=seed))
+        return [[c.token_ids for c in g] for g in out]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_stop_strings_end_generation(smollm):
+    model, tok = smollm
+    prompt = tok.encode("Count: one, two, three, four, five, six,")
+    free = Generator(model, tok).generate([prompt], params=SamplingParams(max_new_tokens=24, temperature=0))[0][0]
+    text = tok.decode(free.token_ids)
+    stop = text.strip().split()[2]  # a word that appears a few tokens in
+    stopped = Generator(model, tok).generate([prompt], params=SamplingParams(max_new_tokens=24, temperature=0,
+                                                                             stop=[stop]))[0][0]
+    assert stopped.finish_reason == "stop" and len(stopped.token_ids) < len(free.token_ids)
+    assert stop in tok.decode(stopped.token_ids)
+    assert stop not in tok.decode(stopped.token_ids[:-1])  # it stopped at the first occurrence
+
+
+def test_behaviour_logprobs_equal_linear_logprob(smollm):
+    model, tok = smollm
+    prompt = tok.encode("The three primary colours are")
+    temperature = 0.7
+    comp = Generator(model, tok).generate([prompt], n=2, params=SamplingParams(max_new_tokens=12,
+                                                                               temperature=temperature, top_p=0.9,
+                                                                               seed=5))[0]
+    for c in comp:
+        ids = torch.tensor(prompt + c.token_ids)
+        with torch.no_grad():
+            hidden = model(ids)
+            start = len(prompt) - 1
+            logp, _ = linear_logprob(hidden[start:-1], model.lm_head_weight, ids[start + 1:], temperature=temperature)
+        assert (logp - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4
+
+
+# ---- the paged decode kernel ----------------------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_triton_paged_decode_matches_reference(device):
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, d, bs, nb = 5, 6, 2, 24, 8, 40
+    q = torch.randn(b, hq, d, generator=g)
+    k_cache = torch.randn(nb, bs, hkv, d, generator=g)
+    v_cache = torch.randn(nb, bs, hkv, d, generator=g)
+    lens = torch.tensor([1, 8, 9, 30, 17], dtype=torch.int32)
+    perm = torch.randperm(nb, generator=g)
+    tables = torch.zeros(b, 4, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(lens.tolist()):
+        k = -(-n // bs)
+        tables[i, :k] = perm[used:used + k]
+        used += k
+    args = [x.to(device) for x in (q, k_cache, v_cache, tables, lens)]
+    ours = paged_decode_attention(*args, scale=d ** -0.5).cpu()
+    ref = paged_decode_attention_ref(*(x.double() if x.is_floating_point() else x for x in (q, k_cache, v_cache)),
+                                     tables, lens, scale=d ** -0.5)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cascade_decode_equals_plain_paged_attention():
+    """Shared-prefix attention (prompt read once per group) = plain paged attention."""
+    from engine.rollout.paged import _cascade_decode, _plan_cascade
+    g = torch.Generator().manual_seed(1)
+    hq, hkv, d, bs, nb = 6, 2, 16, 4, 64
+    k_cache = torch.randn(nb, bs, hkv, d, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(nb, bs, hkv, d, generator=g, dtype=torch.float64)
+    prompt_blocks = [0, 1, 2]  # a 10-token prompt: 2 full blocks + 2 rows of a third
+    k_cache[5, :2], v_cache[5, :2] = k_cache[2, :2], v_cache[2, :2]  # a sample's copy-on-write copy
+    tables = [[0, 1, 2, 3], [0, 1, 5, 6], [7, 8, 9], [0, 1, 2, 10]]
+    lens = [14, 13, 11, 15]
+    prefix = [10, 10, 0, 10]  # sequence 2 shares nothing (e.g. it was preempted)
+    groups = [0, 0, 1, 0]
+    q = torch.randn(4, hq, d, generator=g, dtype=torch.float64)
+    plan = _plan_cascade(tables, lens, prefix, groups, bs, torch.device("cpu"))
+    ours = _cascade_decode(q, k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d), plan, d ** -0.5)
+    bt = torch.zeros(4, 4, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, torch.tensor(lens), d ** -0.5)
+    assert prompt_blocks == tables[0][:3]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
