@@ -26,6 +26,10 @@ def pytest_terminal_summary(terminalreporter):
     out_dir = Path(os.environ.get("LONGRL_BENCH_OUT", Path(__file__).parent / "results"))
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = out_dir / f"cpu-{stamp}.json"
-    path.write_text(json.dumps([{k: v for k, v in r.items() if k != "line"} for r in ROWS], indent=2))
-    tr.write_line(f"(full figures: {path})")
+    by_suite: dict[str, list] = {}
+    for r in ROWS:
+        by_suite.setdefault(r.get("suite", "bench"), []).append({k: v for k, v in r.items() if k != "line"})
+    for suite, rows in by_suite.items():  # one file per suite, so running one suite keeps the others'
+        path = out_dir / f"cpu-{suite}-{stamp}.json"
+        path.write_text(json.dumps(rows, indent=2))
+        tr.write_line(f"(full figures: {path})")

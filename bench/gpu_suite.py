@@ -8,7 +8,8 @@ installs, nothing downloaded):
   2. the bf16 matmul rate of this card, measured now (the roofline's denominator);
   3. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
      time, fraction of the 3-GEMM roofline (6·T·H·V FLOPs at the measured rate), and peak
-     extra memory against one chunk of fp32 logits plus an fp32 dW.
+     extra memory against one chunk of fp32 logits plus an fp32 dW;
+  4. rollout decode at batch 64 against the memory-bandwidth roofline (bench/gpu_rollout_case.py).
 Full figures go to OUT_DIR/gpu_suite.json, the pytest log to OUT_DIR/tests.log.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ def bf16_matmul_tflops(n: int = 8192, iters: int = 20) -> float:
 
 
 def run_tests(out: Path) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py",
+    cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py", "tests/test_rollout.py",
            "-k", "cuda or gpu", "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -98,6 +99,12 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
     report["grpo_loss"] = rows
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_rollout_case"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode == 0:
+        report["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    else:
+        report["rollout"] = {"error": proc.stderr.strip().splitlines()[-3:]}
+    print(json.dumps(report["rollout"]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
 
     gb = 1 << 30
@@ -110,6 +117,13 @@ def main(argv=None) -> int:
         print(f"{r['tokens']:>6} {r['hidden']:>5} {r['seconds'] * 1e3:7.1f}ms {r['roofline_fraction']:8.1%} "
               f"{r['peak_extra_bytes'] / gb:9.2f}GB {r['memory_vs_budget']:11.2f}x")
     print("targets: roofline >= 85%, peak extra <= 1.10x (one fp32 logits chunk + fp32 dW)")
+    ro = report["rollout"]
+    if "error" in ro:
+        print(f"\n== rollout decode ==\nerror: {ro['error']}")
+    else:
+        print(f"\n== rollout decode, batch {ro['batch']}, Qwen2-1.5B shape, bf16 ==\n"
+              f"{ro['decode_tokens_per_s']:.0f} tokens/s, {ro['decode_step_ms']:.1f} ms/step, "
+              f"{ro['roofline_fraction']:.1%} of the bandwidth roofline (target >= 70%)")
     if "tests" in report:
         print(f"tests on CUDA: {report['tests']['summary']}")
     print(f"full figures: {out / 'gpu_suite.json'}")

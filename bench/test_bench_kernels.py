@@ -50,7 +50,7 @@ def test_fused_vs_naive(benchmark, record, tokens, hidden, vocab):
     fused = {}
     benchmark.pedantic(lambda: fused.update(_case("fused", tokens, hidden, vocab)), rounds=1, iterations=1)
     gb = 1 << 30
-    row = {"case": f"T={tokens} H={hidden} V={vocab}", "fused": fused, "naive": naive}
+    row = {"suite": "kernels", "case": f"T={tokens} H={hidden} V={vocab}", "fused": fused, "naive": naive}
     if naive:
         row["time_ratio"] = fused["seconds"] / naive["seconds"]
         row["memory_ratio"] = fused["peak_extra_bytes"] / naive["peak_extra_bytes"]

@@ -33,7 +33,7 @@ def test_rollout_vs_transformers(benchmark, record):
     shape = f"{ours['prompts']}x{ours['n']} prompt={ours['prompt_len']} new={ours['new_tokens']}"
     line = (f"rollout {shape:<34} ours {ours['new_tokens_per_s']:7.1f} tok/s ({ours['seconds']:.0f}s) | "
             f"transformers {hf['new_tokens_per_s']:7.1f} tok/s ({hf['seconds']:.0f}s) | x{speedup:.2f}")
-    row = {"case": "rollout", "ours": ours, "transformers": hf, "speedup": speedup, "line": line}
+    row = {"suite": "rollout", "case": "rollout", "ours": ours, "transformers": hf, "speedup": speedup, "line": line}
     benchmark.extra_info.update({k: v for k, v in row.items() if k != "line"})
     record(row)
     if not QUICK:
