@@ -233,3 +233,17 @@ def test_cascade_decode_equals_plain_paged_attention():
     ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, torch.tensor(lens), d ** -0.5)
     assert prompt_blocks == tables[0][:3]
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_leaves_the_model_as_it_was(tiny_checkpoint):
+    model, _ = _tiny(tiny_checkpoint, "qwen2")
+    before_attrs = set(model.__dict__)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    model.train()
+    gen = Generator(model)
+    gen.generate(_prompts(331, [12, 5]), n=3, params=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0))
+    assert model.training and set(model.__dict__) == before_attrs
+    for k, v in model.state_dict().items():
+        assert v.data_ptr() == ptrs[k] and torch.equal(v, before[k]) and not v.is_inference()
+    assert not hasattr(gen, "cache")  # the KV cache lived only inside generate()
