@@ -3,6 +3,7 @@
     longrl convert SRC OUT            GGUF file / model name / HF dir -> checkpoint directory
     longrl generate --prompt TEXT     answer one prompt
     longrl generate --input FILE      answer a JSONL of doc-QA items (context, question)
+    longrl eval --data FILE --out DIR score a model on long-document QA benchmarks
 
 Every subcommand that reads a config accepts a TOML recipe (--recipe FILE) and dotted
 overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
@@ -61,6 +62,21 @@ def _build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input", help="JSONL file of doc-QA items")
     g.add_argument("--output", help="write one JSON row per item here (id, completion, token counts)")
     g.add_argument("--bench", action="store_true", help="print prompt and generated tokens/s")
+
+    e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
+                       description="Score the [model] on one or more benchmark files (any layout load_docqa "
+                                   "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
+                                   "FRAMES with wiki_items, verl parquet, our JSONL) with the [eval] settings. "
+                                   "Writes OUT/items.jsonl (one row per sample), OUT/summary.md and "
+                                   "OUT/summary.json; rerunning with the same OUT resumes.")
+    e.add_argument("--recipe", help="TOML recipe with [model] and [eval] sections")
+    e.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
+                   help="a benchmark file; repeat for several (NAME defaults to the file name)")
+    e.add_argument("--format", default="auto", help="layout of every --data file (default: detected)")
+    e.add_argument("--out", required=True, help="output folder (resumable)")
+    e.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: rule scores only)")
+    e.add_argument("--judge-model", help="the judge's model name")
+    e.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     return p
 
 
@@ -78,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"convert takes no config overrides (got {overrides})")
             return cmd_convert(args)
         cfg = load_config(args.recipe, overrides)
+        if args.command == "eval":
+            return cmd_eval(args, cfg)
         return cmd_generate(args, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"longrl {args.command}: error: {e}", file=sys.stderr)
@@ -162,6 +180,34 @@ def cmd_generate(args, cfg: Config) -> int:
         decode = totals["generated_tokens"] / max(totals["decode_seconds"], 1e-9)
         print(f"bench: {len(items)} items; prefill {totals['prompt_tokens']} tokens at {prefill:.1f} tokens/s; "
               f"decode {totals['generated_tokens']} tokens at {decode:.1f} tokens/s ({w.device}, {w.dtype})")
+    return 0
+
+
+def cmd_eval(args, cfg: Config) -> int:
+    from .data import load_docqa
+    from .eval import markdown, run_eval
+    from .model import load_model
+    from .rewards import HttpJudge, HttpJudgeConfig, HybridReward
+
+    benchmarks = {}
+    for spec in args.data:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or Path(path).stem
+        if name in benchmarks:
+            raise ValueError(f"benchmark name {name!r} given twice; use NAME=PATH")
+        benchmarks[name] = load_docqa(path, format=args.format, data_source=name)
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise ValueError("--judge-url and --judge-model go together")
+    judge = HttpJudge(HttpJudgeConfig(base_url=args.judge_url, model=args.judge_model,
+                                      api_key_env=args.judge_key_env)) if args.judge_url else None
+    model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  attn_backend=cfg.model.attn_backend)
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
+    table = run_eval(model, tokenizer, benchmarks, cfg.eval, args.out,
+                     reward=HybridReward(judge, think=cfg.eval.think))
+    print(markdown(table), end="")
+    print(f"per-sample rows: {Path(args.out) / 'items.jsonl'}; summary: {Path(args.out) / 'summary.md'}")
     return 0
 
 

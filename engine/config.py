@@ -74,10 +74,39 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`longrl eval` settings; defaults as QwenLong-L1 evaluates (zero-shot template, 120K
+    input, up to 10K new tokens, temperature 0.7, top-p 0.95, one sample)."""
+    max_input_tokens: int = 120_000  # further bounded by the model's context minus max_new_tokens
+    max_new_tokens: int = 10_000
+    temperature: float = 0.7
+    top_p: float = 0.95
+    n: int = 1  # samples per item
+    k: list[int] = field(default_factory=lambda: [1])  # pass@k for each k (k <= n)
+    template: str = "qwenlong"
+    think: Literal["auto", "required", "off"] = "auto"
+    seed: int = 0
+    batch_items: int = 8  # items generated together
+    limit: int = 0  # items per benchmark (0: all)
+
+    def validate(self, key: str) -> None:
+        _check(self.n >= 1, f"{key}.n", "an integer >= 1", self.n)
+        _check(bool(self.k) and all(1 <= k <= self.n for k in self.k), f"{key}.k",
+               f"a non-empty list of integers in 1..n (n = {self.n})", self.k)
+        _check(self.max_new_tokens >= 1 and self.max_input_tokens >= 1, f"{key}.max_new_tokens / max_input_tokens",
+               "integers >= 1", (self.max_new_tokens, self.max_input_tokens))
+        _check(self.temperature >= 0, f"{key}.temperature", "a number >= 0", self.temperature)
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "a number in (0, 1]", self.top_p)
+        _check(self.batch_items >= 1 and self.limit >= 0, f"{key}.batch_items / limit", "batch_items >= 1, limit >= 0",
+               (self.batch_items, self.limit))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -1,0 +1,139 @@
+"""The benchmark runner behind `longrl eval`.
+
+For every item of every benchmark: the QwenLong-L1 prompt (document truncated in its middle
+to `max_input_tokens`), n samples from the rollout engine, each scored with the training
+reward (rule, max with the judge when one is given). Results go to OUT/items.jsonl, one
+row per sample, written as each batch finishes; a rerun with the same OUT skips items
+already there, so an interrupted eval continues where it stopped. The summary — accuracy
+(mean score), pass@k for each k, counts, lengths, truncation rate, per benchmark and the
+average over benchmarks — is recomputed from items.jsonl and written as summary.json and
+summary.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from ..config import EvalConfig
+from ..data.lengths import record_prompt_ids
+from ..data.loaders import DocQARecord
+from ..rewards import HybridReward, RewardItem
+from .passk import pass_at_k
+
+
+def _read_done(path: Path) -> dict[tuple[str, str], list[dict]]:
+    """Rows already written, by (benchmark, id). A torn last line (a crash mid-write) is dropped."""
+    done: dict[tuple[str, str], list[dict]] = {}
+    if not path.is_file():
+        return done
+    good_lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        good_lines.append(line)
+        done.setdefault((row["benchmark"], row["id"]), []).append(row)
+    path.write_text("".join(line + "\n" for line in good_lines), encoding="utf-8")
+    return done
+
+
+def summarize(rows: list[dict], ks: list[int]) -> dict:
+    """Per-benchmark figures from per-sample rows, and their unweighted average."""
+    by_bench: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        by_bench.setdefault(r["benchmark"], {}).setdefault(r["id"], []).append(r)
+    table = {}
+    for bench, items in sorted(by_bench.items()):
+        scores = [r["score"] for samples in items.values() for r in samples]
+        entry = {"items": len(items), "samples": len(scores), "accuracy": 100 * sum(scores) / len(scores)}
+        for k in ks:
+            vals = [pass_at_k(len(s), sum(r["score"] >= 1 for r in s), k) for s in items.values() if len(s) >= k]
+            if vals:
+                entry[f"pass@{k}"] = 100 * sum(vals) / len(vals)
+        samples = [r for s in items.values() for r in s]
+        entry["mean_completion_tokens"] = sum(r["completion_tokens"] for r in samples) / len(samples)
+        entry["truncated_inputs"] = 100 * sum(s[0]["truncated"] for s in items.values()) / len(items)
+        table[bench] = entry
+    if table:
+        keys = [k for k in next(iter(table.values())) if k not in ("items", "samples")]
+        table["average"] = {k: sum(e.get(k, 0.0) for e in table.values()) / len(table) for k in keys}
+        table["average"]["items"] = sum(e["items"] for b, e in table.items() if b != "average")
+    return table
+
+
+def markdown(table: dict) -> str:
+    if not table:
+        return "(no items)\n"
+    cols = [k for k in table["average"] if k != "items"]
+    head = "| benchmark | items | " + " | ".join(cols) + " |\n"
+    head += "| --- | --- | " + " | ".join("---" for _ in cols) + " |\n"
+    lines = [f"| {b} | {e['items']} | " + " | ".join(f"{e.get(c, float('nan')):.1f}" for c in cols) + " |"
+             for b, e in table.items()]
+    return head + "\n".join(lines) + "\n"
+
+
+def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], settings: EvalConfig,
+             out_dir: str | os.PathLike, *, reward: HybridReward | None = None, progress: bool = True,
+             generator_factory: Callable | None = None) -> dict:
+    """Evaluate, resuming from out_dir/items.jsonl; -> the summary table."""
+    from tqdm import tqdm
+
+    from ..rollout import Generator, SamplingParams
+
+    settings.validate("eval")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items_path = out / "items.jsonl"
+    done = _read_done(items_path)
+    reward = reward or HybridReward(think=settings.think)
+    max_input = settings.max_input_tokens
+    ctx = model.config.max_position_embeddings
+    if max_input + settings.max_new_tokens > ctx:
+        max_input = max(1, ctx - settings.max_new_tokens)  # the model's window bounds the input
+    stops = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
+                            top_p=settings.top_p, seed=settings.seed, stop_token_ids=stops)
+    gen = (generator_factory or Generator)(model, tokenizer)
+    todo = []
+    for bench, records in benchmarks.items():
+        chosen = records[: settings.limit] if settings.limit else records
+        todo += [(bench, r) for r in chosen if (bench, r.id) not in done]
+    total = sum(len(r[: settings.limit] if settings.limit else r) for r in benchmarks.values())
+    scores = [row["score"] for rows in done.values() for row in rows]
+    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="item", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    started = time.perf_counter()
+    with open(items_path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), settings.batch_items):
+            batch = todo[start:start + settings.batch_items]
+            prompts = [record_prompt_ids(r, tokenizer, template=settings.template, max_tokens=max_input)
+                       for _, r in batch]
+            groups = gen.generate([p for p, _ in prompts], n=settings.n, params=params)
+            for (bench, rec), (ids, cut), group in zip(batch, prompts, groups):
+                texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+                results = reward([RewardItem(t, rec.answers, rec.task, rec.question) for t in texts])
+                for j, (c, text, res) in enumerate(zip(group, texts, results)):
+                    row = {"benchmark": bench, "id": rec.id, "sample": j, "task": rec.task,
+                           "prompt_tokens": len(ids), "truncated": cut, "completion": text,
+                           "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+                           "answer": res.answer, "gold": rec.answers, "rule": res.rule, "judge": res.judge,
+                           "score": res.reward}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    scores.append(res.reward)
+                f.flush()  # an item is on disk whole before the next one starts
+            bar.update(len(batch))
+            bar.set_postfix(acc=f"{100 * sum(scores) / max(len(scores), 1):.1f}",
+                            items_s=f"{(start + len(batch)) / (time.perf_counter() - started):.2f}")
+    bar.close()
+    rows = [row for rows in _read_done(items_path).values() for row in rows]
+    table = summarize(rows, settings.k)
+    (out / "summary.json").write_text(json.dumps({"settings": asdict(settings), "results": table}, indent=2))
+    (out / "summary.md").write_text(markdown(table))
+    return table

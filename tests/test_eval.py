@@ -1,0 +1,138 @@
+"""`longrl eval`: pass@k, summaries recomputed from the per-sample rows, resume, truncation,
+and a real run of the embedded model on shipped samples of each format."""
+from __future__ import annotations
+
+import json
+from math import comb
+from pathlib import Path
+
+import pytest
+
+from engine.cli import main
+from engine.config import EvalConfig
+from engine.data import load_docqa, record_prompt_ids
+from engine.eval import pass_at_k, run_eval
+from engine.rollout import Completion
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+
+
+def test_pass_at_k_by_hand():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - comb(3, 2) / comb(5, 2))  # 0.7
+    assert pass_at_k(4, 1, 4) == 1.0  # n = k, one correct
+    assert pass_at_k(4, 0, 4) == 0.0  # n = k, none correct
+    assert pass_at_k(10, 0, 3) == 0.0
+    assert pass_at_k(10, 9, 2) == 1.0  # fewer than k wrong samples
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+class ScriptedGenerator:
+    """Stands in for the rollout engine: answers from a script, counts the prompts it gets."""
+
+    def __init__(self, tokenizer, answer_for):
+        self.tokenizer, self.answer_for = tokenizer, answer_for
+        self.prompts = 0
+
+    def generate(self, prompts, n, params):
+        self.prompts += len(prompts)
+        out = []
+        for p in prompts:
+            group = []
+            for j in range(n):
+                text = self.answer_for(p, j)
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                group.append(Completion(ids, [0.0] * len(ids), "length"))
+            out.append(group)
+        return out
+
+
+def _benchmarks():
+    return {"hotpotqa": load_docqa(REAL / "hotpotqa_dev_hf.json"), "musique": load_docqa(REAL / "musique_dev.json")}
+
+
+def test_summary_equals_recomputation_from_items(smollm, tmp_path):
+    model, tok = smollm
+    benches = _benchmarks()
+    golds = {len(record_prompt_ids(r, tok, max_tokens=600)[0]): r.answers[0] for b in benches.values() for r in b}
+
+    def answer(prompt, j):  # sample 0 right, sample 1 wrong, sample 2 right only for some items
+        gold = golds.get(len(prompt), "x")
+        return f"Therefore, the answer is {gold if j == 0 or (j == 2 and len(prompt) % 2) else 'nothing'}."
+
+    fake = ScriptedGenerator(tok, answer)
+    settings = EvalConfig(max_input_tokens=600, max_new_tokens=8, n=3, k=[1, 2, 3])
+    table = run_eval(model, tok, benches, settings, tmp_path, progress=False,
+                     generator_factory=lambda m, t: fake)
+    rows = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * (3 + 2)
+    for bench in benches:
+        mine = [r for r in rows if r["benchmark"] == bench]
+        items = {}
+        for r in mine:
+            items.setdefault(r["id"], []).append(r["score"])
+        assert table[bench]["accuracy"] == pytest.approx(100 * sum(r["score"] for r in mine) / len(mine))
+        for k in (1, 2, 3):
+            by_hand = sum(pass_at_k(3, int(sum(s)), k) for s in items.values()) / len(items)
+            assert table[bench][f"pass@{k}"] == pytest.approx(100 * by_hand)
+    assert table["average"]["accuracy"] == pytest.approx((table["hotpotqa"]["accuracy"] +
+                                                          table["musique"]["accuracy"]) / 2)
+    saved = json.loads((tmp_path / "summary.json").read_text())["results"]
+    assert saved == json.loads(json.dumps(table))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| hotpotqa | 3 |" in md and "pass@3" in md
+
+
+def test_resume_skips_finished_items(smollm, tmp_path):
+    model, tok = smollm
+    benches = _benchmarks()
+    fake = ScriptedGenerator(tok, lambda p, j: "Therefore, the answer is yes.")
+    factory = lambda m, t: fake  # noqa: E731
+    settings = EvalConfig(max_input_tokens=400, max_new_tokens=8, limit=1)
+    run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=factory)
+    assert fake.prompts == 2
+    settings.limit = 0  # the rest of the items: only those are generated
+    run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=factory)
+    assert fake.prompts == 2 + (3 - 1) + (2 - 1)
+    # a crash mid-write leaves a torn last line: it is dropped and that item done again
+    path = tmp_path / "items.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    table = run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=factory)
+    assert fake.prompts == 6 and table["average"]["items"] == 5
+    assert len(path.read_text().splitlines()) == 5
+
+
+def test_truncation_keeps_head_tail_and_question(smollm):
+    _, tok = smollm
+    rec = load_docqa(REAL / "narrativeqa_lciteeval.json")[0]
+    ids, cut = record_prompt_ids(rec, tok, max_tokens=500)
+    text = tok.decode(ids)
+    assert cut and len(ids) <= 500
+    assert rec.question in text
+    head = rec.context.strip()[:40]
+    tail = rec.context.strip()[-40:]
+    assert head in text and tail in text
+
+
+def test_eval_of_the_embedded_model_on_each_shipped_format(smollm, tmp_path, capsys):
+    out = tmp_path / "eval"
+    data = ["hotpotqa_dev_hf.json", "hotpotqa_train_orig.json", "musique_dev.json", "2wikimqa.json",
+            "narrativeqa_lciteeval.json", "qasper_leval.jsonl"]
+    args = ["eval", "--out", str(out), "--eval.max_input_tokens=512", "--eval.max_new_tokens=12",
+            "--eval.limit=1", "--eval.temperature=0"]
+    for name in data:
+        args += ["--data", str(REAL / name)]
+    assert main(args) == 0
+    table = json.loads((out / "summary.json").read_text())["results"]
+    assert set(table) == {Path(n).stem for n in data} | {"average"}
+    assert all(e["items"] == 1 and e["truncated_inputs"] == 100.0 for b, e in table.items() if b != "average")
+    printed = capsys.readouterr().out
+    assert "| average | 6 |" in printed and "pass@1" in printed
+
+
+def test_eval_refuses_bad_k():
+    with pytest.raises(Exception, match="eval.k"):
+        from engine.config import load_config
+        load_config(None, ["--eval.n=2", "--eval.k=[3]"])
