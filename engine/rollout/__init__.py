@@ -1,5 +1,4 @@
-"""In-process generation: the paged rollout engine (Generator) and a plain contiguous-cache
-generator (simple.py) kept as a reference and for tiny jobs."""
+"""In-process generation: the paged rollout engine (Generator)."""
 from .block_manager import BlockManager, NoFreeBlocks
 from .engine import Generator, RolloutStats
 from .paged import CacheConfig
