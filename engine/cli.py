@@ -4,6 +4,7 @@
     longrl generate --prompt TEXT     answer one prompt
     longrl generate --input FILE      answer a JSONL of doc-QA items (context, question)
     longrl eval --data FILE --out DIR score a model on long-document QA benchmarks
+    longrl sft --recipe FILE          warm-up SFT (--resume continues a run)
 
 Every subcommand that reads a config accepts a TOML recipe (--recipe FILE) and dotted
 overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
@@ -63,6 +64,15 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="write one JSON row per item here (id, completion, token counts)")
     g.add_argument("--bench", action="store_true", help="print prompt and generated tokens/s")
 
+    t = sub.add_parser("sft", help="warm-up SFT on doc-QA triplets (loss on answer tokens only)",
+                       description="Supervised warm-up on the [sft] data with the [train] settings: packed "
+                                   "micro-batches under train.token_budget, AdamW, LR schedule, gradient "
+                                   "clipping and accumulation; one JSON row per step in OUT/metrics.jsonl and "
+                                   "checkpoints (a model dir transformers loads + optimizer/RNG/data state) "
+                                   "under train.out_dir. Ctrl-C writes a checkpoint; --resume continues.")
+    t.add_argument("--recipe", help="TOML recipe with [model], [data], [train] and [sft] sections")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+
     e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
                                    "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
@@ -96,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, overrides)
         if args.command == "eval":
             return cmd_eval(args, cfg)
+        if args.command == "sft":
+            from .train import run_sft
+            final = run_sft(cfg, resume=args.resume)
+            print(f"sft done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
+            return 0
         return cmd_generate(args, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"longrl {args.command}: error: {e}", file=sys.stderr)

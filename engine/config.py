@@ -102,11 +102,58 @@ class EvalConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Optimizer, schedule, micro-batching and checkpoints (shared by every stage)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"  # warmup: linear ramp then constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
+    grad_clip: float = 1.0  # max global grad norm; 0: off
+    token_budget: int = 4096  # tokens per micro-batch (packed, no padding)
+    seed: int = 0
+    out_dir: str = "runs/longrl"
+    save_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept
+    max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+
+    def validate(self, key: str) -> None:
+        _check(self.lr > 0, f"{key}.lr", "a number > 0", self.lr)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{key}.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.token_budget >= 1 and self.keep_last >= 1 and self.max_bad_steps >= 1,
+               f"{key}.token_budget / keep_last / max_bad_steps", "integers >= 1",
+               (self.token_budget, self.keep_last, self.max_bad_steps))
+        _check(self.warmup_steps >= 0 and self.save_every >= 0 and self.grad_clip >= 0,
+               f"{key}.warmup_steps / save_every / grad_clip", "values >= 0",
+               (self.warmup_steps, self.save_every, self.grad_clip))
+
+
+@dataclass
+class SFTConfig:
+    """Warm-up SFT on (document, question, answer): the loss covers the answer tokens only."""
+    data: list[str] = field(default_factory=list)  # doc-QA files (any layout load_docqa reads)
+    format: str = "auto"
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as `epochs` take
+    batch_examples: int = 8  # examples per optimizer step, split into micro-batches by token_budget
+    max_input_tokens: int = 0  # 0: the model's context minus 64 tokens for the answer
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1 and self.batch_examples >= 1 and self.max_steps >= 0, f"{key}.epochs / "
+               f"batch_examples / max_steps", "epochs, batch_examples >= 1 and max_steps >= 0",
+               (self.epochs, self.batch_examples, self.max_steps))
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:

@@ -1,0 +1,30 @@
+"""One JSON row per step in RUN_DIR/metrics.jsonl, appended and flushed as it happens."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | os.PathLike, resume_after_step: int | None = None):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after_step is not None and self.path.is_file():
+            # a resumed run drops the rows logged after its checkpoint: they are logged again
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_after_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+        elif resume_after_step is None and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row: dict) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+    def rows(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,139 @@
+"""Warm-up SFT on (document, question, answer) triplets.
+
+Each example is the QwenLong-L1 prompt (chat-templated, document truncated in its middle)
+followed by the answer in the form the rule reward reads — "Therefore, the answer is X."
+(or "The correct answer is (X)." for choices) — and the end-of-turn token. Only answer
+tokens count in the loss. Examples are packed, without padding, into micro-batches of at
+most `train.token_budget` tokens; the log-probs come from `kernels.linear_logprob` on the
+answer positions only (no full logits); the loss is the token mean over the whole
+optimizer step (every micro-batch divides by the step's total answer tokens), so gradient
+accumulation gives exactly the large-batch gradient.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kernels import linear_logprob
+
+from ..config import SFTConfig, TrainConfig
+from ..data.lengths import record_prompt_ids
+from ..data.packing import budget_batches, pack
+from .optim import lr_at, make_optimizer
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite losses in a row."""
+
+
+def answer_text(record) -> str:
+    if record.task == "choice":
+        return f"The correct answer is ({record.answers[0]})."
+    return f"Therefore, the answer is {record.answers[0]}."
+
+
+def end_of_turn_id(tokenizer) -> int:
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
+            return tid
+    return tokenizer.eos_token_id
+
+
+def sft_examples(records, tokenizer, *, template: str = "qwenlong", max_input_tokens: int = 0):
+    """-> [(token ids, loss flags)] with flags 1 on the answer and its end-of-turn token."""
+    eot = end_of_turn_id(tokenizer)
+    out = []
+    for rec in records:
+        prompt, _ = record_prompt_ids(rec, tokenizer, template=template, max_tokens=max_input_tokens)
+        answer = tokenizer.encode(answer_text(rec), add_special_tokens=False) + [eot]
+        out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+    return out
+
+
+@dataclass
+class SFTState:
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0  # examples of the current epoch's order already used
+    bad_steps: int = 0
+
+
+class SFTTrainer:
+    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig):
+        if not examples:
+            raise ValueError("SFT needs at least one example")
+        self.model, self.examples = model, examples
+        self.cfg, self.sft = train_cfg, sft_cfg
+        self.optimizer = make_optimizer(model, train_cfg)
+        self.state = SFTState()
+        per_epoch = math.ceil(len(examples) / sft_cfg.batch_examples)
+        self.total_steps = sft_cfg.max_steps or per_epoch * sft_cfg.epochs
+
+    # ---- data order: a seeded permutation per epoch, so a resumed run sees the same batches
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def _next_examples(self) -> list[int]:
+        st = self.state
+        order = self._order(st.epoch)
+        if st.pos >= len(order):
+            st.epoch, st.pos = st.epoch + 1, 0
+            order = self._order(st.epoch)
+        chosen = order[st.pos: st.pos + self.sft.batch_examples]
+        st.pos += len(chosen)
+        return chosen
+
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def step(self) -> dict:
+        started = time.perf_counter()
+        model, weight = self.model, self.model.lm_head_weight
+        device = weight.device
+        chosen = [self.examples[i] for i in self._next_examples()]
+        answer_tokens = sum(sum(flags[1:]) for _, flags in chosen)
+        total_loss = 0.0
+        model.train()
+        for batch in budget_batches([len(ids) for ids, _ in chosen], self.cfg.token_budget):
+            packed = pack([chosen[i] for i in batch]).to(device)
+            hidden = model(packed.input_ids, packed.cu_seqlens)
+            rows = packed.loss_rows
+            logp, _ = linear_logprob(hidden[rows], weight, packed.targets[rows])
+            loss = -logp.sum() / max(answer_tokens, 1)
+            loss.backward()
+            total_loss += loss.item()
+        lr = lr_at(self.state.step, self.cfg, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")))
+        row = {"stage": "sft", "step": self.state.step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": lr,
+               "answer_tokens": answer_tokens, "tokens": sum(len(ids) for ids, _ in chosen)}
+        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)  # skip: a bad batch must not poison the weights
+            self.state.bad_steps += 1
+            row["skipped"] = True
+            if self.state.bad_steps >= self.cfg.max_bad_steps:
+                raise TrainingStopped(f"{self.state.bad_steps} non-finite losses in a row at step "
+                                      f"{self.state.step + 1}; lower train.lr or check the data")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.bad_steps = 0
+        self.state.step += 1
+        row["seconds"] = time.perf_counter() - started
+        row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        return row
+
+    def state_dict(self) -> dict:
+        return {"stage": "sft", **self.state.__dict__, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
+        self.state = SFTState(step=state["step"], epoch=state["epoch"], pos=state["pos"],
+                              bad_steps=state.get("bad_steps", 0))
+        self.optimizer.load_state_dict(optimizer_state)
