@@ -147,6 +147,63 @@ class SFTConfig:
 
 
 @dataclass
+class PhaseConfig:
+    """One RL phase of the curriculum: examples with input length in (previous max, max]."""
+    name: str = "phase"
+    max_input_tokens: int = 20_000
+    steps: int = 1
+
+    def validate(self, key: str) -> None:
+        _check(self.max_input_tokens >= 1 and self.steps >= 1, f"{key}.max_input_tokens / steps",
+               "integers >= 1", (self.max_input_tokens, self.steps))
+
+
+@dataclass
+class RLConfig:
+    """GRPO / DAPO with curriculum phases, retrospective sampling and the hybrid reward."""
+    data: list[str] = field(default_factory=list)
+    format: str = "auto"
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    group_size: int = 8  # samples per prompt (G)
+    batch_prompts: int = 8  # groups per rollout batch
+    mini_batches: int = 1  # optimizer steps per rollout batch (1: strictly on-policy, no old log-probs)
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_c: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    entropy_coef: float = 0.0
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                         "seq-mean-token-sum-norm"] = "token-mean"
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    dynamic_sampling: bool = True
+    max_rounds: int = 3  # generation rounds to fill a batch with groups of non-zero variance
+    on_shortfall: Literal["log", "error"] = "log"
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens; 0: off
+    overlong_factor: float = 1.0
+    overlong_filter: bool = False  # truncated samples leave the loss
+    carry_ratio: float = 0.25  # share of each later phase's batch drawn from carried hard examples
+    carry_threshold: float = 0.0  # examples at or below this mean reward are carried (paper: 0)
+    difficulty_cap: float = 10.0
+    think: Literal["auto", "required", "off"] = "auto"
+
+    def validate(self, key: str) -> None:
+        _check(self.group_size >= 2, f"{key}.group_size", "an integer >= 2 (GRPO needs a group)", self.group_size)
+        _check(self.batch_prompts >= 1 and 1 <= self.mini_batches <= self.batch_prompts,
+               f"{key}.batch_prompts / mini_batches", "1 <= mini_batches <= batch_prompts",
+               (self.batch_prompts, self.mini_batches))
+        _check(self.max_new_tokens >= 1 and 0 <= self.overlong_buffer <= self.max_new_tokens,
+               f"{key}.overlong_buffer", "0..max_new_tokens", self.overlong_buffer)
+        _check(0 <= self.carry_ratio < 1, f"{key}.carry_ratio", "a number in [0, 1)", self.carry_ratio)
+        lengths = [p.max_input_tokens for p in self.phases]
+        _check(bool(lengths) and lengths == sorted(set(lengths)), f"{key}.phases",
+               "phases with increasing max_input_tokens", lengths)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -154,6 +211,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -223,6 +281,14 @@ def _coerce(value: Any, tp, key: str, source: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key}: expected a table, got {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(tp):
+        obj = from_dict(tp, value, f"{key}.", source)
+        if hasattr(obj, "validate"):
+            try:
+                obj.validate(key)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
+        return obj
     if tp is Any:
         return value
     if tp is bool:

@@ -14,8 +14,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, s
 from .metrics import MetricsLog
 from .sft import SFTTrainer, TrainingStopped, sft_examples
 
-__all__ = ["run_sft", "SFTTrainer", "sft_examples", "save_checkpoint", "latest_checkpoint", "MetricsLog",
-           "TrainingStopped"]
+__all__ = ["run_sft", "run_rl", "run_pipeline", "SFTTrainer", "sft_examples", "save_checkpoint",
+           "latest_checkpoint", "MetricsLog", "TrainingStopped"]
 
 
 def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
@@ -47,7 +47,7 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
         trainer.load_state_dict(state, optimizer_state)
         restore_rng(rng)
-    log = MetricsLog(run_dir, resume_after_step=trainer.state.step if ckpt else None)
+    log = MetricsLog(run_dir, "sft", fresh=ckpt is None, resume_after_step=trainer.state.step if ckpt else None)
     bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="sft", unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     last = ckpt
@@ -75,3 +75,98 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
                                trainer.state_dict(), cfg.train.keep_last)
     return last
+
+
+def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+           start_from: str | Path | None = None, reward=None) -> Path:
+    """The RL phases of the curriculum, in order, each from the previous phase's weights,
+    with hard examples carried forward. start_from: a model to begin with (the SFT result);
+    resume: continue from the newest RL checkpoint of train.out_dir."""
+    import torch
+    from tqdm import tqdm
+
+    from ..curriculum import DifficultyTracker, PhaseSampler, carry_over, phase_members
+    from ..data import load_docqa, prompt_lengths
+    from ..model import load_model
+    from .rl import GRPOTrainer
+
+    rl = cfg.rl
+    if not rl.data:
+        raise ValueError("rl.data lists no files: give at least one doc-QA file")
+    run_dir = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    state = load_checkpoint_state(ckpt) if ckpt else None
+    if ckpt and state[2].get("stage") != "rl":
+        ckpt, state = None, None  # the newest checkpoint is SFT's: RL starts fresh from it
+        start_from = latest_checkpoint(run_dir) / "model"
+    torch.manual_seed(cfg.train.seed)
+    source = ckpt / "model" if ckpt else (start_from or cfg.model.path)
+    model, tokenizer = load_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  attn_backend=cfg.model.attn_backend)
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    records = [r for path in rl.data for r in load_docqa(path, format=rl.format)]
+    lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, cache_path=run_dir / "lengths.json")
+    members = phase_members(lengths, rl.phases)
+    total = sum(p.steps for p in rl.phases)
+    trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward)
+    tracker = DifficultyTracker(cap=rl.difficulty_cap)
+    phase_k, carried, sampler_state = 0, [], None
+    if state:
+        optimizer_state, rng, tstate = state
+        trainer.load_state_dict(tstate["trainer"], optimizer_state)
+        tracker.load_state_dict(tstate["tracker"])
+        phase_k, carried, sampler_state = tstate["phase"], tstate["carried"], tstate["sampler"]
+        restore_rng(rng)
+    log = MetricsLog(run_dir, "rl", fresh=state is None and start_from is None,
+                     resume_after_step=trainer.step_count if state else None)
+    bar = tqdm(total=total, initial=trainer.step_count, desc="rl", unit="step", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    done_here, last = 0, ckpt
+
+    def save(sampler) -> Path:
+        tstate = {"stage": "rl", "phase": phase_k, "carried": carried, "trainer": trainer.state_dict(),
+                  "tracker": tracker.state_dict(), "sampler": sampler.state_dict() if sampler else None}
+        return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
+                               cfg.train.keep_last)
+
+    while phase_k < len(rl.phases):
+        phase = rl.phases[phase_k]
+        ids = [records[i].id for i in members[phase_k]]
+        sampler = PhaseSampler(ids, carried=carried, carry_ratio=rl.carry_ratio if phase_k else 0.0,
+                               tracker=tracker, seed=cfg.train.seed + phase_k)
+        if sampler_state:
+            sampler.load_state_dict(sampler_state)
+            sampler.tracker = tracker
+            sampler_state = None
+        phase_end = sum(p.steps for p in rl.phases[: phase_k + 1])
+        while trainer.step_count < phase_end:
+            if stop_after is not None and done_here >= stop_after:
+                bar.close()
+                return last  # a simulated kill
+            row = trainer.step(sampler, max_input=phase.max_input_tokens)
+            row["phase"] = phase.name
+            log.write(row)
+            bar.update(1)
+            bar.set_postfix(phase=phase.name, reward=f"{row['reward/mean']:.3f}")
+            done_here += 1
+            if cfg.train.save_every and trainer.step_count % cfg.train.save_every == 0:
+                last = save(sampler)
+        carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
+        phase_k += 1
+        last = save(None)
+    bar.close()
+    return last
+
+
+def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+                 reward=None) -> Path:
+    """SFT warm-up (when sft.data is set), then the RL phases, from one recipe."""
+    run_dir = Path(cfg.train.out_dir)
+    latest = latest_checkpoint(run_dir) if resume else None
+    in_rl = latest is not None and load_checkpoint_state(latest)[2].get("stage") == "rl"
+    start = None
+    if cfg.sft.data and not in_rl:
+        start = run_sft(cfg, resume=latest is not None, progress=progress) / "model"
+    if not cfg.rl.data:
+        return start.parent if start else latest
+    return run_rl(cfg, resume=in_rl, progress=progress, start_from=start, stop_after=stop_after, reward=reward)

@@ -8,16 +8,24 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | os.PathLike, resume_after_step: int | None = None):
+    """fresh: start a new file. resume_after_step: drop this stage's rows logged after the
+    checkpoint the run resumes from (they are logged again). Neither: append (a later stage)."""
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, *, fresh: bool = False,
+                 resume_after_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_after_step is not None and self.path.is_file():
-            # a resumed run drops the rows logged after its checkpoint: they are logged again
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_after_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-        elif resume_after_step is None and self.path.exists():
+        if fresh and self.path.exists():
             self.path.unlink()
+        elif resume_after_step is not None and self.path.is_file():
+            keep = []
+            for line in self.path.read_text().splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not (row.get("stage") == stage and row.get("step", 0) > resume_after_step):
+                    keep.append(line)
+            self.path.write_text("".join(line + "\n" for line in keep))
 
     def write(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
