@@ -35,7 +35,7 @@ test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m engine.cli generate --input engine/data/examples/demo_docqa.jsonl --generate.max_new_tokens=48
+	$(PY) -m engine.cli train recipes/demo_cpu.toml
 
 bench: setup
 	$(PY) -m pytest bench -q --benchmark-only

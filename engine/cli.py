@@ -5,6 +5,7 @@
     longrl generate --input FILE      answer a JSONL of doc-QA items (context, question)
     longrl eval --data FILE --out DIR score a model on long-document QA benchmarks
     longrl sft --recipe FILE          warm-up SFT (--resume continues a run)
+    longrl train RECIPE               the whole recipe: SFT, then RL phases, with held-out evals
 
 Every subcommand that reads a config accepts a TOML recipe (--recipe FILE) and dotted
 overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
@@ -73,6 +74,15 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--recipe", help="TOML recipe with [model], [data], [train] and [sft] sections")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
 
+    tr = sub.add_parser("train", help="run a recipe: held-out eval, SFT warm-up, then the RL phases",
+                        description="Run the stages of a recipe in order, each from the previous stage's "
+                                    "weights: [sft] (when sft.data is set), then the [rl] phases of growing "
+                                    "input length with hard examples carried forward; the [eval] sets are "
+                                    "scored before training, after SFT and after each phase. Metrics go to "
+                                    "train.out_dir/metrics.jsonl, checkpoints under train.out_dir.")
+    tr.add_argument("recipe", help="TOML recipe (see recipes/)")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+
     e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
                                    "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
@@ -106,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, overrides)
         if args.command == "eval":
             return cmd_eval(args, cfg)
+        if args.command == "train":
+            from .train import run_pipeline
+            final = run_pipeline(cfg, resume=args.resume)
+            print(f"train done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
+            return 0
         if args.command == "sft":
             from .train import run_sft
             final = run_sft(cfg, resume=args.resume)

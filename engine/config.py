@@ -88,6 +88,10 @@ class EvalConfig:
     seed: int = 0
     batch_items: int = 8  # items generated together
     limit: int = 0  # items per benchmark (0: all)
+    # held-out sets scored during `longrl train`: before training, after SFT, after each RL
+    # phase, and every `every` RL steps (0: only at those points)
+    sets: list[str] = field(default_factory=list)
+    every: int = 0
 
     def validate(self, key: str) -> None:
         _check(self.n >= 1, f"{key}.n", "an integer >= 1", self.n)
@@ -189,8 +193,10 @@ class RLConfig:
     carry_threshold: float = 0.0  # examples at or below this mean reward are carried (paper: 0)
     difficulty_cap: float = 10.0
     think: Literal["auto", "required", "off"] = "auto"
+    lr: float = 0.0  # RL learning rate; 0: train.lr
 
     def validate(self, key: str) -> None:
+        _check(self.lr >= 0, f"{key}.lr", "a number >= 0 (0: train.lr)", self.lr)
         _check(self.group_size >= 2, f"{key}.group_size", "an integer >= 2 (GRPO needs a group)", self.group_size)
         _check(self.batch_prompts >= 1 and 1 <= self.mini_batches <= self.batch_prompts,
                f"{key}.batch_prompts / mini_batches", "1 <= mini_batches <= batch_prompts",

@@ -43,8 +43,20 @@ def test_unknown_key_in_recipe(tmp_path):
 
 
 def test_unknown_section_override():
-    with pytest.raises(ConfigError, match="unknown key 'rl'"):
-        load_config(None, ["--rl.clip_high=0.28"])
+    with pytest.raises(ConfigError, match="unknown key 'ppo'"):
+        load_config(None, ["--ppo.clip_high=0.28"])
+    assert load_config(None, ["--rl.clip_high=0.3"]).rl.clip_high == 0.3
+
+
+def test_nested_phase_tables_are_checked(tmp_path):
+    path = _recipe(tmp_path, '[rl]\nphases = [{name = "p1", max_input_tokens = 20000, steps = 2}, '
+                             '{name = "p2", max_input_tokens = 60000, steps = 0}]\n')
+    with pytest.raises(ConfigError, match=r"rl\.phases\[1\]\.max_input_tokens / steps"):
+        load_config(path)
+    path = _recipe(tmp_path, '[rl]\nphases = [{name = "p1", max_input_tokens = 60000, steps = 2}, '
+                             '{name = "p2", max_input_tokens = 20000, steps = 2}]\n')
+    with pytest.raises(ConfigError, match="increasing max_input_tokens"):
+        load_config(path)
 
 
 def test_wrong_type_in_recipe(tmp_path):

@@ -134,3 +134,28 @@ def test_dynamic_sampling_refills_and_reports_shortfall(tiny_setup, tmp_path):
     row = _rows(tmp_path / "zero")[0]
     assert row["dynamic/rounds"] == 2 and row["dynamic/kept_groups"] == 0 and row["dynamic/shortfall"] == 2
     assert "loss" not in row  # nothing to learn from: no update
+
+
+@pytest.mark.parametrize("recipe", sorted((__import__("pathlib").Path(__file__).parents[1] / "recipes").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    cfg = load_config(recipe)
+    assert cfg.rl.phases and cfg.train.out_dir
+
+
+def test_train_command_runs_the_ci_recipe_with_held_out_evals(tiny_setup, tmp_path, capsys):
+    from pathlib import Path
+
+    from engine.cli import main
+    config, _ = tiny_setup
+    model_dir = config("x").model.path
+    recipe = Path(__file__).parents[1] / "recipes" / "ci_tiny.toml"
+    out = tmp_path / "ci"
+    assert main(["train", str(recipe), f"--model.path={model_dir}", f"--train.out_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    for label in ("before", "after-sft", "after-short", "after-long"):
+        assert f"eval [{label}]: held-out accuracy" in printed
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows].count("eval") == 4
+    assert [r["stage"] for r in rows].count("sft") == 2 and [r["stage"] for r in rows].count("rl") == 4
+    assert (out / "eval" / "after-long" / "summary.md").is_file()

@@ -301,3 +301,23 @@ def write_docqa(records, path: str | Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(rec.to_json() + "\n")
+
+
+def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
+    """A data file, or `synthetic:n=64,tokens=200-400,seed=0[,kinds=lookup+two_hop]` for
+    records made on the fly by engine.data.synthetic (recipes stay self-contained)."""
+    if not spec.startswith("synthetic:"):
+        return load_docqa(spec, format=format)
+    from . import synthetic
+    opts = {}
+    for part in filter(None, spec[len("synthetic:"):].split(",")):
+        key, _, value = part.partition("=")
+        opts[key.strip()] = value.strip()
+    unknown = set(opts) - {"n", "tokens", "seed", "kinds"}
+    if unknown or "n" not in opts or "tokens" not in opts:
+        raise DataError(f"data spec {spec!r}: expected synthetic:n=N,tokens=T or LOW-HIGH[,seed=S][,kinds=a+b]"
+                        + (f" (unknown {sorted(unknown)})" if unknown else ""))
+    low, _, high = opts["tokens"].partition("-")
+    target = (int(low), int(high)) if high else int(low)
+    kinds = tuple(opts["kinds"].split("+")) if "kinds" in opts else synthetic.KINDS
+    return DocQADataset(synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds))

@@ -14,17 +14,18 @@ from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, s
 from .metrics import MetricsLog
 from .sft import SFTTrainer, TrainingStopped, sft_examples
 
-__all__ = ["run_sft", "run_rl", "run_pipeline", "SFTTrainer", "sft_examples", "save_checkpoint",
+__all__ = ["run_sft", "run_rl", "run_pipeline", "holdout_eval", "SFTTrainer", "sft_examples", "save_checkpoint",
            "latest_checkpoint", "MetricsLog", "TrainingStopped"]
 
 
-def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
+def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+            fresh_log: bool | None = None) -> Path:
     """-> the final checkpoint directory. stop_after: return after that many steps of this
     call without a final checkpoint, as a killed run would (tests use it)."""
     import torch
     from tqdm import tqdm
 
-    from ..data import load_docqa
+    from ..data import load_records
     from ..model import load_model
 
     if not cfg.sft.data:
@@ -39,7 +40,7 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.path}: SFT needs the tokenizer files")
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)
-    records = [r for path in cfg.sft.data for r in load_docqa(path, format=cfg.sft.format)]
+    records = [r for path in cfg.sft.data for r in load_records(path, format=cfg.sft.format)]
     max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
     examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input)
     trainer = SFTTrainer(model, examples, cfg.train, cfg.sft)
@@ -47,7 +48,8 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
         trainer.load_state_dict(state, optimizer_state)
         restore_rng(rng)
-    log = MetricsLog(run_dir, "sft", fresh=ckpt is None, resume_after_step=trainer.state.step if ckpt else None)
+    fresh = ckpt is None if fresh_log is None else fresh_log
+    log = MetricsLog(run_dir, "sft", fresh=fresh, resume_after_step=trainer.state.step if ckpt else None)
     bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="sft", unit="step",
                disable=not progress, file=sys.stderr, dynamic_ncols=True)
     last = ckpt
@@ -78,7 +80,7 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
 
 
 def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
-           start_from: str | Path | None = None, reward=None) -> Path:
+           start_from: str | Path | None = None, reward=None, evaluate=None, fresh_log: bool | None = None) -> Path:
     """The RL phases of the curriculum, in order, each from the previous phase's weights,
     with hard examples carried forward. start_from: a model to begin with (the SFT result);
     resume: continue from the newest RL checkpoint of train.out_dir."""
@@ -86,7 +88,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     from tqdm import tqdm
 
     from ..curriculum import DifficultyTracker, PhaseSampler, carry_over, phase_members
-    from ..data import load_docqa, prompt_lengths
+    from ..data import load_records, prompt_lengths
     from ..model import load_model
     from .rl import GRPOTrainer
 
@@ -104,7 +106,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     model, tokenizer = load_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     model.set_activation_checkpointing(cfg.model.activation_checkpointing)
-    records = [r for path in rl.data for r in load_docqa(path, format=rl.format)]
+    records = [r for path in rl.data for r in load_records(path, format=rl.format)]
     lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, cache_path=run_dir / "lengths.json")
     members = phase_members(lengths, rl.phases)
     total = sum(p.steps for p in rl.phases)
@@ -117,8 +119,8 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         tracker.load_state_dict(tstate["tracker"])
         phase_k, carried, sampler_state = tstate["phase"], tstate["carried"], tstate["sampler"]
         restore_rng(rng)
-    log = MetricsLog(run_dir, "rl", fresh=state is None and start_from is None,
-                     resume_after_step=trainer.step_count if state else None)
+    fresh = (state is None and start_from is None) if fresh_log is None else fresh_log
+    log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None)
     bar = tqdm(total=total, initial=trainer.step_count, desc="rl", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     done_here, last = 0, ckpt
@@ -151,22 +153,66 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
             done_here += 1
             if cfg.train.save_every and trainer.step_count % cfg.train.save_every == 0:
                 last = save(sampler)
+            if evaluate and cfg.eval.every and trainer.step_count % cfg.eval.every == 0 \
+                    and trainer.step_count < phase_end:
+                evaluate(model, tokenizer, f"rl-step-{trainer.step_count}", trainer.step_count, log)
         carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
         phase_k += 1
         last = save(None)
+        if evaluate:
+            evaluate(model, tokenizer, f"after-{phase.name}", trainer.step_count, log)
     bar.close()
     return last
 
 
+def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, log: MetricsLog | None) -> dict:
+    """Score the [eval] sets now; log a row {stage: eval, label, accuracy, ...} and print a line."""
+    from ..data import load_records
+    from ..eval import run_eval
+
+    benches = {}
+    for spec in cfg.eval.sets:
+        name, sep, path = spec.partition("=")
+        if not sep or spec.startswith("synthetic:"):
+            name, path = (Path(spec).stem if not spec.startswith("synthetic:") else "synthetic"), spec
+        benches[name] = load_records(path)
+    table = run_eval(model, tokenizer, benches, cfg.eval, Path(cfg.train.out_dir) / "eval" / label, progress=False)
+    row = {"stage": "eval", "label": label, "step": step, "accuracy": table["average"]["accuracy"],
+           **{f"accuracy/{b}": e["accuracy"] for b, e in table.items() if b != "average"}}
+    if log is not None:
+        log.write(row)
+    detail = ", ".join(f"{b} {e['accuracy']:.1f}%" for b, e in table.items() if b != "average")
+    print(f"eval [{label}]: held-out accuracy {row['accuracy']:.1f}% ({detail})", flush=True)
+    return row
+
+
 def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
                  reward=None) -> Path:
-    """SFT warm-up (when sft.data is set), then the RL phases, from one recipe."""
+    """Held-out eval, SFT warm-up (when sft.data is set), eval, then the RL phases with an
+    eval after each; one recipe, one command (`longrl train`)."""
+    from ..model import load_model
+
     run_dir = Path(cfg.train.out_dir)
     latest = latest_checkpoint(run_dir) if resume else None
     in_rl = latest is not None and load_checkpoint_state(latest)[2].get("stage") == "rl"
+
+    def evaluate(model, tokenizer, label, step, log):
+        holdout_eval(cfg, model, tokenizer, label, step, log)
+
+    def evaluate_dir(path, label):
+        model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype)
+        evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval"))
+
+    if latest is None:
+        MetricsLog(run_dir, "eval", fresh=True)  # a new run: one metrics file for every stage
+        if cfg.eval.sets:
+            evaluate_dir(cfg.model.path, "before")
     start = None
     if cfg.sft.data and not in_rl:
-        start = run_sft(cfg, resume=latest is not None, progress=progress) / "model"
+        start = run_sft(cfg, resume=latest is not None, progress=progress, fresh_log=False) / "model"
+        if cfg.eval.sets:
+            evaluate_dir(start, "after-sft")
     if not cfg.rl.data:
         return start.parent if start else latest
-    return run_rl(cfg, resume=in_rl, progress=progress, start_from=start, stop_after=stop_after, reward=reward)
+    return run_rl(cfg, resume=in_rl, progress=progress, start_from=start, stop_after=stop_after, reward=reward,
+                  evaluate=evaluate if cfg.eval.sets else None, fresh_log=False)

@@ -8,6 +8,7 @@ the batch's global normalisation -> optimizer step(s) -> per-example difficulty.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -41,6 +42,8 @@ class GRPOTrainer:
                  reward: HybridReward | None = None, total_steps: int = 1):
         self.model, self.tokenizer = model, tokenizer
         self.records = {r.id: r for r in records}
+        if rl.lr:
+            train = dataclasses.replace(train, lr=rl.lr)
         self.rl, self.cfg = rl, train
         self.reward = reward or HybridReward(think=rl.think)
         self.optimizer = make_optimizer(model, train)
