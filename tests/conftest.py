@@ -69,3 +69,12 @@ def tiny_checkpoint(tmp_path):
         hf.save_pretrained(str(path))
         return path, hf
     return make
+
+
+def tiny_model_with_tokenizer(path, tokenizer, hidden: int = 48) -> str:
+    """Save a random tiny Llama that uses `tokenizer` (its vocabulary size, its files) to path."""
+    hf = tiny_hf_model("llama", vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                       num_hidden_layers=2, max_position_embeddings=1024, tie_word_embeddings=True)
+    hf.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return str(path)

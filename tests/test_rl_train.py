@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import tiny_hf_model, tiny_model_with_tokenizer
 
 from engine.config import PhaseConfig, RLConfig, SFTConfig, TrainConfig, load_config
 from engine.data import synthetic, write_docqa
@@ -28,12 +28,7 @@ class ToyReward:
 
 @pytest.fixture
 def tiny_setup(tmp_path, smollm):
-    _, tok = smollm
-    hf = tiny_hf_model("llama", vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                       max_position_embeddings=1024, tie_word_embeddings=True)
-    model_dir = tmp_path / "tiny"
-    hf.save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
+    model_dir = tiny_model_with_tokenizer(tmp_path / "tiny", smollm[1])
     short = synthetic.generate(6, 40, seed=1, kinds=("lookup",))
     long = synthetic.generate(6, 140, seed=2, kinds=("lookup",))
     for i, r in enumerate(long):

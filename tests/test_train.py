@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import tiny_model_with_tokenizer
 
 from engine.cli import main
 from engine.config import SFTConfig, TrainConfig, load_config
@@ -45,12 +45,7 @@ def test_lr_schedules():
 @pytest.fixture
 def tiny_run(tmp_path, smollm):
     """A tiny Llama with the embedded tokenizer, synthetic doc-QA data, and a config."""
-    _, tok = smollm
-    hf = tiny_hf_model("llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       max_position_embeddings=1024, tie_word_embeddings=True)
-    model_dir = tmp_path / "tiny"
-    hf.save_pretrained(str(model_dir))
-    tok.save_pretrained(str(model_dir))
+    model_dir = tiny_model_with_tokenizer(tmp_path / "tiny", smollm[1], hidden=64)
     data = tmp_path / "synth.jsonl"
     write_docqa(synthetic.generate(12, 60, seed=0, kinds=("lookup",)), data)
 
