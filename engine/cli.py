@@ -6,6 +6,7 @@
     longrl eval --data FILE --out DIR score a model on long-document QA benchmarks
     longrl sft --recipe FILE          warm-up SFT (--resume continues a run)
     longrl train RECIPE               the whole recipe: SFT, then RL phases, with held-out evals
+    longrl plot RUN_DIR               PNG curves of a run's metrics
 
 Every subcommand that reads a config accepts a TOML recipe (--recipe FILE) and dotted
 overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
@@ -83,6 +84,12 @@ def _build_parser() -> argparse.ArgumentParser:
     tr.add_argument("recipe", help="TOML recipe (see recipes/)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
 
+    pl = sub.add_parser("plot", help="draw a run's metrics as PNG curves",
+                        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/metrics.png (loss, reward, "
+                                    "accuracy, lengths, entropy, grad norm, LR, step time, held-out accuracy).")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+
     e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
                                    "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
@@ -109,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "plot":
+            from .train.plot import plot_run
+            print(f"wrote {plot_run(args.run_dir, args.out)}")
+            return 0
         if args.command == "convert":
             if overrides:
                 raise ConfigError(f"convert takes no config overrides (got {overrides})")
@@ -130,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"longrl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        # the engine's own stops (non-finite losses, out of memory, cache too small, short batch)
+        # carry their advice in the message; anything else keeps its traceback
+        if type(e).__name__ not in ("TrainingStopped", "CacheTooSmall", "ShortBatchError"):
+            raise
+        print(f"longrl {args.command}: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("longrl: interrupted", file=sys.stderr)
         return 130

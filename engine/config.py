@@ -121,6 +121,7 @@ class TrainConfig:
     save_every: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
+    peak_tflops: float = 0.0  # the device's dense matmul peak, for the MFU metric (0: no MFU)
 
     def validate(self, key: str) -> None:
         _check(self.lr > 0, f"{key}.lr", "a number > 0", self.lr)

@@ -154,3 +154,43 @@ def test_train_command_runs_the_ci_recipe_with_held_out_evals(tiny_setup, tmp_pa
     assert [r["stage"] for r in rows].count("eval") == 4
     assert [r["stage"] for r in rows].count("sft") == 2 and [r["stage"] for r in rows].count("rl") == 4
     assert (out / "eval" / "after-long" / "summary.md").is_file()
+
+
+def test_ctrl_c_checkpoints_and_oom_gives_advice(tiny_setup, tmp_path, monkeypatch):
+    from engine.train import rl as rl_mod
+    from engine.train import run_rl
+
+    config, _ = tiny_setup
+    cfg = config("ctrlc")
+    real_step = rl_mod.GRPOTrainer.step
+    calls = {"n": 0}
+
+    def interrupted(self, sampler, max_input):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_step(self, sampler, max_input)
+
+    monkeypatch.setattr(rl_mod.GRPOTrainer, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(cfg, progress=False, reward=ToyReward())
+    state = json.loads((latest_checkpoint(tmp_path / "ctrlc") / "trainer.json").read_text())
+    assert state["trainer"]["step"] == 1 and state["sampler"] is not None  # mid-phase, resumable
+
+    def oom(self, sampler, max_input):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(rl_mod.GRPOTrainer, "step", oom)
+    from engine.train import TrainingStopped
+    with pytest.raises(TrainingStopped, match="train.token_budget"):
+        run_rl(config("oom"), progress=False, reward=ToyReward())
+
+
+def test_step_metrics_report_the_time_split(tiny_setup, tmp_path):
+    config, _ = tiny_setup
+    run_pipeline(config("split", phases=((400, 1),)), progress=False, reward=ToyReward())
+    row = _rows(tmp_path / "split")[0]
+    for key in ("time/rollout", "time/reward", "time/update", "time/old_logprob", "time/step",
+                "rollout_tokens_per_s", "update_tokens_per_s", "response/mean_len", "response/truncated",
+                "policy/entropy", "policy/clip_high", "grad_norm", "lr", "accuracy/synthetic"):
+        assert key in row, key

@@ -127,3 +127,15 @@ def test_sft_command(tiny_run, tmp_path, capsys):
     assert len(_losses(tmp_path / "cli")) == 2
     assert main(["sft", "--recipe", str(recipe), "--train.lr=-1"]) == 2
     assert "train.lr: expected a number > 0" in capsys.readouterr().err
+
+
+def test_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"stage": "sft", "step": i, "loss": 2.0 / i, "grad_norm": 1.0, "lr": 1e-5} for i in range(1, 5)]
+    rows += [{"stage": "rl", "step": i, "loss": 0.1, "reward/mean": 0.1 * i, "accuracy": 0.1 * i} for i in range(1, 4)]
+    rows += [{"stage": "eval", "label": "before", "step": 0, "accuracy": 10.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(tmp_path)]) == 0
+    png = (tmp_path / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert main(["plot", str(tmp_path / "nowhere")]) == 2

@@ -64,6 +64,8 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
                 last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
                                        trainer.state_dict(), cfg.train.keep_last)
+    except torch.OutOfMemoryError as e:
+        raise TrainingStopped(oom_advice(e)) from None
     except KeyboardInterrupt:
         bar.close()
         last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
@@ -87,7 +89,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     import torch
     from tqdm import tqdm
 
-    from ..curriculum import DifficultyTracker, PhaseSampler, carry_over, phase_members
+    from ..curriculum import DifficultyTracker, phase_members
     from ..data import load_records, prompt_lengths
     from ..model import load_model
     from .rl import GRPOTrainer
@@ -123,14 +125,42 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None)
     bar = tqdm(total=total, initial=trainer.step_count, desc="rl", unit="step", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    done_here, last = 0, ckpt
+    last = ckpt
 
-    def save(sampler) -> Path:
-        tstate = {"stage": "rl", "phase": phase_k, "carried": carried, "trainer": trainer.state_dict(),
-                  "tracker": tracker.state_dict(), "sampler": sampler.state_dict() if sampler else None}
+    position = {"phase": phase_k, "carried": carried}
+
+    def save(sampler, phase=None, carried_now=None) -> Path:
+        if phase is not None:
+            position.update(phase=phase, carried=carried_now)
+        tstate = {"stage": "rl", "phase": position["phase"], "carried": position["carried"],
+                  "trainer": trainer.state_dict(), "tracker": tracker.state_dict(),
+                  "sampler": sampler.state_dict() if sampler else None}
         return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
                                cfg.train.keep_last)
 
+    try:
+        last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,
+                          save, evaluate, stop_after, last)
+    except KeyboardInterrupt:
+        bar.close()
+        last = save(_CURRENT_SAMPLER[0])
+        print(f"\ninterrupted: checkpoint written to {last}; continue with --resume", file=sys.stderr)
+        raise
+    except torch.OutOfMemoryError as e:
+        raise TrainingStopped(oom_advice(e)) from None
+    bar.close()
+    return last
+
+
+_CURRENT_SAMPLER: list = [None]  # the sampler of the phase in progress, for the Ctrl-C checkpoint
+
+
+def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar, save,
+               evaluate, stop_after, last):
+    from ..curriculum import PhaseSampler, carry_over
+
+    model, tokenizer = trainer.model, trainer.tokenizer
+    done_here = 0
     while phase_k < len(rl.phases):
         phase = rl.phases[phase_k]
         ids = [records[i].id for i in members[phase_k]]
@@ -140,10 +170,10 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
             sampler.load_state_dict(sampler_state)
             sampler.tracker = tracker
             sampler_state = None
+        _CURRENT_SAMPLER[0] = sampler
         phase_end = sum(p.steps for p in rl.phases[: phase_k + 1])
         while trainer.step_count < phase_end:
             if stop_after is not None and done_here >= stop_after:
-                bar.close()
                 return last  # a simulated kill
             row = trainer.step(sampler, max_input=phase.max_input_tokens)
             row["phase"] = phase.name
@@ -158,11 +188,18 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
                 evaluate(model, tokenizer, f"rl-step-{trainer.step_count}", trainer.step_count, log)
         carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
         phase_k += 1
-        last = save(None)
+        last = save(None, phase_k, carried)
+        _CURRENT_SAMPLER[0] = None
         if evaluate:
             evaluate(model, tokenizer, f"after-{phase.name}", trainer.step_count, log)
-    bar.close()
     return last
+
+
+def oom_advice(err: Exception) -> str:
+    return (f"out of memory ({str(err).splitlines()[0]}). Turn down, in this order: train.token_budget "
+            f"(tokens per micro-batch), rl.max_new_tokens or the phase's max_input_tokens, the fused-loss chunk "
+            f"($LONGRL_CHUNK_MB), the rollout KV cache (CacheConfig gpu_memory_fraction / max_bytes); or set "
+            f"model.activation_checkpointing = true")
 
 
 def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, log: MetricsLog | None) -> dict:

@@ -36,3 +36,33 @@ class MetricsLog:
         if not self.path.is_file():
             return []
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def efficiency(model, tokens: int, seconds: float, peak_tflops: float) -> dict:
+    """MFU of an update (6 FLOPs per parameter per token for forward + backward; attention
+    left out, so long sequences read low) when train.peak_tflops is set, and on a GPU its
+    memory, utilisation and power from NVML."""
+    out = {}
+    if peak_tflops and seconds > 0 and tokens:
+        params = sum(p.numel() for p in model.parameters())
+        out["mfu"] = 6 * params * tokens / seconds / (peak_tflops * 1e12)
+    out.update(gpu_stats())
+    return out
+
+
+def gpu_stats() -> dict:
+    """NVML readings of GPU 0; an empty dict where there is no GPU or no NVML (quietly)."""
+    try:
+        import torch
+        if not torch.cuda.is_available():
+            return {}
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        return {"gpu/memory_gb": mem.used / 2 ** 30, "gpu/util": util.gpu,
+                "gpu/power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+                "gpu/max_allocated_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
+    except Exception:
+        return {}

@@ -24,6 +24,7 @@ from ..data.packing import budget_batches, pack
 from ..rewards import HybridReward, RewardItem
 from ..rl import DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
+from .metrics import efficiency
 from .optim import lr_at, make_optimizer
 from .sft import TrainingStopped
 
@@ -59,13 +60,16 @@ class GRPOTrainer:
                          and t != tokenizer.unk_token_id]
 
     # ---- rollout and reward -------------------------------------------------------------
-    def _rollout(self, ids: list[str], max_input: int, round_seed: int) -> list[Group]:
+    def _rollout(self, ids: list[str], max_input: int, round_seed: int, timing) -> list[Group]:
         recs = [self.records[i] for i in ids]
         prompts = [record_prompt_ids(r, self.tokenizer, max_tokens=max_input)[0] for r in recs]
         params = SamplingParams(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
                                 top_p=self.rl.top_p, seed=round_seed, stop_token_ids=self.stop_ids)
         self.model.eval()
+        t0 = time.perf_counter()
         outs = self.generator.generate(prompts, n=self.rl.group_size, params=params)
+        timing["rollout"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
         groups = []
         for rec, prompt, comps in zip(recs, prompts, outs):
             texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
@@ -78,6 +82,7 @@ class GRPOTrainer:
                                        self.rl.overlong_factor)
                 rewards = [r + p for r, p in zip(rewards, pen.tolist())]
             groups.append(Group(rec, prompt, comps, rewards, correct))
+        timing["reward"] += time.perf_counter() - t0
         return groups
 
     # ---- the step -----------------------------------------------------------------------
@@ -93,9 +98,7 @@ class GRPOTrainer:
         while dyn.need_more():
             ids = sampler.sample(dyn.missing() if dyn.rounds else self.rl.batch_prompts)
             drawn += ids
-            t0 = time.perf_counter()
-            groups = self._rollout(ids, max_input, round_seed=self.cfg.seed * 100_003 + self.step_count * 97 + dyn.rounds)
-            timing["rollout"] += time.perf_counter() - t0
+            groups = self._rollout(ids, max_input, self.cfg.seed * 100_003 + self.step_count * 97 + dyn.rounds, timing)
             rollout_tokens += sum(len(c.token_ids) for g in groups for c in g.completions)
             seen += groups
             if self.rl.dynamic_sampling:
@@ -107,12 +110,14 @@ class GRPOTrainer:
         for g in seen:  # every rollout informs the curriculum, kept or not
             sampler.tracker.update(g.record.id, g.correct)
         row = {"stage": "rl", "step": self.step_count + 1, **dyn.metrics(), "time/rollout": timing["rollout"],
+               "time/reward": timing["reward"],
                "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9), "examples": drawn}
         row.update(self._batch_metrics(seen))
         if batch:
             row.update(self._update(batch, timing))
         self.step_count += 1
         row["time/step"] = time.perf_counter() - started
+        row.update(efficiency(self.model, row.get("update_tokens", 0), timing["update"], self.cfg.peak_tflops))
         return row
 
     def _batch_metrics(self, groups: list[Group]) -> dict:
@@ -207,6 +212,7 @@ class GRPOTrainer:
         out = {"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
                "lr": lr_at(self.step_count, self.cfg, self.total_steps), "time/update": timing["update"],
                "time/old_logprob": timing["old_logprob"],
+               "update_tokens": sum(len(s[0]) for s in seqs) * (2 if old is not None else 1),
                "update_tokens_per_s": sum(len(s[0]) for s in seqs) / max(timing["update"], 1e-9)}
         out.update({f"policy/{k}": v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"})
         return out

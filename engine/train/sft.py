@@ -22,6 +22,7 @@ from kernels import linear_logprob
 from ..config import SFTConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
+from .metrics import efficiency
 from .optim import lr_at, make_optimizer
 
 
@@ -128,6 +129,7 @@ class SFTTrainer:
         self.state.step += 1
         row["seconds"] = time.perf_counter() - started
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
+        row.update(efficiency(model, row["tokens"], row["seconds"], self.cfg.peak_tflops))
         return row
 
     def state_dict(self) -> dict:
