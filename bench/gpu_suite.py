@@ -9,7 +9,8 @@ installs, nothing downloaded):
   3. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
      time, fraction of the 3-GEMM roofline (6·T·H·V FLOPs at the measured rate), and peak
      extra memory against one chunk of fp32 logits plus an fp32 dW;
-  4. rollout decode at batch 64 against the memory-bandwidth roofline (bench/gpu_rollout_case.py).
+  4. rollout decode at batch 64 against the memory-bandwidth roofline (bench/gpu_rollout_case.py);
+  5. one full RL step at a GPU size, with its time split (bench/train_step_case.py --gpu).
 Full figures go to OUT_DIR/gpu_suite.json, the pytest log to OUT_DIR/tests.log.
 """
 from __future__ import annotations
@@ -105,6 +106,11 @@ def main(argv=None) -> int:
     else:
         report["rollout"] = {"error": proc.stderr.strip().splitlines()[-3:]}
     print(json.dumps(report["rollout"]), flush=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.train_step_case", "--gpu"], cwd=ROOT, capture_output=True,
+                          text=True)
+    report["rl_step"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                         else {"error": proc.stderr.strip().splitlines()[-3:]})
+    print(json.dumps(report["rl_step"]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
 
     gb = 1 << 30
@@ -124,6 +130,12 @@ def main(argv=None) -> int:
         print(f"\n== rollout decode, batch {ro['batch']}, Qwen2-1.5B shape, bf16 ==\n"
               f"{ro['decode_tokens_per_s']:.0f} tokens/s, {ro['decode_step_ms']:.1f} ms/step, "
               f"{ro['roofline_fraction']:.1%} of the bandwidth roofline (target >= 70%)")
+    st = report["rl_step"]
+    print("\n== one RL step, Qwen2-1.5B shape, bf16, 8 prompts x 8 samples, 256 new tokens ==")
+    print(st if "error" in st else
+          f"{st['time/step']:.1f}s: rollout {st['time/rollout']:.1f}s, reward {st['time/reward']:.2f}s, "
+          f"update {st['time/update']:.1f}s; rollout {st['rollout_tokens_per_s']:.0f} tok/s, "
+          f"update {st['update_tokens_per_s']:.0f} tok/s")
     if "tests" in report:
         print(f"tests on CUDA: {report['tests']['summary']}")
     print(f"full figures: {out / 'gpu_suite.json'}")

@@ -1,0 +1,91 @@
+"""One full GRPO/DAPO step (rollout, reward, update) with its time split and tokens/s.
+
+    python -m bench.train_step_case          CPU: embedded SmolLM2-135M, CI-sized batch
+    python3 -m bench.train_step_case --gpu   GPU: a Qwen2-1.5B-shaped model with random bf16
+                                             weights and a byte tokenizer (no downloads)
+
+The reward is a smooth toy score (share of 'e' in the completion) so that every group has
+variance and the update always runs. Prints the step's metrics row as one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+class ByteTokenizer:
+    """Bytes as token ids (0..255); ids past 255 decode to '?'. Enough to drive the engine."""
+    chat_template = None
+    eos_token_id, unk_token_id, name_or_path = 256, None, "bytes"
+
+    def __len__(self):
+        return 257
+
+    def encode(self, text, add_special_tokens=True):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids, skip_special_tokens=False):
+        return bytes(i if i < 256 else 63 for i in ids).decode("utf-8", "replace")
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+class ToyReward:
+    def __call__(self, items):
+        from engine.rewards import RewardResult
+        out = []
+        for it in items:
+            text = it.completion.replace(" ", "")
+            score = text.count("e") / max(len(text), 1)
+            out.append(RewardResult(score, score, None, None))
+        return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true")
+    a = p.parse_args(argv)
+
+    import torch
+
+    from engine.config import RLConfig, TrainConfig
+    from engine.curriculum import PhaseSampler
+    from engine.data import synthetic
+    from engine.model import Decoder, DecoderConfig, load_model
+    from engine.train.rl import GRPOTrainer
+
+    if a.gpu:
+        hf = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = Decoder(DecoderConfig.from_hf(hf)).to(torch.bfloat16)
+        with torch.no_grad():
+            for prm in model.parameters():
+                prm.normal_(0, 0.02)
+        tok = ByteTokenizer()
+        records = synthetic.generate(16, (1200, 1600), seed=0, kinds=("lookup", "two_hop"))
+        rl = RLConfig(group_size=8, batch_prompts=8, max_new_tokens=256, temperature=1.0, top_p=1.0)
+        train = TrainConfig(lr=1e-6, token_budget=32768)
+        max_input = 16384
+    else:
+        model, tok = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+        records = synthetic.generate(8, (200, 400), seed=0, kinds=("lookup", "two_hop"))
+        rl = RLConfig(group_size=4, batch_prompts=2, max_new_tokens=32, temperature=1.0, top_p=1.0)
+        train = TrainConfig(lr=1e-6, token_budget=4096)
+        max_input = 1024
+    trainer = GRPOTrainer(model, tok, records, rl, train, reward=ToyReward(), total_steps=2)
+    sampler = PhaseSampler([r.id for r in records], seed=0)
+    row = trainer.step(sampler, max_input=max_input)
+    keep = ("time/step", "time/rollout", "time/reward", "time/old_logprob", "time/update", "rollout_tokens_per_s",
+            "update_tokens_per_s", "update_tokens", "response/mean_len", "dynamic/kept_groups", "loss", "mfu",
+            "gpu/max_allocated_gb")
+    print(json.dumps({"device": "cuda" if a.gpu else "cpu", **{k: row[k] for k in keep if k in row}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
