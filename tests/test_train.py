@@ -139,3 +139,17 @@ def test_plot_writes_png(tmp_path):
     png = (tmp_path / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
+
+
+def test_metrics_log_resume_and_tensorboard(tmp_path):
+    from engine.train import MetricsLog
+    log = MetricsLog(tmp_path, "sft", fresh=True)
+    for i in range(1, 5):
+        log.write({"stage": "sft", "step": i, "loss": float(i)})
+    log.write({"stage": "eval", "step": 3, "accuracy": 1.0})
+    resumed = MetricsLog(tmp_path, "sft", resume_after_step=2)  # rows after the checkpoint go
+    assert [(r["stage"], r["step"]) for r in resumed.rows()] == [("sft", 1), ("sft", 2), ("eval", 3)]
+    log.write({"stage": "sft", "step": 3, "loss": float("nan")})
+    assert resumed.rows()[-1]["loss"] is None  # JSON has no NaN
+    if log.tb is not None:  # TensorBoard event files when the package is installed
+        assert list((tmp_path / "tb").glob("events.*"))

@@ -14,6 +14,7 @@ class MetricsLog:
     def __init__(self, run_dir: str | os.PathLike, stage: str, *, fresh: bool = False,
                  resume_after_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = _tensorboard(Path(run_dir) / "tb")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if fresh and self.path.exists():
             self.path.unlink()
@@ -31,6 +32,12 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
+        if self.tb is not None:
+            prefix = row.get("stage", "run")
+            for key, value in clean.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.tb.add_scalar(f"{prefix}/{key}", value, row.get("step", 0))
+            self.tb.flush()
 
     def rows(self) -> list[dict]:
         if not self.path.is_file():
@@ -66,3 +73,13 @@ def gpu_stats() -> dict:
                 "gpu/max_allocated_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
     except Exception:
         return {}
+
+
+def _tensorboard(log_dir: Path):
+    """A SummaryWriter when the tensorboard package is installed, else None."""
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:
+        return None
+    return SummaryWriter(str(log_dir))
