@@ -94,12 +94,10 @@ class PagedAttention:
         bs = cache.block_size
         device = cache.k.device
         self.cached, self.new, self.tables = cached, new, tables
-        slots = []
-        for table, c, n in zip(tables, cached, new):
-            pos = torch.arange(c, c + n)
-            blocks = torch.tensor(table, dtype=torch.long)[pos // bs]
-            slots.append(blocks * bs + pos % bs)
-        self.slots = torch.cat(slots).to(device)
+        # plain ints, one tensor: a decode step touches one slot per sequence, and per-sequence
+        # tensor ops here would cost more than the lookup itself
+        self.slots = torch.tensor([table[p // bs] * bs + p % bs for table, c, n in zip(tables, cached, new)
+                                   for p in range(c, c + n)], dtype=torch.long, device=device)
         self.decode = all(n == 1 for n in new)
         self.cascade = None
         if self.decode:
@@ -140,8 +138,8 @@ class PagedAttention:
         return torch.cat(outs)
 
 
-def _slots(table: list[int], positions: torch.Tensor, bs: int) -> torch.Tensor:
-    return torch.tensor(table, dtype=torch.long)[positions // bs] * bs + positions % bs
+def _slot(table: list[int], position: int, bs: int) -> int:
+    return table[position // bs] * bs + position % bs
 
 
 def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
@@ -153,18 +151,17 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
             members.setdefault(g, []).append(i)
     prefix = []
     for group, idx in members.items():
-        plen = prefix_lens[idx[0]]
+        plen, table = prefix_lens[idx[0]], tables[idx[0]]
         rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=device)
-        key = (group, plen, tables[idx[0]][0])  # the first block id tells a group from a later one
-        prefix.append((rows, len(idx), key, _slots(tables[idx[0]], torch.arange(plen), bs).to(device)))
+        key = (group, plen, table[0])  # the first block id tells a group from a later one
+        prefix.append((rows, len(idx), key, (table, plen, bs)))  # slots built only on a store miss
     suffix_len = [n - p for n, p in zip(lens, prefix_lens)]
     width = max(suffix_len)
-    rows = []
-    for table, n, p in zip(tables, lens, prefix_lens):
-        pos = torch.arange(p, p + width).clamp(max=n - 1)
-        rows.append(_slots(table, pos, bs))
+    suffix = [[_slot(table, min(p + j, n - 1), bs) for j in range(width)]
+              for table, n, p in zip(tables, lens, prefix_lens)]
     mask = torch.arange(width)[None, :] < torch.tensor(suffix_len)[:, None]
-    return {"prefix": prefix, "suffix_slots": torch.stack(rows).to(device), "suffix_mask": mask.to(device)}
+    return {"prefix": prefix, "suffix_slots": torch.tensor(suffix, dtype=torch.long, device=device),
+            "suffix_mask": mask.to(device)}
 
 
 def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: dict, scale: float,
@@ -187,9 +184,10 @@ def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
     m1 = torch.full_like(m2, float("-inf"))
     l1 = torch.zeros_like(l2)
     o1 = torch.zeros_like(o2)
-    for idx, m, key, slots in plan["prefix"]:
+    for idx, m, key, (table, plen, bs) in plan["prefix"]:
         cached = store.get((layer, key)) if store is not None else None
         if cached is None:  # the prompt's keys and values, read once for the whole group
+            slots = torch.tensor([_slot(table, t, bs) for t in range(plen)], dtype=torch.long, device=q.device)
             cached = (k_flat[slots].float().permute(1, 2, 0).contiguous(),  # K^T [Hkv, D, P]
                       v_flat[slots].float().permute(1, 0, 2).contiguous())  # V [Hkv, P, D]
             if store is not None:
