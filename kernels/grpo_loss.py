@@ -149,27 +149,26 @@ def _kl_and_grad(logp: torch.Tensor, ref: torch.Tensor, estimator: str):
 class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, cfg, rows, chunk, stats_out):
-        t, h_dim = hidden.shape
+        t = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(hidden) if need_dh else None
         d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_dw else None
         inv_temp = 1.0 / cfg.temperature
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
-        with_ent = bool(cfg.entropy_coef) or (stats_out is not None and stats_out.get("entropy", True))
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             h = hidden[s:e]
             z = h @ weight.t()  # [C, V]: GEMM 1
-            lse, logp, ent = rows.stats(z, targets[s:e], inv_temp, with_entropy=with_ent)
+            # entropy is always computed: the loss may need it and the stats always report it
+            lse, logp, ent = rows.stats(z, targets[s:e], inv_temp, with_entropy=True)
             tok_loss, dlogp, tok_stats = grpo_token_terms(
                 logp, ent, adv[s:e], None if old is None else old[s:e], None if ref is None else ref[s:e], cfg)
             w = token_weight[s:e].float()
             loss += (w * tok_loss).sum()
-            if stats_out is not None:
-                tok_stats.update(logprob=logp, entropy=ent)
-                for k, v in tok_stats.items():
-                    sums[k] = sums.get(k, 0.0) + (v * (w != 0)).sum()
+            tok_stats.update(logprob=logp, entropy=ent)
+            for k, v in tok_stats.items():  # every token here is a loss token (the caller dropped the rest)
+                sums[k] = sums.get(k, 0.0) + v.sum()
             if need_dh or need_dw:
                 g_ent = (-cfg.entropy_coef * w) if cfg.entropy_coef else None
                 dz = rows.grad(z, targets[s:e], lse, ent, w * dlogp, g_ent, inv_temp).to(hidden.dtype)
@@ -179,10 +178,8 @@ class _FusedGRPOLoss(torch.autograd.Function):
                     accumulate_dw(d_weight, dz, h)  # GEMM 3
                 del dz
             del z  # free this chunk's logits before the next GEMM allocates the next ones
-        if stats_out is not None:
-            active = (token_weight != 0).sum().clamp(min=1)
-            stats_out.update({k: (v / active).detach() for k, v in sums.items()})
-            stats_out["tokens"] = active
+        stats_out.update({k: (v / max(t, 1)).detach() for k, v in sums.items()})
+        stats_out["tokens"] = torch.tensor(t)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
         return loss

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -70,7 +69,6 @@ class Judge:
     def __init__(self):
         self.cache: dict[tuple[str, str, str], bool] = {}
         self.stats = JudgeStats()
-        self._lock = threading.Lock()
 
     def _complete(self, prompts: list[str]) -> list[str | None]:
         """Replies in order; None where the backend could not answer."""

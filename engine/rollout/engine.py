@@ -72,7 +72,6 @@ class Generator:
         sched = Scheduler(blocks, self.cache_cfg.max_prefill_tokens, self.cache_cfg.max_num_seqs)
         self.stats.cache_blocks = cache.num_blocks
         results: list[list[Completion | None]] = [[None] * n for _ in prompts]
-        self._next_id = 0
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
             sched.add(self._new_seq(i, -1, list(prompt), len(prompt), p, fork_into=n))
         try:
@@ -88,8 +87,7 @@ class Generator:
         if sample >= 0 and params.temperature > 0:
             gen = torch.Generator()
             gen.manual_seed(params.seed * 1_000_003 + sample if params.seed is not None else torch.seed())
-        self._next_id += 1
-        return Sequence(self._next_id, request, sample, tokens, prompt_len, params, gen, fork_into=fork_into)
+        return Sequence(request, sample, tokens, prompt_len, params, gen, fork_into=fork_into)
 
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:
         batch, copies = sched.schedule()

@@ -20,7 +20,6 @@ from .sampling import SamplingParams
 
 @dataclass
 class Sequence:
-    seq_id: int
     request: int  # index of the prompt
     sample: int  # index among the prompt's n samples (-1: the shared prompt of a group)
     token_ids: list[int]

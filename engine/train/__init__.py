@@ -127,7 +127,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
                file=sys.stderr, dynamic_ncols=True)
     last = ckpt
 
-    position = {"phase": phase_k, "carried": carried}
+    position = {"phase": phase_k, "carried": carried, "sampler": None}  # where the run is, for saves
 
     def save(sampler, phase=None, carried_now=None) -> Path:
         if phase is not None:
@@ -140,10 +140,10 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
 
     try:
         last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,
-                          save, evaluate, stop_after, last)
+                          save, position, evaluate, stop_after, last)
     except KeyboardInterrupt:
         bar.close()
-        last = save(_CURRENT_SAMPLER[0])
+        last = save(position["sampler"])
         print(f"\ninterrupted: checkpoint written to {last}; continue with --resume", file=sys.stderr)
         raise
     except torch.OutOfMemoryError as e:
@@ -152,11 +152,8 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     return last
 
 
-_CURRENT_SAMPLER: list = [None]  # the sampler of the phase in progress, for the Ctrl-C checkpoint
-
-
 def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar, save,
-               evaluate, stop_after, last):
+               position, evaluate, stop_after, last):
     from ..curriculum import PhaseSampler, carry_over
 
     model, tokenizer = trainer.model, trainer.tokenizer
@@ -170,7 +167,7 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
             sampler.load_state_dict(sampler_state)
             sampler.tracker = tracker
             sampler_state = None
-        _CURRENT_SAMPLER[0] = sampler
+        position["sampler"] = sampler  # the Ctrl-C checkpoint saves it mid-phase
         phase_end = sum(p.steps for p in rl.phases[: phase_k + 1])
         while trainer.step_count < phase_end:
             if stop_after is not None and done_here >= stop_after:
@@ -189,7 +186,7 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
         carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
         phase_k += 1
         last = save(None, phase_k, carried)
-        _CURRENT_SAMPLER[0] = None
+        position["sampler"] = None
         if evaluate:
             evaluate(model, tokenizer, f"after-{phase.name}", trainer.step_count, log)
     return last
