@@ -101,9 +101,10 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="a benchmark file; repeat for several (NAME defaults to the file name)")
     e.add_argument("--format", default="auto", help="layout of every --data file (default: detected)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
-    e.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge (default: rule scores only)")
-    e.add_argument("--judge-model", help="the judge's model name")
-    e.add_argument("--judge-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    e.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge; shorthand for "
+                                       "--reward.judge=http --reward.judge_url=URL (default: the [reward] section)")
+    e.add_argument("--judge-model", help="the judge's model name (--reward.judge_model)")
+    e.add_argument("--judge-key-env", help="environment variable holding the judge's key (--reward.judge_key_env)")
     return p
 
 
@@ -167,7 +168,7 @@ def cmd_generate(args, cfg: Config) -> int:
     from tqdm import tqdm
 
     from .data.jsonl import read_docqa_jsonl
-    from .data.template import build_prompt_ids, encode_prompt
+    from .data.template import build_prompt_ids, encode_prompt, stop_token_ids
     from .model import load_model
     from .rollout import Generator, SamplingParams
 
@@ -192,11 +193,10 @@ def cmd_generate(args, cfg: Config) -> int:
         prompts.append(ids)
         truncated.append(cut)
 
-    stop = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-            if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    stop = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             top_k=gen.top_k, seed=gen.seed, stop_token_ids=stop)
-    generator = Generator(model, tokenizer)
+    generator = Generator(model, tokenizer, cfg.rollout.cache_config())
     out_f = open(args.output, "w", encoding="utf-8") if args.output else None
     totals = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
     bar = tqdm(total=len(items), desc="generate", unit="item", disable=len(items) < 2, file=sys.stderr)
@@ -232,10 +232,13 @@ def cmd_generate(args, cfg: Config) -> int:
 
 
 def cmd_eval(args, cfg: Config) -> int:
+    import dataclasses
+
     from .data import load_docqa
+    from .data.template import resolve_think
     from .eval import markdown, run_eval
     from .model import load_model
-    from .rewards import HttpJudge, HttpJudgeConfig, HybridReward
+    from .train import build_reward
 
     benchmarks = {}
     for spec in args.data:
@@ -246,14 +249,18 @@ def cmd_eval(args, cfg: Config) -> int:
         benchmarks[name] = load_docqa(path, format=args.format, data_source=name)
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("--judge-url and --judge-model go together")
-    judge = HttpJudge(HttpJudgeConfig(base_url=args.judge_url, model=args.judge_model,
-                                      api_key_env=args.judge_key_env)) if args.judge_url else None
+    if args.judge_url:  # shorthands for the [reward] keys
+        cfg.reward = dataclasses.replace(cfg.reward, judge="http", judge_url=args.judge_url,
+                                         judge_model=args.judge_model,
+                                         judge_key_env=args.judge_key_env or cfg.reward.judge_key_env)
+        cfg.reward.validate("reward")
     model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
-    table = run_eval(model, tokenizer, benchmarks, cfg.eval, args.out,
-                     reward=HybridReward(judge, think=cfg.eval.think))
+    reward = build_reward(cfg, resolve_think(cfg.eval.think, tokenizer, cfg.data.chat_template))
+    table = run_eval(model, tokenizer, benchmarks, cfg.eval, args.out, reward=reward, data=cfg.data,
+                     rollout=cfg.rollout)
     print(markdown(table), end="")
     print(f"per-sample rows: {Path(args.out) / 'items.jsonl'}; summary: {Path(args.out) / 'summary.md'}")
     return 0

@@ -83,8 +83,7 @@ class EvalConfig:
     top_p: float = 0.95
     n: int = 1  # samples per item
     k: list[int] = field(default_factory=lambda: [1])  # pass@k for each k (k <= n)
-    template: str = "qwenlong"
-    think: Literal["auto", "required", "off"] = "auto"
+    think: Literal["auto", "required", "off"] = "auto"  # auto: required when the chat template opens <think>
     seed: int = 0
     batch_items: int = 8  # items generated together
     limit: int = 0  # items per benchmark (0: all)
@@ -115,7 +114,7 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of lr
     grad_clip: float = 1.0  # max global grad norm; 0: off
-    token_budget: int = 4096  # tokens per micro-batch (packed, no padding)
+    token_budget: int = 4096  # tokens per micro-batch (packed, no padding); >= longest prompt + response
     seed: int = 0
     out_dir: str = "runs/longrl"
     save_every: int = 0  # steps between checkpoints; 0: only at the end
@@ -178,22 +177,35 @@ class RLConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     clip_c: float | None = None
-    kl_coef: float = 0.0
+    kl_coef: float = 0.0  # > 0: a frozen copy of the starting weights gives reference log-probs
+    ref_device: Literal["same", "cpu"] = "same"  # where the reference copy lives
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                          "seq-mean-token-sum-norm"] = "token-mean"
-    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_scale: Literal["group", "batch", "none", "task"] = "group"  # task: QwenLong-L1.5's per-task std
+    # QwenLong-L1.5 options: AEPO drops negative-advantage samples from the loss while the
+    # rollout entropy is above aepo_high, until it falls below aepo_low (0 / 0: off)
+    aepo_high: float = 0.0
+    aepo_low: float = 0.0
+    balance: Literal["none", "task", "data_source"] = "none"  # equal shares per group in each batch
+    # DAPO dynamic sampling, as published: groups whose *accuracy* (the unshaped score) is the
+    # same for every sample are dropped; each generation batch draws oversample × batch_prompts
+    # prompts, up to max_rounds generation batches; then on_shortfall: "log" trains on the short
+    # batch with a warning, "skip" logs and skips the update, "error" stops the run
     dynamic_sampling: bool = True
-    max_rounds: int = 3  # generation rounds to fill a batch with groups of non-zero variance
-    on_shortfall: Literal["log", "error"] = "log"
+    oversample: int = 1  # generation batch = oversample × batch_prompts (DAPO's recipe: 3)
+    max_rounds: int = 3  # generation batches per step at most (DAPO's recipe: 10)
+    on_shortfall: Literal["log", "skip", "error"] = "log"
     overlong_buffer: int = 0  # DAPO soft overlong punishment over the last N tokens; 0: off
     overlong_factor: float = 1.0
     overlong_filter: bool = False  # truncated samples leave the loss
-    carry_ratio: float = 0.25  # share of each later phase's batch drawn from carried hard examples
+    # share of each later phase's epoch given to carried hard examples (drawn without
+    # replacement, weighted by difficulty, capped at the pool)
+    carry_ratio: float = 0.25
     carry_threshold: float = 0.0  # examples at or below this mean reward are carried (paper: 0)
     difficulty_cap: float = 10.0
-    think: Literal["auto", "required", "off"] = "auto"
+    think: Literal["auto", "required", "off"] = "auto"  # auto: required when the chat template opens <think>
     lr: float = 0.0  # RL learning rate; 0: train.lr
 
     def validate(self, key: str) -> None:
@@ -205,9 +217,95 @@ class RLConfig:
         _check(self.max_new_tokens >= 1 and 0 <= self.overlong_buffer <= self.max_new_tokens,
                f"{key}.overlong_buffer", "0..max_new_tokens", self.overlong_buffer)
         _check(0 <= self.carry_ratio < 1, f"{key}.carry_ratio", "a number in [0, 1)", self.carry_ratio)
+        _check(self.oversample >= 1 and self.max_rounds >= 1, f"{key}.oversample / max_rounds", "integers >= 1",
+               (self.oversample, self.max_rounds))
+        _check(self.kl_coef >= 0 and self.entropy_coef >= 0, f"{key}.kl_coef / entropy_coef", "numbers >= 0",
+               (self.kl_coef, self.entropy_coef))
+        _check(0 <= self.aepo_low <= self.aepo_high, f"{key}.aepo_low / aepo_high",
+               "0 <= aepo_low <= aepo_high (both 0: AEPO off)", (self.aepo_low, self.aepo_high))
         lengths = [p.max_input_tokens for p in self.phases]
         _check(bool(lengths) and lengths == sorted(set(lengths)), f"{key}.phases",
                "phases with increasing max_input_tokens", lengths)
+
+
+@dataclass
+class RewardConfig:
+    """The hybrid reward max(rule, judge) of training and `longrl eval`. The judge sees the
+    question and the two answers, never the document, and is asked only where the rule
+    scores below 1."""
+    judge: Literal["none", "http", "local"] = "none"
+    judge_url: str = ""  # http: an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1
+    judge_model: str = ""  # http: the served model's name
+    judge_key_env: str = "OPENAI_API_KEY"  # http: the variable holding the key (read, never logged)
+    judge_path: str = ""  # local: a checkpoint directory, .gguf file or embedded model name
+    judge_timeout_s: float = 30.0  # per attempt; an item costs at most timeout × retries
+    judge_retries: int = 2  # attempts per item
+    judge_concurrency: int = 8  # requests in flight (http)
+    judge_max_tokens: int = 1024  # reply budget: room for a short reason and the verdict
+    judge_tasks: list[str] = field(default_factory=lambda: ["qa", "math"])  # tasks the judge may rescue
+
+    def validate(self, key: str) -> None:
+        if self.judge == "none":
+            stray = [k for k in ("judge_url", "judge_model", "judge_path") if getattr(self, k)]
+            if self.judge_key_env != "OPENAI_API_KEY":
+                stray.append("judge_key_env")
+            _check(not stray, f"{key}.judge", f"'http' or 'local' when {', '.join(stray)} is set", self.judge)
+        if self.judge == "http":
+            _check(bool(self.judge_url and self.judge_model), f"{key}.judge_url / judge_model",
+                   "both set when judge = 'http'", (self.judge_url, self.judge_model))
+        if self.judge == "local":
+            _check(bool(self.judge_path), f"{key}.judge_path", "a checkpoint when judge = 'local'", self.judge_path)
+        _check(self.judge_timeout_s > 0 and self.judge_retries >= 1 and self.judge_concurrency >= 1
+               and self.judge_max_tokens >= 1, f"{key}.judge_timeout_s / judge_retries / judge_concurrency / "
+               f"judge_max_tokens", "timeout > 0 and integers >= 1",
+               (self.judge_timeout_s, self.judge_retries, self.judge_concurrency, self.judge_max_tokens))
+        _check(set(self.judge_tasks) <= {"qa", "math", "choice"}, f"{key}.judge_tasks",
+               "a list of qa, math, choice", self.judge_tasks)
+
+
+@dataclass
+class RolloutConfig:
+    """The paged KV cache and scheduler of in-process generation (training, eval, judge)."""
+    block_size: int = 16  # tokens per KV block (a power of two; flash-attn's paged API wants 256)
+    gpu_memory_fraction: float = 0.5  # of the free GPU memory, when cache_mb is 0
+    cache_mb: int = 0  # explicit KV cache budget in MiB; 0: the fraction on a GPU, 2 GiB on CPU
+    max_num_seqs: int = 256  # sequences decoding together
+    max_prefill_tokens: int = 2048  # prompt tokens prefilled per scheduler step (chunked prefill)
+    decode_backend: Literal["auto", "torch", "triton"] = "auto"  # $LONGRL_PAGED_BACKEND overrides
+
+    def validate(self, key: str) -> None:
+        _check(self.block_size >= 1 and not self.block_size & (self.block_size - 1), f"{key}.block_size",
+               "a power of two", self.block_size)
+        _check(0 < self.gpu_memory_fraction <= 1, f"{key}.gpu_memory_fraction", "a number in (0, 1]",
+               self.gpu_memory_fraction)
+        _check(self.cache_mb >= 0 and self.max_num_seqs >= 1 and self.max_prefill_tokens >= 1,
+               f"{key}.cache_mb / max_num_seqs / max_prefill_tokens", "cache_mb >= 0, the others >= 1",
+               (self.cache_mb, self.max_num_seqs, self.max_prefill_tokens))
+
+    def cache_config(self):
+        from .rollout.paged import CacheConfig
+        return CacheConfig(block_size=self.block_size, gpu_memory_fraction=self.gpu_memory_fraction,
+                           max_bytes=self.cache_mb << 20 if self.cache_mb else None,
+                           max_num_seqs=self.max_num_seqs, max_prefill_tokens=self.max_prefill_tokens,
+                           decode_backend=self.decode_backend)
+
+
+@dataclass
+class KernelsConfig:
+    """The fused log-prob / GRPO loss kernels. $LONGRL_KERNEL_BACKEND and $LONGRL_CHUNK_MB,
+    when set, override these."""
+    backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
+    chunk_mb: int = 0  # bytes of one [chunk, vocab] fp32 logits block; 0: 256 MiB on CPU, 2 GiB on GPU
+
+    def validate(self, key: str) -> None:
+        _check(self.chunk_mb >= 0, f"{key}.chunk_mb", "an integer >= 0 (0: default)", self.chunk_mb)
+
+    def resolved(self) -> tuple[str, int]:
+        """(backend, chunk MiB or 0), the environment winning over the recipe."""
+        import os
+        backend = os.environ.get("LONGRL_KERNEL_BACKEND") or self.backend
+        chunk = int(os.environ.get("LONGRL_CHUNK_MB") or self.chunk_mb)
+        return backend, chunk
 
 
 @dataclass
@@ -219,6 +317,19 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+
+    def validate(self, key: str = "") -> None:
+        """Checks across sections (each section checks its own keys)."""
+        rl = self.rl
+        if rl.data:
+            longest = max(p.max_input_tokens for p in rl.phases) + rl.max_new_tokens
+            _check(self.train.token_budget >= longest, "train.token_budget",
+                   f"at least the longest RL sequence, {longest} tokens (largest rl.phases max_input_tokens "
+                   f"{longest - rl.max_new_tokens} + rl.max_new_tokens {rl.max_new_tokens})",
+                   self.train.token_budget)
 
 
 def _check(ok: bool, key: str, expected: str, got: Any) -> None:
@@ -251,6 +362,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "", source: str = "
                 sub.validate(f"{prefix}{name}")
             except ConfigError as e:
                 raise ConfigError(f"{source}: {e}") from None
+    if isinstance(obj, Config):  # checks across sections, once each section is sound
+        try:
+            obj.validate()
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
     return obj
 
 

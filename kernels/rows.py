@@ -107,10 +107,14 @@ def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: 
     if chunk_tokens:
         return max(1, min(chunk_tokens, num_tokens))
     default_mb = 2048 if device.type == "cuda" else 256
-    budget = int(os.environ.get("LONGRL_CHUNK_MB", default_mb)) << 20
-    rows = budget // (vocab * 4)
-    rows = max(64, min(4096, rows // 64 * 64))
+    rows = rows_for_budget(vocab, int(os.environ.get("LONGRL_CHUNK_MB", default_mb)))
     return max(1, min(rows, num_tokens))
+
+
+def rows_for_budget(vocab: int, budget_mb: int) -> int:
+    """Tokens per chunk whose [C, V] fp32 logits fit budget_mb: within 64..4096, a multiple of 64."""
+    rows = (budget_mb << 20) // (vocab * 4)
+    return max(64, min(4096, rows // 64 * 64))
 
 
 def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:

@@ -1,17 +1,23 @@
 """Loaders on real fixtures and real-shaped rows, bad rows, lengths, and the synthetic generator."""
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 import random
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from engine.data import (DataError, DocQARecord, length_buckets, load_docqa, prompt_lengths, record_prompt_ids,
-                         synthetic, write_docqa)
+from engine.data import (FORMATS, DataError, DocQARecord, length_buckets, load_docqa, prompt_lengths,
+                         record_prompt_ids, synthetic, task_for_source, write_docqa)
 from engine.rewards import rule_reward
 
 REAL = Path(__file__).parent / "fixtures" / "real"
+DOCQA_RL = Path(__file__).parent / "fixtures" / "docqa_rl_sample.parquet"
 
 
 # ---- real fixtures ----------------------------------------------------------------------
@@ -122,6 +128,104 @@ def test_verl_parquet(tmp_path):
     assert rec.prompt == content
 
 
+# ---- scorer routing by data source ------------------------------------------------------
+@pytest.mark.parametrize("source,task", [
+    # DocQA-RL-1.6K's subsets, as QwenLong-L1's reward code routes them
+    ("long_toc_choices_0_20000", "choice"), ("long_toc_choices_40000_plus", "choice"),
+    ("docmath_0_20000", "math"), ("docmath_20000_40000", "math"), ("DocMath", "math"),
+    ("multihoprag_0_20000", "qa"), ("musique_0_20000", "qa"),
+    # elsewhere: any source naming choices is multiple choice, anything else sub-EM
+    ("longbench_v2_choices", "choice"), ("hotpotqa", "qa"), ("synthetic", "qa"), ("", "qa"),
+])
+def test_task_for_source(source, task):
+    assert task_for_source(source) == task
+
+
+def test_task_for_source_default():
+    assert task_for_source("test", default="math") == "math"
+    assert task_for_source("long_toc_choices_0_20000", default="math") == "choice"
+    with pytest.raises(ValueError, match="default task"):
+        task_for_source("x", default="essay")
+
+
+_MINIMAL_ROWS = {  # one row of each format, without a data source of its own
+    "docqa": {"context": "Mara founded it.", "question": "Who founded it?", "answers": ["Mara"]},
+    "longbench": {"input": "Who founded it?", "context": "Mara founded it.", "answers": ["Mara"]},
+    "hotpotqa": {"question": "Who founded it?", "answer": "Mara", "context": [["Obs", ["Mara founded it."]]]},
+    "musique": {"question": "Who founded it?", "answer": "Mara",
+                "paragraphs": [{"title": "Obs", "paragraph_text": "Mara founded it."}]},
+    "lciteeval": {"question": "Who founded it?", "answer": "Mara", "docs": ["Mara founded it."]},
+    "leval": {"input": "Mara founded it.", "instructions": ["Who founded it?"], "outputs": ["Mara"]},
+    "docmath": {"paragraphs": ["Revenue was 5."], "question": "What was revenue?", "ground_truth": 5},
+    "frames": {"Prompt": "Who founded it?", "Answer": "Mara", "wiki_items": [{"title": "Obs", "text": "Mara."}]},
+    "verl": {"prompt": [{"role": "user", "content": "<text>\nMara founded it.\n</text>\n\nWho founded it?"}],
+             "reward_model": {"style": "rule", "ground_truth": "Mara"}, "extra_info": {"index": 0}},
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("source,task", [("long_toc_choices_0_20000", "choice"), ("docmath_0_20000", "math"),
+                                         ("musique_0_20000", "qa")])
+def test_every_format_routes_its_task_by_data_source(tmp_path, fmt, source, task):
+    path = _write(tmp_path, "rows.json", [_MINIMAL_ROWS[fmt]], jsonl=False)
+    recs = load_docqa(path, format=fmt, data_source=source)
+    expected = "math" if fmt == "docmath" and task == "qa" else task  # DocMath rows are numeric by construction
+    assert [(r.data_source, r.task) for r in recs] == [(source, expected)]
+
+
+def test_a_rows_own_source_routes_and_our_explicit_task_wins(tmp_path):
+    lb = dict(_MINIMAL_ROWS["longbench"], dataset="long_toc_choices_0_20000")
+    assert load_docqa(_write(tmp_path, "lb.jsonl", [lb]), format="longbench")[0].task == "choice"
+    leval = dict(_MINIMAL_ROWS["leval"], source="docmath_0_20000")
+    assert load_docqa(_write(tmp_path, "le.jsonl", [leval]), format="leval")[0].task == "math"
+    ours = dict(_MINIMAL_ROWS["docqa"], data_source="docmath_0_20000")
+    path = _write(tmp_path, "ours.jsonl", [ours, dict(ours, task="qa")])
+    assert [r.task for r in load_docqa(path)] == ["math", "qa"]
+    assert load_docqa(_write(tmp_path, "test.json", [_MINIMAL_ROWS["docmath"]], jsonl=False))[0].task == "math"
+
+
+# ---- DocQA-RL-1.6K: rows written by us in the released schema (tests/fixtures/README.md) ----
+_DOCQA_RL_EXPECTED = {  # id: (task, gold, a wrong answer)
+    "0": ("choice", "A", "B"), "1": ("choice", "C", "B"), "2": ("choice", "B", "A"), "3": ("choice", "D", "C"),
+    "4": ("math", "12.0", "15.5"), "5": ("math", "420", "405"), "6": ("math", "2.65", "3.1"),
+    "7": ("math", "8.0", "7.5"),
+    "8": ("qa", "Kestrel Bank", "Orbis Labs"), "9": ("qa", "Yes", "No"), "10": ("qa", "Ines Porto", "Leo Amari"),
+    "11": ("qa", "Harwick", "Elmsford"),
+}
+
+
+def _docqa_rl():
+    pytest.importorskip("pyarrow")
+    return load_docqa(DOCQA_RL)
+
+
+def test_docqa_rl_sample_tasks_and_golds():
+    recs = _docqa_rl()
+    assert not recs.skipped and len(recs) == len(_DOCQA_RL_EXPECTED)
+    assert {r.id: (r.task, r.answers[0]) for r in recs} == {k: v[:2] for k, v in _DOCQA_RL_EXPECTED.items()}
+    by_family = {"long_toc_choices": "choice", "docmath": "math", "multihoprag": "qa", "musique": "qa"}
+    for rec in recs:
+        assert rec.task == by_family[rec.data_source.rsplit("_", 2)[0]]  # long_toc_choices_0_20000 -> long_toc_choices
+        assert rec.context and "<text>" not in rec.context and "</text>" not in rec.context
+        assert rec.question and "Format your response" not in rec.question
+        assert rec.prompt.startswith("Please read the following text") and rec.context in rec.prompt
+        if rec.task == "choice":
+            assert "\nChoices:\n(A) " in rec.question
+            assert rec.prompt.endswith('"The correct answer is (insert answer here)".')
+
+
+def test_docqa_rl_sample_rewards():
+    for rec in _docqa_rl():
+        task, gold, wrong = _DOCQA_RL_EXPECTED[rec.id]
+        if task == "choice":
+            right, bad = f"The correct answer is ({gold}).", f"The correct answer is ({wrong})."
+        else:
+            right, bad = f"Therefore, the answer is {gold}.", f"Therefore, the answer is {wrong}."
+        think = "<think>\nReading the document.\n</think>\n\n"
+        assert rule_reward(think + right, rec.answers, rec.task) == 1.0, (rec.id, right)
+        assert rule_reward(think + bad, rec.answers, rec.task) == 0.0, (rec.id, bad)
+
+
 # ---- bad rows ---------------------------------------------------------------------------
 def test_bad_row_names_file_row_and_field(tmp_path):
     good = {"context": "c", "question": "q", "answers": ["a"]}
@@ -144,6 +248,20 @@ def test_bad_inputs(tmp_path):
         load_docqa(_write(tmp_path, "t.jsonl", [{"context": "c", "question": "q", "answers": ["a"], "task": "essay"}]))
     with pytest.raises(DataError, match="format 'csv' unknown"):
         load_docqa(_write(tmp_path, "ok.jsonl", [{"context": "c", "question": "q", "answers": ["a"]}]), format="csv")
+
+
+def test_reasoning_field(tmp_path):
+    plain = DocQARecord("a", "synthetic", "qa", "ctx", "q?", ["x"])
+    assert "reasoning" not in json.loads(plain.to_json())
+    traced = DocQARecord("b", "synthetic", "qa", "ctx", "q?", ["x"], reasoning="The document says x.")
+    assert json.loads(traced.to_json())["reasoning"] == "The document says x."
+    path = tmp_path / "r.jsonl"
+    write_docqa([plain, traced], path)
+    assert load_docqa(path) == [plain, traced]
+    row = {"context": "c", "question": "q", "answers": ["a"]}
+    assert load_docqa(_write(tmp_path, "n.jsonl", [dict(row, reasoning=None)]))[0].reasoning is None
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'reasoning' must be a string when present \(got list\)"):
+        load_docqa(_write(tmp_path, "bad.jsonl", [row, dict(row, reasoning=["step"])]))
 
 
 # ---- lengths ----------------------------------------------------------------------------
@@ -239,3 +357,76 @@ def test_synthetic_cli(tmp_path):
     assert synthetic.main(["--n", "5", "--tokens", "200", "400", "--out", str(out), "--seed", "1"]) == 0
     recs = load_docqa(out)
     assert len(recs) == 5 and all(150 <= synthetic.word_count_tokens(r.context) <= 420 for r in recs)
+
+
+def test_synthetic_reasoning_is_true_of_its_document(tmp_path):
+    recs = synthetic.generate(40, 300, seed=5)
+    quote = re.compile(r'aragraph (\d+) of the document says: "([^"]+)"')
+    for rec in recs:
+        lines = rec.reasoning.splitlines()
+        quoted = [quote.search(line).groups() for line in lines[:-1]]
+        assert len(quoted) == (2 if rec.meta["kind"] in ("two_hop", "numeric") else 1), rec.reasoning
+        paragraphs = rec.context.split("\n\n")
+        for number, fact in quoted:
+            assert fact in paragraphs[int(number) - 1]
+        answer = f"({rec.answers[0]})" if rec.task == "choice" else rec.answers[0]
+        assert answer in lines[-1]
+        assert "answer is" not in rec.reasoning.lower()  # never read as the final answer
+        completion = f"<think>\n{rec.reasoning}\n</think>\n\nTherefore, the answer is {rec.answers[0]}."
+        assert rule_reward(completion, rec.answers, rec.task) == 1.0
+    out = tmp_path / "s.jsonl"
+    write_docqa(recs, out)
+    assert load_docqa(out) == recs
+
+
+def _digest(recs) -> str:
+    rows = [[r.id, r.data_source, r.task, r.context, r.question, r.answers, r.meta] for r in recs]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def test_synthetic_items_unchanged_by_reasoning():
+    """Digests taken before reasoning traces existed: other tests depend on these items."""
+    assert _digest(synthetic.generate(8, 300, seed=0)) == "2c9f07c2024c94c9"
+    assert _digest(synthetic.generate(6, (100, 400), seed=7, kinds=("numeric", "two_hop"))) == "f5c0257ad5406917"
+    assert _digest(synthetic.generate(12, 60, seed=0, kinds=("lookup",))) == "56b72b9a227b411f"
+
+
+# ---- module structure -------------------------------------------------------------------
+def _package_imports(package: Path) -> dict[str, set[str]]:
+    """Sibling modules each module of `package` imports, at top level or inside functions."""
+    names = {f.stem for f in package.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                targets = [node.module] if node.module else [a.name for a in node.names]
+                deps |= {t.split(".")[0] for t in targets} & names
+        graph[name] = deps
+    return graph
+
+
+def test_data_modules_import_no_cycle():
+    graph = _package_imports(Path(__file__).parents[1] / "engine" / "data")
+    assert "synthetic" in graph["loaders"]  # the walk sees imports inside functions (load_records' lazy one)
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+
+
+@pytest.mark.parametrize("module", ["engine.data.synthetic", "engine.data.records", "engine.data.loaders"])
+def test_data_modules_import_first_in_a_fresh_interpreter(module):
+    code = (f"import {module}\nfrom engine.data.loaders import DocQARecord, write_docqa, task_for_source\n"
+            "from engine.data import synthetic\nassert synthetic.generate(2, 60)[0].reasoning")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

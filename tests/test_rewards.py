@@ -2,18 +2,23 @@
 loopback server, and the hybrid reward."""
 from __future__ import annotations
 
+import ast
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.rewards import (HttpJudge, HttpJudgeConfig, HybridReward, Judge, JudgeItem, RewardItem,
-                            exact_match, extract_answer, extract_choice, normalize, parse_number, parse_verdict,
-                            rule_reward, sub_exact_match, token_f1)
+from engine.rewards import (HttpJudge, HttpJudgeConfig, HybridReward, Judge, JudgeItem, LocalJudge, RewardItem,
+                            build_judge, exact_match, extract_answer, extract_choice, normalize, numbers_match,
+                            parse_number, parse_verdict, rule_reward, sub_exact_match, token_f1)
+import engine.rewards.judge as judge_module
 
 # (completion, gold, task, expected reward)
 CASES = [
@@ -27,7 +32,9 @@ CASES = [
     ("Therefore, the answer is (Paris).", "Paris", "qa", 1.0),                         # template parentheses
     ("Therefore, the answer is **Paris**.", "Paris", "qa", 1.0),                       # markdown bold
     ('Therefore, the answer is "Paris"', "Paris", "qa", 1.0),
-    ("Therefore, the answer is:\nParis", "Paris", "qa", 0.0),                          # answer must be on that line
+    ("Therefore, the answer is:\nParis", "Paris", "qa", 1.0),                          # the next line
+    ("Therefore, the answer is:\n\n**Paris**", "Paris", "qa", 1.0),                    # first non-empty line
+    ("Therefore, the answer is:\n\nLondon\nParis", "Paris", "qa", 0.0),                # only that one line
     ("Therefore, the answer is: Paris", "Paris", "qa", 1.0),
     ("Therefore, the answer is .", "Paris", "qa", 0.0),                                # empty answer
     # thinking
@@ -64,9 +71,19 @@ CASES = [
     ("Therefore, the answer is unknown", "42", "math", 0.0),
     ("Therefore, the answer is 0", "0", "math", 1.0),
     ("Therefore, the answer is blue", "Blue", "math", 1.0),                            # non-numeric gold: sub-EM
+    ("Therefore, the answer is $5 million", "5", "math", 1.0),                         # table in millions
+    ("Therefore, the answer is $5,000,000", "5", "math", 1.0),
+    ("Therefore, the answer is 5", "5000000", "math", 1.0),                            # scale word dropped
+    ("Therefore, the answer is 5.004 billion", "5", "math", 1.0),                      # x10^9, within 0.15%
+    ("Therefore, the answer is 6 million", "5", "math", 0.0),                          # scaled, still wrong
+    ("Therefore, the answer is 50", "5", "math", 0.0),                                 # x10 is no unit change
     # multiple choice
     ("The correct answer is (B).", "B", "choice", 1.0),
-    ("The correct answer is (b)", "(B)", "choice", 1.0),
+    ("The correct answer is (b)", "(B)", "choice", 0.0),                               # letters are uppercase
+    ("the answer is (C)", "C", "choice", 1.0),
+    ("After reading, the answer is B.", "b", "choice", 1.0),                            # gold parsed leniently
+    ("So the answer is a clear one: the document says so.", "A", "choice", 0.0),      # an article, not (A)
+    ("The correct answer is **(D)**", "(d)", "choice", 1.0),
     ("The correct answer is C", "B", "choice", 0.0),
     ("I think B. The correct answer is (D).", "D", "choice", 1.0),
     ("The correct answer is (A). No: the correct answer is (C).", "C", "choice", 1.0),
@@ -133,6 +150,28 @@ def test_numbers_round_trip(value):
     assert rule_reward(text, repr(round(value, 4)), "math") == 1.0
 
 
+def test_extract_answer_reads_the_first_non_empty_line():
+    assert extract_answer("Therefore, the answer is:\n\n**Paris**") == "Paris"
+    assert extract_answer("The answer is\n  \n(Paris).\nMore text") == "Paris"
+    assert extract_answer("Therefore, the answer is:\n\n") is None
+
+
+def test_choice_letters_are_uppercase_in_parentheses_or_alone():
+    assert extract_choice("the answer is a clear one") is None
+    assert extract_choice("the answer is (c)") is None
+    assert extract_choice("the answer is (C)") == "C"
+    assert extract_choice("The correct answer is (D).") == "D"
+    assert extract_choice("the answer is B") == "B" and extract_choice("the answer is B.") == "B"
+    assert extract_choice("the answer is Berlin") is None
+
+
+def test_scaled_numbers_match_within_tolerance_only():
+    assert numbers_match(5e6, 5) and numbers_match(5, 5e6) and numbers_match(5e9, 5e3)
+    assert numbers_match(12.5, 0.125) and numbers_match(0.125, 12.5)  # percent vs fraction
+    assert not numbers_match(6e6, 5) and not numbers_match(5.01e6, 5) and not numbers_match(-5e6, 5)
+    assert not numbers_match(5e4, 5)  # x10^4 is no unit change
+
+
 # ---- the judge over HTTP ---------------------------------------------------------------
 class FakeOpenAI:
     """An OpenAI-compatible /chat/completions server on loopback whose behaviour the test
@@ -161,6 +200,8 @@ class FakeOpenAI:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
                     self._answer(mode)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the judge gave up on a hanging request
                 finally:
                     with fake.lock:
                         fake.in_flight -= 1
@@ -202,8 +243,8 @@ def fake_server():
 
 
 def _judge(server, **kw) -> HttpJudge:
-    cfg = dict(base_url=server.url, model="judge-model", api_key_env="LONGRL_TEST_JUDGE_KEY", timeout=1.0,
-               max_retries=2, backoff=0.01, concurrency=4)
+    cfg = dict(base_url=server.url, model="judge-model", api_key_env="LONGRL_TEST_JUDGE_KEY", timeout_s=1.0,
+               retries=3, backoff=0.01, concurrency=4)
     cfg.update(kw)
     return HttpJudge(HttpJudgeConfig(**cfg))
 
@@ -217,14 +258,27 @@ def test_http_judge_answers_and_sends_the_key(fake_server, monkeypatch):
     assert judge([ITEM]) == [True]
     assert fake_server.headers[0]["Authorization"] == "Bearer sk-secret-123"
     req = fake_server.requests[0]
-    assert req["model"] == "judge-model" and req["temperature"] == 0
-    prompt = req["messages"][0]["content"]
-    assert "Who wrote Hamlet?" in prompt and "William Shakespeare" in prompt and "[[YES]]" in prompt
+    assert req["model"] == "judge-model" and req["temperature"] == 0 and req["max_tokens"] == 1024
     assert "sk-secret" not in repr(judge) and "sk-secret" not in json.dumps(judge.state_dict())
+    assert "sk-secret" not in repr(judge.cfg)
     fake_server.modes = ["no"]
     other = JudgeItem("Who wrote Hamlet?", "Marlowe", "William Shakespeare")
     assert judge([other, ITEM]) == [False, True]  # ITEM comes from the cache
     assert len(fake_server.requests) == 2 and judge.stats.cached == 1
+
+
+def test_judge_prompt_is_the_papers_system_and_user_messages(fake_server):
+    """QwenLong-L1's verifier prompt: a system message with the rules and a user message
+    with the question and the two answers; no document."""
+    judge = _judge(fake_server)
+    judge([ITEM])
+    messages = fake_server.requests[0]["messages"]
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert "equivalent" in messages[0]["content"] and "[[YES]] or [[NO]]" in messages[0]["content"]
+    user = messages[1]["content"]
+    assert "Problem: Who wrote Hamlet?" in user
+    assert "Answer 1: Shakespeare" in user and "Answer 2: William Shakespeare" in user
+    assert "document" not in json.dumps(messages).lower()
 
 
 def test_http_judge_retries_429_and_500(fake_server):
@@ -234,20 +288,32 @@ def test_http_judge_retries_429_and_500(fake_server):
     assert len(fake_server.requests) == 3
 
 
-def test_http_judge_gives_up_after_retries(fake_server):
+def test_http_judge_gives_up_after_its_attempts(fake_server):
     fake_server.modes = ["500"]
-    judge = _judge(fake_server, max_retries=2)
+    judge = _judge(fake_server, retries=2)
     assert judge([ITEM]) == [None]
-    assert len(fake_server.requests) == 3 and judge.stats.unavailable == 1
+    assert len(fake_server.requests) == 2 and judge.stats.unavailable == 1
     assert ("Who wrote Hamlet?", "Shakespeare", "William Shakespeare") not in judge.cache
 
 
-def test_http_judge_times_out(fake_server):
-    fake_server.modes = ["hang"]
-    judge = _judge(fake_server, timeout=0.3, max_retries=1)
+def test_a_hanging_judge_costs_at_most_timeout_times_retries(fake_server):
+    fake_server.modes = ["hang"]  # the server sleeps 1.5 s before answering
+    judge = _judge(fake_server, timeout_s=0.3, retries=3, backoff=0.5)
     started = time.perf_counter()
     assert judge([ITEM]) == [None]
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started <= 0.3 * 3 + 0.5  # the backoff sleeps fit inside the deadline
+    assert judge.stats.unavailable == 1
+
+
+def test_a_down_judge_never_sleeps_past_its_deadline():
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = HttpJudge(HttpJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=0.2,
+                                      retries=3, backoff=5.0))
+    started = time.perf_counter()
+    assert judge([ITEM]) == [None]
+    assert time.perf_counter() - started <= 0.2 * 3 + 0.3
 
 
 def test_http_judge_malformed_reply_is_a_counted_no(fake_server):
@@ -267,53 +333,147 @@ def test_http_judge_respects_its_concurrency_limit(fake_server):
     assert fake_server.max_in_flight <= 2
 
 
-def test_parse_verdict_is_strict():
+def test_judge_stats_are_taken_per_step(fake_server):
+    fake_server.modes = ["yes", "no", "malformed", "500"]  # in order: one worker, one attempt each
+    judge = _judge(fake_server, concurrency=1, retries=1)
+    items = [JudgeItem(f"q{i}", "a", "b") for i in range(4)]
+    assert judge(items) == [True, False, False, None]
+    assert judge(items[:1]) == [True]
+    step = judge.stats.take()
+    assert step["judge/calls"] == 4 and step["judge/cached"] == 1
+    assert step["judge/yes_rate"] == pytest.approx(1 / 3)  # of the three verdicts
+    assert step["judge/failures"] == 1 and step["judge/unavailable"] == 1
+    assert step["judge/mean_latency_s"] > 0
+    assert judge.stats.take() == {"judge/calls": 0, "judge/yes_rate": 0.0, "judge/failures": 0,
+                                  "judge/unavailable": 0, "judge/mean_latency_s": 0.0, "judge/cached": 0}
+
+
+def test_parse_verdict_takes_the_last_marker_anywhere():
     assert parse_verdict("reasoning... [[YES]]") is True
+    assert parse_verdict("They match. [[YES]].") is True
     assert parse_verdict("[[NO]]\n") is False
-    assert parse_verdict("[[YES]] but actually no") is None
-    assert parse_verdict("YES") is None and parse_verdict("") is None
+    assert parse_verdict("[[NO]] ... actually [[YES]]") is True
+    assert parse_verdict("[[YES]] on reflection [[NO]], final.") is False
+    assert parse_verdict("YES") is None and parse_verdict("") is None and parse_verdict("[[yes]]") is None
+
+
+def test_parse_verdict_ignores_an_unfinished_thought():
+    assert parse_verdict("<think>maybe [[YES]]</think>No, they differ. [[NO]]") is False
+    assert parse_verdict("<think>maybe [[YES]] but wait") is None  # cut off while thinking
+    assert parse_verdict("<think>ok</think>no marker here") is None
 
 
 # ---- the hybrid reward -----------------------------------------------------------------
 class ScriptedJudge(Judge):
+    """Replies by a function of the user message; None plays an unreachable judge."""
+
     def __init__(self, replies):
         super().__init__()
         self.replies = replies
-        self.prompts: list[str] = []
+        self.conversations: list[list[dict]] = []
 
-    def _complete(self, prompts):
-        self.prompts += prompts
-        return [self.replies(p) for p in prompts]
+    def _complete(self, conversations):
+        self.conversations += conversations
+        return [self.replies(c[-1]["content"]) for c in conversations]
+
+
+def _scripted(user: str):
+    if "Bard of Avon" in user:
+        return "Same person. [[YES]]"
+    return None if "Kit" in user else "No. [[NO]]"
+
+
+SHAKESPEARE = [RewardItem("Therefore, the answer is William Shakespeare", "William Shakespeare", "qa", "Who?"),
+               RewardItem("Therefore, the answer is the Bard of Avon", "William Shakespeare", "qa", "Who?"),
+               RewardItem("Therefore, the answer is Marlowe", "William Shakespeare", "qa", "Who?"),
+               RewardItem("Therefore, the answer is Kit Marlowe", "William Shakespeare", "qa", "Who?"),
+               RewardItem("no commitment at all", "William Shakespeare", "qa", "Who?")]
 
 
 def test_hybrid_asks_the_judge_only_where_the_rule_fails():
-    judge = ScriptedJudge(lambda p: "Same. [[YES]]" if "Bard of Avon" in p else "No. [[NO]]")
+    judge = ScriptedJudge(_scripted)
     hybrid = HybridReward(judge)
-    items = [RewardItem("Therefore, the answer is William Shakespeare", "William Shakespeare", "qa", "Who?"),
-             RewardItem("Therefore, the answer is the Bard of Avon", "William Shakespeare", "qa", "Who?"),
-             RewardItem("Therefore, the answer is Marlowe", "William Shakespeare", "qa", "Who?"),
-             RewardItem("no commitment at all", "William Shakespeare", "qa", "Who?")]
-    results = hybrid(items)
-    assert [r.reward for r in results] == [1.0, 1.0, 0.0, 0.0]
-    assert [r.rule for r in results] == [1.0, 0.0, 0.0, 0.0]
-    assert len(judge.prompts) == 2  # not for the rule hit, not for the completion with no answer
-    assert "document" not in judge.prompts[0].lower()  # the judge never sees the document
+    results = hybrid(SHAKESPEARE)
+    assert [r.reward for r in results] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert [r.rule for r in results] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert [r.judge for r in results] == [None, True, False, None, None]
+    assert len(judge.conversations) == 3  # not for the rule hit, not for the completion with no answer
+    assert "document" not in json.dumps(judge.conversations).lower()  # the judge never sees the document
+
+
+def test_hybrid_metrics_are_per_step():
+    hybrid = HybridReward(ScriptedJudge(_scripted))
+    hybrid(SHAKESPEARE)
+    step = hybrid.metrics()
+    assert step["reward/judge_rescued"] == 1 and step["reward/judge_fallbacks"] == 1
+    assert step["judge/calls"] == 3 and step["judge/unavailable"] == 1 and step["judge/yes_rate"] == 0.5
+    again = hybrid.metrics()
+    assert again["reward/judge_rescued"] == 0 and again["reward/judge_fallbacks"] == 0 and again["judge/calls"] == 0
+    assert HybridReward().metrics() == {"reward/judge_fallbacks": 0, "reward/judge_rescued": 0}
+
+
+def test_hybrid_state_carries_the_judge_cache():
+    first = HybridReward(ScriptedJudge(_scripted))
+    first(SHAKESPEARE)
+    state = json.loads(json.dumps(first.state_dict()))  # checkpoints store it as JSON
+    second = HybridReward(ScriptedJudge(_scripted))
+    second.load_state_dict(state)
+    assert [r.reward for r in second(SHAKESPEARE)] == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert len(second.judge.conversations) == 1  # only the unavailable item is asked again
+    assert HybridReward().state_dict() == {}
+    HybridReward().load_state_dict(state)  # no judge: nothing to restore
 
 
 def test_hybrid_degrades_to_rule_when_the_judge_is_down(fake_server):
     fake_server.modes = ["500"]
-    hybrid = HybridReward(_judge(fake_server, max_retries=1))
+    hybrid = HybridReward(_judge(fake_server, retries=2))
     results = hybrid([RewardItem("Therefore, the answer is the Bard", "Shakespeare", "qa", "Who?"),
                       RewardItem("Therefore, the answer is Shakespeare", "Shakespeare", "qa", "Who?")])
     assert [r.reward for r in results] == [0.0, 1.0]
     assert hybrid.metrics()["reward/judge_fallbacks"] == 1
 
 
+def test_build_judge_from_the_reward_section():
+    base = dict(judge="none", judge_url="", judge_model="", judge_key_env="OPENAI_API_KEY", judge_timeout_s=5.0,
+                judge_retries=2, judge_concurrency=3, judge_max_tokens=512)
+    assert build_judge(SimpleNamespace(**base)) is None
+    http = build_judge(SimpleNamespace(**{**base, "judge": "http", "judge_url": "http://127.0.0.1:1/v1",
+                                          "judge_model": "m", "judge_key_env": "MY_KEY"}))
+    assert isinstance(http, HttpJudge)
+    assert (http.cfg.base_url, http.cfg.model, http.cfg.api_key_env) == ("http://127.0.0.1:1/v1", "m", "MY_KEY")
+    assert (http.cfg.timeout_s, http.cfg.retries, http.cfg.concurrency, http.cfg.max_tokens) == (5.0, 2, 3, 512)
+    local = build_judge(SimpleNamespace(**{**base, "judge": "local"}), generate=lambda convs: ["[[YES]]"] * len(convs))
+    assert isinstance(local, LocalJudge) and local([ITEM]) == [True]
+    with pytest.raises(ValueError, match="generate"):
+        build_judge(SimpleNamespace(**{**base, "judge": "local"}))
+    with pytest.raises(ValueError, match="judge_url"):
+        build_judge(SimpleNamespace(**{**base, "judge": "http"}))
+    with pytest.raises(ValueError, match="'oracle'"):
+        build_judge(SimpleNamespace(**{**base, "judge": "oracle"}))
+
+
+def test_judge_module_imports_no_rollout_or_data():
+    tree = ast.parse(Path(judge_module.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if "rollout" in m or "data" in m.split(".")], imported
+
+
 def test_local_judge_runs_a_real_checkpoint(smollm):
-    """The embedded model as judge: greedy, batched; whatever it says is parsed strictly."""
-    from engine.rewards import LocalJudge
+    """The embedded model as judge through a generate function built on the rollout
+    Generator: greedy, batched; whatever it says is parsed strictly."""
+    from engine.rollout import Generator, SamplingParams
     model, tok = smollm
-    judge = LocalJudge(model, tok, max_new_tokens=12, batch_size=2)
+    stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=stops)
+    generator = Generator(model, tok)
+
+    def generate(conversations):
+        ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
+        ids = [list(i["input_ids"] if hasattr(i, "keys") else i) for i in ids]
+        return [tok.decode(g[0].token_ids, skip_special_tokens=True) for g in generator.generate(ids, params=params)]
+
+    judge = LocalJudge(generate)
     items = [JudgeItem("Who wrote Hamlet?", "Shakespeare", "William Shakespeare"),
              JudgeItem("What is 2 + 2?", "five", "4"),
              JudgeItem("Capital of France?", "Paris", "Paris")]

@@ -1,9 +1,10 @@
-"""Doc-QA records and the loaders that read the formats long-document QA comes in.
+"""The loaders that read the formats long-document QA comes in, into doc-QA records.
 
-One record: (id, data_source, task, context, question, answers). `load_docqa(path)` reads
-a file in any of these layouts (detected from the first row, or named with `format=`):
+One record (engine.data.records.DocQARecord, re-exported here): (id, data_source, task,
+context, question, answers[, reasoning]). `load_docqa(path)` reads a file in any of these
+layouts (detected from the first row, or named with `format=`):
 
-  docqa       our JSONL: context, question, answers (+ id, data_source, task)
+  docqa       our JSONL: context, question, answers (+ id, data_source, task, reasoning)
   longbench   LongBench JSONL: context, input, answers (+ _id, dataset)
   hotpotqa    HotpotQA / 2WikiMultihopQA, original ([title, sentences] pairs, `_id`) or the
               Hugging Face layout ({title: [...], sentences: [[...]]})
@@ -11,11 +12,17 @@ a file in any of these layouts (detected from the first row, or named with `form
   lciteeval   L-CiteEval: question, answer, docs [{title, text}] (or a full `context`)
   leval       L-Eval: input (document), instructions [questions], outputs [answers]:
               one record per question
-  docmath     DocMath-Eval: paragraphs, question, ground_truth (task math)
+  docmath     DocMath-Eval: paragraphs, question, ground_truth (task math unless the
+              source's name routes elsewhere)
   frames      FRAMES: Prompt (or Question), Answer, wiki_items [{title, text}] (the article
               texts; a row with only Wikipedia links has no document and is an error)
   verl        verl parquet as in DocQA-RL-1.6K: prompt [messages], data_source,
               reward_model.ground_truth, extra_info (needs pyarrow)
+
+Every record's `task` (the scorer rule_reward applies) comes from its data_source via
+`task_for_source`, as QwenLong-L1 routes its rewards: docmath -> math, a source naming
+choices (long_toc_choices_...) -> choice, anything else -> qa. Only our docqa JSONL may
+name the task explicitly, and then its `task` field wins.
 
 A bad row raises DataError naming file, row and field, or with on_error="skip" is skipped
 and counted in the returned dataset's `.skipped`.
@@ -24,41 +31,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from .jsonl import DataError
+from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
+
+__all__ = ["FORMATS", "CONVERTERS", "DocQARecord", "DocQADataset", "task_for_source", "detect_format", "load_docqa",
+           "load_records", "write_docqa"]
 
 FORMATS = ("docqa", "longbench", "hotpotqa", "musique", "lciteeval", "leval", "docmath", "frames", "verl")
-
-
-@dataclass
-class DocQARecord:
-    id: str
-    data_source: str
-    task: str  # qa | math | choice
-    context: str
-    question: str
-    answers: list[str]
-    prompt: str | None = None  # a pre-rendered prompt (verl rows); when set, no template is applied
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        row = asdict(self)
-        if row["prompt"] is None:
-            del row["prompt"]
-        if not row["meta"]:
-            del row["meta"]
-        return json.dumps(row, ensure_ascii=False)
-
-
-class DocQADataset(list):
-    """A list of DocQARecord, plus the messages of rows skipped under on_error='skip'."""
-
-    def __init__(self, records=(), skipped=()):
-        super().__init__(records)
-        self.skipped: list[str] = list(skipped)
 
 
 class _Row:
@@ -96,6 +78,13 @@ class _Row:
                     return out
         raise DataError(f"{self.where}: no answer in field {' or '.join(repr(k) for k in keys)}")
 
+    def optional_str(self, key: str) -> str | None:
+        """A string field that may be absent (or null); any other type is a bad row."""
+        value = self.data.get(key)
+        if value is None or isinstance(value, str):
+            return value
+        raise DataError(f"{self.where}: field {key!r} must be a string when present (got {type(value).__name__})")
+
 
 def _join_passages(passages: list[tuple[str, str]]) -> str:
     return "\n\n".join(f"{title}\n{text}".strip() if title else text.strip() for title, text in passages)
@@ -103,17 +92,22 @@ def _join_passages(passages: list[tuple[str, str]]) -> str:
 
 # ---- per-format row converters: (_Row, index) -> list of records -----------------------
 def _docqa(r: _Row, i: int, source: str):
-    task = r.get("task", "qa")
-    if task not in ("qa", "math", "choice"):
+    data_source = str(r.get("data_source", source))
+    task = r.get("task")
+    if task is None:
+        task = task_for_source(data_source)
+    elif task not in TASKS:
         raise DataError(f"{r.where}: field 'task' must be qa, math or choice, got {task!r}")
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=str(r.get("data_source", source)),
-                        task=task, context=r.str("context"), question=r.str("question"),
-                        answers=r.answers("answers", "answer"), meta=r.get("meta") or {})]
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=data_source, task=task,
+                        context=r.str("context"), question=r.str("question"), answers=r.answers("answers", "answer"),
+                        meta=r.get("meta") or {}, reasoning=r.optional_str("reasoning"))]
 
 
 def _longbench(r: _Row, i: int, source: str):
-    return [DocQARecord(id=str(r.get("_id", f"{source}-{i}")), data_source=str(r.get("dataset") or source),
-                        task="qa", context=r.str("context"), question=r.str("input"), answers=r.answers("answers"))]
+    data_source = str(r.get("dataset") or source)
+    return [DocQARecord(id=str(r.get("_id", f"{source}-{i}")), data_source=data_source,
+                        task=task_for_source(data_source), context=r.str("context"), question=r.str("input"),
+                        answers=r.answers("answers"))]
 
 
 def _hotpotqa(r: _Row, i: int, source: str):
@@ -131,8 +125,9 @@ def _hotpotqa(r: _Row, i: int, source: str):
     else:
         raise DataError(f"{r.where}: field 'context' must be a list of [title, sentences] or a "
                         f"{{title, sentences}} table ({'missing' if ctx is None else type(ctx).__name__})")
-    return [DocQARecord(id=str(r.get("_id") or r.get("id") or f"{source}-{i}"), data_source=source, task="qa",
-                        context=_join_passages(passages), question=r.str("question"), answers=r.answers("answer"))]
+    return [DocQARecord(id=str(r.get("_id") or r.get("id") or f"{source}-{i}"), data_source=source,
+                        task=task_for_source(source), context=_join_passages(passages), question=r.str("question"),
+                        answers=r.answers("answer"))]
 
 
 def _musique(r: _Row, i: int, source: str):
@@ -142,7 +137,7 @@ def _musique(r: _Row, i: int, source: str):
             raise DataError(f"{r.where}: paragraphs[{j}] must have a string 'paragraph_text'")
         passages.append((p.get("title", ""), p["paragraph_text"]))
     answers = r.answers("answer") + [str(a) for a in (r.get("answer_aliases") or [])]
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
                         context=_join_passages(passages), question=r.str("question"), answers=answers)]
 
 
@@ -152,7 +147,7 @@ def _lciteeval(r: _Row, i: int, source: str):
     else:
         docs = r.list("docs")
         context = _join_passages([("", d["text"] if isinstance(d, dict) else str(d)) for d in docs])
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
                         context=context.lstrip("\ufeff").removeprefix("ï»¿"), question=r.str("question"),
                         answers=r.answers("answer", "answers"))]
 
@@ -162,14 +157,19 @@ def _leval(r: _Row, i: int, source: str):
     if len(questions) != len(outputs):
         raise DataError(f"{r.where}: 'instructions' ({len(questions)}) and 'outputs' ({len(outputs)}) differ in length")
     doc = r.str("input")
-    return [DocQARecord(id=f"{source}-{i}-{j}", data_source=str(r.get("source") or source), task="qa", context=doc,
+    data_source = str(r.get("source") or source)
+    task = task_for_source(data_source)
+    return [DocQARecord(id=f"{source}-{i}-{j}", data_source=data_source, task=task, context=doc,
                         question=str(q), answers=[str(a)]) for j, (q, a) in enumerate(zip(questions, outputs))]
 
 
 def _docmath(r: _Row, i: int, source: str):
+    """DocMath rows are numeric by construction, so a file whose name says nothing (test.json)
+    still gets the math scorer; only a source naming another scorer overrides that."""
     paragraphs = r.list("paragraphs")
     context = "\n\n".join(str(p) for p in paragraphs)
-    return [DocQARecord(id=str(r.get("question_id", f"{source}-{i}")), data_source=source, task="math",
+    return [DocQARecord(id=str(r.get("question_id", f"{source}-{i}")), data_source=source,
+                        task=task_for_source(source, default="math"),
                         context=context, question=r.str("question"), answers=r.answers("ground_truth"))]
 
 
@@ -179,7 +179,7 @@ def _frames(r: _Row, i: int, source: str):
         raise DataError(f"{r.where}: field 'wiki_items' (the Wikipedia article texts) is missing; a FRAMES row "
                         f"with only links has no document to read")
     passages = [((d.get("title") or ""), d.get("text") or "") if isinstance(d, dict) else ("", str(d)) for d in items]
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task="qa",
+    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
                         context=_join_passages(passages), question=r.str("Prompt", "Question"),
                         answers=r.answers("Answer", "answer"))]
 
@@ -200,7 +200,7 @@ def _verl(r: _Row, i: int, source: str):
     m = _TEXT_BLOCK.search(content)
     context, question = (m.group(1).strip(), m.group(2).strip()) if m else ("", content)
     data_source = str(r.get("data_source") or source)
-    task = "math" if "docmath" in data_source.lower() else "qa"
+    task = task_for_source(data_source)
     extra = r.get("extra_info") or {}
     rid = str(extra.get("index", f"{source}-{i}")) if isinstance(extra, dict) else f"{source}-{i}"
     golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
@@ -295,12 +295,6 @@ def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | Non
     if not records:
         raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""))
     return DocQADataset(records, skipped)
-
-
-def write_docqa(records, path: str | Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(rec.to_json() + "\n")
 
 
 def load_records(spec: str, *, format: str = "auto") -> DocQADataset:

@@ -10,6 +10,12 @@ Question kinds, each checkable by the rule reward:
   numeric   two revenue figures         sum, difference or growth in percent      (task math)
   choice    a lookup with four options  "(A) ... (D)"                              (task choice)
 
+Each record also carries a short, correct reasoning trace (`record.reasoning`): the
+paragraph of the document that states each needed fact, quoted, then the step that turns
+the facts into the answer, so warm-up SFT can teach a reasoning format before RL. The
+traces use no random draws, so questions, answers and documents are the same for a seed
+as before they existed.
+
 Every invented name is unique within a dataset and no name contains another, so an
 answer never matches another item's question by accident (the tests check that a shuffled
 answer scores 0). Lengths are measured with `count_tokens` (a tokenizer's, or a word-level
@@ -25,7 +31,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from .loaders import DocQARecord, write_docqa
+from .records import DocQARecord, write_docqa
 
 KINDS = ("lookup", "two_hop", "numeric", "choice")
 _ONSETS = ["b", "br", "c", "d", "dr", "f", "g", "gr", "h", "k", "kl", "l", "m", "n", "p", "r", "s", "st", "t", "tr",
@@ -81,24 +87,27 @@ class _Item:
     answer: str
     task: str
     facts: list[str]
+    conclusion: str = ""  # the reasoning step from the facts to the answer
 
 
 def _make_item(kind: str, names: _Names, rng: random.Random, used_numbers: list[float]) -> _Item:
     person, town = names.new(2), names.new(1)
     if kind == "lookup":
         return _Item(kind, f"In which town was {person} born?", town, "qa",
-                     [f"{person} was born in the town of {town}."])
+                     [f"{person} was born in the town of {town}."], f"So {person} was born in {town}.")
     if kind == "choice":
         options = [town] + [names.new(1) for _ in range(3)]
         rng.shuffle(options)
         letter = "ABCD"[options.index(town)]
         listed = "\n".join(f"({ch}) {opt}" for ch, opt in zip("ABCD", options))
         return _Item(kind, f"In which town was {person} born?\n{listed}", letter, "choice",
-                     [f"{person} was born in the town of {town}."])
+                     [f"{person} was born in the town of {town}."],
+                     f"So {person} was born in {town}, which is option ({letter}).")
     company = names.new(1) + " Works"
     if kind == "two_hop":
         return _Item(kind, f"In which town does the company that {person} works for have its headquarters?",
-                     town, "qa", [f"{person} works for {company}.", f"{company} has its headquarters in {town}."])
+                     town, "qa", [f"{person} works for {company}.", f"{company} has its headquarters in {town}."],
+                     f"So the company {person} works for is {company}, and its headquarters are in {town}.")
     # numeric: revenue figures in two years; sum, difference or growth in percent
     y1 = rng.randint(1990, 2015)
     y2 = y1 + rng.randint(1, 5)
@@ -118,7 +127,24 @@ def _make_item(kind: str, names: _Names, rng: random.Random, used_numbers: list[
                 "growth": f"By what percentage did the revenue of {company} grow from {y1} to {y2}? "
                           f"Round to one decimal place."}[op]
     answer = f"{value:g}" if op != "growth" else f"{value:.1f}%"
-    return _Item(kind, question, answer, "math", facts)
+    step = {"sum": f"{a} + {b} = {answer} million crowns",
+            "difference": f"{b} - {a} = {answer} million crowns",
+            "growth": f"({b} - {a}) / {a} x 100 = {answer}, rounded to one decimal place"}[op]
+    return _Item(kind, question, answer, "math", facts, f"So the {op} is {step}.")
+
+
+def _reasoning(item: _Item, context: str) -> str:
+    """Quote each fact with the paragraph that states it, then the step to the answer: a
+    trace that is true of this document, for SFT to teach a grounded reasoning format."""
+    paragraphs = context.split("\n\n")
+    steps = []
+    for k, fact in enumerate(item.facts):
+        where = next(j for j, para in enumerate(paragraphs, 1) if fact in para)
+        step = f'paragraph {where} of the document says: "{fact}"'
+        if len(item.facts) > 1:  # a chain: say which fact comes first
+            step = ("First, " if k == 0 else "Then ") + step
+        steps.append(step[0].upper() + step[1:])
+    return "\n".join(steps + [item.conclusion])
 
 
 def generate(n: int, target_tokens: int | tuple[int, int], *, seed: int = 0, kinds: Sequence[str] = KINDS,
@@ -141,7 +167,8 @@ def generate(n: int, target_tokens: int | tuple[int, int], *, seed: int = 0, kin
         context = _document(item.facts, target, depth, names, rng, count_tokens)
         records.append(DocQARecord(id=f"synth-{seed}-{i}", data_source="synthetic", task=item.task, context=context,
                                    question=item.question, answers=[item.answer],
-                                   meta={"kind": kind, "depth": round(depth, 3), "target_tokens": target}))
+                                   meta={"kind": kind, "depth": round(depth, 3), "target_tokens": target},
+                                   reasoning=_reasoning(item, context)))
     return records
 
 

@@ -19,8 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ..config import EvalConfig
+from ..config import DataConfig, EvalConfig, RolloutConfig
 from ..data.lengths import record_prompt_ids
+from ..data.template import resolve_think, stop_token_ids
 from ..data.loaders import DocQARecord
 from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
@@ -80,8 +81,10 @@ def markdown(table: dict) -> str:
 
 def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], settings: EvalConfig,
              out_dir: str | os.PathLike, *, reward: HybridReward | None = None, progress: bool = True,
-             generator_factory: Callable | None = None) -> dict:
-    """Evaluate, resuming from out_dir/items.jsonl; -> the summary table."""
+             generator_factory: Callable | None = None, data: DataConfig | None = None,
+             rollout: RolloutConfig | None = None) -> dict:
+    """Evaluate, resuming from out_dir/items.jsonl; -> the summary table. data: the prompt
+    template and chat wrapping (as in training); rollout: the KV cache settings."""
     from tqdm import tqdm
 
     from ..rollout import Generator, SamplingParams
@@ -91,16 +94,19 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     out.mkdir(parents=True, exist_ok=True)
     items_path = out / "items.jsonl"
     done = _read_done(items_path)
-    reward = reward or HybridReward(think=settings.think)
+    data = data or DataConfig()
+    reward = reward or HybridReward(think=resolve_think(settings.think, tokenizer, data.chat_template))
     max_input = settings.max_input_tokens
     ctx = model.config.max_position_embeddings
     if max_input + settings.max_new_tokens > ctx:
         max_input = max(1, ctx - settings.max_new_tokens)  # the model's window bounds the input
-    stops = [t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-             if isinstance(t, int) and t >= 0 and t != tokenizer.unk_token_id]
+    stops = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                             top_p=settings.top_p, seed=settings.seed, stop_token_ids=stops)
-    gen = (generator_factory or Generator)(model, tokenizer)
+    if generator_factory is None:
+        gen = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
+    else:
+        gen = generator_factory(model, tokenizer)
     todo = []
     for bench, records in benchmarks.items():
         chosen = records[: settings.limit] if settings.limit else records
@@ -113,8 +119,8 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     with open(items_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), settings.batch_items):
             batch = todo[start:start + settings.batch_items]
-            prompts = [record_prompt_ids(r, tokenizer, template=settings.template, max_tokens=max_input)
-                       for _, r in batch]
+            prompts = [record_prompt_ids(r, tokenizer, template=data.template, max_tokens=max_input,
+                                         chat=data.chat_template) for _, r in batch]
             groups = gen.generate([p for p, _ in prompts], n=settings.n, params=params)
             for (bench, rec), (ids, cut), group in zip(batch, prompts, groups):
                 texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]

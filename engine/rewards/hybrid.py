@@ -2,8 +2,9 @@
 
 The rule runs on every completion; the judge is asked only where the rule scored below 1
 (an exact-enough answer needs no second opinion), and only about the extracted answer. A
-judge that is unavailable after its retries leaves the rule score in place and is
-counted: training never stops for it.
+judge that is unavailable within its deadline leaves the rule score in place and is
+counted: training never stops for it. `metrics()` gives a step's figures and starts the
+counts again; `state_dict()` carries the judge's cache into checkpoints.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ class HybridReward:
         self.judge = judge
         self.think = think
         self.judge_tasks = tuple(judge_tasks)
-        self.judge_fallbacks = 0  # items scored by the rule alone because the judge was down
+        self.judge_fallbacks = 0  # items left at the rule score because the judge was unavailable
+        self.judge_rescued = 0  # items whose reward the judge raised above the rule's
 
     def __call__(self, items: list[RewardItem]) -> list[RewardResult]:
         results = []
@@ -46,10 +48,9 @@ class HybridReward:
             else:
                 answer = extract_answer(item.completion, self.think)
             results.append(RewardResult(reward=rule, rule=rule, judge=None, answer=answer))
-            if self.judge is not None and rule < 1 and answer and item.task in self.judge_tasks:
-                golds = gold_answers(item.gold)
-                gold = golds[0] if len(golds) == 1 else " | ".join(golds)
-                ask.append((i, JudgeItem(question=item.question, prediction=answer, gold=gold)))
+            golds = gold_answers(item.gold)
+            if self.judge is not None and rule < 1 and answer and golds and item.task in self.judge_tasks:
+                ask.append((i, JudgeItem(question=item.question, prediction=answer, gold=" | ".join(golds))))
         if ask:
             verdicts = self.judge([j for _, j in ask])
             for (i, _), verdict in zip(ask, verdicts):
@@ -57,11 +58,21 @@ class HybridReward:
                 if verdict is None:
                     self.judge_fallbacks += 1
                 elif verdict:
-                    results[i].reward = max(results[i].rule, 1.0)
+                    results[i].reward = 1.0  # max(rule, judge): the judge is only asked where rule < 1
+                    self.judge_rescued += 1
         return results
 
     def metrics(self) -> dict[str, float]:
-        out = {"reward/judge_fallbacks": self.judge_fallbacks}
+        """The figures since the last call (one step's), the judge's included; counts restart."""
+        out = {"reward/judge_fallbacks": self.judge_fallbacks, "reward/judge_rescued": self.judge_rescued}
+        self.judge_fallbacks = self.judge_rescued = 0
         if self.judge is not None:
-            out.update(self.judge.stats.as_dict())
+            out.update(self.judge.stats.take())
         return out
+
+    def state_dict(self) -> dict:
+        return {"judge": self.judge.state_dict()} if self.judge is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.judge is not None and "judge" in state:
+            self.judge.load_state_dict(state["judge"])

@@ -5,16 +5,22 @@ Decisions (each tested):
 - Thinking: with think="auto" the answer is read after the last `</think>` when there is
   one; think="required" scores a completion without `</think>` as no answer (a thinking
   model that never closed its thought); think="off" ignores the tag.
-- The answer is the text after the *last* "the answer is", matched case-insensitively, up to
-  the end of that line, with wrapping parentheses, quotes, bold markers and a final period
-  removed. A completion that never says "the answer is" has no answer and scores 0: a
-  lenient fallback would reward long outputs that merely contain the gold string.
+- The answer is the first non-empty line after the *last* "the answer is", matched
+  case-insensitively (models often write "the answer is:" and the answer on a line of its
+  own), with wrapping parentheses, quotes, bold markers and a final period removed. A
+  completion that never says "the answer is" has no answer and scores 0: a lenient
+  fallback would reward long outputs that merely contain the gold string.
 - sub-EM (QwenLong-L1's training reward): after normalisation, the gold is contained in the
   prediction or the prediction in the gold; an empty prediction never matches.
 - Numbers (DocMath): thousands separators, signs, (123) as −123, currency symbols, %, and
   scale words (thousand, million, billion, trillion) are parsed by a regular expression,
   never eval(); a prediction matches within a relative 0.15% of the gold, or of the gold
-  ×100, /100, ×1000, /1000 (percent vs fraction, units of thousands).
+  ×/÷ 100 (percent vs fraction) or ×/÷ 10^3, 10^6, 10^9 (a table in thousands, millions or
+  billions answered with or without the scale word: gold 5 accepts "$5 million"). Other
+  ratios, ×10 included, stay wrong.
+- Multiple choice: the letter is an uppercase letter in parentheses, "(B)", or standing
+  alone, "the answer is B."; "the answer is a clear one" is no choice. Gold letters are
+  read leniently ("a", "(a)", "A").
 - Gold answers may be a bare answer, a sentence with "the answer is" (its answer is
   extracted the same way), or a list of acceptable answers (the best score counts).
 """
@@ -42,9 +48,13 @@ def strip_thinking(completion: str, think: str = "auto") -> str | None:
     return completion[idx + len("</think>"):]
 
 
+def _first_line(text: str) -> str:
+    """The first line with content: "the answer is:" is often followed by a blank line."""
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
 def _clean(answer: str) -> str:
-    answer = answer.strip().splitlines()[0] if answer.strip() else ""
-    answer = answer.strip().lstrip(":").strip()
+    answer = _first_line(answer.strip().lstrip(":")).strip()
     for _ in range(3):  # peel wrappers: **(Paris).** -> Paris
         before = answer
         answer = answer.strip().rstrip(".").strip()
@@ -135,34 +145,43 @@ def parse_number(text: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# the unit changes a correct DocMath answer may carry: percent vs fraction, and a scale word
+# (thousand, million, billion) the table's header implies but the answer states or drops
+_UNIT_FACTORS = (1.0, 1e2, 1e-2, 1e3, 1e-3, 1e6, 1e-6, 1e9, 1e-9)
+
+
 def numbers_match(prediction: float, gold: float, rel_tol: float = 0.0015) -> bool:
-    for candidate in (gold, gold * 100, gold / 100, gold * 1000, gold / 1000):
-        if candidate == 0:
-            if abs(prediction) <= 1e-9:
-                return True
-        elif abs(prediction - candidate) <= rel_tol * abs(candidate):
-            return True
-    return False
+    """Within rel_tol of the gold in its own unit or in one of the unit changes above."""
+    if gold == 0:
+        return abs(prediction) <= 1e-9
+    return any(abs(prediction - gold * f) <= rel_tol * abs(gold * f) for f in _UNIT_FACTORS)
 
 
 # ---- multiple choice -------------------------------------------------------------------
-_CHOICE = re.compile(r"answer\s+is\s*:?\s*\(?\s*([A-Z])\s*\)?(?![A-Za-z])", re.IGNORECASE)
+def _choice_after_answer_is(letter: str) -> re.Pattern:
+    """After "answer is": a letter in parentheses, "(B)", or standing alone, "B." (bold allowed)."""
+    return re.compile(rf"(?i:answer\s+is)\s*:?\s*(?:\*\*)?\s*(?:\(\s*({letter})\s*\)|({letter})(?![\w'’]))")
+
+
+_CHOICE = _choice_after_answer_is("[A-Z]")  # uppercase only: "the answer is a ..." is an article
+_GOLD_CHOICE = _choice_after_answer_is("[A-Za-z]")
 _BARE_CHOICE = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\.?$")
 
 
+def _last_letter(pattern: re.Pattern, text: str) -> str | None:
+    matches = list(pattern.finditer(text))
+    return (matches[-1].group(1) or matches[-1].group(2)).upper() if matches else None
+
+
 def extract_choice(completion: str, think: str = "auto") -> str | None:
+    """The letter of the last "answer is (X)" / "answer is X", or None."""
     text = strip_thinking(completion, think)
-    if text is None:
-        return None
-    matches = list(_CHOICE.finditer(text))
-    return matches[-1].group(1).upper() if matches else None
+    return None if text is None else _last_letter(_CHOICE, text)
 
 
 def _gold_choice(gold: str) -> str | None:
     m = _BARE_CHOICE.match(gold.strip())
-    if m:
-        return m.group(1).upper()
-    return extract_choice(gold, think="off")
+    return m.group(1).upper() if m else _last_letter(_GOLD_CHOICE, gold)
 
 
 # ---- the reward ------------------------------------------------------------------------

@@ -12,6 +12,8 @@ allocated per call and dropped at its end, and nothing is left in the model.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +51,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.cache_cfg = cache_cfg or CacheConfig()
         self.stats = RolloutStats()
+        self._stop_ids: list[int] | None = None
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int = 1,
@@ -58,6 +61,7 @@ class Generator:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        per_prompt = [self._with_stops(p) for p in per_prompt]
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         if any(p.stop for p in per_prompt) and self.tokenizer is None:
@@ -82,11 +86,27 @@ class Generator:
         self.stats.preemptions = sched.preemptions
         return results  # type: ignore[return-value]
 
+    def _with_stops(self, params: SamplingParams) -> SamplingParams:
+        """Fill in the model's stop rule where the request names no stop tokens."""
+        if params.stop_token_ids is not None:
+            return params
+        stops = [] if params.ignore_eos else self.default_stop_ids()
+        return dataclasses.replace(params, stop_token_ids=stops)
+
+    def default_stop_ids(self) -> list[int]:
+        if self._stop_ids is None:
+            from ..data.template import stop_token_ids
+            self._stop_ids = stop_token_ids(self.tokenizer, getattr(self.model, "checkpoint_dir", None))
+        return self._stop_ids
+
     def _new_seq(self, request, sample, tokens, prompt_len, params, fork_into=0) -> Sequence:
         gen = None
         if sample >= 0 and params.temperature > 0:
             gen = torch.Generator()
-            gen.manual_seed(params.seed * 1_000_003 + sample if params.seed is not None else torch.seed())
+            # no seed: fresh entropy, drawn without touching torch's global generators (reseeding
+            # them would clobber the trainer's RNG stream and what a resume restores)
+            gen.manual_seed(params.seed * 1_000_003 + sample if params.seed is not None
+                            else int.from_bytes(os.urandom(8), "little") >> 1)
         return Sequence(request, sample, tokens, prompt_len, params, gen, fork_into=fork_into)
 
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:

@@ -24,12 +24,15 @@ class CacheConfig:
     cpu_bytes: int = 2 << 30  # CPU budget when no explicit size is given
     max_prefill_tokens: int = 2048  # tokens prefilled per scheduler step (chunked prefill)
     max_num_seqs: int = 256  # sequences decoding together
+    decode_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; $LONGRL_PAGED_BACKEND overrides
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.max_prefill_tokens < 1 or self.max_num_seqs < 1:
             raise ValueError("max_prefill_tokens and max_num_seqs must be >= 1")
+        if self.decode_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"decode_backend must be auto, torch or triton, got {self.decode_backend!r}")
 
 
 class PagedKVCache:
@@ -38,6 +41,7 @@ class PagedKVCache:
         mc = model.config
         w = model.embed_tokens.weight
         self.block_size = cfg.block_size
+        self.decode_backend = cfg.decode_backend
         self.shape_per_layer = (cfg.block_size, mc.num_kv_heads, mc.head_dim)
         per_block = mc.num_layers * 2 * cfg.block_size * mc.num_kv_heads * mc.head_dim * w.element_size()
         if cfg.num_blocks:
@@ -71,8 +75,8 @@ class PagedKVCache:
             self.v[:, dst] = self.v[:, src]
 
 
-def _decode_backend(device: torch.device) -> str:
-    choice = os.environ.get("LONGRL_PAGED_BACKEND", "auto")
+def _decode_backend(device: torch.device, configured: str = "auto") -> str:
+    choice = os.environ.get("LONGRL_PAGED_BACKEND") or configured
     if choice == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return choice
@@ -101,7 +105,7 @@ class PagedAttention:
         self.decode = all(n == 1 for n in new)
         self.cascade = None
         if self.decode:
-            self.backend = _decode_backend(device)
+            self.backend = _decode_backend(device, cache.decode_backend)
             lens = [c + n for c, n in zip(cached, new)]
             shared = prefix_lens is not None and groups is not None and any(p > 0 for p in prefix_lens)
             if self.backend == "torch" and shared:

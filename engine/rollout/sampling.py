@@ -21,8 +21,11 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None  # per request; sample i of a request uses seed + i
-    stop_token_ids: list[int] = field(default_factory=list)
+    # None: the model's own stop rule (engine.data.template.stop_token_ids: generation_config's
+    # eos ids and the chat template's end of turn), as transformers and vLLM stop by default
+    stop_token_ids: list[int] | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (need the tokenizer)
+    ignore_eos: bool = False  # True: generate max_new_tokens, stopping only at explicit stop_token_ids / stop
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

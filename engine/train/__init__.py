@@ -1,32 +1,30 @@
-"""Training: the SFT warm-up loop, checkpoints and metrics (the RL loop joins here).
+"""Training: the SFT warm-up loop, the GRPO/DAPO phases, checkpoints and metrics.
 
-`run_sft` is what `longrl sft` runs: load data and model (or resume the newest checkpoint
-of train.out_dir), step with a progress bar, log one JSON row per step, checkpoint every
-train.save_every steps and at the end (and on Ctrl-C), keep the last train.keep_last.
+`run_sft` (`longrl sft`) and `run_rl` share one scaffold (engine.train.loop): seed and model
+load, resume from the newest checkpoint of train.out_dir, one JSON row per step, a progress
+bar, checkpoints every train.save_every steps, at phase ends and on Ctrl-C, advice on out
+of memory. This package is the one place that wires model, rollout, rewards (and the
+judge), curriculum and kernels together.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from ..config import Config
 from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
+from .loop import TrainingStopped, guarded, oom_advice, progress_bar, start_model
 from .metrics import MetricsLog
-from .sft import SFTTrainer, TrainingStopped, sft_examples
+from .sft import SFTTrainer, sft_examples
 
-__all__ = ["run_sft", "run_rl", "run_pipeline", "holdout_eval", "SFTTrainer", "sft_examples", "save_checkpoint",
-           "latest_checkpoint", "MetricsLog", "TrainingStopped"]
+__all__ = ["run_sft", "run_rl", "run_pipeline", "holdout_eval", "build_reward", "SFTTrainer", "sft_examples",
+           "save_checkpoint", "latest_checkpoint", "MetricsLog", "TrainingStopped", "oom_advice"]
 
 
 def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
             fresh_log: bool | None = None) -> Path:
     """-> the final checkpoint directory. stop_after: return after that many steps of this
     call without a final checkpoint, as a killed run would (tests use it)."""
-    import torch
-    from tqdm import tqdm
-
     from ..data import load_records
-    from ..model import load_model
 
     if not cfg.sft.data:
         raise ValueError("sft.data lists no files: give at least one doc-QA file (--sft.data='[\"a.jsonl\"]')")
@@ -34,15 +32,11 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-    torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(ckpt / "model" if ckpt else cfg.model.path, device=cfg.model.device,
-                                  dtype=cfg.model.dtype, attn_backend=cfg.model.attn_backend)
-    if tokenizer is None:
-        raise ValueError(f"model {cfg.model.path}: SFT needs the tokenizer files")
-    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else cfg.model.path)
     records = [r for path in cfg.sft.data for r in load_records(path, format=cfg.sft.format)]
     max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
-    examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input)
+    examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input,
+                            chat=cfg.data.chat_template, think=cfg.rl.think)
     trainer = SFTTrainer(model, examples, cfg.train, cfg.sft)
     if ckpt:
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
@@ -50,11 +44,14 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         restore_rng(rng)
     fresh = ckpt is None if fresh_log is None else fresh_log
     log = MetricsLog(run_dir, "sft", fresh=fresh, resume_after_step=trainer.state.step if ckpt else None)
-    bar = tqdm(total=trainer.total_steps, initial=trainer.state.step, desc="sft", unit="step",
-               disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    last = ckpt
-    done_here = 0
-    try:
+    bar = progress_bar(trainer.total_steps, trainer.state.step, "sft", progress)
+
+    def save():
+        return save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
+                               trainer.state_dict(), cfg.train.keep_last)
+
+    last, done_here = ckpt, 0
+    with guarded(bar, save):
         while not trainer.done() and (stop_after is None or done_here < stop_after):
             row = trainer.step()
             log.write(row)
@@ -62,23 +59,59 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             done_here += 1
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
-                last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
-                                       trainer.state_dict(), cfg.train.keep_last)
-    except torch.OutOfMemoryError as e:
-        raise TrainingStopped(oom_advice(e)) from None
-    except KeyboardInterrupt:
-        bar.close()
-        last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
-                               trainer.state_dict(), cfg.train.keep_last)
-        print(f"\ninterrupted: checkpoint written to {last}; continue with --resume", file=sys.stderr)
-        raise
+                last = save()
     bar.close()
     if stop_after is not None and not trainer.done():
         return last  # a simulated kill: whatever the periodic checkpoints left
     if last is None or last.name != f"step-{trainer.state.step:06d}":
-        last = save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
-                               trainer.state_dict(), cfg.train.keep_last)
+        last = save()
     return last
+
+
+def build_reward(cfg: Config, think: str):
+    """The hybrid reward of the [reward] section: rule checks, and the judge it names (an
+    HTTP endpoint, or a local checkpoint generated in-process through the rollout engine)."""
+    from ..rewards import HybridReward, build_judge
+
+    generate = local_judge_generate(cfg) if cfg.reward.judge == "local" else None
+    return HybridReward(build_judge(cfg.reward, generate), think=think, judge_tasks=cfg.reward.judge_tasks)
+
+
+def local_judge_generate(cfg: Config):
+    """A generate function (chat messages in, reply texts out) over the judge checkpoint:
+    greedy, batched, stopping by the judge's own stop rule, within judge_max_tokens."""
+    from ..data.template import encode_messages, stop_token_ids
+    from ..model import load_model
+    from ..rollout import Generator, SamplingParams
+
+    model, tokenizer = load_model(cfg.reward.judge_path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  attn_backend=cfg.model.attn_backend)
+    if tokenizer is None:
+        raise ValueError(f"reward.judge_path {cfg.reward.judge_path}: the judge needs its tokenizer files")
+    model.requires_grad_(False).eval()
+    generator = Generator(model, tokenizer, cfg.rollout.cache_config())
+    params = SamplingParams(max_new_tokens=cfg.reward.judge_max_tokens, temperature=0.0,
+                            stop_token_ids=stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None)))
+
+    def generate(chats: list[list[dict]]) -> list[str]:
+        outs = generator.generate([encode_messages(tokenizer, m) for m in chats], n=1, params=params)
+        return [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in outs]
+    return generate
+
+
+def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: bool):
+    """The frozen starting weights for the KL term: saved once under RUN_DIR/reference at the
+    start of RL, so a resumed run compares against the same reference."""
+    from ..model import load_model, save_model
+
+    ref_dir = run_dir / "reference"
+    device = "cpu" if cfg.rl.ref_device == "cpu" else cfg.model.device
+    if not resuming or not (ref_dir / "config.json").is_file():
+        if resuming:
+            raise FileNotFoundError(f"--resume with rl.kl_coef > 0: the reference weights {ref_dir} are missing")
+        save_model(model, tokenizer, ref_dir)
+    ref, _ = load_model(ref_dir, device=device, dtype=cfg.model.dtype, attn_backend=cfg.model.attn_backend)
+    return ref.requires_grad_(False).eval()
 
 
 def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
@@ -86,12 +119,9 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     """The RL phases of the curriculum, in order, each from the previous phase's weights,
     with hard examples carried forward. start_from: a model to begin with (the SFT result);
     resume: continue from the newest RL checkpoint of train.out_dir."""
-    import torch
-    from tqdm import tqdm
-
     from ..curriculum import DifficultyTracker, phase_members
     from ..data import load_records, prompt_lengths
-    from ..model import load_model
+    from ..data.template import resolve_think
     from .rl import GRPOTrainer
 
     rl = cfg.rl
@@ -103,16 +133,16 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     if ckpt and state[2].get("stage") != "rl":
         ckpt, state = None, None  # the newest checkpoint is SFT's: RL starts fresh from it
         start_from = latest_checkpoint(run_dir) / "model"
-    torch.manual_seed(cfg.train.seed)
-    source = ckpt / "model" if ckpt else (start_from or cfg.model.path)
-    model, tokenizer = load_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
-                                  attn_backend=cfg.model.attn_backend)
-    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else (start_from or cfg.model.path))
     records = [r for path in rl.data for r in load_records(path, format=rl.format)]
-    lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, cache_path=run_dir / "lengths.json")
+    lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, chat=cfg.data.chat_template,
+                             cache_path=run_dir / "lengths.json")
     members = phase_members(lengths, rl.phases)
     total = sum(p.steps for p in rl.phases)
-    trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward)
+    reward = reward or build_reward(cfg, resolve_think(rl.think, tokenizer, cfg.data.chat_template))
+    ref = _reference_model(cfg, run_dir, model, tokenizer, state is not None) if rl.kl_coef > 0 else None
+    trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward,
+                          data=cfg.data, rollout=cfg.rollout, kernels=cfg.kernels, ref_model=ref)
     tracker = DifficultyTracker(cap=rl.difficulty_cap)
     phase_k, carried, sampler_state = 0, [], None
     if state:
@@ -123,13 +153,10 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         restore_rng(rng)
     fresh = (state is None and start_from is None) if fresh_log is None else fresh_log
     log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None)
-    bar = tqdm(total=total, initial=trainer.step_count, desc="rl", unit="step", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    last = ckpt
-
+    bar = progress_bar(total, trainer.step_count, "rl", progress)
     position = {"phase": phase_k, "carried": carried, "sampler": None}  # where the run is, for saves
 
-    def save(sampler, phase=None, carried_now=None) -> Path:
+    def save(sampler=None, phase=None, carried_now=None) -> Path:
         if phase is not None:
             position.update(phase=phase, carried=carried_now)
         tstate = {"stage": "rl", "phase": position["phase"], "carried": position["carried"],
@@ -138,16 +165,9 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
                                cfg.train.keep_last)
 
-    try:
+    with guarded(bar, lambda: save(position["sampler"])):
         last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,
-                          save, position, evaluate, stop_after, last)
-    except KeyboardInterrupt:
-        bar.close()
-        last = save(position["sampler"])
-        print(f"\ninterrupted: checkpoint written to {last}; continue with --resume", file=sys.stderr)
-        raise
-    except torch.OutOfMemoryError as e:
-        raise TrainingStopped(oom_advice(e)) from None
+                          save, position, evaluate, stop_after, ckpt)
     bar.close()
     return last
 
@@ -161,8 +181,12 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
     while phase_k < len(rl.phases):
         phase = rl.phases[phase_k]
         ids = [records[i].id for i in members[phase_k]]
+        balance = None
+        if rl.balance != "none":
+            by_id = {r.id: r for r in records}
+            balance = {i: getattr(by_id[i], rl.balance) for i in [*ids, *carried]}
         sampler = PhaseSampler(ids, carried=carried, carry_ratio=rl.carry_ratio if phase_k else 0.0,
-                               tracker=tracker, seed=cfg.train.seed + phase_k)
+                               tracker=tracker, seed=cfg.train.seed + phase_k, balance_by=balance)
         if sampler_state:
             sampler.load_state_dict(sampler_state)
             sampler.tracker = tracker
@@ -192,13 +216,6 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
     return last
 
 
-def oom_advice(err: Exception) -> str:
-    return (f"out of memory ({str(err).splitlines()[0]}). Turn down, in this order: train.token_budget "
-            f"(tokens per micro-batch), rl.max_new_tokens or the phase's max_input_tokens, the fused-loss chunk "
-            f"($LONGRL_CHUNK_MB), the rollout KV cache (CacheConfig gpu_memory_fraction / max_bytes); or set "
-            f"model.activation_checkpointing = true")
-
-
 def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, log: MetricsLog | None) -> dict:
     """Score the [eval] sets now; log a row {stage: eval, label, accuracy, ...} and print a line."""
     from ..data import load_records
@@ -210,7 +227,9 @@ def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, lo
         if not sep or spec.startswith("synthetic:"):
             name, path = (Path(spec).stem if not spec.startswith("synthetic:") else "synthetic"), spec
         benches[name] = load_records(path)
-    table = run_eval(model, tokenizer, benches, cfg.eval, Path(cfg.train.out_dir) / "eval" / label, progress=False)
+    # held-out figures use the rule score alone, so every point of a run is scored alike
+    table = run_eval(model, tokenizer, benches, cfg.eval, Path(cfg.train.out_dir) / "eval" / label, progress=False,
+                     data=cfg.data, rollout=cfg.rollout)
     row = {"stage": "eval", "label": label, "step": step, "accuracy": table["average"]["accuracy"],
            **{f"accuracy/{b}": e["accuracy"] for b, e in table.items() if b != "average"}}
     if log is not None:
@@ -234,7 +253,8 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
         holdout_eval(cfg, model, tokenizer, label, step, log)
 
     def evaluate_dir(path, label):
-        model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype)
+        model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype,
+                                      attn_backend=cfg.model.attn_backend)
         evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval"))
 
     if latest is None:

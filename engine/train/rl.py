@@ -1,13 +1,16 @@
 """One GRPO / DAPO step, as DESIGN.md's data path:
 
 curriculum sampler -> rollout (G samples per prompt, the prompt prefilled once) -> hybrid
-reward (+ overlong shaping) -> dynamic sampling (drop zero-variance groups, generate more)
--> group-relative advantages -> packed token-budget micro-batches -> old log-probs (fused,
-no grad; only when a batch is split into several optimizer steps) -> fused GRPO loss with
-the batch's global normalisation -> optimizer step(s) -> per-example difficulty.
+reward max(rule, judge) (+ overlong shaping) -> dynamic sampling on accuracy (drop groups
+whose samples all score the same, generate more) -> group-relative advantages (+ AEPO) ->
+packed token-budget micro-batches -> old and reference log-probs over response tokens
+(fused, no grad; old ones only when a batch is split into several optimizer steps,
+reference ones only when rl.kl_coef > 0) -> fused GRPO loss with the batch's global
+normalisation -> optimizer step(s) -> per-example difficulty.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -17,16 +20,18 @@ from dataclasses import dataclass
 import torch
 
 from kernels import GRPOLossConfig, aggregation_weights, linear_grpo_loss, linear_logprob
+from kernels.rows import rows_for_budget
 
-from ..config import RLConfig, TrainConfig
+from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
+from ..data.template import resolve_think, stop_token_ids
 from ..rewards import HybridReward, RewardItem
-from ..rl import DynamicSampler, grpo_advantages, overlong_penalty
+from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
+from .loop import OptimizerStep
 from .metrics import efficiency
-from .optim import lr_at, make_optimizer
-from .sft import TrainingStopped
+from .optim import make_optimizer
 
 
 @dataclass
@@ -34,35 +39,59 @@ class Group:
     record: object
     prompt: list[int]
     completions: list  # rollout Completions
-    rewards: list[float]
-    correct: list[float]  # the reward before shaping (1 = solved)
+    rewards: list[float]  # what the advantages see: accuracy + overlong shaping
+    correct: list[float]  # the unshaped score (max(rule, judge); 1 = solved): what DAPO filters on
 
 
 class GRPOTrainer:
     def __init__(self, model, tokenizer, records, rl: RLConfig, train: TrainConfig, *,
-                 reward: HybridReward | None = None, total_steps: int = 1):
+                 reward: HybridReward | None = None, total_steps: int = 1, data: DataConfig | None = None,
+                 rollout: RolloutConfig | None = None, kernels: KernelsConfig | None = None, ref_model=None):
+        """ref_model: the frozen reference policy when rl.kl_coef > 0 (default: a copy of
+        `model` as it is now, the start of RL); with kl_coef = 0 there is none."""
         self.model, self.tokenizer = model, tokenizer
         self.records = {r.id: r for r in records}
         if rl.lr:
             train = dataclasses.replace(train, lr=rl.lr)
         self.rl, self.cfg = rl, train
-        self.reward = reward or HybridReward(think=rl.think)
+        self.data = data or DataConfig()
+        self.think = resolve_think(rl.think, tokenizer, self.data.chat_template)
+        self.reward = reward or HybridReward(think=self.think)
         self.optimizer = make_optimizer(model, train)
-        self.generator = Generator(model, tokenizer)
+        self.opt_step = OptimizerStep(model, self.optimizer, train)
+        self.generator = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
         self.loss_cfg = GRPOLossConfig(temperature=rl.temperature, clip_low=rl.clip_low, clip_high=rl.clip_high,
                                        clip_c=rl.clip_c, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
                                        entropy_coef=rl.entropy_coef)
+        backend, chunk_mb = (kernels or KernelsConfig()).resolved()
+        vocab = model.lm_head_weight.shape[0]
+        self.kernel_args = {"backend": backend, "chunk_tokens": rows_for_budget(vocab, chunk_mb) if chunk_mb else None}
+        self.aepo = AEPOController(rl.aepo_high, rl.aepo_low) if rl.aepo_high > 0 else None
+        self.ref_model = None
+        if rl.kl_coef > 0:
+            self.ref_model = ref_model if ref_model is not None else self._frozen_copy(rl.ref_device)
         self.step_count = 0
         self.total_steps = total_steps
-        self.bad_steps = 0
-        eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop_ids = [t for t in {tokenizer.eos_token_id, eot} if isinstance(t, int) and t >= 0
-                         and t != tokenizer.unk_token_id]
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
+
+    def _frozen_copy(self, where: str):
+        """The reference policy: the weights as they are now (the start of RL), frozen."""
+        ref = copy.deepcopy(self.model)
+        if where == "cpu":
+            ref = ref.to("cpu")
+        ref.requires_grad_(False).eval()
+        ref.set_activation_checkpointing(False)
+        return ref
+
+    @property
+    def bad_steps(self) -> int:
+        return self.opt_step.bad_steps
 
     # ---- rollout and reward -------------------------------------------------------------
     def _rollout(self, ids: list[str], max_input: int, round_seed: int, timing) -> list[Group]:
         recs = [self.records[i] for i in ids]
-        prompts = [record_prompt_ids(r, self.tokenizer, max_tokens=max_input)[0] for r in recs]
+        prompts = [record_prompt_ids(r, self.tokenizer, template=self.data.template, max_tokens=max_input,
+                                     chat=self.data.chat_template)[0] for r in recs]
         params = SamplingParams(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
                                 top_p=self.rl.top_p, seed=round_seed, stop_token_ids=self.stop_ids)
         self.model.eval()
@@ -70,11 +99,16 @@ class GRPOTrainer:
         outs = self.generator.generate(prompts, n=self.rl.group_size, params=params)
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
+        items, owners = [], []
+        for k, (rec, comps) in enumerate(zip(recs, outs)):
+            for c in comps:
+                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                items.append(RewardItem(text, rec.answers, rec.task, rec.question))
+                owners.append(k)
+        scored = self.reward(items)  # one call: the judge sees the whole batch at once
         groups = []
-        for rec, prompt, comps in zip(recs, prompts, outs):
-            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
-            scored = self.reward([RewardItem(t, rec.answers, rec.task, rec.question) for t in texts])
-            correct = [s.reward for s in scored]
+        for k, (rec, prompt, comps) in enumerate(zip(recs, prompts, outs)):
+            correct = [s.reward for s, o in zip(scored, owners) if o == k]
             rewards = list(correct)
             if self.rl.overlong_buffer:
                 lengths = torch.tensor([len(c.token_ids) for c in comps])
@@ -85,39 +119,51 @@ class GRPOTrainer:
         timing["reward"] += time.perf_counter() - t0
         return groups
 
+    def _collect(self, sampler, max_input: int, timing) -> tuple[list[Group], list[Group], DynamicSampler, dict]:
+        """Generation batches until dynamic sampling has its train batch (or its rounds run out)."""
+        rl = self.rl
+        dyn = DynamicSampler(target_groups=rl.batch_prompts, max_rounds=rl.max_rounds if rl.dynamic_sampling else 1,
+                             on_shortfall="error" if rl.on_shortfall == "error" else "log")
+        per_round = rl.batch_prompts * (rl.oversample if rl.dynamic_sampling else 1)
+        seen: list[Group] = []
+        mix = defaultdict(int)
+        while dyn.need_more():
+            ids = sampler.sample(per_round)
+            for key, n in getattr(sampler, "last_mix", {}).items():
+                mix[key] += n
+            seed = self.cfg.seed * 100_003 + self.step_count * 97 + dyn.rounds
+            groups = self._rollout(ids, max_input, seed, timing)
+            seen += groups
+            if rl.dynamic_sampling:
+                dyn.add(groups, values=lambda g: g.correct)  # DAPO filters on accuracy, not the shaped reward
+            else:
+                dyn.kept += groups
+                dyn.rounds += 1
+        return dyn.finish(), seen, dyn, dict(mix)
+
     # ---- the step -----------------------------------------------------------------------
     def step(self, sampler, max_input: int) -> dict:
         started = time.perf_counter()
         timing = defaultdict(float)
-        dyn = DynamicSampler(target_groups=self.rl.batch_prompts,
-                             max_rounds=self.rl.max_rounds if self.rl.dynamic_sampling else 1,
-                             on_shortfall=self.rl.on_shortfall)
-        seen: list[Group] = []
-        rollout_tokens = 0
-        drawn: list[str] = []
-        while dyn.need_more():
-            ids = sampler.sample(dyn.missing() if dyn.rounds else self.rl.batch_prompts)
-            drawn += ids
-            groups = self._rollout(ids, max_input, self.cfg.seed * 100_003 + self.step_count * 97 + dyn.rounds, timing)
-            rollout_tokens += sum(len(c.token_ids) for g in groups for c in g.completions)
-            seen += groups
-            if self.rl.dynamic_sampling:
-                dyn.add(groups, values=lambda g: g.rewards)
-            else:
-                dyn.kept += groups
-                dyn.rounds += 1
-        batch = dyn.finish()
+        batch, seen, dyn, mix = self._collect(sampler, max_input, timing)
         for g in seen:  # every rollout informs the curriculum, kept or not
             sampler.tracker.update(g.record.id, g.correct)
+        rollout_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
         row = {"stage": "rl", "step": self.step_count + 1, **dyn.metrics(), "time/rollout": timing["rollout"],
-               "time/reward": timing["reward"],
-               "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9), "examples": drawn}
+               "time/reward": timing["reward"], "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9),
+               "examples": [g.record.id for g in seen], **{f"curriculum/{k}": v for k, v in mix.items()}}
         row.update(self._batch_metrics(seen))
+        if hasattr(self.reward, "metrics"):
+            row.update(self.reward.metrics())
+        if batch and len(batch) < self.rl.batch_prompts and self.rl.on_shortfall == "skip":
+            row["dynamic/skipped_update"] = 1
+            batch = []
         if batch:
             row.update(self._update(batch, timing))
         self.step_count += 1
         row["time/step"] = time.perf_counter() - started
-        row.update(efficiency(self.model, row.get("update_tokens", 0), timing["update"], self.cfg.peak_tflops))
+        row.update(efficiency(self.model, row.get("update_tokens", 0), timing["update"] + timing["old_logprob"]
+                              + timing["ref_logprob"], self.cfg.peak_tflops))
         return row
 
     def _batch_metrics(self, groups: list[Group]) -> dict:
@@ -133,41 +179,61 @@ class GRPOTrainer:
         out.update({f"accuracy/{s}": sum(v) / len(v) for s, v in by_source.items()})
         return out
 
-    def _sequences(self, batch: list[Group]):
+    def _advantages(self, batch: list[Group]) -> tuple[list[float], list[bool], dict]:
+        """-> (advantage per sample, whether the sample enters the loss (AEPO), metrics)."""
         rewards = torch.tensor([r for g in batch for r in g.rewards])
         group_ids = torch.tensor([i for i, g in enumerate(batch) for _ in g.rewards])
-        adv = grpo_advantages(rewards, group_ids, scale=self.rl.advantage_scale).tolist()
-        seqs, seq_adv, k = [], [], 0
+        tasks = {t: i for i, t in enumerate(sorted({g.record.task for g in batch}))}
+        task_ids = torch.tensor([tasks[g.record.task] for g in batch for _ in g.rewards])
+        adv = grpo_advantages(rewards, group_ids, scale=self.rl.advantage_scale, task_ids=task_ids)
+        keep = torch.ones_like(adv, dtype=torch.bool)
+        info = {}
+        if self.aepo is not None:
+            # the rollout's own entropy estimate: mean −log π_behaviour over the sampled tokens
+            logps = [lp for g in batch for c in g.completions for lp in c.logprobs]
+            entropy = -sum(logps) / max(len(logps), 1)
+            self.aepo.update(entropy)
+            keep = self.aepo.sample_mask(adv)
+            info = {"aepo/entropy": entropy, "aepo/dropping": int(self.aepo.dropping),
+                    "aepo/dropped_samples": int((~keep).sum())}
+        return adv.tolist(), keep.tolist(), info
+
+    def _sequences(self, batch: list[Group]):
+        """-> ([(prompt + response ids, loss flags)], advantage per sequence, metrics). Loss
+        flags cover the response; overlong-filtered and AEPO-dropped samples get none."""
+        adv, keep, info = self._advantages(batch)
+        seqs = []
         for g in batch:
             for comp in g.completions:
-                flags = [0] * len(g.prompt) + [1] * len(comp.token_ids)
-                if self.rl.overlong_filter and comp.finish_reason == "length":
-                    flags = [0] * len(flags)
+                k = len(seqs)
+                out = (self.rl.overlong_filter and comp.finish_reason == "length") or not keep[k]
+                flags = [0] * len(g.prompt) + [0 if out else 1] * len(comp.token_ids)
                 seqs.append((g.prompt + comp.token_ids, flags))
-                seq_adv.append(adv[k])
-                k += 1
-        return seqs, seq_adv
+        return seqs, adv, info
 
     def _update(self, batch: list[Group], timing) -> dict:
         model, weight = self.model, self.model.lm_head_weight
         device = weight.device
-        seqs, seq_adv = self._sequences(batch)
+        seqs, seq_adv, out = self._sequences(batch)
         n_seq = len(seqs)
         global_tokens = sum(sum(f[1:]) for _, f in seqs)
         # mini-batches of whole groups; several of them make the later updates off-policy
         per_mini = math.ceil(len(batch) / self.rl.mini_batches) * self.rl.group_size
         minis = [list(range(i, min(i + per_mini, n_seq))) for i in range(0, n_seq, per_mini)]
-        old = None
+        old = ref = None
         if len(minis) > 1:
             t0 = time.perf_counter()
-            old = self._old_logprobs(seqs)
+            old = self._response_logprobs(self.model, seqs)
             timing["old_logprob"] += time.perf_counter() - t0
+        if self.ref_model is not None:
+            t0 = time.perf_counter()
+            ref = self._response_logprobs(self.ref_model, seqs)
+            timing["ref_logprob"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         stats_sum, n_stats, losses, norms = defaultdict(float), 0, [], []
         model.train()
         for mini in minis:
             mini_tokens = sum(sum(seqs[i][1][1:]) for i in mini) if len(minis) > 1 else global_tokens
-            mini_seqs = len(mini)
             loss_total = 0.0
             for part in budget_batches([len(seqs[i][0]) for i in mini], self.cfg.token_budget):
                 idx = [mini[j] for j in part]
@@ -176,64 +242,63 @@ class GRPOTrainer:
                 if rows.numel() == 0:
                     continue
                 w = aggregation_weights(packed.loss_mask, packed.seq_index, self.rl.aggregation,
-                                        global_tokens=mini_tokens, global_seqs=mini_seqs,
+                                        global_tokens=mini_tokens, global_seqs=len(mini),
                                         norm_len=self.rl.max_new_tokens)
                 adv_tok = torch.tensor([seq_adv[i] for i in idx], device=device)[packed.seq_index]
-                old_tok = None
-                if old is not None:
-                    old_tok = torch.cat([old[i] for i in idx]).to(device)
                 hidden = model(packed.input_ids, packed.cu_seqlens)
-                loss, stats = linear_grpo_loss(hidden[rows], weight, packed.targets[rows],
-                                               advantages=adv_tok[rows], token_weight=w[rows],
-                                               old_logprob=None if old_tok is None else old_tok[rows],
-                                               cfg=self.loss_cfg)
+                loss, stats = linear_grpo_loss(
+                    hidden[rows], weight, packed.targets[rows], advantages=adv_tok[rows], token_weight=w[rows],
+                    old_logprob=None if old is None else torch.cat([old[i] for i in idx]).to(device),
+                    ref_logprob=None if ref is None else torch.cat([ref[i] for i in idx]).to(device),
+                    cfg=self.loss_cfg, **self.kernel_args)
                 loss.backward()
                 loss_total += loss.item()
                 for key, val in stats.items():
                     stats_sum[key] += float(val)
                 n_stats += 1
-            lr = lr_at(self.step_count, self.cfg, self.total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            params = [p for p in model.parameters() if p.grad is not None]
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))) if params else 0.0
-            if not (math.isfinite(loss_total) and math.isfinite(norm)):
-                self.optimizer.zero_grad(set_to_none=True)
-                self.bad_steps += 1
-                if self.bad_steps >= self.cfg.max_bad_steps:
-                    raise TrainingStopped(f"{self.bad_steps} non-finite losses in a row; lower train.lr")
-                continue
-            self.bad_steps = 0
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss_total)
-            norms.append(norm)
+            result = self.opt_step(self.step_count, self.total_steps, loss_total)
+            if not result["skipped"]:
+                losses.append(loss_total)
+                norms.append(result["grad_norm"])
         timing["update"] += time.perf_counter() - t0
-        out = {"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
-               "lr": lr_at(self.step_count, self.cfg, self.total_steps), "time/update": timing["update"],
-               "time/old_logprob": timing["old_logprob"],
-               "update_tokens": sum(len(s[0]) for s in seqs) * (2 if old is not None else 1),
-               "update_tokens_per_s": sum(len(s[0]) for s in seqs) / max(timing["update"], 1e-9)}
+        tokens = sum(len(s[0]) for s in seqs)
+        passes = 1 + (old is not None) + (ref is not None)
+        out.update({"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
+                    "lr": result["lr"], "time/update": timing["update"], "time/old_logprob": timing["old_logprob"],
+                    "time/ref_logprob": timing["ref_logprob"], "update_tokens": tokens * passes,
+                    "update_tokens_per_s": tokens / max(timing["update"], 1e-9)})
         out.update({f"policy/{k}": v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"})
         return out
 
     @torch.no_grad()
-    def _old_logprobs(self, seqs) -> list[torch.Tensor]:
-        """Per sequence, the log-prob of each next token under the weights before any update."""
-        model, weight = self.model, self.model.lm_head_weight
+    def _response_logprobs(self, model, seqs) -> list[torch.Tensor]:
+        """Per sequence, the log-prob of each response (loss) token under `model`, in order:
+        the model runs over the whole sequence, the lm_head only over the response rows."""
+        weight = model.lm_head_weight
         out = []
         for part in budget_batches([len(s[0]) for s in seqs], self.cfg.token_budget):
             packed = pack([seqs[i] for i in part]).to(weight.device)
-            logp, _ = linear_logprob(model(packed.input_ids, packed.cu_seqlens), weight, packed.targets,
-                                     temperature=self.rl.temperature)
-            bounds = packed.cu_seqlens.tolist()
-            out += [logp[a:b].cpu() for a, b in zip(bounds[:-1], bounds[1:])]
+            rows = packed.loss_rows
+            hidden = model(packed.input_ids, packed.cu_seqlens)
+            logp, _ = linear_logprob(hidden[rows], weight, packed.targets[rows], temperature=self.rl.temperature,
+                                     **self.kernel_args)
+            owner = packed.seq_index[rows]
+            out += [logp[owner == j].cpu() for j in range(len(part))]
         return out
 
     def state_dict(self) -> dict:
-        return {"step": self.step_count, "bad_steps": self.bad_steps}
+        state = {"step": self.step_count, "bad_steps": self.bad_steps}
+        if self.aepo is not None:
+            state["aepo"] = self.aepo.state_dict()
+        if hasattr(self.reward, "state_dict"):
+            state["reward"] = self.reward.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, optimizer_state: dict | None = None) -> None:
-        self.step_count, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        self.step_count, self.opt_step.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        if self.aepo is not None and "aepo" in state:
+            self.aepo.load_state_dict(state["aepo"])
+        if "reward" in state and hasattr(self.reward, "load_state_dict"):
+            self.reward.load_state_dict(state["reward"])
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)

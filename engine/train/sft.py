@@ -1,9 +1,10 @@
 """Warm-up SFT on (document, question, answer) triplets.
 
 Each example is the QwenLong-L1 prompt (chat-templated, document truncated in its middle)
-followed by the answer in the form the rule reward reads — "Therefore, the answer is X."
-(or "The correct answer is (X)." for choices) — and the end-of-turn token. Only answer
-tokens count in the loss. Examples are packed, without padding, into micro-batches of at
+followed by the target in the model's own format (engine.data.template.sft_target: the
+reasoning trace, closed by `</think>` when the template opens a thought, then the answer
+sentence the rule reward reads) and the end-of-turn token. Only target tokens count in
+the loss. Examples are packed, without padding, into micro-batches of at
 most `train.token_budget` tokens; the log-probs come from `kernels.linear_logprob` on the
 answer positions only (no full logits); the loss is the token mean over the whole
 optimizer step (every micro-batch divides by the step's total answer tokens), so gradient
@@ -22,36 +23,26 @@ from kernels import linear_logprob
 from ..config import SFTConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
+from ..data.template import end_of_turn_id, opens_thinking, resolve_think, sft_target
+from .loop import OptimizerStep, TrainingStopped
 from .metrics import efficiency
-from .optim import lr_at, make_optimizer
+from .optim import make_optimizer
+
+__all__ = ["SFTTrainer", "SFTState", "sft_examples", "TrainingStopped"]
 
 
-class TrainingStopped(RuntimeError):
-    """Too many non-finite losses in a row."""
-
-
-def answer_text(record) -> str:
-    if record.task == "choice":
-        return f"The correct answer is ({record.answers[0]})."
-    return f"Therefore, the answer is {record.answers[0]}."
-
-
-def end_of_turn_id(tokenizer) -> int:
-    for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id:
-            return tid
-    return tokenizer.eos_token_id
-
-
-def sft_examples(records, tokenizer, *, template: str = "qwenlong", max_input_tokens: int = 0):
-    """-> [(token ids, loss flags)] with flags 1 on the answer and its end-of-turn token."""
+def sft_examples(records, tokenizer, *, template: str = "qwenlong", max_input_tokens: int = 0,
+                 chat: bool = True, think: str = "auto"):
+    """-> [(token ids, loss flags)] with flags 1 on the target and its end-of-turn token."""
     eot = end_of_turn_id(tokenizer)
+    eot = tokenizer.eos_token_id if eot is None else eot
+    opens = opens_thinking(tokenizer, chat)
+    think = resolve_think(think, tokenizer, chat)
     out = []
     for rec in records:
-        prompt, _ = record_prompt_ids(rec, tokenizer, template=template, max_tokens=max_input_tokens)
-        answer = tokenizer.encode(answer_text(rec), add_special_tokens=False) + [eot]
-        out.append((prompt + answer, [0] * len(prompt) + [1] * len(answer)))
+        prompt, _ = record_prompt_ids(rec, tokenizer, template=template, max_tokens=max_input_tokens, chat=chat)
+        target = tokenizer.encode(sft_target(rec, opens_thought=opens, think=think), add_special_tokens=False)
+        out.append((prompt + target + [eot], [0] * len(prompt) + [1] * (len(target) + 1)))
     return out
 
 
@@ -70,6 +61,7 @@ class SFTTrainer:
         self.model, self.examples = model, examples
         self.cfg, self.sft = train_cfg, sft_cfg
         self.optimizer = make_optimizer(model, train_cfg)
+        self.opt_step = OptimizerStep(model, self.optimizer, train_cfg)
         self.state = SFTState()
         per_epoch = math.ceil(len(examples) / sft_cfg.batch_examples)
         self.total_steps = sft_cfg.max_steps or per_epoch * sft_cfg.epochs
@@ -108,24 +100,13 @@ class SFTTrainer:
             loss = -logp.sum() / max(answer_tokens, 1)
             loss.backward()
             total_loss += loss.item()
-        lr = lr_at(self.state.step, self.cfg, self.total_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf")))
-        row = {"stage": "sft", "step": self.state.step + 1, "loss": total_loss, "grad_norm": grad_norm, "lr": lr,
-               "answer_tokens": answer_tokens, "tokens": sum(len(ids) for ids, _ in chosen)}
-        if not (math.isfinite(total_loss) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)  # skip: a bad batch must not poison the weights
-            self.state.bad_steps += 1
+        self.opt_step.bad_steps = self.state.bad_steps
+        result = self.opt_step(self.state.step, self.total_steps, total_loss)
+        self.state.bad_steps = self.opt_step.bad_steps
+        row = {"stage": "sft", "step": self.state.step + 1, "loss": total_loss, "grad_norm": result["grad_norm"],
+               "lr": result["lr"], "answer_tokens": answer_tokens, "tokens": sum(len(ids) for ids, _ in chosen)}
+        if result["skipped"]:
             row["skipped"] = True
-            if self.state.bad_steps >= self.cfg.max_bad_steps:
-                raise TrainingStopped(f"{self.state.bad_steps} non-finite losses in a row at step "
-                                      f"{self.state.step + 1}; lower train.lr or check the data")
-        else:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.state.bad_steps = 0
         self.state.step += 1
         row["seconds"] = time.perf_counter() - started
         row["tokens_per_s"] = row["tokens"] / row["seconds"]

@@ -1,0 +1,88 @@
+"""What every training loop shares: one optimizer step (LR, clipping, non-finite skip), the
+start of a run (seed, model, activation checkpointing) and its guard (Ctrl-C checkpoint,
+out-of-memory advice). SFT and GRPO/DAPO both step through these, so a fix lands in both."""
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+from ..config import Config, TrainConfig
+from .optim import lr_at
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite losses in a row (or another stop with advice in its message)."""
+
+
+class OptimizerStep:
+    """Sets the step's LR, clips the gradient, and steps — or, when the loss or the gradient
+    norm is not finite, drops the gradient and counts a bad step; `max_bad_steps` in a row
+    stop the run (a bad batch must not poison the weights, a diverged run must not go on)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.bad_steps = 0
+
+    def __call__(self, step: int, total_steps: int, loss_total: float) -> dict:
+        """-> {lr, grad_norm, skipped}. step: 0-based index of this optimizer step."""
+        lr = lr_at(step, self.cfg, total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or float("inf"))) if params else 0.0
+        if not (math.isfinite(loss_total) and math.isfinite(norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= self.cfg.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} non-finite losses in a row at step {step + 1}; "
+                                      f"lower train.lr or check the data")
+            return {"lr": lr, "grad_norm": norm, "skipped": True}
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"lr": lr, "grad_norm": norm, "skipped": False}
+
+
+def start_model(cfg: Config, source):
+    """Seed, then load `source` with the [model] settings; the tokenizer is required."""
+    from ..model import load_model
+
+    torch.manual_seed(cfg.train.seed)
+    model, tokenizer = load_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
+                                  attn_backend=cfg.model.attn_backend)
+    if tokenizer is None:
+        raise ValueError(f"model {source}: training needs the tokenizer files beside the weights")
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
+    return model, tokenizer
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True)
+
+
+@contextmanager
+def guarded(bar, save_now: Callable[[], object]):
+    """Ctrl-C: close the bar, write a checkpoint, say how to continue, re-raise. Out of
+    memory: stop with advice on what to turn down."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        bar.close()
+        path = save_now()
+        print(f"\ninterrupted: checkpoint written to {path}; continue with --resume", file=sys.stderr)
+        raise
+    except torch.OutOfMemoryError as e:
+        raise TrainingStopped(oom_advice(e)) from None
+
+
+def oom_advice(err: Exception) -> str:
+    return (f"out of memory ({str(err).splitlines()[0]}). Turn down, in this order: train.token_budget "
+            f"(tokens per micro-batch), rl.max_new_tokens or the phase's max_input_tokens, kernels.chunk_mb "
+            f"(the fused-loss chunk), rollout.gpu_memory_fraction or rollout.cache_mb (the KV cache); or set "
+            f"model.activation_checkpointing = true")
