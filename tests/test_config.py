@@ -90,3 +90,108 @@ def test_missing_or_broken_recipe(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_recipe(tmp_path, "[model\n"))
+
+
+# ---- every key reaches the code; recipes validate at load ------------------------------
+def _config_keys(cls=Config, prefix=""):
+    """(dotted key, field name) of every leaf key of the config tree."""
+    import dataclasses
+    import typing
+
+    from engine.config import PhaseConfig
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _config_keys(tp, f"{prefix}{f.name}.")
+        elif typing.get_args(tp) == (PhaseConfig,):
+            yield from _config_keys(PhaseConfig, f"{prefix}{f.name}[].")
+        else:
+            yield f"{prefix}{f.name}", f.name
+
+
+def _unread_keys(cls=Config) -> list[str]:
+    """Leaf keys that no engine code outside config.py reads as an attribute (`.name`);
+    config.py's own helpers that turn keys into engine objects (cache_config, resolved) count."""
+    import re
+    from pathlib import Path
+
+    import engine
+
+    root = Path(engine.__file__).parent
+    sources = "\n".join(p.read_text() for p in root.rglob("*.py") if p.name != "config.py")
+    helpers = "\n".join(re.findall(r"    def (?:cache_config|resolved)\(self.*?(?=\n\n|\Z)",
+                                   (root / "config.py").read_text(), re.S))
+    return [key for key, name in _config_keys(cls)
+            if not re.search(rf"\.{name}\b", sources) and not re.search(rf"self\.{name}\b", helpers)]
+
+
+def test_every_config_key_is_read_somewhere():
+    """A key that nothing reads is a setting that silently does nothing."""
+    assert _unread_keys() == []
+
+
+def test_the_key_walk_sees_an_unread_key():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Extra:
+        a_setting_nobody_reads: int = 0
+
+    extended = dataclasses.make_dataclass("Config", [("extra", Extra, dataclasses.field(default_factory=Extra))],
+                                          bases=(Config,))
+    assert _unread_keys(extended) == ["extra.a_setting_nobody_reads"]
+
+
+def _rl_recipe(tmp_path, extra: str = "", budget: int = 4096, phases=(512, 1024), new_tokens: int = 256):
+    plist = ", ".join(f'{{ name = "p{i}", max_input_tokens = {n}, steps = 1 }}' for i, n in enumerate(phases))
+    return _recipe(tmp_path, f'[train]\ntoken_budget = {budget}\n[rl]\ndata = ["x.jsonl"]\nphases = [{plist}]\n'
+                             f'max_new_tokens = {new_tokens}\n{extra}')
+
+
+def test_token_budget_must_hold_the_longest_rl_sequence(tmp_path):
+    load_config(_rl_recipe(tmp_path, budget=1280, phases=(512, 1024)))  # 1024 + 256 fits exactly
+    with pytest.raises(ConfigError, match=r"train\.token_budget: expected at least the longest RL sequence, 1280"):
+        load_config(_rl_recipe(tmp_path, budget=1279, phases=(512, 1024)))
+    with pytest.raises(ConfigError, match="train.token_budget"):
+        load_config(_rl_recipe(tmp_path, budget=4096), ["--rl.max_new_tokens=4000"])
+
+
+def test_phases_must_ascend(tmp_path):
+    with pytest.raises(ConfigError, match=r"rl\.phases: expected phases with increasing max_input_tokens"):
+        load_config(_rl_recipe(tmp_path, phases=(1024, 512)))
+
+
+def test_judge_keys_need_a_judge(tmp_path):
+    with pytest.raises(ConfigError, match=r"reward\.judge: expected 'http' or 'local' when judge_url is set"):
+        load_config(None, ["--reward.judge_url=http://127.0.0.1:9/v1"])
+    with pytest.raises(ConfigError, match="judge_key_env"):
+        load_config(None, ["--reward.judge_key_env=MY_KEY"])
+    with pytest.raises(ConfigError, match=r"reward\.judge_url / judge_model"):
+        load_config(None, ["--reward.judge=http", "--reward.judge_url=http://127.0.0.1:9/v1"])
+    with pytest.raises(ConfigError, match=r"reward\.judge_path"):
+        load_config(None, ["--reward.judge=local"])
+    cfg = load_config(None, ["--reward.judge=http", "--reward.judge_url=http://127.0.0.1:9/v1",
+                             "--reward.judge_model=j", "--reward.judge_key_env=MY_KEY"])
+    assert cfg.reward.judge == "http" and cfg.reward.judge_key_env == "MY_KEY"
+
+
+def test_new_sections_check_their_values():
+    for override, key in [("--rollout.block_size=24", "rollout.block_size"),
+                          ("--rollout.gpu_memory_fraction=1.5", "rollout.gpu_memory_fraction"),
+                          ("--kernels.chunk_mb=-1", "kernels.chunk_mb"),
+                          ("--kernels.backend=cuda", "kernels.backend"),
+                          ("--rl.aepo_low=0.5", "rl.aepo_low"),
+                          ("--rl.oversample=0", "rl.oversample"),
+                          ("--rl.on_shortfall=drop", "rl.on_shortfall"),
+                          ("--reward.judge_tasks=[\"essay\"]", "reward.judge_tasks")]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [override])
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+    for recipe in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml")):
+        cfg = load_config(recipe)
+        assert cfg.train.token_budget >= max(p.max_input_tokens for p in cfg.rl.phases) + cfg.rl.max_new_tokens

@@ -130,14 +130,12 @@ def stop_token_ids(tokenizer, checkpoint_dir=None) -> list[int]:
                     pass
                 if ids:
                     break
-    if tokenizer is None:
-        return [t for t in dict.fromkeys(ids) if t >= 0]
-    ids += _eos_ids(getattr(tokenizer, "eos_token_id", None))
-    eot = end_of_turn_id(tokenizer)
-    if eot is not None:
-        ids.append(eot)
-    unk = getattr(tokenizer, "unk_token_id", None)
-    return [t for t in dict.fromkeys(ids) if t >= 0 and t != unk]
+    if tokenizer is not None:
+        ids += _eos_ids(getattr(tokenizer, "eos_token_id", None))
+        eot = end_of_turn_id(tokenizer)
+        if eot is not None:
+            ids.append(eot)
+    return [t for t in dict.fromkeys(ids) if t >= 0]
 
 
 def answer_sentence(answer: str, task: str) -> str:

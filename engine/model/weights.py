@@ -210,7 +210,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def write_checkpoint(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor], tokenizer,
-                     out_dir: str | os.PathLike, *, max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Path:
+                     out_dir: str | os.PathLike, *, max_shard_bytes: int = _DEFAULT_SHARD_BYTES,
+                     generation_config: dict[str, Any] | None = None) -> Path:
     """Write config.json, safetensors (sharded with an index past max_shard_bytes) and the
     tokenizer into a temporary sibling directory, then move it into place, so a crash never
     leaves a half-written checkpoint under out_dir's name."""
@@ -233,6 +234,8 @@ def write_checkpoint(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor
             (tmp / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+        if generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(generation_config, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out.exists():
@@ -272,7 +275,12 @@ def save_model(model: Decoder, tokenizer, out_dir: str | os.PathLike, *,
     state = {}
     for key, tensor in model.state_dict().items():
         state[key if key.startswith("lm_head.") else f"model.{key}"] = tensor
-    return write_checkpoint(hf_config, state, tokenizer, out_dir, max_shard_bytes=max_shard_bytes)
+    # the source's generation_config.json travels along: it holds the eos ids of the stop rule
+    source = getattr(model, "checkpoint_dir", None)
+    gen_path = Path(source) / "generation_config.json" if source else None
+    gen_cfg = json.loads(gen_path.read_text()) if gen_path and gen_path.is_file() else None
+    return write_checkpoint(hf_config, state, tokenizer, out_dir, max_shard_bytes=max_shard_bytes,
+                            generation_config=gen_cfg)
 
 
 # ---- GGUF ---------------------------------------------------------------------------
