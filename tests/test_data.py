@@ -430,3 +430,14 @@ def test_data_modules_import_first_in_a_fresh_interpreter(module):
             "from engine.data import synthetic\nassert synthetic.generate(2, 60)[0].reasoning")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_synthetic_spec_can_drop_reasoning():
+    from engine.data import load_records
+
+    with_trace = load_records("synthetic:n=3,tokens=60,seed=2,kinds=lookup")
+    without = load_records("synthetic:n=3,tokens=60,seed=2,kinds=lookup,reasoning=0")
+    assert all(r.reasoning for r in with_trace) and not any(r.reasoning for r in without)
+    assert [r.answers for r in with_trace] == [r.answers for r in without]
+    with pytest.raises(DataError, match="reasoning=0"):
+        load_records("synthetic:n=3,tokens=60,reasoning=maybe")

@@ -241,7 +241,7 @@ def test_train_with_hung_judge_falls_back_within_the_deadline(tmp_path, tiny_mod
         # the bound: each item costs at most timeout × retries, `concurrency` of them at a time
         bound = asked * timeout * retries / concurrency
         assert timeout <= row["time/reward"] <= bound + 0.5, row["time/reward"]
-        assert row["time/step"] <= bound + 5.0, row["time/step"]  # + tiny-model rollout and update
+        assert row["time/step"] <= bound + 3.0, row["time/step"]  # + the tiny model's rollout and update
     assert server.count() >= 2 * 2 * len(WRONG)  # the judge was really asked, every step
     state = json.loads((latest_checkpoint(out) / "trainer.json").read_text())
     assert state["trainer"]["reward"]["judge"]["cache"] == []  # unavailable verdicts are not cached

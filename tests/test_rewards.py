@@ -460,24 +460,25 @@ def test_judge_module_imports_no_rollout_or_data():
 
 
 def test_local_judge_runs_a_real_checkpoint(smollm):
-    """The embedded model as judge through a generate function built on the rollout
-    Generator: greedy, batched; whatever it says is parsed strictly."""
-    from engine.rollout import Generator, SamplingParams
+    """The embedded model as judge, wired as `longrl train` wires `[reward] judge = "local"`:
+    greedy through the rollout engine, stopping by the model's stop rule within
+    judge_max_tokens; each verdict is exactly what the strict parser reads in the reply."""
+    from engine.config import load_config
+    from engine.train import build_reward
     model, tok = smollm
-    stops = [t for t in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(t, int)]
-    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=stops)
-    generator = Generator(model, tok)
-
-    def generate(conversations):
-        ids = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True) for c in conversations]
-        ids = [list(i["input_ids"] if hasattr(i, "keys") else i) for i in ids]
-        return [tok.decode(g[0].token_ids, skip_special_tokens=True) for g in generator.generate(ids, params=params)]
-
-    judge = LocalJudge(generate)
+    cfg = load_config(None, ["--reward.judge=local", "--reward.judge_path=smollm2-135m-instruct",
+                             "--reward.judge_max_tokens=12", "--model.device=cpu"])
+    reward = build_reward(cfg, "auto")
+    judge = reward.judge
+    assert isinstance(judge, LocalJudge)
+    replies = []
+    inner = judge._complete
+    judge._complete = lambda convs: replies.extend(inner(convs)) or replies[-len(convs):]
     items = [JudgeItem("Who wrote Hamlet?", "Shakespeare", "William Shakespeare"),
              JudgeItem("What is 2 + 2?", "five", "4"),
              JudgeItem("Capital of France?", "Paris", "Paris")]
     verdicts = judge(items)
-    assert all(v in (True, False) for v in verdicts)
-    assert judge.stats.calls == 3 and judge.stats.malformed + judge.stats.yes <= 3
+    assert len(replies) == 3 and all(0 < len(tok.encode(r, add_special_tokens=False)) <= 13 for r in replies)
+    assert verdicts == [bool(parse_verdict(r)) for r in replies]
+    assert judge.stats.calls == 3 and judge.stats.malformed == sum(parse_verdict(r) is None for r in replies)
     assert judge(items) == verdicts and judge.stats.cached == 3  # the second call is served from the cache

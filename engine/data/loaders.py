@@ -298,8 +298,9 @@ def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | Non
 
 
 def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
-    """A data file, or `synthetic:n=64,tokens=200-400,seed=0[,kinds=lookup+two_hop]` for
-    records made on the fly by engine.data.synthetic (recipes stay self-contained)."""
+    """A data file, or `synthetic:n=64,tokens=200-400,seed=0[,kinds=lookup+two_hop][,reasoning=0]`
+    for records made on the fly by engine.data.synthetic (recipes stay self-contained);
+    reasoning=0 drops the reasoning traces (SFT then teaches the answer sentence alone)."""
     if not spec.startswith("synthetic:"):
         return load_docqa(spec, format=format)
     from . import synthetic
@@ -307,11 +308,15 @@ def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
     for part in filter(None, spec[len("synthetic:"):].split(",")):
         key, _, value = part.partition("=")
         opts[key.strip()] = value.strip()
-    unknown = set(opts) - {"n", "tokens", "seed", "kinds"}
-    if unknown or "n" not in opts or "tokens" not in opts:
+    unknown = set(opts) - {"n", "tokens", "seed", "kinds", "reasoning"}
+    if unknown or "n" not in opts or "tokens" not in opts or opts.get("reasoning", "1") not in ("0", "1"):
         raise DataError(f"data spec {spec!r}: expected synthetic:n=N,tokens=T or LOW-HIGH[,seed=S][,kinds=a+b]"
-                        + (f" (unknown {sorted(unknown)})" if unknown else ""))
+                        f"[,reasoning=0|1]" + (f" (unknown {sorted(unknown)})" if unknown else ""))
     low, _, high = opts["tokens"].partition("-")
     target = (int(low), int(high)) if high else int(low)
     kinds = tuple(opts["kinds"].split("+")) if "kinds" in opts else synthetic.KINDS
-    return DocQADataset(synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds))
+    records = synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds)
+    if opts.get("reasoning") == "0":
+        for rec in records:
+            rec.reasoning = None
+    return DocQADataset(records)
