@@ -470,7 +470,8 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = (), cls
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
         source = str(path)
-        from_dict(cls, data, source=source)  # report recipe errors against the recipe itself
+        if not overrides:  # with overrides, the merged result is what must be valid (a recipe may
+            from_dict(cls, data, source=source)  # leave a key, such as judge_url, to the command line)
     for arg in overrides:
         parts, value = parse_override(arg)
         node = data

@@ -195,3 +195,13 @@ def test_shipped_recipes_validate():
     for recipe in sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.toml")):
         cfg = load_config(recipe)
         assert cfg.train.token_budget >= max(p.max_input_tokens for p in cfg.rl.phases) + cfg.rl.max_new_tokens
+
+
+def test_a_recipe_may_leave_keys_to_the_command_line(tmp_path):
+    path = _recipe(tmp_path, '[reward]\njudge = "http"\njudge_model = "j"\n')
+    with pytest.raises(ConfigError, match=r"r\.toml: reward\.judge_url / judge_model"):
+        load_config(path)
+    cfg = load_config(path, ["--reward.judge_url=http://127.0.0.1:9/v1"])
+    assert cfg.reward.judge_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(ConfigError, match=r"r\.toml \+ command-line overrides: unknown key reward\.'judge_ur'"):
+        load_config(path, ["--reward.judge_ur=http://127.0.0.1:9/v1"])

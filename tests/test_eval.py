@@ -136,3 +136,26 @@ def test_eval_refuses_bad_k():
     with pytest.raises(Exception, match="eval.k"):
         from engine.config import load_config
         load_config(None, ["--eval.n=2", "--eval.k=[3]"])
+
+
+def test_resume_with_n_samples_redoes_an_item_missing_some(smollm, tmp_path):
+    """An item counts as done only with all n of its samples on disk: an item cut short by a
+    crash is generated again whole, and pass@k sees n samples for every item."""
+    model, tok = smollm
+    benches = _benchmarks()
+    fake = ScriptedGenerator(tok, lambda p, j: f"Therefore, the answer is {'yes' if j == 0 else 'no'}.")
+    settings = EvalConfig(max_input_tokens=400, max_new_tokens=8, n=3, k=[1, 3])
+    run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=lambda m, t: fake)
+    path = tmp_path / "items.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 5 * 3
+    path.write_text("\n".join(lines[:-2]) + "\n")  # the last item lost two of its three samples
+    before = fake.prompts
+    table = run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=lambda m, t: fake)
+    assert fake.prompts == before + 1
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    per_item = {}
+    for r in rows:
+        per_item.setdefault((r["benchmark"], r["id"]), []).append(r["sample"])
+    assert len(rows) == 15 and all(sorted(s) == [0, 1, 2] for s in per_item.values())
+    assert table["average"]["items"] == 5

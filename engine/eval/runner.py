@@ -27,20 +27,22 @@ from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
 
 
-def _read_done(path: Path) -> dict[tuple[str, str], list[dict]]:
-    """Rows already written, by (benchmark, id). A torn last line (a crash mid-write) is dropped."""
+def _read_done(path: Path, n: int = 1) -> dict[tuple[str, str], list[dict]]:
+    """Items already finished, by (benchmark, id): those with all n samples on disk. A torn
+    last line (a crash mid-write) and the rows of an item with fewer than n samples are
+    dropped from the file, so that item is generated again whole."""
     done: dict[tuple[str, str], list[dict]] = {}
     if not path.is_file():
         return done
-    good_lines = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        good_lines.append(line)
         done.setdefault((row["benchmark"], row["id"]), []).append(row)
-    path.write_text("".join(line + "\n" for line in good_lines), encoding="utf-8")
+    done = {key: rows for key, rows in done.items() if len({r["sample"] for r in rows}) >= n}
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
+                    encoding="utf-8")
     return done
 
 
@@ -93,7 +95,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items_path = out / "items.jsonl"
-    done = _read_done(items_path)
+    done = _read_done(items_path, settings.n)
     data = data or DataConfig()
     reward = reward or HybridReward(think=resolve_think(settings.think, tokenizer, data.chat_template))
     max_input = settings.max_input_tokens
@@ -138,7 +140,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
             bar.set_postfix(acc=f"{100 * sum(scores) / max(len(scores), 1):.1f}",
                             items_s=f"{(start + len(batch)) / (time.perf_counter() - started):.2f}")
     bar.close()
-    rows = [row for rows in _read_done(items_path).values() for row in rows]
+    rows = [row for rows in _read_done(items_path, settings.n).values() for row in rows]
     table = summarize(rows, settings.k)
     (out / "summary.json").write_text(json.dumps({"settings": asdict(settings), "results": table}, indent=2))
     (out / "summary.md").write_text(markdown(table))
