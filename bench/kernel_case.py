@@ -5,6 +5,10 @@
 Prints one JSON line. Run one case per process: peak memory is the process's peak RSS
 (CPU) or torch's peak allocation (CUDA) minus what the inputs already held, so every
 case starts from a clean slate. The benches and the GPU suite call this.
+
+--repeats N times N rounds on the same inputs in this process (after a warm-up on tiny
+shapes): "seconds" is their median and "time" keeps median, min, max and every round,
+so no single lucky or unlucky round decides a ratio. Peak memory is over all rounds.
 """
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ import os
 import resource
 import sys
 import time
+
+from bench.spread import spread
 
 
 def _rss_bytes() -> int:
@@ -71,8 +77,9 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    time_ = spread(times)
     return {"impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
-            "seconds": min(times), "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
+            "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
             "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size()}
 
 

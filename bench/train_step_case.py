@@ -1,17 +1,23 @@
 """One full GRPO/DAPO step (rollout, reward, update) with its time split and tokens/s.
 
     python -m bench.train_step_case          CPU: embedded SmolLM2-135M, CI-sized batch
+    python -m bench.train_step_case --tiny   CPU, toy-sized (short documents, 4 new tokens):
+                                             checks the bench itself, not a figure
     python3 -m bench.train_step_case --gpu   GPU: a Qwen2-1.5B-shaped model with random bf16
                                              weights and a byte tokenizer (no downloads)
 
 The reward is a smooth toy score (share of 'e' in the completion) so that every group has
-variance and the update always runs. Prints the step's metrics row as one JSON line.
+variance and the update always runs. Prints the step's metrics row as one JSON line, with
+the two settings that decide which of the step's timed parts must be non-zero.
+`split_problems` checks that the parts add up to the step (the bench and GPU suite use it).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+PARTS = ("time/rollout", "time/reward", "time/old_logprob", "time/ref_logprob", "time/update")
 
 
 class ByteTokenizer:
@@ -43,9 +49,33 @@ class ToyReward:
         return out
 
 
+def split_problems(row: dict, floor: float = 0.9) -> list[str]:
+    """What is wrong with a step row's time split ([] when nothing). The parts are disjoint
+    intervals inside time/step, so their sum cannot exceed it, and everything step() does
+    outside them (curriculum bookkeeping, metrics) is small: the sum must reach floor x step.
+    rollout, reward and update always run; old log-probs only with mini_batches > 1, ref
+    log-probs only with a reference model: each must be > 0 exactly when it ran, else 0."""
+    step, parts = row["time/step"], {k: row.get(k, 0.0) for k in PARTS}
+    total = sum(parts.values())
+    problems = []
+    if total > step * (1 + 1e-9):
+        problems.append(f"parts sum to {total:.3f}s > time/step {step:.3f}s")
+    if total < floor * step:
+        problems.append(f"parts sum to {total:.3f}s < {floor:.0%} of time/step {step:.3f}s: time unaccounted for")
+    must = {"time/rollout": True, "time/reward": True, "time/update": True,
+            "time/old_logprob": row["config/mini_batches"] > 1, "time/ref_logprob": row["config/ref_model"]}
+    for key, ran in must.items():
+        if ran and not parts[key] > 0:
+            problems.append(f"{key} = {parts[key]} but it must have run")
+        if not ran and parts[key] != 0:
+            problems.append(f"{key} = {parts[key]:.3f}s but it should not have run")
+    return problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true")
+    p.add_argument("--tiny", action="store_true")
     a = p.parse_args(argv)
 
     import torch
@@ -73,17 +103,18 @@ def main(argv=None) -> int:
         max_input = 16384
     else:
         model, tok = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
-        records = synthetic.generate(8, (200, 400), seed=0, kinds=("lookup", "two_hop"))
-        rl = RLConfig(group_size=4, batch_prompts=2, max_new_tokens=32, temperature=1.0, top_p=1.0)
+        lo_hi, group, new = ((30, 60), 2, 4) if a.tiny else ((200, 400), 4, 32)
+        records = synthetic.generate(8, lo_hi, seed=0, kinds=("lookup", "two_hop"))
+        rl = RLConfig(group_size=group, batch_prompts=2, max_new_tokens=new, temperature=1.0, top_p=1.0)
         train = TrainConfig(lr=1e-6, token_budget=4096)
         max_input = 1024
     trainer = GRPOTrainer(model, tok, records, rl, train, reward=ToyReward(), total_steps=2)
     sampler = PhaseSampler([r.id for r in records], seed=0)
     row = trainer.step(sampler, max_input=max_input)
-    keep = ("time/step", "time/rollout", "time/reward", "time/old_logprob", "time/update", "rollout_tokens_per_s",
-            "update_tokens_per_s", "update_tokens", "response/mean_len", "dynamic/kept_groups", "loss", "mfu",
-            "gpu/max_allocated_gb")
-    print(json.dumps({"device": "cuda" if a.gpu else "cpu", **{k: row[k] for k in keep if k in row}}))
+    keep = ("time/step", *PARTS, "rollout_tokens_per_s", "update_tokens_per_s", "update_tokens",
+            "response/mean_len", "dynamic/kept_groups", "loss", "mfu", "gpu/max_allocated_gb")
+    print(json.dumps({"device": "cuda" if a.gpu else "cpu", "config/mini_batches": rl.mini_batches,
+                      "config/ref_model": trainer.ref_model is not None, **{k: row[k] for k in keep if k in row}}))
     return 0
 
 

@@ -187,10 +187,16 @@ def test_ctrl_c_checkpoints_and_oom_gives_advice(tiny_setup, tmp_path, monkeypat
 
 
 def test_step_metrics_report_the_time_split(tiny_setup, tmp_path):
+    """The figures a step logs are consistent with each other, not merely present."""
     config, _ = tiny_setup
-    run_pipeline(config("split", phases=((400, 1),)), progress=False, reward=ToyReward())
+    cfg = config("split", phases=((400, 1),), mini_batches=2)
+    run_pipeline(cfg, progress=False, reward=ToyReward())
     row = _rows(tmp_path / "split")[0]
-    for key in ("time/rollout", "time/reward", "time/update", "time/old_logprob", "time/step",
-                "rollout_tokens_per_s", "update_tokens_per_s", "response/mean_len", "response/truncated",
-                "policy/entropy", "policy/clip_high", "grad_norm", "lr", "accuracy/synthetic"):
-        assert key in row, key
+    parts = [row[k] for k in ("time/rollout", "time/reward", "time/update", "time/old_logprob")]
+    assert all(p > 0 for p in parts) and sum(parts) <= row["time/step"] <= sum(parts) + 2.0
+    assert row["rollout_tokens_per_s"] == pytest.approx(
+        row["response/mean_len"] * len(row["examples"]) * cfg.rl.group_size / row["time/rollout"], rel=1e-6)
+    assert row["accuracy/synthetic"] == pytest.approx(row["accuracy"])  # one data source: the same figure
+    assert 0 <= row["response/truncated"] <= 1 and 0 < row["response/mean_len"] <= row["response/max_len"] <= 6
+    assert row["policy/entropy"] > 0 and 0 <= row["policy/clip_high"] <= 1
+    assert row["lr"] == cfg.train.lr and row["grad_norm"] > 0
