@@ -335,3 +335,128 @@ def test_fused_loss_agrees_with_policy_table(backend, name):
     ours = _grads(fused, hidden, weight, torch.float32, device)
     for what, o, r in zip(("loss", "d hidden", "d weight"), ours, ref_out):
         _close(o, r.float(), r, torch.float32, what)
+
+
+# ---- real vocabulary widths, each row's maximum in the LAST 8,192 slice / 4,096 tile ----------
+def _last_tile_inputs(t, h, v, seed):
+    """_inputs, plus k = 3 switch features: row i turns on feature i % k (value 8..10), which adds
+    that much to one column of the last 4,096 tile (and so of the last 8,192 slice): every row's
+    maximum logit lies there, so a tile-wise online max / sum must rescale what it has summed.
+    Half the targets are those columns (each row's likeliest token), the rest are random."""
+    hidden, weight, targets, g = _inputs(t=t, h=h, v=v, seed=seed)
+    k = 3
+    cols = [v - 1, v - 1_000, v - 3_000]
+    last_tile, last_slice = (v - 1) // 4096 * 4096, (v - 1) // 8192 * 8192
+    assert all(c >= max(last_tile, last_slice) for c in cols)
+    hidden[:, -k:] = 0
+    weight[:, -k:] = 0
+    for j, c in enumerate(cols):
+        weight[c, h - k + j] = 1.0
+    rows = torch.arange(t)
+    hidden[rows, h - k + rows % k] = 8.0 + 2.0 * torch.rand(t, generator=g, dtype=torch.float64)
+    bumped = torch.tensor(cols)[rows % k]
+    targets[::2] = bumped[::2]
+    z = hidden @ weight.t()
+    assert torch.equal(z.argmax(-1), bumped)  # the row maxima really sit in the last tile
+    assert (z[:, :last_tile].max(-1).values < z.max(-1).values - 2).all()  # by a margin
+    return hidden, weight, targets, g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v,temperature", [(20_011, 1.0), (49_152, 0.7)])
+def test_logprob_max_in_last_tile_real_vocab(backend, v, temperature):
+    """V = 20,011 (ragged last tile) and 49,152 (exact multiple): 3 / 6 torch slices, 5 / 12 Triton
+    tiles; catches a missing online rescale and any slice that skips or mis-writes columns."""
+    backend, device = _split(backend)
+    hidden, weight, targets, g = _last_tile_inputs(t=13, h=16, v=v, seed=21)
+    chunk = 8  # two chunks, the second ragged
+    up_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+    up_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
+
+    def ours(h, w):
+        lp, ent = linear_logprob(h, w, targets.to(device), temperature=temperature, with_entropy=True,
+                                 backend=backend, chunk_tokens=chunk)
+        ours.values = (lp.cpu(), ent.cpu())
+        return (lp.double() * up_logp.to(device)).sum() + (ent.double() * up_ent.to(device)).sum()
+
+    def naive(h, w):
+        lp, ent = naive_logprob(h, w, targets, temperature=temperature, with_entropy=True)
+        naive.values = (lp, ent)
+        return (lp.double() * up_logp).sum() + (ent.double() * up_ent).sum()
+
+    _, ref_dh, ref_dw = _grads(naive, hidden, weight, torch.float64)
+    ref_vals = naive.values
+    _, n_dh, n_dw = _grads(naive, hidden, weight, torch.float32)
+    n_vals = naive.values
+    _, o_dh, o_dw = _grads(ours, hidden, weight, torch.float32, device)
+    for name, o, n, r in zip(("logprob", "entropy"), ours.values, n_vals, ref_vals):
+        _close(o, n, r, torch.float32, name)
+    _close(o_dh, n_dh, ref_dh, torch.float32, "d hidden")
+    _close(o_dw, n_dw, ref_dw, torch.float32, "d weight")
+    # the last slice's columns carry most of dW here: check them on their own scale too
+    tail = (v - 1) // 8192 * 8192
+    _close(o_dw[tail:], n_dw[tail:], ref_dw[tail:], torch.float32, "d weight, last slice")
+    _close(o_dw[:tail], n_dw[:tail], ref_dw[:tail], torch.float32, "d weight, before the last slice")
+
+
+# ---- the fused loss's stats ---------------------------------------------------------------------
+def _expected_stats(logp, ent, adv, old, ref, cfg):
+    """The documented stats, from the definitions (not from grpo_token_terms): means over the
+    loss tokens of logprob, entropy, ratio = exp(clamp(logp − old)), k-estimator KL, and the
+    fractions of tokens clipped low (A < 0, r < 1 − clip_low), high (A > 0, r > 1 + clip_high)
+    and by the dual clip (A < 0 and −A·clip_c below the clipped surrogate, i.e. r > clip_c)."""
+    from kernels.reference import kl_reference
+    ratio = torch.exp(torch.clamp(logp - old, -cfg.logratio_clamp, cfg.logratio_clamp))
+    return {
+        "logprob": logp.mean(), "entropy": ent.mean(), "ratio": ratio.mean(),
+        "kl": kl_reference(logp, ref, cfg.kl_estimator).mean(),
+        "clip_low": ((adv < 0) & (ratio < 1 - cfg.clip_low)).double().mean(),
+        "clip_high": ((adv > 0) & (ratio > 1 + cfg.clip_high)).double().mean(),
+        "clip_dual": ((adv < 0) & (ratio > cfg.clip_c)).double().mean(),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grpo_loss_stats_match_reference_whatever_the_chunk(backend):
+    """Every stat (not only `tokens`) equals its definition on the fp64 reference's log-probs, over
+    the loss tokens only, and does not depend on the chunking: 5 chunks of 4 vs one chunk."""
+    backend, device = _split(backend)
+    cfg = GRPOLossConfig(temperature=0.8, clip_low=0.2, clip_high=0.28, clip_c=3.0, kl_coef=0.1,
+                         kl_estimator="k3", entropy_coef=0.01)
+    t, v = 24, 20_011
+    hidden, weight, targets, g = _inputs(t=t, h=16, v=v, seed=21)
+    logp64, ent64 = naive_logprob(hidden, weight, targets, temperature=cfg.temperature, with_entropy=True)
+    adv, old, ref = _policy_case(t, g, logp64, spread=1.0)
+    tw = torch.rand(t, generator=g, dtype=torch.float64)
+    tw[[2, 9, 10, 23]] = 0  # not loss tokens (dropped before chunking): no part of any stat
+    keep = tw != 0
+    expected = _expected_stats(logp64[keep], ent64[keep], adv[keep], old[keep], ref[keep], cfg)
+    lp32, ent32 = naive_logprob(hidden.float(), weight.float(), targets, temperature=cfg.temperature,
+                                with_entropy=True)
+    same = _expected_stats(lp32.double()[keep], ent32.double()[keep], adv[keep], old.float().double()[keep],
+                           ref.float().double()[keep], cfg)
+    # the data engage every branch, and no ratio sits so close to a threshold that fp32 could flip it
+    for name in ("clip_low", "clip_high", "clip_dual"):
+        assert 0 < expected[name] < 1, name
+    log_r = (logp64 - old)[keep]
+    for threshold in (1 - cfg.clip_low, 1 + cfg.clip_high, cfg.clip_c):
+        assert (log_r - torch.log(torch.tensor(threshold, dtype=torch.float64))).abs().min() > 1e-3
+
+    def fused(chunk):
+        def on(x):
+            return x.to(device=device, dtype=torch.float32)
+        _, stats = linear_grpo_loss(on(hidden), on(weight), targets.to(device), advantages=on(adv),
+                                    token_weight=on(tw), old_logprob=on(old), ref_logprob=on(ref), cfg=cfg,
+                                    backend=backend, chunk_tokens=chunk)
+        return {k: s.cpu() for k, s in stats.items()}
+
+    chunked, whole = fused(4), fused(None)
+    assert set(chunked) == set(expected) | {"tokens"}
+    for stats in (chunked, whole):
+        assert int(stats["tokens"]) == int(keep.sum())
+        for name in ("logprob", "entropy", "ratio", "kl"):
+            _close(stats[name], same[name], expected[name], torch.float32, name)
+        for name in ("clip_low", "clip_high", "clip_dual"):
+            assert stats[name].item() == pytest.approx(expected[name].item(), abs=1e-6), name
+    for name in expected:
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-6)

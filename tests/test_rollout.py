@@ -146,6 +146,135 @@ def test_top_k_and_top_p_keep_exactly_the_right_support():
     assert support(top_k=1) == {0}
 
 
+def _truncated_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution sampling should draw from, by the definition (fp64, independent of
+    truncate_logits): softmax(logits / T) restricted to the top_k most likely tokens, renormalised,
+    then to the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    probs = torch.softmax(logits.double() / temperature, -1)
+    order = probs.argsort(descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    k = top_k if 0 < top_k < len(probs) else len(probs)
+    keep[order[:k]] = True
+    if top_p < 1.0:
+        mass = (probs * keep)[order].cumsum(0) / (probs * keep).sum()
+        n = int((mass < top_p).sum()) + 1  # tokens before the mass reaches top_p, plus the one that reaches it
+        keep[order[n:]] = False
+    kept = probs * keep
+    return kept / kept.sum()
+
+
+def _chi2_critical(dof: int, z: float = 3.0902) -> float:
+    """Upper p = 0.001 point of chi-square(dof) (Wilson-Hilferty, a shade above the exact value
+    for dof >= 5: 20.75 vs 20.52 at 5, 66.71 vs 66.62 at 35, 103.5 vs 103.4 at 63)."""
+    a = 2.0 / (9 * dof)
+    return dof * (1 - a + z * a ** 0.5) ** 3
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[float, int]:
+    """(statistic, dof) over the cells of positive probability; a zero-probability cell drawn fails."""
+    support = probs > 0
+    assert counts[~support].sum() == 0, f"drew outside the support: {counts[~support].tolist()}"
+    expected = probs[support] * n
+    assert expected.min() >= 5, "too few samples per cell for a chi-square test"
+    return (((counts[support] - expected) ** 2) / expected).sum().item(), int(support.sum()) - 1
+
+
+def test_top_k_and_top_p_support_with_unsorted_logits():
+    """Logits in no particular order: the kept set is exactly the k most likely tokens / the
+    smallest nucleus of most likely tokens by probability, for every k and nucleus size."""
+    from engine.rollout.sampling import truncate_logits
+    g = torch.Generator().manual_seed(11)
+    v = 10
+    for _ in range(4):
+        logits = 2 * torch.randn(v, generator=g)
+        order = logits.argsort(descending=True)
+        assert not torch.equal(order, torch.arange(v)) and not torch.equal(order, torch.arange(v).flip(0))
+        probs = torch.softmax(logits.double(), -1)
+        mass = probs[order].cumsum(0)
+        assert probs.min() > 1e-4  # nucleus boundaries far from fp32 rounding
+
+        def kept(top_k, top_p):
+            out = truncate_logits(logits, top_k, top_p)
+            finite = torch.isfinite(out)
+            assert torch.equal(out[finite], logits[finite])  # kept logits are left as they were
+            return set(finite.nonzero().flatten().tolist())
+
+        for k in range(1, v + 1):
+            assert kept(k, 1.0) == set(order[:k].tolist()), f"top_k={k}"
+        for n in range(1, v + 1):  # top_p strictly between the mass of the n − 1 and the n most likely
+            top_p = float(((mass[n - 2] if n > 1 else 0.0) + mass[n - 1]) / 2)
+            assert kept(0, top_p) == set(order[:n].tolist()), f"top_p={top_p:.4f}, nucleus of {n}"
+        # both: top-p on the top-k tokens' renormalised distribution (as transformers and vLLM do)
+        top5 = probs[order[:5]] / probs[order[:5]].sum()
+        top_p = float((top5.cumsum(0)[1] + top5.cumsum(0)[2]) / 2)
+        assert kept(5, top_p) == set(order[:3].tolist())
+        assert set(torch.nonzero(_truncated_probs(logits, 1.0, 5, top_p)).flatten().tolist()) == set(order[:3].tolist())
+
+    # and through the sampler: a permuted version of the sorted-logits support test above
+    logits = torch.log(torch.tensor([0.15, 0.05, 0.5, 0.3]))
+    gen = torch.Generator().manual_seed(0)
+
+    def support(**kw):
+        return {sample_token(logits, SamplingParams(temperature=1.0, **kw), gen)[0] for _ in range(400)}
+
+    assert support(top_k=2) == {2, 3}
+    assert support(top_p=0.8) == {2, 3}  # 0.5 + 0.3 reaches 0.8
+    assert support(top_p=0.81) == {0, 2, 3}
+    assert support(top_k=1) == {2}
+
+
+def test_two_step_frequencies_match_truncated_softmax():
+    """A fixed 2-step model driven through sample_batch the way the engine drives it (one generator
+    per sequence, kept across steps, settings mixed in one batch): the step-2 logits row depends on
+    the step-1 token, and the joint frequencies of (token 1, token 2) must match
+    P1(a) · P2(b | a) under each setting's temperature / top-k / top-p (chi-square, p = 0.001),
+    with the behaviour log-prob of step 2 taken before truncation."""
+    from engine.rollout.sampling import sample_batch
+    g = torch.Generator().manual_seed(8)
+    v, n = 6, 4000
+    step1 = 0.6 * torch.randn(v, generator=g)
+    table = 0.6 * torch.randn(v, v, generator=g)  # step-2 logits row after token a: table[a], unsorted
+    settings = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=5, top_p=0.75)]
+    params = [settings[i % 2] for i in range(2 * n)]  # interleaved: each setting's rows are not contiguous
+    gens = [torch.Generator().manual_seed(1_000 + i) for i in range(2 * n)]
+    first, _ = sample_batch(step1.expand(2 * n, v).contiguous(), params, gens)
+    rows = table[torch.tensor(first)]
+    second, logprobs = sample_batch(rows, params, gens)
+    first, second = torch.tensor(first), torch.tensor(second)
+    for s, p in enumerate(settings):
+        mine = torch.arange(s, 2 * n, 2)
+        behaviour = torch.log_softmax(rows[mine].double() / p.temperature, -1).gather(-1, second[mine, None])
+        assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64)[mine], behaviour.squeeze(-1), atol=1e-5)
+        p1 = _truncated_probs(step1, p.temperature, p.top_k, p.top_p)
+        p2 = torch.stack([_truncated_probs(table[a], p.temperature, p.top_k, p.top_p) for a in range(v)])
+        joint = (p1[:, None] * p2).flatten()
+        counts = torch.bincount(first[mine] * v + second[mine], minlength=v * v).double()
+        stat, dof = _chi2(counts, joint, n)
+        assert stat < _chi2_critical(dof), f"setting {s}: chi2 = {stat:.1f} on {dof} dof"
+        if p.top_p < 1.0:
+            assert (p2 == 0).any(1).all()  # truncation removed tokens at step 2 in every row
+
+
+def test_second_token_frequencies_match_the_model(tiny_checkpoint):
+    """Through the engine: 4,000 samples of 2 tokens from a tiny model (8-token vocabulary); the
+    joint frequencies of (token 1, token 2) match P(a | prompt) · P(b | prompt, a) from the model's
+    own forward passes, top-p applied (chi-square, p = 0.001). Catches a step-2 draw that reuses
+    step 1's uniform, a KV cache that misses the first sampled token, wrong shared-block copies."""
+    model, _ = _tiny(tiny_checkpoint, "llama", vocab_size=8)
+    prompt = [1, 5, 2]
+    params = SamplingParams(max_new_tokens=2, temperature=0.8, top_p=0.95, seed=321, ignore_eos=True)
+    with torch.no_grad():
+        p1 = _truncated_probs(model.logits(model(torch.tensor(prompt)))[-1], 0.8, 0, 0.95)
+        p2 = torch.stack([_truncated_probs(model.logits(model(torch.tensor(prompt + [a])))[-1], 0.8, 0, 0.95)
+                          for a in range(8)])
+    out = Generator(model).generate([prompt], n=4000, params=params)[0]
+    assert all(len(c.token_ids) == 2 for c in out)
+    pairs = torch.tensor([c.token_ids for c in out])
+    counts = torch.bincount(pairs[:, 0] * 8 + pairs[:, 1], minlength=64).double()
+    stat, dof = _chi2(counts, (p1[:, None] * p2).flatten(), 4000)
+    assert stat < _chi2_critical(dof), f"chi2 = {stat:.1f} on {dof} dof"
+
+
 def test_seeds_make_samples_reproducible(tiny_checkpoint):
     model, _ = _tiny(tiny_checkpoint, "qwen2")
     prompts = _prompts(331, [6, 11])
