@@ -111,7 +111,12 @@ def test_dynamic_sampling_filters_on_accuracy_not_overlong_shaped_reward(letters
     trainer = letters_trainer(letters, AllZero(), max_new_tokens=6, overlong_buffer=6, max_rounds=2, oversample=2)
     trainer.generator.generate = scripted_generate([1, 3, 5, 6])  # lengths hit the buffer differently
     rolled, real_rollout = [], trainer._rollout
-    trainer._rollout = lambda *a: rolled.extend(real_rollout(*a)) or rolled[-len(a[0]):]
+
+    def rollout(*args):
+        groups = real_rollout(*args)
+        rolled.extend(groups)
+        return groups
+    trainer._rollout = rollout
     before = weights(trainer.model)
     row = trainer.step(sampler_for(trainer), max_input=1024)
     # the shaped rewards differ within every group (so a filter on them would keep it) ...
@@ -175,7 +180,7 @@ def test_kl_gradient_matches_the_k3_formula(letters):
     """With every advantage 0 the loss is kl_coef · token-mean k3 KL to the reference; the
     lm_head gradient the trainer's _update produces must equal autograd of that formula from
     materialised float64 logits."""
-    from engine.data.packing import pack
+    from engine.data.packing import budget_batches, pack
 
     kl_coef, temp = 0.3, 0.7
     trainer = letters_trainer(letters, AllZero(), kl_coef=kl_coef, temperature=temp, batch_prompts=3,
@@ -201,6 +206,7 @@ def test_kl_gradient_matches_the_k3_formula(letters):
 
     seqs, adv, _ = trainer._sequences(batch)
     assert all(a == 0 for a in adv)
+    assert len(budget_batches([len(ids) for ids, _ in seqs], trainer.cfg.token_budget)) > 1
     ref = torch.cat(trainer._response_logprobs(trainer.ref_model, seqs)).double()
     packed = pack(seqs)
     rows = packed.loss_rows
@@ -342,10 +348,39 @@ def test_recipe_keys_reach_the_trainer(tiny_setup, tmp_path, monkeypatch):
 
 
 # ---- 8. the flagship recipe, scaled down ----------------------------------------------------
-def test_flagship_recipe_scaled_down_runs_a_phase_2_step(tiny_setup, tmp_path):
+class WordTokenizer:
+    """One token per word or punctuation mark over a closed vocabulary (the records and the
+    template): prompts of a few dozen tokens and a vocabulary of a few hundred, so a step of
+    the recipe's shape runs in seconds on a CPU."""
+    chat_template = None
+    unk_token_id, name_or_path = 0, "words"
+    eos_token_id = 2
+
+    def __init__(self, texts):
+        import re
+        self.split = re.compile(r"\w+|[^\w\s]").findall
+        words = sorted({w for t in texts for w in self.split(t)})
+        self.vocab = ["<unk>", "<bos>", "<eos>", *words]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text, add_special_tokens=True):
+        return [self.index.get(w, 0) for w in self.split(text)]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.vocab[i] for i in ids if not (skip_special_tokens and i < 3))
+
+    def convert_tokens_to_ids(self, token):
+        return None
+
+
+def test_flagship_recipe_scaled_down_runs_a_phase_2_step(tmp_path):
     from engine.curriculum import phase_members
     from engine.data import prompt_lengths
-    from engine.train.loop import start_model
+    from engine.data.template import TEMPLATES
+    from engine.model import load_model
 
     recipe = RECIPES / "qwenlong_l1_32b.toml"
     full = load_config(recipe)
@@ -353,9 +388,11 @@ def test_flagship_recipe_scaled_down_runs_a_phase_2_step(tiny_setup, tmp_path):
     with pytest.raises(ConfigError, match=r"train\.token_budget"):
         load_config(recipe, ["--train.token_budget=69999"])
 
-    config, _ = tiny_setup
-    model_dir = config("x").model.path
-    recs = synthetic.generate(12, 10, seed=5, kinds=("lookup",))  # prompts of about 100 tokens: phase 2
+    recs = synthetic.generate(16, (30, 60), seed=5, kinds=("lookup",))
+    tok = WordTokenizer([*TEMPLATES.values(), *(f"{r.context} {r.question} {' '.join(r.answers)}" for r in recs)])
+    model_dir = tmp_path / "tiny"
+    tiny_hf_model("llama", vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=512).save_pretrained(str(model_dir))
     data = tmp_path / "flag.jsonl"
     write_docqa(recs, data)
     factor = 500
@@ -374,14 +411,15 @@ def test_flagship_recipe_scaled_down_runs_a_phase_2_step(tiny_setup, tmp_path):
     assert [p.max_input_tokens for p in rl.phases] == [40, 120] and rl.max_new_tokens == 20
     assert cfg.train.token_budget == 147 and rl.overlong_buffer == 2
     for key in ("group_size", "clip_low", "clip_high", "temperature", "top_p", "kl_coef", "dynamic_sampling",
-                "oversample", "on_shortfall", "think"):
+                "oversample", "on_shortfall", "think", "aggregation", "advantage_scale"):
         assert getattr(rl, key) == getattr(full.rl, key), key
-    assert rl.group_size == 8 and rl.oversample == 3 and cfg.model.activation_checkpointing
+    assert rl.group_size == 8 and rl.oversample == 3 and rl.mini_batches > 1 and cfg.model.activation_checkpointing
 
-    model, tok = start_model(cfg, cfg.model.path)
+    model, _ = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype)
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing)  # as start_model does
     lengths = prompt_lengths(recs, tok, template=cfg.data.template, chat=cfg.data.chat_template)
     members = phase_members(lengths, rl.phases)
-    assert len(members[1]) >= 4
+    assert len(members[1]) >= rl.batch_prompts, lengths  # phase 2: prompts of 41..120 tokens
     trainer = GRPOTrainer(model, tok, recs, rl, cfg.train, total_steps=2, reward=ToyReward(), data=cfg.data,
                           rollout=cfg.rollout, kernels=cfg.kernels)
     trainer.step_count = rl.phases[0].steps  # phase 1 is done

@@ -375,4 +375,19 @@ def test_generate_leaves_the_model_as_it_was(tiny_checkpoint):
     assert model.training and set(model.__dict__) == before_attrs
     for k, v in model.state_dict().items():
         assert v.data_ptr() == ptrs[k] and torch.equal(v, before[k]) and not v.is_inference()
-    assert not hasattr(gen, "cache")  # the KV cache lived only inside generate()
+    # the KV cache lived only inside generate(): nothing of the generator holds a tensor now
+    assert not [k for k, v in vars(gen).items() if isinstance(v, torch.Tensor)]
+
+
+def test_unseeded_sampling_leaves_the_global_generators_alone(tiny_checkpoint):
+    """A request without a seed draws fresh entropy without reseeding torch's global
+    generator: the trainer's RNG stream (and what a resume restores) stays its own."""
+    model, _ = _tiny(tiny_checkpoint, "qwen2")
+    gen = Generator(model)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    first = gen.generate(_prompts(331, [6, 9]), n=2, params=SamplingParams(max_new_tokens=6, temperature=1.0))
+    assert torch.equal(torch.rand(4), expected)
+    second = gen.generate(_prompts(331, [6, 9]), n=2, params=SamplingParams(max_new_tokens=6, temperature=1.0))
+    assert [c.token_ids for g in first for c in g] != [c.token_ids for g in second for c in g]

@@ -155,7 +155,7 @@ class GRPOTrainer:
         row.update(self._batch_metrics(seen))
         if hasattr(self.reward, "metrics"):
             row.update(self.reward.metrics())
-        if batch and len(batch) < self.rl.batch_prompts and self.rl.on_shortfall == "skip":
+        if len(batch) < self.rl.batch_prompts and self.rl.on_shortfall == "skip":
             row["dynamic/skipped_update"] = 1
             batch = []
         if batch:
