@@ -433,3 +433,28 @@ def test_flagship_recipe_scaled_down_runs_a_phase_2_step(tmp_path):
     assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
     assert len(steps) == rl.mini_batches and row["time/old_logprob"] > 0  # 4 updates, old log-probs
     assert not same(before, weights(model))
+
+
+# ---- task-balanced sampling reaches the phase sampler ------------------------------------
+@pytest.mark.parametrize("balance", ["task", "data_source"])
+def test_balance_gives_each_task_its_share_of_every_batch(tiny_setup, tmp_path, balance):
+    """rl.balance: each step's prompts split evenly over the tasks (or data sources) of the
+    phase, although one task has 6 examples and the other 2."""
+    import json
+
+    from engine.train import run_rl
+
+    config, _ = tiny_setup
+    lookups = synthetic.generate(6, 40, seed=4, kinds=("lookup",))
+    choices = synthetic.generate(2, 40, seed=5, kinds=("choice",))
+    for i, r in enumerate(choices):
+        r.id, r.data_source = f"choice-{i}", "choices"
+    data = tmp_path / "mixed.jsonl"
+    write_docqa(lookups + choices, data)
+    cfg = config(f"balance-{balance}", phases=((400, 3),), balance=balance, dynamic_sampling=False)
+    cfg.rl.data = [str(data)]
+    run_rl(cfg, progress=False, reward=ToyReward())
+    rows = [json.loads(l) for l in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["examples"] for r in rows if r["stage"] == "rl"]
+    assert len(steps) == 3
+    assert all(sum(i.startswith("choice-") for i in ids) == 1 and len(ids) == 2 for ids in steps), steps
