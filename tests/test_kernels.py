@@ -61,6 +61,12 @@ def test_logprob_values_and_grads(backend, case):
     case = dict(case)
     temperature, chunk = case.pop("temperature", 1.0), case.pop("chunk", 16)
     hidden, weight, targets, g = _inputs(**case)
+    _check_logprob(hidden, weight, targets, g, temperature, chunk, backend, device)
+
+
+def _check_logprob(hidden, weight, targets, g, temperature, chunk, backend, device):
+    """linear_logprob's values, entropy and gradients (through random upstream weights) on
+    `backend` against the fp64 reference, no worse than naive torch in fp32."""
     up_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
     up_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
 
@@ -85,6 +91,7 @@ def test_logprob_values_and_grads(backend, case):
         _close(o, n, r, torch.float32, name)
     _close(o_dh, n_dh, ref_dh, torch.float32, "d hidden")
     _close(o_dw, n_dw, ref_dw, torch.float32, "d weight")
+    return o_dw, n_dw, ref_dw
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -370,29 +377,7 @@ def test_logprob_max_in_last_tile_real_vocab(backend, v, temperature):
     backend, device = _split(backend)
     hidden, weight, targets, g = _last_tile_inputs(t=13, h=16, v=v, seed=21)
     chunk = 8  # two chunks, the second ragged
-    up_logp = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-    up_ent = torch.randn(hidden.shape[0], generator=g, dtype=torch.float64)
-
-    def ours(h, w):
-        lp, ent = linear_logprob(h, w, targets.to(device), temperature=temperature, with_entropy=True,
-                                 backend=backend, chunk_tokens=chunk)
-        ours.values = (lp.cpu(), ent.cpu())
-        return (lp.double() * up_logp.to(device)).sum() + (ent.double() * up_ent.to(device)).sum()
-
-    def naive(h, w):
-        lp, ent = naive_logprob(h, w, targets, temperature=temperature, with_entropy=True)
-        naive.values = (lp, ent)
-        return (lp.double() * up_logp).sum() + (ent.double() * up_ent).sum()
-
-    _, ref_dh, ref_dw = _grads(naive, hidden, weight, torch.float64)
-    ref_vals = naive.values
-    _, n_dh, n_dw = _grads(naive, hidden, weight, torch.float32)
-    n_vals = naive.values
-    _, o_dh, o_dw = _grads(ours, hidden, weight, torch.float32, device)
-    for name, o, n, r in zip(("logprob", "entropy"), ours.values, n_vals, ref_vals):
-        _close(o, n, r, torch.float32, name)
-    _close(o_dh, n_dh, ref_dh, torch.float32, "d hidden")
-    _close(o_dw, n_dw, ref_dw, torch.float32, "d weight")
+    o_dw, n_dw, ref_dw = _check_logprob(hidden, weight, targets, g, temperature, chunk, backend, device)
     # the last slice's columns carry most of dW here: check them on their own scale too
     tail = (v - 1) // 8192 * 8192
     _close(o_dw[tail:], n_dw[tail:], ref_dw[tail:], torch.float32, "d weight, last slice")

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_hf_model
+from test_rl_options import capture_updates as capture_batches
+from test_rl_options import scripted_generate
 from test_rl_train import LetterTokenizer, ToyReward, tiny_setup  # noqa: F401 (tiny_setup: a fixture)
 
 from engine.config import DataConfig, RLConfig, TrainConfig
@@ -22,7 +24,7 @@ from engine.data import load_records, synthetic
 from engine.data.packing import pack
 from engine.rewards import RewardResult
 from engine.rl.policy_loss import GRPOLossConfig, policy_loss
-from engine.rollout.sampling import Completion, truncate_logits
+from engine.rollout.sampling import truncate_logits
 from engine.train import rl as rl_mod
 from engine.train.rl import GRPOTrainer
 from kernels import linear_logprob
@@ -43,16 +45,6 @@ class Scripted:
         self.calls += 1
         return [RewardResult(float(values[j % len(values)]), float(values[j % len(values)]), None, None)
                 for j in range(len(items))]
-
-
-def scripted_generate(lengths):
-    """A stand-in for Generator.generate: sample i of every prompt is lengths[i] fixed tokens."""
-    def generate(prompts, n=1, params=None):
-        return [[Completion([(3 + i + j) % 15 for j in range(lengths[i % len(lengths)])],
-                            [-2.0] * lengths[i % len(lengths)],
-                            "length" if lengths[i % len(lengths)] >= params.max_new_tokens else "stop")
-                 for i in range(n)] for _ in prompts]
-    return generate
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +73,6 @@ def make_trainer(letters, reward, *, records=None, train=None, scripted=(2, 6, 4
 
 def sampler_for(trainer, ids=None) -> PhaseSampler:
     return PhaseSampler(list(ids or trainer.records), seed=0)
-
-
-def capture_batches(trainer) -> list:
-    seen, real = [], trainer._update
-
-    def update(batch, timing):
-        seen.append(list(batch))
-        return real(batch, timing)
-    trainer._update = update
-    return seen
 
 
 def capture_loss_calls(monkeypatch) -> list[dict]:
