@@ -168,7 +168,7 @@ def cmd_generate(args, cfg: Config) -> int:
     from tqdm import tqdm
 
     from .data.jsonl import read_docqa_jsonl
-    from .data.template import build_prompt_ids, encode_prompt, stop_token_ids
+    from .data.template import build_prompt_ids, encode_prompt
     from .model import load_model
     from .rollout import Generator, SamplingParams
 
@@ -193,10 +193,10 @@ def cmd_generate(args, cfg: Config) -> int:
         prompts.append(ids)
         truncated.append(cut)
 
-    stop = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
-    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-                            top_k=gen.top_k, seed=gen.seed, stop_token_ids=stop)
     generator = Generator(model, tokenizer, cfg.rollout.cache_config())
+    stop = generator.default_stop_ids()
+    params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+                            top_k=gen.top_k, seed=gen.seed)
     out_f = open(args.output, "w", encoding="utf-8") if args.output else None
     totals = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
     bar = tqdm(total=len(items), desc="generate", unit="item", disable=len(items) < 2, file=sys.stderr)

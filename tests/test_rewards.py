@@ -327,7 +327,7 @@ def test_http_judge_malformed_reply_is_a_counted_no(fake_server):
 
 def test_http_judge_respects_its_concurrency_limit(fake_server):
     fake_server.modes = ["slow"]
-    judge = _judge(fake_server, concurrency=2)
+    judge = _judge(fake_server, concurrency=2, timeout_s=10.0)  # about concurrency, not deadlines: no time-outs
     items = [JudgeItem(f"q{i}", "a", "b") for i in range(8)]
     assert judge(items) == [True] * 8
     assert fake_server.max_in_flight <= 2

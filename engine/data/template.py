@@ -25,10 +25,8 @@ def render_prompt(context: str, question: str, template: str = "qwenlong") -> st
 def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
     """Token ids of a user prompt, chat-templated (with the generation prompt) when asked and
     when the tokenizer has a template."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if chat:
+        return encode_messages(tokenizer, [{"role": "user", "content": text}])
     return tokenizer.encode(text)
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..config import DataConfig, EvalConfig, RolloutConfig
 from ..data.lengths import record_prompt_ids
-from ..data.template import resolve_think, stop_token_ids
+from ..data.template import resolve_think
 from ..data.loaders import DocQARecord
 from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
@@ -102,9 +102,8 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     ctx = model.config.max_position_embeddings
     if max_input + settings.max_new_tokens > ctx:
         max_input = max(1, ctx - settings.max_new_tokens)  # the model's window bounds the input
-    stops = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                            top_p=settings.top_p, seed=settings.seed, stop_token_ids=stops)
+                            top_p=settings.top_p, seed=settings.seed)  # stops: the model's own rule
     if generator_factory is None:
         gen = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
     else:

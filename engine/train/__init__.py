@@ -80,7 +80,7 @@ def build_reward(cfg: Config, think: str):
 def local_judge_generate(cfg: Config):
     """A generate function (chat messages in, reply texts out) over the judge checkpoint:
     greedy, batched, stopping by the judge's own stop rule, within judge_max_tokens."""
-    from ..data.template import encode_messages, stop_token_ids
+    from ..data.template import encode_messages
     from ..model import load_model
     from ..rollout import Generator, SamplingParams
 
@@ -90,8 +90,7 @@ def local_judge_generate(cfg: Config):
         raise ValueError(f"reward.judge_path {cfg.reward.judge_path}: the judge needs its tokenizer files")
     model.requires_grad_(False).eval()
     generator = Generator(model, tokenizer, cfg.rollout.cache_config())
-    params = SamplingParams(max_new_tokens=cfg.reward.judge_max_tokens, temperature=0.0,
-                            stop_token_ids=stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None)))
+    params = SamplingParams(max_new_tokens=cfg.reward.judge_max_tokens, temperature=0.0)  # the judge's stop rule
 
     def generate(chats: list[list[dict]]) -> list[str]:
         outs = generator.generate([encode_messages(tokenizer, m) for m in chats], n=1, params=params)

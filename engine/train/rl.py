@@ -25,7 +25,7 @@ from kernels.rows import rows_for_budget
 from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
-from ..data.template import resolve_think, stop_token_ids
+from ..data.template import resolve_think
 from ..rewards import HybridReward, RewardItem
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
@@ -72,7 +72,6 @@ class GRPOTrainer:
             self.ref_model = ref_model if ref_model is not None else self._frozen_copy(rl.ref_device)
         self.step_count = 0
         self.total_steps = total_steps
-        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "checkpoint_dir", None))
 
     def _frozen_copy(self, where: str):
         """The reference policy: the weights as they are now (the start of RL), frozen."""
@@ -93,22 +92,19 @@ class GRPOTrainer:
         prompts = [record_prompt_ids(r, self.tokenizer, template=self.data.template, max_tokens=max_input,
                                      chat=self.data.chat_template)[0] for r in recs]
         params = SamplingParams(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
-                                top_p=self.rl.top_p, seed=round_seed, stop_token_ids=self.stop_ids)
+                                top_p=self.rl.top_p, seed=round_seed)  # stops: the model's own rule
         self.model.eval()
         t0 = time.perf_counter()
         outs = self.generator.generate(prompts, n=self.rl.group_size, params=params)
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        items, owners = [], []
-        for k, (rec, comps) in enumerate(zip(recs, outs)):
-            for c in comps:
-                text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                items.append(RewardItem(text, rec.answers, rec.task, rec.question))
-                owners.append(k)
+        items = [RewardItem(self.tokenizer.decode(c.token_ids, skip_special_tokens=True), rec.answers, rec.task,
+                            rec.question) for rec, comps in zip(recs, outs) for c in comps]
         scored = self.reward(items)  # one call: the judge sees the whole batch at once
+        g = self.rl.group_size
         groups = []
         for k, (rec, prompt, comps) in enumerate(zip(recs, prompts, outs)):
-            correct = [s.reward for s, o in zip(scored, owners) if o == k]
+            correct = [s.reward for s in scored[k * g:(k + 1) * g]]
             rewards = list(correct)
             if self.rl.overlong_buffer:
                 lengths = torch.tensor([len(c.token_ids) for c in comps])

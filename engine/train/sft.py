@@ -51,7 +51,6 @@ class SFTState:
     step: int = 0
     epoch: int = 0
     pos: int = 0  # examples of the current epoch's order already used
-    bad_steps: int = 0
 
 
 class SFTTrainer:
@@ -100,9 +99,7 @@ class SFTTrainer:
             loss = -logp.sum() / max(answer_tokens, 1)
             loss.backward()
             total_loss += loss.item()
-        self.opt_step.bad_steps = self.state.bad_steps
         result = self.opt_step(self.state.step, self.total_steps, total_loss)
-        self.state.bad_steps = self.opt_step.bad_steps
         row = {"stage": "sft", "step": self.state.step + 1, "loss": total_loss, "grad_norm": result["grad_norm"],
                "lr": result["lr"], "answer_tokens": answer_tokens, "tokens": sum(len(ids) for ids, _ in chosen)}
         if result["skipped"]:
@@ -114,9 +111,10 @@ class SFTTrainer:
         return row
 
     def state_dict(self) -> dict:
-        return {"stage": "sft", **self.state.__dict__, "total_steps": self.total_steps}
+        return {"stage": "sft", **self.state.__dict__, "bad_steps": self.opt_step.bad_steps,
+                "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
-        self.state = SFTState(step=state["step"], epoch=state["epoch"], pos=state["pos"],
-                              bad_steps=state.get("bad_steps", 0))
+        self.state = SFTState(step=state["step"], epoch=state["epoch"], pos=state["pos"])
+        self.opt_step.bad_steps = state.get("bad_steps", 0)
         self.optimizer.load_state_dict(optimizer_state)
