@@ -58,7 +58,7 @@ def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py", "tests/test_rollout.py",
            "-k", "cuda or gpu", "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = stage(cmd, STAGE_TIMEOUT["tests"])
     (out / "tests.log").write_text(proc.stdout + proc.stderr)
     tail = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return {"returncode": proc.returncode, "summary": tail, "seconds": time.perf_counter() - t0}
@@ -111,12 +111,26 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
                        f"{len(lines) - failed}/{len(lines)} passed", "seconds": time.perf_counter() - t0}
 
 
+# seconds per stage: a stage that hangs or crawls is reported, the rest still runs
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 150}
+
+
+def stage(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run one stage; past its timeout it is killed and reads as a failure that says so."""
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        return subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {timeout:.0f} s")
+
+
 def run_case(tokens: int, hidden: int) -> dict:
     cmd = [sys.executable, "-m", "bench.kernel_case", "--impl", "fused", "--tokens", str(tokens), "--hidden",
            str(hidden), "--vocab", str(VOCAB), "--dtype", "bfloat16", "--device", "cuda", "--repeats", "3"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = stage(cmd, STAGE_TIMEOUT["kernel_case"])
     if proc.returncode != 0:
-        return {"tokens": tokens, "hidden": hidden, "error": proc.stderr.strip().splitlines()[-1:]}
+        return {"tokens": tokens, "hidden": hidden, "error": proc.stderr.strip().splitlines()[-3:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -141,6 +155,7 @@ def main(argv=None) -> int:
     if not args.skip_tests:
         report["tests"] = run_tests(out)
         print(f"tests: {report['tests']['summary']}", flush=True)
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
     rate = bf16_matmul_tflops()
     report["bf16_matmul_tflops"] = rate
     print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
@@ -158,14 +173,15 @@ def main(argv=None) -> int:
         rows.append(r)
         print(json.dumps(r), flush=True)
     report["grpo_loss"] = rows
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_rollout_case"], cwd=ROOT, capture_output=True, text=True)
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))  # partial, in case a later stage hangs
+    proc = stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"])
     if proc.returncode == 0:
         report["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
     else:
         report["rollout"] = {"error": proc.stderr.strip().splitlines()[-3:]}
     print(json.dumps(report["rollout"]), flush=True)
-    proc = subprocess.run([sys.executable, "-m", "bench.train_step_case", "--gpu"], cwd=ROOT, capture_output=True,
-                          text=True)
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+    proc = stage([sys.executable, "-m", "bench.train_step_case", "--gpu"], STAGE_TIMEOUT["rl_step"])
     report["rl_step"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
                          else {"error": proc.stderr.strip().splitlines()[-3:]})
     if "error" not in report["rl_step"]:

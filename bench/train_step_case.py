@@ -21,7 +21,9 @@ PARTS = ("time/rollout", "time/reward", "time/old_logprob", "time/ref_logprob", 
 
 
 class ByteTokenizer:
-    """Bytes as token ids (0..255); ids past 255 decode to '?'. Enough to drive the engine."""
+    """Bytes as token ids (0..255); an id past 255 decodes to a letter (id mod 26), so that a
+    random-weight model's completions, which are almost all such ids, still read as text whose
+    toy score varies within a group. Enough to drive the engine."""
     chat_template = None
     eos_token_id, unk_token_id, name_or_path = 256, None, "bytes"
 
@@ -32,7 +34,7 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids, skip_special_tokens=False):
-        return bytes(i if i < 256 else 63 for i in ids).decode("utf-8", "replace")
+        return bytes(i if i < 256 else 97 + i % 26 for i in ids).decode("utf-8", "replace")
 
     def convert_tokens_to_ids(self, token):
         return None
