@@ -207,6 +207,12 @@ class RLConfig:
     difficulty_cap: float = 10.0
     think: Literal["auto", "required", "off"] = "auto"  # auto: required when the chat template opens <think>
     lr: float = 0.0  # RL learning rate; 0: train.lr
+    # the update's layout: true puts a group's prompt through the model once, as one row
+    # [P | R1 … RG] (P + G·R tokens instead of G·(P+R)); false repeats the prompt per sample
+    shared_prefix: bool = True
+    # truncated importance sampling against rollout/trainer mismatch: the policy-gradient term
+    # of each token is weighted by min(exp(trainer − rollout log-prob), tis_cap); 0: off
+    tis_cap: float = 0.0
 
     def validate(self, key: str) -> None:
         _check(self.lr >= 0, f"{key}.lr", "a number >= 0 (0: train.lr)", self.lr)
@@ -223,6 +229,7 @@ class RLConfig:
                (self.kl_coef, self.entropy_coef))
         _check(0 <= self.aepo_low <= self.aepo_high, f"{key}.aepo_low / aepo_high",
                "0 <= aepo_low <= aepo_high (both 0: AEPO off)", (self.aepo_low, self.aepo_high))
+        _check(self.tis_cap >= 0, f"{key}.tis_cap", "a number > 0 (e.g. 2), or 0 for off", self.tis_cap)
         lengths = [p.max_input_tokens for p in self.phases]
         _check(bool(lengths) and lengths == sorted(set(lengths)), f"{key}.phases",
                "phases with increasing max_input_tokens", lengths)

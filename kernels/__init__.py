@@ -2,8 +2,12 @@
 
     linear_logprob(hidden, weight, targets, ...)   -> per-token log-prob (+ entropy)
     linear_grpo_loss(hidden, weight, targets, ...) -> GRPO/DAPO loss, gradient in the forward
+    attention_block(q, k, v, ...)                  -> (out, lse) of one attention block, differentiable
+    merge(out_a, lse_a, out_b, lse_b)              -> (out, lse) of two blocks over disjoint keys
 """
+from .attention_block import attention_block, merge
 from .grpo_loss import AGGREGATIONS, GRPOLossConfig, aggregation_weights, linear_grpo_loss
 from .logprob import linear_logprob
 
-__all__ = ["linear_logprob", "linear_grpo_loss", "GRPOLossConfig", "aggregation_weights", "AGGREGATIONS"]
+__all__ = ["linear_logprob", "linear_grpo_loss", "GRPOLossConfig", "aggregation_weights", "AGGREGATIONS",
+           "attention_block", "merge"]

@@ -10,13 +10,19 @@ Per token, with r = exp(clamp(logp − old, ±logratio_clamp)) and A the advanta
 
     pg   = max(−A·r, −A·clip(r, 1 − clip_low, 1 + clip_high))       (DAPO's clip-higher)
     pg   = min(pg, −A·clip_c)            where A < 0, when clip_c is set (dual clip)
+    pg   = pg · min(exp(π_old − π_rollout), tis_cap)   with rollout log-probs and tis_cap set
     loss = pg + kl_coef · KL(logp, ref) − entropy_coef · H
+
+π_old is the trainer's log-prob before this update (`old`, or logp itself when strictly
+on-policy); the truncated importance weight is a constant of the gradient. Given the
+rollout's behaviour log-probs, the stats also report the rollout/trainer mismatch.
 
 and the batch loss is Σ token_weight · loss. `aggregation_weights` builds token_weight so
 that summing over micro-batches and ranks gives exactly the batch loss of each mode.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,6 +43,7 @@ class GRPOLossConfig:
     kl_coef: float = 0.0
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
+    tis_cap: float | None = None  # truncated importance sampling cap (needs behaviour log-probs); None = off
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -46,6 +53,8 @@ class GRPOLossConfig:
                              f"got {self.clip_low}, {self.clip_high}")
         if self.clip_c is not None and self.clip_c <= 1:
             raise ValueError(f"GRPOLossConfig.clip_c must be > 1 (or None), got {self.clip_c}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"GRPOLossConfig.tis_cap must be > 0 (or None), got {self.tis_cap}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"GRPOLossConfig.kl_estimator must be k1, k2 or k3, got {self.kl_estimator!r}")
 
@@ -91,9 +100,14 @@ def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, mode: 
 
 
 # ---- per-token math (shared by every backend) ----------------------------------------
+MISMATCH_OVER = 0.1  # |trainer − rollout| log-prob gap counted by the mismatch_over stat
+
+
 def grpo_token_terms(logp: torch.Tensor, entropy: torch.Tensor | None, adv: torch.Tensor,
-                     old: torch.Tensor | None, ref: torch.Tensor | None, cfg: GRPOLossConfig):
-    """-> (loss [C], dloss/dlogp [C], stats dict of [C] tensors), all fp32, hand-derived."""
+                     old: torch.Tensor | None, ref: torch.Tensor | None, cfg: GRPOLossConfig,
+                     behaviour: torch.Tensor | None = None):
+    """-> (loss [C], dloss/dlogp [C], stats dict of [C] tensors), all fp32, hand-derived.
+    Stats whose name starts with "max_" are reduced by max, the others by mean."""
     adv = adv.float()
     if old is None:  # strictly on-policy: r = exp(logp − sg(logp)) = 1, dr/dlogp = 1
         raw = torch.zeros_like(logp)
@@ -112,6 +126,17 @@ def grpo_token_terms(logp: torch.Tensor, entropy: torch.Tensor | None, adv: torc
         dual = (adv < 0) & (pg3 < pg)
         pg = torch.where(dual, pg3, pg)
         dpg = torch.where(dual, torch.zeros_like(dpg), dpg)
+    extra = {}
+    if behaviour is not None:
+        gap = (logp if old is None else old.float()) - behaviour.float()  # trainer − rollout, before this update
+        extra = {"mismatch_abs": gap.abs(), "mismatch_over": (gap.abs() > MISMATCH_OVER).float(),
+                 "max_mismatch_abs": gap.abs()}
+        if cfg.tis_cap is not None:
+            is_w = torch.exp(gap.clamp(max=math.log(cfg.tis_cap))).clamp(max=cfg.tis_cap)
+            pg, dpg = pg * is_w, dpg * is_w
+            extra.update(tis_weight=is_w, tis_capped=(gap >= math.log(cfg.tis_cap)).float())
+    elif cfg.tis_cap is not None:
+        raise ValueError("GRPOLossConfig.tis_cap is set but no behaviour (rollout) log-probs were given")
     loss = pg
     dlogp = dpg * ratio_passes
     kl = None
@@ -129,6 +154,7 @@ def grpo_token_terms(logp: torch.Tensor, entropy: torch.Tensor | None, adv: torc
     }
     if kl is not None:
         stats["kl"] = kl
+    stats.update(extra)
     return loss, dlogp, stats
 
 
@@ -148,7 +174,7 @@ def _kl_and_grad(logp: torch.Tensor, ref: torch.Tensor, estimator: str):
 # ---- the fused op -----------------------------------------------------------------------
 class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, cfg, rows, chunk, stats_out):
+    def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out):
         t = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(hidden) if need_dh else None
@@ -156,6 +182,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         inv_temp = 1.0 / cfg.temperature
         loss = torch.zeros((), device=hidden.device, dtype=torch.float32)
         sums: dict[str, torch.Tensor] = {}
+        maxes: dict[str, torch.Tensor] = {}
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             h = hidden[s:e]
@@ -163,12 +190,16 @@ class _FusedGRPOLoss(torch.autograd.Function):
             # entropy is always computed: the loss may need it and the stats always report it
             lse, logp, ent = rows.stats(z, targets[s:e], inv_temp, with_entropy=True)
             tok_loss, dlogp, tok_stats = grpo_token_terms(
-                logp, ent, adv[s:e], None if old is None else old[s:e], None if ref is None else ref[s:e], cfg)
+                logp, ent, adv[s:e], None if old is None else old[s:e], None if ref is None else ref[s:e], cfg,
+                None if behaviour is None else behaviour[s:e])
             w = token_weight[s:e].float()
             loss += (w * tok_loss).sum()
             tok_stats.update(logprob=logp, entropy=ent)
             for k, v in tok_stats.items():  # every token here is a loss token (the caller dropped the rest)
-                sums[k] = sums.get(k, 0.0) + v.sum()
+                if k.startswith("max_"):
+                    maxes[k] = torch.maximum(maxes[k], v.max()) if k in maxes else v.max()
+                else:
+                    sums[k] = sums.get(k, 0.0) + v.sum()
             if need_dh or need_dw:
                 g_ent = (-cfg.entropy_coef * w) if cfg.entropy_coef else None
                 dz = rows.grad(z, targets[s:e], lse, ent, w * dlogp, g_ent, inv_temp).to(hidden.dtype)
@@ -179,6 +210,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
                 del dz
             del z  # free this chunk's logits before the next GEMM allocates the next ones
         stats_out.update({k: (v / max(t, 1)).detach() for k, v in sums.items()})
+        stats_out.update({k: v.detach() for k, v in maxes.items()})
         stats_out["tokens"] = torch.tensor(t)
         ctx.save_for_backward(d_hidden, d_weight)
         ctx.weight_dtype = weight.dtype
@@ -190,12 +222,13 @@ class _FusedGRPOLoss(torch.autograd.Function):
         # scale in place: the stored gradients are handed over, not copied (dW is [V, H] fp32)
         gh = d_hidden.mul_(grad_loss.to(d_hidden.dtype)) if d_hidden is not None else None
         gw = d_weight.mul_(grad_loss).to(ctx.weight_dtype) if d_weight is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                      advantages: torch.Tensor, token_weight: torch.Tensor,
                      old_logprob: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
+                     behaviour_logprob: torch.Tensor | None = None,
                      cfg: GRPOLossConfig | None = None, backend: str | None = None,
                      chunk_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """hidden [T, H], weight [V, H], targets [T] (the token that follows each position),
@@ -203,20 +236,26 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
 
     Tokens with token_weight 0 (prompts, padding, filtered samples) are dropped before any
     GEMM. stats: means over the loss tokens of logprob, entropy, ratio, kl (when on) and the
-    fractions clipped low / high / by the dual clip, plus `tokens`."""
+    fractions clipped low / high / by the dual clip, plus `tokens`. With behaviour_logprob
+    (the rollout's log-probs of the same tokens): mismatch_abs (mean |trainer − rollout|),
+    max_mismatch_abs, mismatch_over (share of tokens over 0.1) and, with cfg.tis_cap,
+    tis_weight (mean) and tis_capped (share at the cap)."""
     cfg = cfg or GRPOLossConfig()
     _check_shapes(hidden, weight, targets, advantages=advantages, token_weight=token_weight,
-                  old_logprob=old_logprob, ref_logprob=ref_logprob)
+                  old_logprob=old_logprob, ref_logprob=ref_logprob, behaviour_logprob=behaviour_logprob)
     keep = (token_weight != 0).nonzero().squeeze(-1)
     if keep.numel() < token_weight.numel():
         hidden, targets, advantages, token_weight = hidden[keep], targets[keep], advantages[keep], token_weight[keep]
         old_logprob = None if old_logprob is None else old_logprob[keep]
         ref_logprob = None if ref_logprob is None else ref_logprob[keep]
+        behaviour_logprob = None if behaviour_logprob is None else behaviour_logprob[keep]
+    if cfg.tis_cap is not None and behaviour_logprob is None:
+        raise ValueError("cfg.tis_cap is set: pass behaviour_logprob (the rollout's log-probs of the targets)")
     rows = pick_rows(backend, hidden.device)
     chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens)
     stats: dict[str, torch.Tensor] = {}
     loss = _FusedGRPOLoss.apply(hidden.contiguous(), weight, targets, advantages, token_weight,
-                    old_logprob, ref_logprob, cfg, rows, max(chunk, 1), stats)
+                    old_logprob, ref_logprob, behaviour_logprob, cfg, rows, max(chunk, 1), stats)
     return loss, stats
 
 

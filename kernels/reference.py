@@ -35,8 +35,9 @@ def kl_reference(logp: torch.Tensor, ref: torch.Tensor, estimator: str) -> torch
 
 def grpo_token_loss_reference(logp: torch.Tensor, entropy: torch.Tensor | None, advantages: torch.Tensor,
                               old_logprob: torch.Tensor | None, ref_logprob: torch.Tensor | None,
-                              cfg: GRPOLossConfig) -> torch.Tensor:
-    """Per-token policy loss [T] from log-probs: clipped surrogate (+ dual clip) + KL - entropy bonus."""
+                              cfg: GRPOLossConfig, behaviour_logprob: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token policy loss [T] from log-probs: clipped surrogate (+ dual clip), times the
+    truncated importance weight when cfg.tis_cap is set, + KL - entropy bonus."""
     old = logp.detach() if old_logprob is None else old_logprob
     log_ratio = torch.clamp(logp - old, -cfg.logratio_clamp, cfg.logratio_clamp)
     ratio = torch.exp(log_ratio)
@@ -45,6 +46,8 @@ def grpo_token_loss_reference(logp: torch.Tensor, entropy: torch.Tensor | None, 
     pg = torch.maximum(pg_unclipped, pg_clipped)
     if cfg.clip_c is not None:
         pg = torch.where(advantages < 0, torch.minimum(pg, -advantages * cfg.clip_c), pg)
+    if cfg.tis_cap is not None:
+        pg = pg * torch.minimum(torch.exp(old.detach() - behaviour_logprob), torch.tensor(cfg.tis_cap, dtype=pg.dtype))
     loss = pg
     if cfg.kl_coef and ref_logprob is not None:
         loss = loss + cfg.kl_coef * kl_reference(logp, ref_logprob, cfg.kl_estimator)
@@ -56,10 +59,11 @@ def grpo_token_loss_reference(logp: torch.Tensor, entropy: torch.Tensor | None, 
 def naive_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                     advantages: torch.Tensor, token_weight: torch.Tensor,
                     old_logprob: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
+                    behaviour_logprob: torch.Tensor | None = None,
                     cfg: GRPOLossConfig | None = None) -> torch.Tensor:
     """Scalar loss = sum(token_weight * per-token loss) through materialised logits."""
     cfg = cfg or GRPOLossConfig()
     logp, entropy = naive_logprob(hidden, weight, targets, temperature=cfg.temperature,
                                   with_entropy=bool(cfg.entropy_coef))
-    per_token = grpo_token_loss_reference(logp, entropy, advantages, old_logprob, ref_logprob, cfg)
+    per_token = grpo_token_loss_reference(logp, entropy, advantages, old_logprob, ref_logprob, cfg, behaviour_logprob)
     return (token_weight * per_token).sum()

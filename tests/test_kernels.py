@@ -6,6 +6,8 @@ ref is the reference in fp64. Every case runs on both backends: `torch` and `tri
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -137,6 +139,7 @@ CONFIGS = {
     "kl_k1": GRPOLossConfig(kl_coef=0.05, kl_estimator="k1"),
     "kl_k2_temp": GRPOLossConfig(kl_coef=0.05, kl_estimator="k2", temperature=0.7),
     "tight_logratio_clamp": GRPOLossConfig(logratio_clamp=0.3, clip_c=2.0),
+    "tis_kl": GRPOLossConfig(tis_cap=1.5, kl_coef=0.05, kl_estimator="k2"),
 }
 
 
@@ -151,6 +154,7 @@ def test_grpo_loss_values_and_grads(backend, name, on_policy):
     with torch.no_grad():
         logp_ref, _ = naive_logprob(hidden, weight, targets, temperature=cfg.temperature)
     adv, old, ref = _policy_case(t, g, logp_ref, spread=1.0)
+    behaviour = logp_ref + 0.3 * torch.randn(t, generator=g, dtype=torch.float64)  # the rollout's log-probs
     tw = torch.rand(t, generator=g, dtype=torch.float64)
     tw[::5] = 0  # masked tokens
     old = None if on_policy else old
@@ -161,7 +165,7 @@ def test_grpo_loss_values_and_grads(backend, name, on_policy):
 
         def loss(h, w):
             return fn(h, w, targets.to(device), advantages=on(adv), token_weight=on(tw), old_logprob=on(old),
-                      ref_logprob=on(ref), cfg=cfg, **kw)
+                      ref_logprob=on(ref), behaviour_logprob=on(behaviour), cfg=cfg, **kw)
         return _grads(loss, hidden, weight, dtype, device)
 
     def fused(h, w, y, **kw):
@@ -175,6 +179,15 @@ def test_grpo_loss_values_and_grads(backend, name, on_policy):
     for what, o, n, r in zip(("loss", "d hidden", "d weight"), ours_out, same_out, ref_out):
         _close(o, n, r, torch.float32, what)
     assert int(fused.stats["tokens"]) == int((tw != 0).sum())
+    # rollout/trainer mismatch over the loss tokens: the trainer's side is old, or logp when on-policy
+    gap = ((logp_ref if old is None else old) - behaviour)[tw != 0].abs()
+    assert abs(float(fused.stats["mismatch_abs"]) - gap.mean().item()) < 1e-4
+    assert abs(float(fused.stats["max_mismatch_abs"]) - gap.max().item()) < 1e-4
+    assert float(fused.stats["mismatch_over"]) == pytest.approx((gap > 0.1).double().mean().item())
+    if cfg.tis_cap:
+        capped = (((logp_ref if old is None else old) - behaviour)[tw != 0] >= math.log(cfg.tis_cap)).double()
+        assert 0 < capped.mean() < 1  # the case puts tokens on both sides of the cap
+        assert float(fused.stats["tis_capped"]) == pytest.approx(capped.mean().item(), abs=1e-6)
 
 
 def test_every_clip_branch_is_hit_and_counted():

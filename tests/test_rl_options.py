@@ -180,12 +180,12 @@ def test_kl_gradient_matches_the_k3_formula(letters):
     """With every advantage 0 the loss is kl_coef · token-mean k3 KL to the reference; the
     lm_head gradient the trainer's _update produces must equal autograd of that formula from
     materialised float64 logits."""
-    from engine.data.packing import budget_batches, pack
+    from engine.data.packing import pack
 
     kl_coef, temp = 0.3, 0.7
     trainer = letters_trainer(letters, AllZero(), kl_coef=kl_coef, temperature=temp, batch_prompts=3,
                               kl_estimator="k3", aggregation="token-mean", max_new_tokens=6,
-                              train=TrainConfig(lr=1e-2, seed=0, token_budget=400))  # several micro-batches
+                              train=TrainConfig(lr=1e-2, seed=0, token_budget=250))  # several micro-batches
     assert trainer.model.lm_head is not None  # untied: the lm_head gradient is the loss's alone
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the policy drifts away from the reference
@@ -204,10 +204,14 @@ def test_kl_gradient_matches_the_k3_formula(letters):
     trainer._update(batch, defaultdict(float))
     assert len(grads) == 1
 
-    seqs, adv, _ = trainer._sequences(batch)
-    assert all(a == 0 for a in adv)
-    assert len(budget_batches([len(ids) for ids, _ in seqs], trainer.cfg.token_budget)) > 1
-    ref = torch.cat(trainer._response_logprobs(trainer.ref_model, seqs)).double()
+    samples, adv, in_loss, _ = trainer._samples(batch)
+    assert all(a == 0 for a in adv) and all(in_loss)
+    chosen = list(range(len(samples)))
+    assert len(trainer._micro_batches(trainer.model, batch, samples, chosen)) > 1
+    by_sample = trainer._response_logprobs(trainer.ref_model, batch, samples, chosen)
+    ref = torch.cat([by_sample[k] for k in chosen]).double()
+    seqs = [(g.prompt + c.token_ids, [0] * len(g.prompt) + [1] * len(c.token_ids)) for g in batch
+            for c in g.completions]
     packed = pack(seqs)
     rows = packed.loss_rows
     with torch.no_grad():
@@ -260,20 +264,17 @@ def test_aepo_drops_negative_advantage_samples_while_entropy_is_high(letters):
     row = trainer.step(sampler_for(trainer), max_input=1024)
     assert row["aepo/dropping"] == 1 and row["aepo/entropy"] == pytest.approx(2.0)
     assert row["aepo/dropped_samples"] == 2 and "loss" in row
-    seqs, adv, _ = trainer._sequences(updates[0])
+    _, adv, in_loss, _ = trainer._samples(updates[0])
     assert sorted(a > 0 for a in adv) == [False, False, True, True]
-    for (ids, flags), a, comp in zip(seqs, adv, updates[0][0].completions):
-        response = flags[len(ids) - len(comp.token_ids):]
-        assert sum(flags[: len(ids) - len(comp.token_ids)]) == 0
-        assert response == ([1] * len(response) if a >= 0 else [0] * len(response))
+    assert in_loss == [a >= 0 for a in adv]  # the negative-advantage samples leave the loss
 
     off = letters_trainer(letters, FirstGroupVaries(4), batch_prompts=1)
     off.generator.generate = scripted_generate([3, 4, 5, 6], logprob=-2.0)
     updates = capture_updates(off)
     row = off.step(sampler_for(off), max_input=1024)
     assert off.aepo is None and not [k for k in row if k.startswith("aepo/")]
-    seqs, _, _ = off._sequences(updates[0])
-    assert all(sum(f) == len(c.token_ids) for (_, f), c in zip(seqs, updates[0][0].completions))
+    _, _, in_loss, _ = off._samples(updates[0])
+    assert all(in_loss)
 
 
 # ---- 6. task-normalised advantages ------------------------------------------------------

@@ -282,13 +282,18 @@ def test_lm_head_gradient_matches_autograd_of_the_reference(letters, aggregation
 
 # ---- 4. token-budget micro-batches = one batch ---------------------------------------------
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
-def test_micro_batches_accumulate_the_gradient_of_one_batch(letters, monkeypatch, aggregation):
+@pytest.mark.parametrize("shared", [True, False], ids=["group-rows", "repeated"])
+def test_micro_batches_accumulate_the_gradient_of_one_batch(letters, monkeypatch, aggregation, shared):
     reward = [1, 0, 0.5, 0.2]
     grads, counts = {}, {}
     calls = capture_loss_calls(monkeypatch)
-    for budget in (120, 4096):  # prompts of 95..106 tokens + up to 6: one sequence per micro-batch, or all
+    # prompts of 95..106 tokens + responses of 2..6: with repeated prompts 120 puts one sequence
+    # in each micro-batch; a group row is P + 13 = 108..119 tokens, so 111 splits most groups
+    # into parts (the prompt repeated per part); 4096 holds the whole batch
+    small = 111 if shared else 120
+    for budget in (small, 4096):
         trainer = make_trainer(letters, Scripted(reward), batch_prompts=2, aggregation=aggregation,
-                               train=TrainConfig(lr=1e-2, seed=0, token_budget=budget))
+                               shared_prefix=shared, train=TrainConfig(lr=1e-2, seed=0, token_budget=budget))
         real_step, n_before = trainer.opt_step, len(calls)
 
         def opt_step(step, total, loss_total, trainer=trainer, real_step=real_step, budget=budget):
@@ -297,8 +302,8 @@ def test_micro_batches_accumulate_the_gradient_of_one_batch(letters, monkeypatch
         trainer.opt_step = opt_step
         trainer.step(sampler_for(trainer), max_input=1024)
         counts[budget] = len(calls) - n_before
-    assert counts[120] >= 3 and counts[4096] == 1
-    small, big = grads[120], grads[4096]
+    assert counts[small] >= 3 and counts[4096] == 1
+    small, big = grads[small], grads[4096]
     assert small.keys() == big.keys()
     for name in big:
         diff, err = float((small[name] - big[name]).abs().max()), rel(small[name], big[name])

@@ -92,3 +92,47 @@ class VarlenAttention:
         # [T, T] block-diagonal mask
         return torch.cat([causal_sdpa(q[a:b], k[a:b], v[a:b], scale)
                           for a, b in zip(self.bounds[:-1], self.bounds[1:])])
+
+
+class GroupAttention:
+    """Shared-prefix GRPO rows, [P | R1 | … | RG] each (engine.data.packing.GroupRows).
+
+    The prompt attends causally to itself; each response attends to all of the prompt (one
+    non-causal block for every response of the row at once) and causally to itself, the two
+    blocks merged by their log-sum-exp (kernels.attention_block). Responses never see each
+    other, so every token's output equals the repeated layout's, where each response follows
+    its own copy of the prompt."""
+
+    def __init__(self, layout: list[tuple[int, int, tuple[int, ...]]], backend: str = "sdpa",
+                 scale: float | None = None):
+        self.layout = layout
+        self.backend = backend
+        self.scale = scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from kernels.attention_block import attention_block, merge
+
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        outs = []
+        for start, p, lens in self.layout:
+            s, e = start + p, start + p + sum(lens)
+            outs.append(self._causal(q[start:s], k[start:s], v[start:s], scale))
+            if e == s:
+                continue
+            out_p, lse_p = attention_block(q[s:e], k[start:s], v[start:s], causal=False, scale=scale)
+            own, own_lse, a = [], [], s
+            for n in lens:
+                if n:
+                    o, lse = attention_block(q[a:a + n], k[a:a + n], v[a:a + n], causal=True, scale=scale)
+                    own.append(o)
+                    own_lse.append(lse)
+                    a += n
+            out, _ = merge(out_p, lse_p, torch.cat(own), torch.cat(own_lse))
+            outs.append(out)
+        return torch.cat(outs)
+
+    def _causal(self, q, k, v, scale):
+        if self.backend == "flash_attn":
+            from flash_attn import flash_attn_func
+            return flash_attn_func(q[None], k[None], v[None], softmax_scale=scale, causal=True)[0]
+        return causal_sdpa(q, k, v, scale)

@@ -24,14 +24,27 @@ from kernels.rows import rows_for_budget
 
 from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
-from ..data.packing import budget_batches, pack
+from ..data.packing import budget_batches, group_batches, pack, pack_groups
 from ..data.template import resolve_think
+from ..model.attention import GroupAttention, resolve_backend
 from ..rewards import HybridReward, RewardItem
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
 from .loop import OptimizerStep
 from .metrics import efficiency
 from .optim import make_optimizer
+
+
+@dataclass
+class _Micro:
+    """One micro-batch through the model: the forward's inputs and its loss rows."""
+    input_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None  # the repeated layout's sequences
+    position_ids: torch.Tensor | None  # the group layout's positions (responses continue from P)
+    attn: object | None  # the group layout's attention context
+    rows: torch.Tensor  # [N] loss rows (positions in input_ids; the group layout may repeat one)
+    targets: torch.Tensor  # [N]
+    samples: torch.Tensor  # [N] the sample (numbered over the batch) each row belongs to
 
 
 @dataclass
@@ -62,7 +75,7 @@ class GRPOTrainer:
         self.generator = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
         self.loss_cfg = GRPOLossConfig(temperature=rl.temperature, clip_low=rl.clip_low, clip_high=rl.clip_high,
                                        clip_c=rl.clip_c, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
-                                       entropy_coef=rl.entropy_coef)
+                                       entropy_coef=rl.entropy_coef, tis_cap=rl.tis_cap or None)
         backend, chunk_mb = (kernels or KernelsConfig()).resolved()
         vocab = model.lm_head_weight.shape[0]
         self.kernel_args = {"backend": backend, "chunk_tokens": rows_for_budget(vocab, chunk_mb) if chunk_mb else None}
@@ -194,92 +207,128 @@ class GRPOTrainer:
                     "aepo/dropped_samples": int((~keep).sum())}
         return adv.tolist(), keep.tolist(), info
 
-    def _sequences(self, batch: list[Group]):
-        """-> ([(prompt + response ids, loss flags)], advantage per sequence, metrics). Loss
-        flags cover the response; overlong-filtered and AEPO-dropped samples get none."""
+    def _samples(self, batch: list[Group]):
+        """-> (samples [(group index, completion)] numbered over the batch, advantage and
+        whether each enters the loss, metrics). Overlong-filtered and AEPO-dropped samples
+        stay numbered (they count in seq-mean normalisation) but get no loss rows."""
         adv, keep, info = self._advantages(batch)
-        seqs = []
-        for g in batch:
-            for comp in g.completions:
-                k = len(seqs)
-                out = (self.rl.overlong_filter and comp.finish_reason == "length") or not keep[k]
-                flags = [0] * len(g.prompt) + [0 if out else 1] * len(comp.token_ids)
-                seqs.append((g.prompt + comp.token_ids, flags))
-        return seqs, adv, info
+        samples = [(gi, comp) for gi, g in enumerate(batch) for comp in g.completions]
+        in_loss = [keep[k] and not (self.rl.overlong_filter and comp.finish_reason == "length")
+                   for k, (_, comp) in enumerate(samples)]
+        return samples, adv, in_loss, info
+
+    def _micro_batches(self, model, batch: list[Group], samples, chosen: list[int]) -> list[_Micro]:
+        """Token-budget micro-batches for `model` over the samples `chosen` (whole groups, in
+        order), in the layout rl.shared_prefix picks; only loss samples go through the model."""
+        w = model.lm_head_weight
+        device = w.device
+        backend = resolve_backend(getattr(model, "attn_backend", "auto"), w.device, w.dtype)
+        budget = self.cfg.token_budget
+        micros = []
+        if self.rl.shared_prefix:
+            by_group: dict[int, list[int]] = defaultdict(list)
+            for k in chosen:
+                by_group[samples[k][0]].append(k)
+            order = list(by_group)
+            prompts = [batch[gi].prompt for gi in order]
+            lens = [[len(samples[k][1].token_ids) for k in by_group[gi]] for gi in order]
+            for part in group_batches([len(p) for p in prompts], lens, budget):
+                gr = pack_groups([(prompts[j], [(by_group[order[j]][i], samples[by_group[order[j]][i]][1].token_ids)
+                                                for i in resp]) for j, resp in part]).to(device)
+                micros.append(_Micro(gr.input_ids, None, gr.position_ids, GroupAttention(gr.layout, backend),
+                                     gr.rows, gr.targets, gr.seq_index))
+            return micros
+        seqs = [(batch[samples[k][0]].prompt + samples[k][1].token_ids,
+                 [0] * len(batch[samples[k][0]].prompt) + [1] * len(samples[k][1].token_ids)) for k in chosen]
+        for part in budget_batches([len(s[0]) for s in seqs], budget):
+            packed = pack([seqs[j] for j in part]).to(device)
+            rows = packed.loss_rows
+            owner = torch.tensor([chosen[j] for j in part], device=device)[packed.seq_index[rows]]
+            micros.append(_Micro(packed.input_ids, packed.cu_seqlens, None, None, rows, packed.targets[rows], owner))
+        return micros
 
     def _update(self, batch: list[Group], timing) -> dict:
         model, weight = self.model, self.model.lm_head_weight
         device = weight.device
-        seqs, seq_adv, out = self._sequences(batch)
-        n_seq = len(seqs)
-        global_tokens = sum(sum(f[1:]) for _, f in seqs)
+        samples, seq_adv, in_loss, out = self._samples(batch)
+        n_samples = len(samples)
+        loss_samples = [k for k in range(n_samples) if in_loss[k]]
+        n_tokens = [len(comp.token_ids) if in_loss[k] else 0 for k, (_, comp) in enumerate(samples)]
+        global_tokens = sum(n_tokens)
         # mini-batches of whole groups; several of them make the later updates off-policy
         per_mini = math.ceil(len(batch) / self.rl.mini_batches) * self.rl.group_size
-        minis = [list(range(i, min(i + per_mini, n_seq))) for i in range(0, n_seq, per_mini)]
+        minis = [list(range(i, min(i + per_mini, n_samples))) for i in range(0, n_samples, per_mini)]
         old = ref = None
         if len(minis) > 1:
             t0 = time.perf_counter()
-            old = self._response_logprobs(self.model, seqs)
+            old = self._response_logprobs(self.model, batch, samples, loss_samples)
             timing["old_logprob"] += time.perf_counter() - t0
         if self.ref_model is not None:
             t0 = time.perf_counter()
-            ref = self._response_logprobs(self.ref_model, seqs)
+            ref = self._response_logprobs(self.ref_model, batch, samples, loss_samples)
             timing["ref_logprob"] += time.perf_counter() - t0
+        behaviour = {k: torch.tensor(samples[k][1].logprobs, dtype=torch.float32) for k in loss_samples}
+        adv_all = torch.tensor(seq_adv, device=device)
         t0 = time.perf_counter()
-        stats_sum, n_stats, losses, norms = defaultdict(float), 0, [], []
+        stats_sum, stats_max, n_stats, losses, norms, through = defaultdict(float), {}, 0, [], [], 0
         model.train()
         for mini in minis:
-            mini_tokens = sum(sum(seqs[i][1][1:]) for i in mini) if len(minis) > 1 else global_tokens
+            mini_tokens = sum(n_tokens[k] for k in mini) if len(minis) > 1 else global_tokens
             loss_total = 0.0
-            for part in budget_batches([len(seqs[i][0]) for i in mini], self.cfg.token_budget):
-                idx = [mini[j] for j in part]
-                packed = pack([seqs[i] for i in idx]).to(device)
-                rows = packed.loss_rows
-                if rows.numel() == 0:
+            for m in self._micro_batches(model, batch, samples, [k for k in mini if in_loss[k]]):
+                if m.rows.numel() == 0:
                     continue
-                w = aggregation_weights(packed.loss_mask, packed.seq_index, self.rl.aggregation,
+                order = torch.unique_consecutive(m.samples).tolist()  # each sample's rows are contiguous
+                w = aggregation_weights(torch.ones_like(m.rows, dtype=torch.float32), m.samples, self.rl.aggregation,
                                         global_tokens=mini_tokens, global_seqs=len(mini),
                                         norm_len=self.rl.max_new_tokens)
-                adv_tok = torch.tensor([seq_adv[i] for i in idx], device=device)[packed.seq_index]
-                hidden = model(packed.input_ids, packed.cu_seqlens)
+                hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
+                through += m.input_ids.numel()
                 loss, stats = linear_grpo_loss(
-                    hidden[rows], weight, packed.targets[rows], advantages=adv_tok[rows], token_weight=w[rows],
-                    old_logprob=None if old is None else torch.cat([old[i] for i in idx]).to(device),
-                    ref_logprob=None if ref is None else torch.cat([ref[i] for i in idx]).to(device),
+                    hidden[m.rows], weight, m.targets, advantages=adv_all[m.samples], token_weight=w,
+                    old_logprob=None if old is None else torch.cat([old[k] for k in order]).to(device),
+                    ref_logprob=None if ref is None else torch.cat([ref[k] for k in order]).to(device),
+                    behaviour_logprob=torch.cat([behaviour[k] for k in order]).to(device),
                     cfg=self.loss_cfg, **self.kernel_args)
                 loss.backward()
                 loss_total += loss.item()
                 for key, val in stats.items():
-                    stats_sum[key] += float(val)
+                    if key.startswith("max_"):
+                        stats_max[key] = max(stats_max.get(key, float("-inf")), float(val))
+                    else:
+                        stats_sum[key] += float(val)
                 n_stats += 1
             result = self.opt_step(self.step_count, self.total_steps, loss_total)
             if not result["skipped"]:
                 losses.append(loss_total)
                 norms.append(result["grad_norm"])
         timing["update"] += time.perf_counter() - t0
-        tokens = sum(len(s[0]) for s in seqs)
+        repeated = sum(len(batch[samples[k][0]].prompt) + len(samples[k][1].token_ids) for k in loss_samples)
         passes = 1 + (old is not None) + (ref is not None)
         out.update({"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
                     "lr": result["lr"], "time/update": timing["update"], "time/old_logprob": timing["old_logprob"],
-                    "time/ref_logprob": timing["ref_logprob"], "update_tokens": tokens * passes,
-                    "update_tokens_per_s": tokens / max(timing["update"], 1e-9)})
-        out.update({f"policy/{k}": v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"})
+                    "time/ref_logprob": timing["ref_logprob"], "update_tokens": through * passes,
+                    "update_tokens_per_s": through / max(timing["update"], 1e-9),
+                    "update/shared_prefix_saving": repeated / max(through, 1)})
+        renamed = {"mismatch_abs": "mismatch/mean_abs", "max_mismatch_abs": "mismatch/max_abs",
+                   "mismatch_over": "mismatch/over_0.1", "tis_weight": "tis/mean_weight", "tis_capped": "tis/capped"}
+        stats_mean = {k: v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"}
+        for key, val in {**stats_mean, **stats_max}.items():
+            out[renamed.get(key, f"policy/{key}")] = val
         return out
 
     @torch.no_grad()
-    def _response_logprobs(self, model, seqs) -> list[torch.Tensor]:
-        """Per sequence, the log-prob of each response (loss) token under `model`, in order:
-        the model runs over the whole sequence, the lm_head only over the response rows."""
+    def _response_logprobs(self, model, batch, samples, chosen) -> dict[int, torch.Tensor]:
+        """Per loss sample, the log-prob of each response token under `model`, in order,
+        over loss rows only (the lm_head never sees a prompt row), in the update's layout."""
         weight = model.lm_head_weight
-        out = []
-        for part in budget_batches([len(s[0]) for s in seqs], self.cfg.token_budget):
-            packed = pack([seqs[i] for i in part]).to(weight.device)
-            rows = packed.loss_rows
-            hidden = model(packed.input_ids, packed.cu_seqlens)
-            logp, _ = linear_logprob(hidden[rows], weight, packed.targets[rows], temperature=self.rl.temperature,
+        out = {}
+        for m in self._micro_batches(model, batch, samples, chosen):
+            hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
+            logp, _ = linear_logprob(hidden[m.rows], weight, m.targets, temperature=self.rl.temperature,
                                      **self.kernel_args)
-            owner = packed.seq_index[rows]
-            out += [logp[owner == j].cpu() for j in range(len(part))]
+            for k in torch.unique_consecutive(m.samples).tolist():
+                out[k] = logp[m.samples == k].cpu()
         return out
 
     def state_dict(self) -> dict:
