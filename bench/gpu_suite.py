@@ -15,7 +15,9 @@ promised there, so nothing here imports pytest:
      of fp32 logits plus an fp32 dW;
   4. rollout decode at batch 64 against the memory-bandwidth roofline (bench/gpu_rollout_case.py);
   5. one full RL step at a GPU size, with its time split and whether the parts add up
-     to the step (bench/train_step_case.py --gpu).
+     to the step (bench/train_step_case.py --gpu);
+  6. the shared-prefix update against the repeated layout, one group at P = 16K, R = 2K,
+     G = 8 on the 1.5B shape (bench/update_case.py --gpu).
 Full figures go to OUT_DIR/gpu_suite.json, the pytest log to OUT_DIR/tests.log.
 """
 from __future__ import annotations
@@ -56,7 +58,7 @@ def run_tests(out: Path) -> dict:
     if importlib.util.find_spec("pytest") is None:
         return smoke_check(out)
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py", "tests/test_rollout.py",
-           "-k", "cuda or gpu", "-p", "no:cacheprovider"]
+           "tests/test_attention_block.py", "-k", "cuda or gpu", "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     proc = stage(cmd, STAGE_TIMEOUT["tests"])
     (out / "tests.log").write_text(proc.stdout + proc.stderr)
@@ -112,7 +114,8 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 150}
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 240, "update": 120}
+UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 
 
 def stage(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -188,6 +191,15 @@ def main(argv=None) -> int:
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
     print(json.dumps(report["rl_step"]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+    report["update"] = {}
+    for layout in ("shared", "repeated"):
+        cmd = [sys.executable, "-m", "bench.update_case", "--gpu", "--layout", layout, "--repeats", "2",
+               *[x for k, val in UPDATE.items() for x in (f"--{k}", str(val))]]
+        proc = stage(cmd, STAGE_TIMEOUT["update"])
+        report["update"][layout] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                                    else {"error": proc.stderr.strip().splitlines()[-3:]})
+        print(json.dumps(report["update"][layout]), flush=True)
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
 
     gb = 1 << 30
     print("\n== fused GRPO loss, bf16, V=151936: forward+backward ==")
@@ -214,6 +226,17 @@ def main(argv=None) -> int:
           f"update {st.get('time/update', 0):.1f}s; rollout {st['rollout_tokens_per_s']:.0f} tok/s, "
           f"update {st.get('update_tokens_per_s', 0):.0f} tok/s\n"
           f"time split: {'; '.join(st['split_problems']) or 'parts add up to the step (90-100%)'}")
+    up = report["update"]
+    p_, r_, g_ = UPDATE["prompt"], UPDATE["response"], UPDATE["group"]
+    target = 0.7 * g_ * (p_ + r_) / (p_ + g_ * r_)
+    print(f"\n== shared-prefix update, one group P={p_} R={r_} G={g_}, 1.5B shape, bf16 ==")
+    for layout in ("shared", "repeated"):
+        u = up[layout]
+        print(f"{layout}: " + (f"error: {u['error']}" if "error" in u else
+                               f"{fmt(u['time'])}, {u['tokens']} tokens, peak {u['peak_extra_bytes'] / gb:.1f} GB"))
+    if not any("error" in u for u in up.values()):
+        speedup = up["repeated"]["seconds"] / up["shared"]["seconds"]
+        print(f"speed-up x{speedup:.2f} (target >= x{target:.2f})")
     if "tests" in report:
         print(f"tests on CUDA: {report['tests']['summary']}")
     print(f"full figures: {out / 'gpu_suite.json'}")

@@ -98,6 +98,7 @@ def main(argv=None) -> int:
         with torch.no_grad():
             for prm in model.parameters():
                 prm.normal_(0, 0.02)
+        model.set_activation_checkpointing(True)  # 32K-token micro-batches of a 1.5B model
         tok = ByteTokenizer()
         records = synthetic.generate(16, (1200, 1600), seed=0, kinds=("lookup", "two_hop"))
         rl = RLConfig(group_size=8, batch_prompts=8, max_new_tokens=256, temperature=1.0, top_p=1.0)

@@ -378,3 +378,24 @@ def test_empty_keys_and_queries():
     q, k, v = make(0, 5, 4, 2)
     out, lse = attention_block(q, k, v, causal=True)
     assert out.shape == (0, 4, 8) and lse.shape == (0, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_prefix_blocks_on_cuda(dtype):
+    """The GPU suite's check: a prompt block merged with a causal block on CUDA, GQA, against
+    the fp64 reference on the CPU (values, lse, gradients), fp32 and bf16."""
+    tp, tr, hq, hkv, d = 300, 70, 12, 2, 64
+    q, k, v = make(tr, tp + tr, hq, hkv, d=d, dtype=torch.float64, seed=9)
+    qc, kc, vc = (t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v))
+    a = attention_block(qc, kc[:tp], vc[:tp], chunk_bytes=1 << 16)  # several query chunks
+    b = attention_block(qc, kc[tp:], vc[tp:], causal=True)
+    out, lse = merge(*a, *b)
+    ref_out, ref_lse = reference(q, k, v, visible_mask(tr, tp + tr, True, tp))
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    assert_close(out.double().cpu(), ref_out, **tol)
+    assert_close(lse.double().cpu(), ref_lse, **tol)
+    go, gl = weights_for(ref_out, ref_lse)
+    got = grads(out, lse, (qc, kc, vc), go.to("cuda"), gl.to("cuda"))
+    for g_, want in zip(got, grads(ref_out, ref_lse, (q, k, v), go, gl)):
+        assert_close(g_.double().cpu(), want, **tol)
