@@ -51,6 +51,25 @@ class ToyReward:
         return out
 
 
+def gpu_model():
+    """A Qwen2-1.5B-shaped decoder on CUDA with random bf16 weights (no download), every layer
+    checkpointed (32K-token micro-batches of a 1.5B model)."""
+    import torch
+
+    from engine.model import Decoder, DecoderConfig
+    hf = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+          "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+          "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Decoder(DecoderConfig.from_hf(hf)).to(torch.bfloat16)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.02)
+    model.set_activation_checkpointing(True)
+    return model
+
+
 def split_problems(row: dict, floor: float = 0.9) -> list[str]:
     """What is wrong with a step row's time split ([] when nothing). The parts are disjoint
     intervals inside time/step, so their sum cannot exceed it, and everything step() does
@@ -85,20 +104,11 @@ def main(argv=None) -> int:
     from engine.config import RLConfig, TrainConfig
     from engine.curriculum import PhaseSampler
     from engine.data import synthetic
-    from engine.model import Decoder, DecoderConfig, load_model
+    from engine.model import load_model
     from engine.train.rl import GRPOTrainer
 
     if a.gpu:
-        hf = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-              "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = Decoder(DecoderConfig.from_hf(hf)).to(torch.bfloat16)
-        with torch.no_grad():
-            for prm in model.parameters():
-                prm.normal_(0, 0.02)
-        model.set_activation_checkpointing(True)  # 32K-token micro-batches of a 1.5B model
+        model = gpu_model()
         tok = ByteTokenizer()
         records = synthetic.generate(16, (1200, 1600), seed=0, kinds=("lookup", "two_hop"))
         rl = RLConfig(group_size=8, batch_prompts=8, max_new_tokens=256, temperature=1.0, top_p=1.0)

@@ -22,26 +22,12 @@ from types import SimpleNamespace
 
 from bench.kernel_case import _rss_bytes
 from bench.spread import spread
-from bench.train_step_case import ByteTokenizer  # the rollout never runs here: any tokenizer will do
+from bench.train_step_case import ByteTokenizer, gpu_model  # the rollout never runs here: any tokenizer
 
 
 def build(gpu: bool):
-    import torch
-
-    from engine.model import Decoder, DecoderConfig, load_model
-    if not gpu:
-        return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")[0]
-    hf = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
-          "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
-          "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Decoder(DecoderConfig.from_hf(hf)).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    model.set_activation_checkpointing(True)
-    return model
+    from engine.model import load_model
+    return gpu_model() if gpu else load_model("smollm2-135m-instruct", device="cpu", dtype="float32")[0]
 
 
 def group_batch(prompt: int, response: int, group: int, vocab: int, seed: int = 0):
