@@ -155,17 +155,138 @@ class _AttentionBlock(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+# ---- the flash path: aten's flash-attention ops, which return the LSE ---------------------
+FLASH_PAD = 8  # extra head-dim columns that carry the LSE gradient through the flash backward
+
+
+def _flash_ops(device: torch.device):
+    """(forward, backward) of aten's flash attention for `device`, each on [1, H, T, D]
+    tensors: forward(q, k, v, causal, scale) -> (out, lse, state); backward(dout, q, k, v,
+    out, lse, state, causal, scale) -> (dq, dk, dv)."""
+    aten = torch.ops.aten
+    if device.type == "cuda":
+        def fwd(q, k, v, causal, scale):
+            r = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+            return r[0], r[1][..., :q.shape[2]], r[2:8]
+
+        def bwd(dout, q, k, v, out, lse, state, causal, scale):
+            cq, ck, mq, mk, seed, offset = state
+            return aten._scaled_dot_product_flash_attention_backward(
+                dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, offset, scale=scale)
+        return fwd, bwd
+
+    def fwd_cpu(q, k, v, causal, scale):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+        return out, lse, ()
+
+    def bwd_cpu(dout, q, k, v, out, lse, state, causal, scale):
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                         scale=scale)
+    return fwd_cpu, bwd_cpu
+
+
+def _stack(x: torch.Tensor, heads: int, pad: int) -> torch.Tensor:
+    """[T, Hq, D] -> [1, heads, (Hq / heads)·T, D + pad] (a head's query heads stacked, zero pad)."""
+    t, hq, d = x.shape
+    g = hq // heads
+    buf = x.new_zeros(1, heads, g * t, d + pad)
+    buf[0, :, :, :d].view(heads, g, t, d).copy_(x.view(t, heads, g, d).permute(1, 2, 0, 3))
+    return buf
+
+
+def _unstack(x: torch.Tensor, t: int, d: int) -> torch.Tensor:
+    """[1, heads, g·T, D'] -> [T, heads·g, D] (the inverse of _stack, pad dropped)."""
+    heads, gt = x.shape[1], x.shape[2]
+    g = gt // t
+    return x[0, :, :, :d].reshape(heads, g, t, d).permute(2, 0, 1, 3).reshape(t, heads * g, d)
+
+
+class _FlashBlock(torch.autograd.Function):
+    """attention_block through the flash-attention kernels. Non-causal GQA stacks each kv
+    head's query heads as rows (no K/V copy); causal GQA repeats K/V (the causal blocks of a
+    group row are the short ones). The LSE gradient rides on FLASH_PAD zero columns: with
+    V' = [V, 0], O' = [O, 1] and dO' = [dO, −dlse], flash's backward computes
+    rowsum(dO'·O') = rowsum(dO·O) − dlse and dO'V'ᵀ = dO Vᵀ: exactly the block's backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        tq, hq, d = q.shape
+        tk, hkv, _ = k.shape
+        heads = hq if causal else hkv
+        if causal and hkv != hq:
+            k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        fwd, _ = _flash_ops(q.device)
+        qs, ks, vs = _stack(q, heads, FLASH_PAD), _stack(k, heads, FLASH_PAD), _stack(v, heads, FLASH_PAD)
+        out4, lse4, state = fwd(qs, ks, vs, causal, scale)
+        ctx.save_for_backward(qs, ks, vs, out4, lse4)
+        ctx.state = state  # CUDA: cum_seq_q, cum_seq_k, max_q, max_k, philox seed and offset (CPU: none)
+        ctx.meta = (causal, scale, tq, d, heads, hkv)
+        ctx.set_materialize_grads(False)
+        lse = lse4[0].reshape(heads, hq // heads, tq).permute(2, 0, 1).reshape(tq, hq)
+        return _unstack(out4, tq, d), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qs, ks, vs, out4, lse4 = ctx.saved_tensors
+        causal, scale, tq, d, heads, hkv = ctx.meta
+        state = ctx.state
+        hq = heads * (qs.shape[2] // tq)
+        dout4 = torch.zeros_like(out4)
+        if dout is not None:
+            dout4[0, :, :, :d].view(heads, hq // heads, tq, d).copy_(
+                dout.view(tq, heads, hq // heads, d).permute(1, 2, 0, 3))
+        out4 = out4.clone()
+        out4[..., d] = 1.0
+        if dlse is not None:
+            dl = torch.where(torch.isfinite(lse4), 1.0, 0.0)  # rows that see nothing pass no gradient
+            dout4[0, :, :, d] = -dlse.reshape(tq, heads, hq // heads).permute(1, 2, 0).reshape(heads, -1) * dl[0]
+        _, bwd = _flash_ops(qs.device)
+        dq4, dk4, dv4 = bwd(dout4, qs, ks, vs, out4, lse4, state, causal, scale)
+        dq = _unstack(dq4, tq, d)
+        tk = ks.shape[2]
+        dk, dv = _unstack(dk4, tk, d), _unstack(dv4, tk, d)
+        if causal and hkv != heads:  # K/V were repeated per query head: sum the copies back
+            dk = dk.view(tk, hkv, heads // hkv, d).sum(2)
+            dv = dv.view(tk, hkv, heads // hkv, d).sum(2)
+        return dq, dk, dv, None, None
+
+
+def _flash_eligible(q: torch.Tensor, k: torch.Tensor, causal: bool, q_offset: int) -> bool:
+    """The flash path: CUDA half precision, head dim + pad <= 256, both sides non-empty, and a
+    mask flash can express (non-causal, or causal with q_offset 0 on a square block)."""
+    tq, tk, d = q.shape[0], k.shape[0], q.shape[2]
+    mask_ok = not causal or (q_offset == 0 and tq == tk)
+    return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d + FLASH_PAD <= 256
+            and tq > 0 and tk > 0 and mask_ok)
+
+
+BACKENDS = ("auto", "torch", "flash")
+
+
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                     q_offset: int = 0, scale: float | None = None,
-                    chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    chunk_bytes: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """q [Tq, Hq, D], k and v [Tk, Hkv, D] -> (out [Tq, Hq, D] in q's dtype, lse [Tq, Hq] fp32).
 
     causal: query i sees key j iff j <= q_offset + i. scale: default D ** -0.5. chunk_bytes:
-    budget for one fp32 score block [Hq, chunk, Tk] (default 64 MiB). See the module docstring."""
+    budget for one fp32 score block [Hq, chunk, Tk] (default 64 MiB) of the torch path.
+    backend: "torch" (chunked matmuls, any device and dtype), "flash" (aten's flash-attention
+    kernels: CUDA, or the CPU's flash op; non-causal blocks, or causal with q_offset 0 on a
+    square block), "auto" (flash where eligible on CUDA in half precision, else torch). See
+    the module docstring."""
     _check_block(q, k, v, causal, q_offset, scale, chunk_bytes)
+    if backend not in BACKENDS:
+        raise ValueError(f"attention_block: backend {backend!r} unknown; choose one of {', '.join(BACKENDS)}")
     tq, hq, d = q.shape
     tk = k.shape[0]
     scale = d ** -0.5 if scale is None else float(scale)
+    if backend == "flash" or (backend == "auto" and _flash_eligible(q, k, causal, q_offset)):
+        if causal and not (q_offset == 0 and tq == tk):
+            raise ValueError(f"attention_block: the flash backend takes causal blocks only with q_offset 0 and "
+                             f"Tq == Tk, got q_offset {q_offset}, Tq {tq}, Tk {tk}")
+        if tq == 0 or tk == 0:
+            raise ValueError("attention_block: the flash backend needs Tq > 0 and Tk > 0")
+        return _FlashBlock.apply(q, k, v, bool(causal), scale)
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
     elem = torch.finfo(_acc_dtype(q.dtype)).bits // 8
     rows = max(1, min(max(tq, 1), budget // (hq * max(tk, 1) * elem)))

@@ -399,3 +399,45 @@ def test_prefix_blocks_on_cuda(dtype):
     got = grads(out, lse, (qc, kc, vc), go.to("cuda"), gl.to("cuda"))
     for g_, want in zip(got, grads(ref_out, ref_lse, (q, k, v), go, gl)):
         assert_close(g_.double().cpu(), want, **tol)
+
+
+# ---- the flash backend (aten's flash-attention ops; on the CPU, its CPU kernel) ------------------
+FLASH_SHAPES = [(5, 9, False), (4, 11, False), (7, 7, True), (1, 1, True), (6, 3, False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"h{h[0]}kv{h[1]}")
+@pytest.mark.parametrize("shape", FLASH_SHAPES, ids=lambda s: f"q{s[0]}k{s[1]}{'c' if s[2] else 'n'}")
+def test_flash_backend_matches_reference(shape, heads, dtype):
+    """Values, lse and the gradients of q, k, v through out AND lse (the LSE gradient rides on
+    the padded head-dim columns) equal plain attention, GQA by stacked rows or repeated K/V."""
+    tq, tk, causal = shape
+    q, k, v = make(tq, tk, *heads, d=16, dtype=dtype, seed=11)
+    out, lse = attention_block(q, k, v, causal=causal, backend="flash")
+    ref_out, ref_lse = reference(q, k, v, visible_mask(tq, tk, causal))
+    assert_close(out, ref_out, **TOL[dtype])
+    assert_lse_close(lse, ref_lse, **TOL[dtype])
+    go, gl = weights_for(out, lse)
+    for got, want in zip(grads(out, lse, (q, k, v), go, gl), grads(ref_out, ref_lse, (q, k, v), go, gl)):
+        assert_close(got, want, **TOL[dtype])
+
+
+def test_flash_blocks_merge_like_one_causal_call():
+    """A shared-prefix row's two blocks on the flash backend, merged = one causal call (torch backend)."""
+    q, k, v = make(TR, TP + TR, 8, 2, dtype=torch.float64, seed=12)
+    a = attention_block(q, k[:TP], v[:TP], backend="flash")
+    b = attention_block(q, k[TP:], v[TP:], causal=True, backend="flash")
+    out, lse = merge(*a, *b)
+    one_out, one_lse = attention_block(q, k, v, causal=True, q_offset=TP, backend="torch")
+    assert_close(out, one_out, **TOL[torch.float64])
+    go, gl = weights_for(out, lse)
+    for got, want in zip(grads(out, lse, (q, k, v), go, gl), grads(one_out, one_lse, (q, k, v), go, gl)):
+        assert_close(got, want, **TOL[torch.float64])
+
+
+def test_flash_backend_refuses_masks_it_cannot_express():
+    q, k, v = make(4, 6, 4, 2)
+    with pytest.raises(ValueError, match="q_offset 0 and Tq == Tk"):
+        attention_block(q, k, v, causal=True, q_offset=2, backend="flash")
+    with pytest.raises(ValueError, match="backend 'nope' unknown"):
+        attention_block(q, k, v, backend="nope")
