@@ -30,6 +30,28 @@ def build(gpu: bool):
     return gpu_model() if gpu else load_model("smollm2-135m-instruct", device="cpu", dtype="float32")[0]
 
 
+def trainer_for(gpu: bool, layout: str, group: int, response: int):
+    """The trainer whose _update is measured: advantages ±1, the optimizer step replaced by
+    zeroing the gradients (the figure is forward + backward)."""
+    from engine.config import RLConfig, TrainConfig
+    from engine.train.rl import GRPOTrainer
+    rl = RLConfig(group_size=group, batch_prompts=1, max_new_tokens=response, temperature=1.0,
+                  shared_prefix=layout == "shared")
+    trainer = GRPOTrainer(build(gpu), ByteTokenizer(), [], rl, TrainConfig(lr=0.0, token_budget=budget_for(gpu)))
+    adv = [(-1.0) ** i for i in range(group)]
+    trainer._advantages = lambda b: (adv, [True] * len(adv), {})
+
+    def no_step(step, total, loss_total):
+        trainer.optimizer.zero_grad(set_to_none=False)
+        return {"skipped": True, "lr": 0.0}
+    trainer.opt_step = no_step
+    return trainer
+
+
+def budget_for(gpu: bool) -> int:
+    return 32768 if gpu else 4096
+
+
 def group_batch(prompt: int, response: int, group: int, vocab: int, seed: int = 0):
     import torch
 
@@ -55,30 +77,18 @@ def main(argv=None) -> int:
 
     import torch
 
-    from engine.config import RLConfig, TrainConfig
-    from engine.train.rl import GRPOTrainer
-
-    model = build(a.gpu)
-    vocab = model.lm_head_weight.shape[0]
-    rl = RLConfig(group_size=a.group, batch_prompts=1, max_new_tokens=a.response, temperature=1.0,
-                  shared_prefix=a.layout == "shared")
-    budget = 32768 if a.gpu else 4096
-    trainer = GRPOTrainer(model, ByteTokenizer(), [], rl, TrainConfig(lr=0.0, token_budget=budget))
-    adv = [(-1.0) ** i for i in range(a.group)]
-    trainer._advantages = lambda b: (adv, [True] * len(adv), {})
-
-    def no_step(step, total, loss_total):
-        trainer.optimizer.zero_grad(set_to_none=False)
-        return {"skipped": True, "lr": 0.0}
-    trainer.opt_step = no_step
+    trainer = trainer_for(a.gpu, a.layout, a.group, a.response)
+    vocab = trainer.model.lm_head_weight.shape[0]
 
     def sync():
         if a.gpu:
             torch.cuda.synchronize()
 
-    trainer._update(group_batch(8, 4, 2, vocab, seed=1), defaultdict(float))  # warm-up, tiny; grads exist now
-    sync()
     batch = group_batch(a.prompt, a.response, a.group, vocab)
+    # warm-up (the gradients exist after it): on a GPU at full size, so the kernels' choices and
+    # the allocator's pool for this shape are made before the clock starts; on CPU a tiny one
+    trainer._update(batch if a.gpu else group_batch(8, 4, 2, vocab, seed=1), defaultdict(float))
+    sync()
     if a.gpu:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -99,8 +109,8 @@ def main(argv=None) -> int:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     s = spread(times)
     print(json.dumps({"layout": a.layout, "prompt": a.prompt, "response": a.response, "group": a.group,
-                      "device": "cuda" if a.gpu else "cpu", "budget": budget, "seconds": s["median"], "time": s,
-                      "tokens": tokens, "peak_extra_bytes": max(peak, 0)}))
+                      "device": "cuda" if a.gpu else "cpu", "budget": budget_for(a.gpu), "seconds": s["median"],
+                      "time": s, "tokens": tokens, "peak_extra_bytes": max(peak, 0)}))
     return 0
 
 
