@@ -101,13 +101,20 @@ class GroupAttention:
     non-causal block for every response of the row at once) and causally to itself, the two
     blocks merged by their log-sum-exp (kernels.attention_block). Responses never see each
     other, so every token's output equals the repeated layout's, where each response follows
-    its own copy of the prompt."""
+    its own copy of the prompt.
+
+    On a GPU in half precision (`direct`, the default there) each response instead attends to
+    [prompt keys | its own keys] in one flash-attention call with the causal mask aligned
+    bottom-right (flash's own semantics when Tq < Tk): the same function with no LSE, no
+    merge and flash's native GQA; the prompt's K/V are copied per response (small: K/V heads
+    are few under GQA)."""
 
     def __init__(self, layout: list[tuple[int, int, tuple[int, ...]]], backend: str = "sdpa",
-                 scale: float | None = None):
+                 scale: float | None = None, direct: bool | None = None):
         self.layout = layout
         self.backend = backend
         self.scale = scale
+        self.direct = direct  # None: on CUDA in half precision
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from kernels.attention_block import attention_block, merge
@@ -119,6 +126,12 @@ class GroupAttention:
             outs.append(self._causal(q[start:s], k[start:s], v[start:s], scale))
             if e == s:
                 continue
+            direct = self.direct
+            if direct is None:
+                direct = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 8 == 0
+            if direct:
+                outs.append(self._responses_direct(q, k, v, start, p, lens, scale))
+                continue
             out_p, lse_p = attention_block(q[s:e], k[start:s], v[start:s], causal=False, scale=scale)
             own, own_lse, a = [], [], s
             for n in lens:
@@ -129,6 +142,22 @@ class GroupAttention:
                     a += n
             out, _ = merge(out_p, lse_p, torch.cat(own), torch.cat(own_lse))
             outs.append(out)
+        return torch.cat(outs)
+
+    @staticmethod
+    def _responses_direct(q, k, v, start: int, p: int, lens, scale: float) -> torch.Tensor:
+        kp, vp = k[start:start + p], v[start:start + p]
+        outs, a = [], start + p
+        for n in lens:
+            if not n:
+                continue
+            kk = torch.cat([kp, k[a:a + n]]).transpose(0, 1)[None]
+            vv = torch.cat([vp, v[a:a + n]]).transpose(0, 1)[None]
+            # is_causal on a [n, P + n] block: query i sees keys 0 .. P + i (bottom-right) in flash
+            out = torch.ops.aten._scaled_dot_product_flash_attention(
+                q[a:a + n].transpose(0, 1)[None], kk, vv, 0.0, True, False, scale=scale)[0]
+            outs.append(out[0].transpose(0, 1))
+            a += n
         return torch.cat(outs)
 
     def _causal(self, q, k, v, scale):
