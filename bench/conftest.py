@@ -66,5 +66,8 @@ def pytest_terminal_summary(terminalreporter):
         by_suite.setdefault(r.get("suite", "bench"), []).append({k: v for k, v in r.items() if k != "line"})
     for suite, rows in by_suite.items():  # one file per suite, so running one suite keeps the others'
         path = out_dir / f"cpu-{suite}-{stamp}.json"
-        path.write_text(json.dumps(rows, indent=2))
+        # a run of some cases replaces those cases' rows of the same day and keeps the rest
+        kept = json.loads(path.read_text()) if path.exists() else []
+        fresh = {r.get("case") for r in rows}
+        path.write_text(json.dumps([r for r in kept if r.get("case") not in fresh] + rows, indent=2))
         tr.write_line(f"(full figures: {path})")

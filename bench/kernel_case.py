@@ -31,8 +31,8 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
         chunk_tokens: int | None = None, repeats: int = 1) -> dict:
     import torch
 
-    from kernels import GRPOLossConfig, linear_grpo_loss
-    from kernels.reference import naive_grpo_loss
+    from kernels import GRPOLossConfig, linear_grpo_loss, linear_logprob
+    from kernels.reference import naive_grpo_loss, naive_logprob
 
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     dev = torch.device(device)
@@ -50,6 +50,11 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
     def step(hid, w, y, adv, tw):
         if impl == "fused":
             loss, _ = linear_grpo_loss(hid, w, y, advantages=adv, token_weight=tw, cfg=cfg, chunk_tokens=chunk_tokens)
+        elif impl == "fused-logprob":  # log-probs with autograd through them (recompute in backward)
+            logp, _ = linear_logprob(hid, w, y, chunk_tokens=chunk_tokens)
+            loss = (logp * tw).sum()
+        elif impl == "naive-logprob":
+            loss = (naive_logprob(hid, w, y)[0] * tw.to(dt)).sum()
         else:
             loss = naive_grpo_loss(hid, w, y, advantages=adv.to(dt), token_weight=tw.to(dt), cfg=cfg)
         loss.backward()
@@ -85,7 +90,7 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", choices=["fused", "naive"], required=True)
+    p.add_argument("--impl", choices=["fused", "naive", "fused-logprob", "naive-logprob"], required=True)
     p.add_argument("--tokens", type=int, required=True)
     p.add_argument("--hidden", type=int, required=True)
     p.add_argument("--vocab", type=int, required=True)

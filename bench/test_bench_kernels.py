@@ -83,3 +83,31 @@ def test_fused_vs_naive(benchmark, record, tokens, hidden, vocab):
         # the CPU targets, at their reference point: peak memory <= 1/8 of naive, time <= 1.0x
         assert row["memory_ratio"] <= 1 / 8, row["line"]
         assert row["time_ratio"] <= 1.0, row["line"]
+
+
+# (op, fused impl, naive impl, time target): at T = 4,096, H = 1,536, V = 151,936 the fused loss
+# (3 GEMMs, gradient in the forward) must keep up with naive, and linear_logprob (4 GEMMs: the
+# backward recomputes the logits) stay within its recompute bound of 4/3
+AT_4K = [("loss", "fused", "naive", 1.0), ("logprob", "fused-logprob", "naive-logprob", 4 / 3)]
+if os.environ.get("LONGRL_BENCH_TINY"):
+    AT_4K_SHAPE = (256, 64, 512)
+else:
+    AT_4K_SHAPE = (4096, 1536, 151_936)
+
+
+@pytest.mark.parametrize("op,fused_impl,naive_impl,target", AT_4K, ids=[c[0] for c in AT_4K])
+def test_fused_keeps_up_with_naive_at_4k(benchmark, record, op, fused_impl, naive_impl, target):
+    tokens, hidden, vocab = AT_4K_SHAPE
+    fused = {}
+    benchmark.pedantic(lambda: fused.update(_case(fused_impl, tokens, hidden, vocab)), rounds=1, iterations=1)
+    naive = _case(naive_impl, tokens, hidden, vocab)
+    ratio = fused["time"]["median"] / naive["time"]["median"]
+    row = {"suite": "kernels", "case": f"{op} T={tokens} H={hidden} V={vocab}", "rounds": rounds(), "fused": fused,
+           "naive": naive, "time_ratio": ratio, "memory_ratio": fused["peak_extra_bytes"] / naive["peak_extra_bytes"],
+           "target": target}
+    row["line"] = (f"{row['case']:<32} fused {_side(fused)} | naive {_side(naive)} | time x{ratio:.2f} "
+                   f"(target <= x{target:.2f})  memory x{row['memory_ratio']:.3f}")
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "line"})
+    record(row)
+    if not os.environ.get("LONGRL_BENCH_TINY"):
+        assert ratio <= target, row["line"]
