@@ -4,6 +4,8 @@
     linear_grpo_loss(hidden, weight, targets, ...) -> GRPO/DAPO loss, gradient in the forward
     attention_block(q, k, v, ...)                  -> (out, lse) of one attention block, differentiable
     merge(out_a, lse_a, out_b, lse_b)              -> (out, lse) of two blocks over disjoint keys
+    ring_attention(q, k, v, seqlens, group=...)    -> causal attention of zigzag-sharded sequences over
+                                                      a sequence-parallel group (kernels.ring_attention)
 """
 from .attention_block import attention_block, merge
 from .grpo_loss import AGGREGATIONS, GRPOLossConfig, aggregation_weights, linear_grpo_loss

@@ -113,46 +113,78 @@ class _AttentionBlock(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         causal, q_offset, scale, rows = ctx.cfg
-        need_dq, need_dk, need_dv = ctx.needs_input_grad[:3]
-        tq, hq, d = q.shape
-        tk, hkv, _ = k.shape
-        g = hq // hkv
-        acc = _acc_dtype(q.dtype)
-        dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_dq else None
-        dkh = torch.zeros(hkv, tk, d, dtype=acc, device=k.device) if need_dk else None
-        dvh = torch.zeros(hkv, tk, d, dtype=acc, device=v.device) if need_dv else None
-        if tk > 0 and (dout is not None or dlse is not None):
-            kh = k.to(acc).transpose(0, 1).contiguous()
-            vh = v.to(acc).transpose(0, 1).contiguous()
-            for s in range(0, tq, rows):
-                e = min(tq, s + rows)
-                c = e - s
-                qc = _heads_first(q[s:e], hkv, acc)
-                sc = _scores(qc, kh, scale, g, s, c, causal, q_offset)
-                c_lse = _rows_first(lse[s:e], hkv)
-                c_lse = torch.where(c_lse == -math.inf, 0.0, c_lse)  # seen-nothing rows: P = exp(−inf) = 0
-                p = sc.sub_(c_lse).exp_().view(hkv, g * c, tk)  # P, recomputed
-                c_dlse = None if dlse is None else _rows_first(dlse[s:e].to(acc), hkv).reshape(hkv, g * c, 1)
-                if dout is not None:
-                    doc = _heads_first(dout[s:e], hkv, acc)
-                    if need_dv:
-                        dvh.baddbmm_(p.transpose(1, 2), doc)
-                    delta = (doc * _heads_first(out[s:e], hkv, acc)).sum(-1, keepdim=True)
-                    if c_dlse is not None:
-                        delta = delta - c_dlse
-                    ds = torch.matmul(doc, vh.transpose(1, 2)).sub_(delta).mul_(p)  # dS = P ∘ (dP − delta)
-                    del doc
-                else:  # only lse is used: dS = P · dlse
-                    ds = p.mul_(c_dlse)
-                if need_dq:
-                    dqc = torch.matmul(ds, kh).mul_(scale)
-                    dq[s:e].view(c, hkv, g, d).copy_(dqc.view(hkv, g, c, d).permute(2, 0, 1, 3))
-                if need_dk:
-                    dkh.baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
-                del sc, p, ds
-        dk = dkh.transpose(0, 1).to(k.dtype) if need_dk else None
-        dv = dvh.transpose(0, 1).to(v.dtype) if need_dv else None
+        dq, dk, dv = _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows,
+                                  ctx.needs_input_grad[:3])
         return dq, dk, dv, None, None, None, None
+
+
+def _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows, need=(True, True, True)):
+    """(dq, dk, dv) of one block by recomputing its probabilities from lse, query chunk by chunk.
+    out and lse are the block's own (then dlse is the gradient of its lse) or the merged ones of
+    every block its queries attend to (then dlse is None: flash attention's backward form)."""
+    need_dq, need_dk, need_dv = need
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    g = hq // hkv
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if need_dq else None
+    dkh = torch.zeros(hkv, tk, d, dtype=acc, device=k.device) if need_dk else None
+    dvh = torch.zeros(hkv, tk, d, dtype=acc, device=v.device) if need_dv else None
+    if tk > 0 and (dout is not None or dlse is not None):
+        kh = k.to(acc).transpose(0, 1).contiguous()
+        vh = v.to(acc).transpose(0, 1).contiguous()
+        for s in range(0, tq, rows):
+            e = min(tq, s + rows)
+            c = e - s
+            qc = _heads_first(q[s:e], hkv, acc)
+            sc = _scores(qc, kh, scale, g, s, c, causal, q_offset)
+            c_lse = _rows_first(lse[s:e], hkv)
+            c_lse = torch.where(c_lse == -math.inf, 0.0, c_lse)  # seen-nothing rows: P = exp(−inf) = 0
+            p = sc.sub_(c_lse).exp_().view(hkv, g * c, tk)  # P, recomputed
+            c_dlse = None if dlse is None else _rows_first(dlse[s:e].to(acc), hkv).reshape(hkv, g * c, 1)
+            if dout is not None:
+                doc = _heads_first(dout[s:e], hkv, acc)
+                if need_dv:
+                    dvh.baddbmm_(p.transpose(1, 2), doc)
+                delta = (doc * _heads_first(out[s:e], hkv, acc)).sum(-1, keepdim=True)
+                if c_dlse is not None:
+                    delta = delta - c_dlse
+                ds = torch.matmul(doc, vh.transpose(1, 2)).sub_(delta).mul_(p)  # dS = P ∘ (dP − delta)
+                del doc
+            else:  # only lse is used: dS = P · dlse
+                ds = p.mul_(c_dlse)
+            if need_dq:
+                dqc = torch.matmul(ds, kh).mul_(scale)
+                dq[s:e].view(c, hkv, g, d).copy_(dqc.view(hkv, g, c, d).permute(2, 0, 1, 3))
+            if need_dk:
+                dkh.baddbmm_(ds.transpose(1, 2), qc, alpha=scale)
+            del sc, p, ds
+    dk = dkh.transpose(0, 1).to(k.dtype) if need_dk else None
+    dv = dvh.transpose(0, 1).to(v.dtype) if need_dv else None
+    return dq, dk, dv
+
+
+def attention_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, *, causal: bool = False, q_offset: int = 0,
+                             scale: float | None = None, chunk_bytes: int | None = None):
+    """One block's share (dq, dk, dv) of the gradient of attention over several key blocks,
+    given the MERGED out and lse of all of them (flash attention's backward form): with
+    P = exp(scale·S − lse) the block's probabilities within the whole row and
+    δ = rowsum(dO ∘ O), dS = P ∘ (dO Vᵀ − δ). Summing the blocks' dq gives the row's dq, and
+    each block's dk, dv are its keys' whole gradient from these queries. Ring attention's
+    backward runs this per step, so no block stores its probabilities. Torch path (any device)."""
+    _check_block(q, k, v, causal, q_offset, scale, chunk_bytes)
+    scale = q.shape[2] ** -0.5 if scale is None else float(scale)
+    rows = _rows_for(q, k, chunk_bytes)
+    return _block_grads(q, k, v, out, lse, dout, None, bool(causal), int(q_offset), scale, rows)
+
+
+def _rows_for(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int | None) -> int:
+    """Query rows per chunk so one fp32 score block [Hq, rows, Tk] fits chunk_bytes."""
+    tq, hq, tk = q.shape[0], q.shape[1], k.shape[0]
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    elem = torch.finfo(_acc_dtype(q.dtype)).bits // 8
+    return max(1, min(max(tq, 1), budget // (hq * max(tk, 1) * elem)))
 
 
 # ---- the flash path: aten's flash-attention ops, which return the LSE ---------------------
@@ -287,10 +319,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if tq == 0 or tk == 0:
             raise ValueError("attention_block: the flash backend needs Tq > 0 and Tk > 0")
         return _FlashBlock.apply(q, k, v, bool(causal), scale)
-    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    elem = torch.finfo(_acc_dtype(q.dtype)).bits // 8
-    rows = max(1, min(max(tq, 1), budget // (hq * max(tk, 1) * elem)))
-    return _AttentionBlock.apply(q, k, v, bool(causal), int(q_offset), scale, rows)
+    return _AttentionBlock.apply(q, k, v, bool(causal), int(q_offset), scale, _rows_for(q, k, chunk_bytes))
 
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
