@@ -165,3 +165,18 @@ class GroupAttention:
             from flash_attn import flash_attn_func
             return flash_attn_func(q[None], k[None], v[None], softmax_scale=scale, causal=True)[0]
         return causal_sdpa(q, k, v, scale)
+
+
+class RingAttention:
+    """Sequence parallel: this rank's tokens of packed sequences in the zigzag layout
+    (engine.parallel.SequenceShard), causal attention by kernels.ring_attention over `group`.
+    seqlens are the sequences' global padded lengths."""
+
+    def __init__(self, seqlens: list[int], group=None, scale: float | None = None):
+        self.seqlens = list(seqlens)
+        self.group = group
+        self.scale = scale
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from kernels.ring_attention import ring_attention
+        return ring_attention(q, k, v, self.seqlens, scale=self.scale, group=self.group)
