@@ -104,3 +104,69 @@ def test_sequence_shard_layout():
         SequenceShard([4], 2, 2)
     with pytest.raises(ValueError, match="expected 13 rows"):
         shards[0].take(torch.zeros(12))
+
+
+# ---- FSDP2 over dp × sp: one training step equals one process --------------------------------
+STEP_LENGTHS = [7, 12, 3, 9]
+
+
+def step_batch():
+    from engine.data.packing import pack
+    g = torch.Generator().manual_seed(5)
+    return [(torch.randint(0, 97, (n,), generator=g).tolist(), [0] + [1] * (n - 1)) for n in STEP_LENGTHS]
+
+
+def one_process_step():
+    """(loss, grad norm, weights after one AdamW step) on the whole batch, one process."""
+    from engine.data.packing import pack
+    model, packed = tiny_model(), pack(step_batch())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    hidden = model(packed.input_ids, packed.cu_seqlens)
+    loss = loss_of(model, hidden, packed.targets, packed.loss_mask.double() / packed.loss_mask.sum())
+    loss.backward()
+    norm = torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters()))
+    opt.step()
+    return float(loss.detach()), float(norm), {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _step_rank(rank, world, sp):
+    import torch.distributed as dist
+
+    from engine.data.packing import pack
+    from engine.model.attention import RingAttention
+    from engine.parallel.fsdp import make_mesh, parallelize
+    mesh = make_mesh(sp=sp)
+    dp, dp_rank, sp_rank = world // sp, mesh["dp"].get_local_rank(), mesh["sp"].get_local_rank()
+    model = parallelize(tiny_model(), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    seqs = step_batch()
+    global_tokens = sum(sum(f[1:]) for _, f in seqs)  # the batch's count, the same on every rank
+    packed = pack(seqs[dp_rank::dp])  # data parallel: this dp rank's sequences
+    w = packed.loss_mask.double() / global_tokens
+    if sp > 1:
+        shard = SequenceShard((packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist(), sp, sp_rank)
+        hidden = model(shard.take(packed.input_ids), position_ids=shard.positions,
+                       attn=RingAttention(shard.padded, group=mesh["sp"].get_group()))
+        loss = loss_of(model, hidden, shard.take(packed.targets), shard.take(w, fill=0.0))
+    else:
+        hidden = model(packed.input_ids, packed.cu_seqlens)
+        loss = loss_of(model, hidden, packed.targets, w)
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    norm = float(torch.sqrt(sum((p.grad.full_tensor() ** 2).sum() for p in model.parameters())))
+    opt.step()
+    ref_loss, ref_norm, ref_weights = one_process_step()
+    assert float(total) == pytest.approx(ref_loss, rel=1e-6)
+    assert norm == pytest.approx(ref_norm, rel=1e-6)
+    for n, p in model.named_parameters():
+        full = p.detach().full_tensor()
+        err = float((full - ref_weights[n]).norm() / ref_weights[n].norm())
+        assert err < 1e-6, f"rank {rank} (dp {dp}, sp {sp}): {n} off the one-process weights by {err:.2e}"
+    return float(total)
+
+
+@pytest.mark.parametrize("dp,sp", [(1, 2), (2, 1), (2, 2)], ids=["dp1-sp2", "dp2-sp1", "dp2-sp2"])
+def test_fsdp2_training_step_equals_one_process(dp, sp):
+    losses = run_ranks(_step_rank, dp * sp, sp, timeout=240)
+    assert len(set(losses)) == 1  # every rank logs the same global loss

@@ -1,0 +1,49 @@
+"""FSDP2 over a data × sequence mesh, applied from outside the model.
+
+    mesh = make_mesh(sp=2)                    # DeviceMesh ("dp", "sp") over the world
+    model = parallelize(model, mesh)          # fully_shard per decoder layer and at the root
+
+Parameters are sharded over every rank (dp × sp flattened); the sequence-parallel group is
+mesh["sp"] (ring attention's group). Gradients are SUMMED across ranks, not averaged: each
+rank's loss already carries the batch's global normalisation (global token and sequence
+counts), so the sum of the ranks' gradients is the one-process gradient. The root keeps its
+parameters unsharded between forward and backward: the fused loss reads `lm_head_weight`
+(the embedding itself when tied) outside the model's forward.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+
+def make_mesh(sp: int = 1, device_type: str = "cpu") -> DeviceMesh:
+    """A 2-D mesh ("dp", "sp") over the whole world: dp = world / sp."""
+    world = dist.get_world_size()
+    if sp < 1 or world % sp:
+        raise ValueError(f"parallel.sp = {sp} must divide the world size {world}")
+    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+
+
+def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh of every rank, over which parameters are sharded."""
+    return mesh._flatten("dp_sp") if mesh.ndim > 1 else mesh
+
+
+def _sum_gradients(module) -> None:
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(1.0)
+    else:  # older torch
+        module.set_reduce_scatter_divide_factor(1.0)
+
+
+def parallelize(model, mesh: DeviceMesh):
+    """FSDP2: each decoder layer one unit, the rest (embeddings, final norm, lm_head) at the
+    root; gradients summed over the mesh (see the module docstring). Returns the model."""
+    flat = shard_mesh(mesh)
+    for layer in model.layers:
+        fully_shard(layer, mesh=flat)
+        _sum_gradients(layer)
+    fully_shard(model, mesh=flat, reshard_after_forward=False)
+    _sum_gradients(model)
+    return model
