@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"convert takes no config overrides (got {overrides})")
             return cmd_convert(args)
         cfg = load_config(args.recipe, overrides)
+        ranks = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.command != "sft" and (ranks > 1 or cfg.parallel.sp != 1):
+            raise ConfigError(f"{args.command}: several processes (WORLD_SIZE={ranks}, parallel.sp="
+                              f"{cfg.parallel.sp}) run `longrl sft` so far; RL, eval and generate run on one "
+                              f"process")
         if args.command == "eval":
             return cmd_eval(args, cfg)
         if args.command == "train":
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sft":
             from .train import run_sft
             final = run_sft(cfg, resume=args.resume)
-            print(f"sft done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"sft done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
             return 0
         return cmd_generate(args, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:

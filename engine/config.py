@@ -316,6 +316,20 @@ class KernelsConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Ranks come from the launcher (torchrun sets WORLD_SIZE / RANK); sp of them share each
+    sequence (ring attention), the rest split the batch (dp = world / sp). Parameters are
+    sharded over all of them (FSDP2)."""
+    sp: int = 1  # sequence-parallel group size
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, else gloo
+    timeout_s: float = 600.0  # every collective; a dead rank ends the job instead of hanging it
+
+    def validate(self, key: str) -> None:
+        _check(self.sp >= 1, f"{key}.sp", "an integer >= 1", self.sp)
+        _check(self.timeout_s > 0, f"{key}.timeout_s", "a number > 0", self.timeout_s)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -327,6 +341,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self, key: str = "") -> None:
         """Checks across sections (each section checks its own keys)."""

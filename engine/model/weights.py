@@ -265,15 +265,16 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
 
 
 def save_model(model: Decoder, tokenizer, out_dir: str | os.PathLike, *,
-               max_shard_bytes: int = _DEFAULT_SHARD_BYTES) -> Path:
-    """A directory that transformers' AutoModelForCausalLM.from_pretrained loads."""
+               max_shard_bytes: int = _DEFAULT_SHARD_BYTES, state_dict: dict | None = None) -> Path:
+    """A directory that transformers' AutoModelForCausalLM.from_pretrained loads. state_dict:
+    the full weights when `model` holds only a shard of them (gathered by engine.parallel)."""
     cfg = model.config
     hf_config = {k: v for k, v in cfg.hf_config.items() if k not in ("quantization_config", "_name_or_path")}
     dtype = model.embed_tokens.weight.dtype
     hf_config.update(architectures=[ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
                      tie_word_embeddings=cfg.tie_word_embeddings, dtype=_dtype_name(dtype))
     state = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         state[key if key.startswith("lm_head.") else f"model.{key}"] = tensor
     # the source's generation_config.json travels along: it holds the eos ids of the stop rule
     source = getattr(model, "checkpoint_dir", None)

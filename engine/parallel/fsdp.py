@@ -31,10 +31,14 @@ def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def _sum_gradients(module) -> None:
+    """Reduce-scatter by plain SUM with no division: a divide factor alone would ask for
+    PREMUL_SUM, which gloo lacks; forcing sum reduction makes it a SUM on every backend."""
     if hasattr(module, "set_gradient_divide_factor"):
         module.set_gradient_divide_factor(1.0)
     else:  # older torch
         module.set_reduce_scatter_divide_factor(1.0)
+    if hasattr(module, "set_force_sum_reduction_for_comms"):
+        module.set_force_sum_reduction_for_comms(True)
 
 
 def parallelize(model, mesh: DeviceMesh):
@@ -47,3 +51,18 @@ def parallelize(model, mesh: DeviceMesh):
     fully_shard(model, mesh=flat, reshard_after_forward=False)
     _sum_gradients(model)
     return model
+
+
+def full_states(model, optimizer) -> tuple[dict, dict]:
+    """(full model state dict, full optimizer state dict) on the CPU, gathered from every
+    rank's shards (a collective: every rank calls it). The optimizer's is keyed by parameter
+    name, as torch.distributed.checkpoint writes it, so it loads at any world size."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=opts)
+
+
+def load_full_optimizer_state(model, optimizer, state: dict) -> None:
+    """The inverse of full_states for the optimizer: every rank takes its shard of `state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

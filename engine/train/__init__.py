@@ -32,23 +32,29 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    par = start_parallel(cfg)
     model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else cfg.model.path)
+    if par is not None:
+        from ..parallel import parallelize
+        parallelize(model, par.mesh)
     records = [r for path in cfg.sft.data for r in load_records(path, format=cfg.sft.format)]
     max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
     examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input,
                             chat=cfg.data.chat_template, think=cfg.rl.think)
-    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft)
+    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par)
     if ckpt:
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
         trainer.load_state_dict(state, optimizer_state)
         restore_rng(rng)
+    main = par is None or par.is_main  # only rank 0 prints, draws the bar and writes metrics
     fresh = ckpt is None if fresh_log is None else fresh_log
-    log = MetricsLog(run_dir, "sft", fresh=fresh, resume_after_step=trainer.state.step if ckpt else None)
-    bar = progress_bar(trainer.total_steps, trainer.state.step, "sft", progress)
+    log = MetricsLog(run_dir, "sft", fresh=fresh, resume_after_step=trainer.state.step if ckpt else None) \
+        if main else NullLog()
+    bar = progress_bar(trainer.total_steps, trainer.state.step, "sft", progress and main)
 
     def save():
         return save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
-                               trainer.state_dict(), cfg.train.keep_last)
+                               trainer.state_dict(), cfg.train.keep_last, parallel=par)
 
     last, done_here = ckpt, 0
     with guarded(bar, save):
@@ -66,6 +72,24 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     if last is None or last.name != f"step-{trainer.state.step:06d}":
         last = save()
     return last
+
+
+class NullLog:
+    """The metrics log of a rank other than 0: rows are global, rank 0 writes them."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+def start_parallel(cfg: Config):
+    """engine.parallel.Parallel for a run started by torchrun (None for one process)."""
+    import torch
+
+    from ..parallel.runtime import Parallel
+    device = cfg.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Parallel.from_env(cfg.parallel, device)
 
 
 def build_reward(cfg: Config, think: str):

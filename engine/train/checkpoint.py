@@ -24,7 +24,24 @@ from ..model import save_model
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, trainer_state: dict,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, parallel=None) -> Path:
+    """Write step-NNNNNN atomically. Under engine.parallel (FSDP2) every rank must call this:
+    the full model and optimizer states are gathered, rank 0 writes the same layout as one
+    process (so a checkpoint loads at any world size), and the ranks meet before returning."""
+    if parallel is not None:
+        from ..parallel.fsdp import full_states
+        model_state, optimizer_state = full_states(model, optimizer)
+        final = Path(run_dir) / f"step-{step:06d}"
+        if parallel.is_main:
+            final = _write_checkpoint(run_dir, step, model, tokenizer, optimizer_state, trainer_state, keep_last,
+                                      model_state)
+        parallel.barrier()
+        return final
+    return _write_checkpoint(run_dir, step, model, tokenizer, optimizer.state_dict(), trainer_state, keep_last)
+
+
+def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dict, trainer_state: dict,
+                      keep_last: int, model_state: dict | None = None) -> Path:
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / f"step-{step:06d}"
@@ -32,8 +49,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, opt
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_model(model, tokenizer, tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model(model, tokenizer, tmp / "model", state_dict=model_state)
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -77,3 +94,28 @@ def restore_rng(rng: dict) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+# ---- optimizer states across world sizes ---------------------------------------------------
+def named_optimizer_state(model, optimizer, state: dict) -> dict:
+    """An optimizer state dict keyed by parameter index (what one process's optimizer writes)
+    -> keyed by parameter name (what engine.parallel reads and writes). Names pass through."""
+    if all(isinstance(k, str) for k in state["state"]) and all(
+            isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
+        return state
+    names = {id(p): n for n, p in model.named_parameters()}
+    mapping = {sid: names[id(p)] for saved, group in zip(state["param_groups"], optimizer.param_groups)
+               for sid, p in zip(saved["params"], group["params"])}
+    return {"state": {mapping[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [mapping[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def indexed_optimizer_state(model, optimizer, state: dict) -> dict:
+    """The inverse of named_optimizer_state, for `optimizer.load_state_dict` in one process."""
+    if not any(isinstance(i, str) for g in state["param_groups"] for i in g["params"]):
+        return state
+    params = dict(model.named_parameters())
+    index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    mapping = {name: index[id(params[name])] for g in state["param_groups"] for name in g["params"]}
+    return {"state": {mapping[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [mapping[n] for n in g["params"]]} for g in state["param_groups"]]}

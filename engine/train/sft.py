@@ -54,10 +54,14 @@ class SFTState:
 
 
 class SFTTrainer:
-    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig):
+    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig, parallel=None):
+        """parallel: engine.parallel.Parallel when the run has several ranks (the model is
+        already sharded by engine.parallel.parallelize): each step's examples are split over
+        the data-parallel ranks and each sequence over the sequence-parallel group."""
         if not examples:
             raise ValueError("SFT needs at least one example")
         self.model, self.examples = model, examples
+        self.parallel = parallel
         self.cfg, self.sft = train_cfg, sft_cfg
         self.optimizer = make_optimizer(model, train_cfg)
         self.opt_step = OptimizerStep(model, self.optimizer, train_cfg)
@@ -85,20 +89,30 @@ class SFTTrainer:
 
     def step(self) -> dict:
         started = time.perf_counter()
-        model, weight = self.model, self.model.lm_head_weight
-        device = weight.device
+        model = self.model
+        device = model.embed_tokens.weight.device
         chosen = [self.examples[i] for i in self._next_examples()]
-        answer_tokens = sum(sum(flags[1:]) for _, flags in chosen)
+        answer_tokens = sum(sum(flags[1:]) for _, flags in chosen)  # over the whole step, every rank's share
+        par = self.parallel
+        mine = chosen if par is None else chosen[par.dp_rank::par.dp]
+        batches = budget_batches([len(ids) for ids, _ in mine], self.cfg.token_budget) if mine else []
+        # under FSDP every rank runs the same number of forward/backward passes (their collectives
+        # pair up): a rank with fewer micro-batches runs empty ones
+        n_micro = len(batches) if par is None else par.max(len(batches))
         total_loss = 0.0
         model.train()
-        for batch in budget_batches([len(ids) for ids, _ in chosen], self.cfg.token_budget):
-            packed = pack([chosen[i] for i in batch]).to(device)
-            hidden = model(packed.input_ids, packed.cu_seqlens)
-            rows = packed.loss_rows
-            logp, _ = linear_logprob(hidden[rows], weight, packed.targets[rows])
+        for j in range(n_micro):
+            packed = pack([mine[i] for i in batches[j]]).to(device) if j < len(batches) else None
+            hidden, rows, targets = self._forward(packed, device)
+            weight = model.lm_head_weight  # after the forward: under FSDP2 the root's weights are gathered now
+            logp, _ = linear_logprob(hidden[rows], weight, targets)
             loss = -logp.sum() / max(answer_tokens, 1)
+            if par is not None:
+                loss = loss + 0.0 * hidden[:1].sum()  # a backward on every rank, even without loss rows
             loss.backward()
             total_loss += loss.item()
+        if par is not None:
+            total_loss = par.sum(total_loss)
         result = self.opt_step(self.state.step, self.total_steps, total_loss)
         row = {"stage": "sft", "step": self.state.step + 1, "loss": total_loss, "grad_norm": result["grad_norm"],
                "lr": result["lr"], "answer_tokens": answer_tokens, "tokens": sum(len(ids) for ids, _ in chosen)}
@@ -110,11 +124,39 @@ class SFTTrainer:
         row.update(efficiency(model, row["tokens"], row["seconds"], self.cfg.peak_tflops))
         return row
 
+    def _forward(self, packed, device):
+        """-> (hidden of this rank's tokens, loss rows among them, their targets). packed None:
+        an empty micro-batch (2·SP padding tokens, no loss rows)."""
+        par, model = self.parallel, self.model
+        if par is None or par.sp == 1:
+            if packed is None:
+                packed = pack([([0, 0], [0, 0])]).to(device)
+            hidden = model(packed.input_ids, packed.cu_seqlens)
+            rows = packed.loss_rows
+            return hidden, rows, packed.targets[rows]
+        from ..model.attention import RingAttention
+        from ..parallel import SequenceShard
+        if packed is None:
+            packed = pack([([0] * 2 * par.sp, [0] * 2 * par.sp)]).to(device)
+        shard = SequenceShard((packed.cu_seqlens[1:] - packed.cu_seqlens[:-1]).tolist(), par.sp, par.sp_rank)
+        hidden = model(shard.take(packed.input_ids), position_ids=shard.positions.to(device),
+                       attn=RingAttention(shard.padded, group=par.sp_group))
+        mask = shard.take(packed.loss_mask, fill=0.0)
+        rows = mask.nonzero().squeeze(-1)
+        return hidden, rows, shard.take(packed.targets)[rows]
+
     def state_dict(self) -> dict:
         return {"stage": "sft", **self.state.__dict__, "bad_steps": self.opt_step.bad_steps,
                 "total_steps": self.total_steps}
 
     def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
+        """optimizer_state as a checkpoint holds it, written by one process or by several."""
+        from .checkpoint import indexed_optimizer_state, named_optimizer_state
         self.state = SFTState(step=state["step"], epoch=state["epoch"], pos=state["pos"])
         self.opt_step.bad_steps = state.get("bad_steps", 0)
-        self.optimizer.load_state_dict(optimizer_state)
+        if self.parallel is None:
+            self.optimizer.load_state_dict(indexed_optimizer_state(self.model, self.optimizer, optimizer_state))
+        else:
+            from ..parallel.fsdp import load_full_optimizer_state
+            load_full_optimizer_state(self.model, self.optimizer,
+                                      named_optimizer_state(self.model, self.optimizer, optimizer_state))

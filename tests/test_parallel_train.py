@@ -1,0 +1,134 @@
+"""`longrl sft` under torchrun on CPU (gloo): 2 processes as sequence parallel (sp 2) or data
+parallel (dp 2) log the same loss and gradient norm and reach the same weights as one
+process; a checkpoint written at one world size resumes at another and finishes as the
+uninterrupted run does. Each run is a real `python -m torch.distributed.run` subprocess,
+under a deadline."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model_with_tokenizer
+
+from engine.data import synthetic
+from engine.data.records import write_docqa
+
+DEADLINE_S = 240
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, smollm):
+    root = tmp_path_factory.mktemp("ptrain")
+    model_dir = tiny_model_with_tokenizer(root / "tiny", smollm[1])  # tied embeddings, SmolLM2's vocabulary
+    write_docqa(synthetic.generate(16, (40, 120), seed=3, kinds=("lookup",)), root / "sft.jsonl")
+    path = root / "r.toml"
+    path.write_text(f'''
+[model]
+path = "{model_dir}"
+dtype = "float32"
+[train]
+lr = 1e-3
+token_budget = 400
+seed = 0
+save_every = 2
+keep_last = 3
+[sft]
+data = ["{root / 'sft.jsonl'}"]
+max_steps = 3
+batch_examples = 5
+max_input_tokens = 300
+''')
+    return root, path
+
+
+def run(args: list[str], nproc: int = 1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, "-m", "engine.cli", "sft", *args], capture_output=True, text=True, env=env,
+                          timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["stage"] == "sft"]
+
+
+def weights(ckpt: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in glob.glob(str(ckpt / "model" / "*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def same_run(a: Path, b: Path, steps=(1, 2, 3)):
+    ra, rb = {r["step"]: r for r in rows(a)}, {r["step"]: r for r in rows(b)}
+    for s in steps:
+        assert rb[s]["loss"] == pytest.approx(ra[s]["loss"], rel=1e-6), f"step {s} loss"
+        assert rb[s]["grad_norm"] == pytest.approx(ra[s]["grad_norm"], rel=1e-6), f"step {s} grad norm"
+    wa, wb = weights(a / "step-000003"), weights(b / "step-000003")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        err = float((wa[k] - wb[k]).norm() / wa[k].norm())
+        assert err < 1e-5, f"{k}: weights off the one-process run by {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def one_process(recipe):
+    root, path = recipe
+    run(["--recipe", str(path), f"--train.out_dir={root / 'one'}"])
+    return root / "one"
+
+
+@pytest.mark.parametrize("sp", [2, 1], ids=["sp2", "dp2"])
+def test_two_processes_equal_one(recipe, one_process, sp):
+    root, path = recipe
+    out = root / f"two-sp{sp}"
+    proc = run(["--recipe", str(path), f"--train.out_dir={out}", f"--parallel.sp={sp}"], nproc=2)
+    assert proc.stdout.count("sft done") == 1  # rank 0 alone speaks
+    same_run(one_process, out)
+
+
+def rolled_back(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` as if killed after checkpoint `step`: later checkpoints and rows gone."""
+    shutil.copytree(src, dst)
+    for d in dst.glob("step-*"):
+        if int(d.name.split("-")[1]) > step:
+            shutil.rmtree(d)
+    (dst / "latest").write_text(f"step-{step:06d}")
+    kept = [line for line in (dst / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dst
+
+
+@pytest.mark.parametrize("direction", ["1-to-2", "2-to-1"])
+def test_checkpoints_resume_at_another_world_size(recipe, one_process, direction):
+    root, path = recipe
+    if direction == "1-to-2":
+        src, nproc, extra = one_process, 2, ["--parallel.sp=2"]
+    else:
+        src = root / "two-sp2"
+        if not (src / "step-000003").exists():
+            run(["--recipe", str(path), f"--train.out_dir={src}", "--parallel.sp=2"], nproc=2)
+        nproc, extra = 1, []
+    out = rolled_back(src, root / f"resume-{direction}", 2)
+    run(["--recipe", str(path), f"--train.out_dir={out}", "--resume", *extra], nproc=nproc)
+    same_run(one_process, out)
+
+
+def test_other_commands_refuse_several_processes(recipe):
+    root, path = recipe
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path)], capture_output=True, text=True,
+                          env=env, timeout=DEADLINE_S)
+    assert proc.returncode == 2 and "run `longrl sft` so far" in proc.stderr
+    assert torch.distributed.is_available()
