@@ -75,6 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "under train.out_dir. Ctrl-C writes a checkpoint; --resume continues.")
     t.add_argument("--recipe", help="TOML recipe with [model], [data], [train] and [sft] sections")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+    t.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine: starts `torchrun --standalone --nproc-per-node N` with the "
+                        "same arguments ([parallel] sp of them share each sequence, the rest split the batch)")
 
     tr = sub.add_parser("train", help="run a recipe: held-out eval, SFT warm-up, then the RL phases",
                         description="Run the stages of a recipe in order, each from the previous stage's "
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch(argv, args.nproc)
     try:
         if args.command == "plot":
             from .train.plot import plot_run
@@ -159,6 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("longrl: interrupted", file=sys.stderr)
         return 130
+
+
+def _relaunch(argv: list[str], nproc: int) -> int:
+    """`--nproc N`: the same command under torchrun, N processes on this machine."""
+    import subprocess
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "engine.cli", *rest]
+    return subprocess.call(cmd)
 
 
 def cmd_convert(args) -> int:

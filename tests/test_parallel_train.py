@@ -132,3 +132,61 @@ def test_other_commands_refuse_several_processes(recipe):
                           env=env, timeout=DEADLINE_S)
     assert proc.returncode == 2 and "run `longrl sft` so far" in proc.stderr
     assert torch.distributed.is_available()
+
+
+def _worker_pids(local_rank: int) -> list[int]:
+    """The torchrun workers of this machine with LOCAL_RANK = local_rank running engine.cli."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"engine.cli" in cmd and f"LOCAL_RANK={local_rank}".encode() in env:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_a_killed_rank_ends_the_job_and_the_run_resumes(recipe, tmp_path):
+    """SIGKILL one rank mid-run (launched with --nproc 2): the job ends with an error naming
+    the failure instead of hanging; --resume on one process then finishes with the metrics
+    and weights of an uninterrupted run."""
+    import signal
+    import time
+
+    root, path = recipe
+    steps = ["--sft.max_steps=6"]
+    ref = tmp_path / "uninterrupted"
+    run(["--recipe", str(path), f"--train.out_dir={ref}", *steps])
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "engine.cli", "sft", "--recipe", str(path), "--nproc", "2",
+                            "--parallel.sp=2", f"--train.out_dir={out}", *steps], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + DEADLINE_S
+        while time.time() < deadline and not (
+                (out / "metrics.jsonl").exists() and len(rows(out)) >= 3):  # step 2's checkpoint is written
+            assert job.poll() is None, job.communicate()[1][-2000:]
+            time.sleep(0.2)
+        victims = _worker_pids(1)
+        assert victims, "no rank-1 worker found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _, err = job.communicate(timeout=120)  # torchrun stops the other rank: no hang
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "SIGKILL" in err or "Signal 9" in err or "exitcode" in err, err[-2000:]
+    run(["--recipe", str(path), f"--train.out_dir={out}", "--resume", *steps])
+    ra, rb = {r["step"]: r for r in rows(ref)}, {r["step"]: r for r in rows(out)}
+    assert sorted(rb) == list(range(1, 7))
+    for s in range(1, 7):
+        assert rb[s]["loss"] == pytest.approx(ra[s]["loss"], rel=1e-6), f"step {s} loss"
+        assert rb[s]["grad_norm"] == pytest.approx(ra[s]["grad_norm"], rel=1e-6), f"step {s} grad norm"
+    wa, wb = weights(ref / "step-000006"), weights(out / "step-000006")
+    assert max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in wa) < 1e-5
