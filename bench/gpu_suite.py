@@ -17,7 +17,9 @@ promised there, so nothing here imports pytest:
   5. one full RL step at a GPU size, with its time split and whether the parts add up
      to the step (bench/train_step_case.py --gpu);
   6. the shared-prefix update against the repeated layout, one group at P = 16K, R = 2K,
-     G = 8 on the 1.5B shape (bench/update_case.py --gpu).
+     G = 8 on the 1.5B shape (bench/update_case.py --gpu);
+  7. ring attention over every GPU of the machine against one-GPU causal attention
+     (bench/gpu_ring_case.py; on one GPU a group of one checks the path).
 Full figures go to OUT_DIR/gpu_suite.json, the pytest log to OUT_DIR/tests.log.
 """
 from __future__ import annotations
@@ -114,7 +116,7 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 240, "update": 120}
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 240, "update": 120, "ring": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 
 
@@ -226,6 +228,15 @@ def main(argv=None) -> int:
           f"update {st.get('time/update', 0):.1f}s; rollout {st['rollout_tokens_per_s']:.0f} tok/s, "
           f"update {st.get('update_tokens_per_s', 0):.0f} tok/s\n"
           f"time split: {'; '.join(st['split_problems']) or 'parts add up to the step (90-100%)'}")
+    proc = stage([sys.executable, "-m", "bench.gpu_ring_case"], STAGE_TIMEOUT["ring"])
+    report["ring"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                      else {"error": proc.stderr.strip().splitlines()[-3:]})
+    (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+    ri = report["ring"]
+    print("\n== ring attention, 4 x 8,192 tokens, 12/2 heads, d 128, bf16 ==")
+    print(f"error: {ri['error']}" if "error" in ri else
+          f"W={ri['world']}: fwd+bwd {ri['seconds'] * 1e3:.1f} ms, worst relative error {ri['rel_error']:.2e} "
+          f"against one-GPU causal attention")
     up = report["update"]
     p_, r_, g_ = UPDATE["prompt"], UPDATE["response"], UPDATE["group"]
     target = 0.7 * g_ * (p_ + r_) / (p_ + g_ * r_)
