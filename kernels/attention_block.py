@@ -66,7 +66,7 @@ def _rows_first(x: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _scores(qc: torch.Tensor, kh: torch.Tensor, scale: float, g: int, s: int, c: int,
-            causal: bool, q_offset: int) -> torch.Tensor:
+            causal: bool, q_offset: int, segs=None) -> torch.Tensor:
     """Scaled scores [Hkv, G, C, Tk] (fp32) of queries s..s+C, hidden keys at −inf."""
     hkv, tk = kh.shape[0], kh.shape[1]
     sc = torch.matmul(qc, kh.transpose(1, 2)).mul_(scale).view(hkv, g, c, tk)
@@ -74,12 +74,16 @@ def _scores(qc: torch.Tensor, kh: torch.Tensor, scale: float, g: int, s: int, c:
         pos = torch.arange(s, s + c, device=kh.device)[:, None] + q_offset  # query position, the same for all heads
         hidden = torch.arange(tk, device=kh.device)[None, :] > pos  # [C, Tk]
         sc.masked_fill_(hidden, -math.inf)
+    if segs is not None:  # a key of segment 0 (the shared prefix) is seen by all, others by their own segment
+        q_seg, k_seg = segs
+        hidden = (k_seg[None, :] != 0) & (k_seg[None, :] != q_seg[s:s + c, None])
+        sc.masked_fill_(hidden, -math.inf)
     return sc
 
 
 class _AttentionBlock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, q_offset, scale, rows):
+    def forward(ctx, q, k, v, causal, q_offset, scale, rows, segs=None):
         tq, hq, d = q.shape
         tk, hkv, _ = k.shape
         g = hq // hkv
@@ -92,7 +96,7 @@ class _AttentionBlock(torch.autograd.Function):
             for s in range(0, tq, rows):
                 e = min(tq, s + rows)
                 c = e - s
-                sc = _scores(_heads_first(q[s:e], hkv, acc), kh, scale, g, s, c, causal, q_offset)
+                sc = _scores(_heads_first(q[s:e], hkv, acc), kh, scale, g, s, c, causal, q_offset, segs)
                 m = sc.amax(-1, keepdim=True)
                 m = torch.where(m == -math.inf, 0.0, m)  # a row that sees no key: exp(−inf − 0) = 0
                 p = sc.sub_(m).exp_()
@@ -105,20 +109,21 @@ class _AttentionBlock(torch.autograd.Function):
                 lse[s:e].view(c, hkv, g).copy_(c_lse.squeeze(-1).permute(2, 0, 1))
                 del sc, p, o
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (causal, q_offset, scale, rows)
+        ctx.cfg = (causal, q_offset, scale, rows, segs)
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        causal, q_offset, scale, rows = ctx.cfg
+        causal, q_offset, scale, rows, segs = ctx.cfg
         dq, dk, dv = _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows,
-                                  ctx.needs_input_grad[:3])
-        return dq, dk, dv, None, None, None, None
+                                  ctx.needs_input_grad[:3], segs)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows, need=(True, True, True)):
+def _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows, need=(True, True, True),
+                 segs=None):
     """(dq, dk, dv) of one block by recomputing its probabilities from lse, query chunk by chunk.
     out and lse are the block's own (then dlse is the gradient of its lse) or the merged ones of
     every block its queries attend to (then dlse is None: flash attention's backward form)."""
@@ -137,7 +142,7 @@ def _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows, n
             e = min(tq, s + rows)
             c = e - s
             qc = _heads_first(q[s:e], hkv, acc)
-            sc = _scores(qc, kh, scale, g, s, c, causal, q_offset)
+            sc = _scores(qc, kh, scale, g, s, c, causal, q_offset, segs)
             c_lse = _rows_first(lse[s:e], hkv)
             c_lse = torch.where(c_lse == -math.inf, 0.0, c_lse)  # seen-nothing rows: P = exp(−inf) = 0
             p = sc.sub_(c_lse).exp_().view(hkv, g * c, tk)  # P, recomputed
@@ -166,7 +171,8 @@ def _block_grads(q, k, v, out, lse, dout, dlse, causal, q_offset, scale, rows, n
 
 def attention_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, *, causal: bool = False, q_offset: int = 0,
-                             scale: float | None = None, chunk_bytes: int | None = None):
+                             scale: float | None = None, chunk_bytes: int | None = None,
+                             q_seg: torch.Tensor | None = None, k_seg: torch.Tensor | None = None):
     """One block's share (dq, dk, dv) of the gradient of attention over several key blocks,
     given the MERGED out and lse of all of them (flash attention's backward form): with
     P = exp(scale·S − lse) the block's probabilities within the whole row and
@@ -174,9 +180,10 @@ def attention_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     each block's dk, dv are its keys' whole gradient from these queries. Ring attention's
     backward runs this per step, so no block stores its probabilities. Torch path (any device)."""
     _check_block(q, k, v, causal, q_offset, scale, chunk_bytes)
+    segs = _check_segs(q, k, q_seg, k_seg)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     rows = _rows_for(q, k, chunk_bytes)
-    return _block_grads(q, k, v, out, lse, dout, None, bool(causal), int(q_offset), scale, rows)
+    return _block_grads(q, k, v, out, lse, dout, None, bool(causal), int(q_offset), scale, rows, segs=segs)
 
 
 def _rows_for(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int | None) -> int:
@@ -296,17 +303,26 @@ BACKENDS = ("auto", "torch", "flash")
 
 
 def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                    q_offset: int = 0, scale: float | None = None,
-                    chunk_bytes: int | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                    q_offset: int = 0, scale: float | None = None, chunk_bytes: int | None = None,
+                    backend: str = "auto", q_seg: torch.Tensor | None = None,
+                    k_seg: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Tq, Hq, D], k and v [Tk, Hkv, D] -> (out [Tq, Hq, D] in q's dtype, lse [Tq, Hq] fp32).
 
     causal: query i sees key j iff j <= q_offset + i. scale: default D ** -0.5. chunk_bytes:
     budget for one fp32 score block [Hq, chunk, Tk] (default 64 MiB) of the torch path.
     backend: "torch" (chunked matmuls, any device and dtype), "flash" (aten's flash-attention
     kernels: CUDA, or the CPU's flash op; non-causal blocks, or causal with q_offset 0 on a
-    square block), "auto" (flash where eligible on CUDA in half precision, else torch). See
-    the module docstring."""
+    square block), "auto" (flash where eligible on CUDA in half precision, else torch).
+    q_seg [Tq], k_seg [Tk] (integer segment ids, both or neither; torch backend): a key of
+    segment 0 is seen by every query, any other key only by queries of its own segment, on
+    top of the causal rule; a shared-prefix group row cut into blocks (prompt = 0, response
+    i = i + 1) keeps its mask this way. See the module docstring."""
     _check_block(q, k, v, causal, q_offset, scale, chunk_bytes)
+    segs = _check_segs(q, k, q_seg, k_seg)
+    if segs is not None:
+        if backend == "flash":
+            raise ValueError("attention_block: segment masks (q_seg/k_seg) run on the torch backend")
+        backend = "torch"
     if backend not in BACKENDS:
         raise ValueError(f"attention_block: backend {backend!r} unknown; choose one of {', '.join(BACKENDS)}")
     tq, hq, d = q.shape
@@ -319,7 +335,7 @@ def attention_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         if tq == 0 or tk == 0:
             raise ValueError("attention_block: the flash backend needs Tq > 0 and Tk > 0")
         return _FlashBlock.apply(q, k, v, bool(causal), scale)
-    return _AttentionBlock.apply(q, k, v, bool(causal), int(q_offset), scale, _rows_for(q, k, chunk_bytes))
+    return _AttentionBlock.apply(q, k, v, bool(causal), int(q_offset), scale, _rows_for(q, k, chunk_bytes), segs)
 
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -385,6 +401,19 @@ def _check_block(q, k, v, causal, q_offset, scale, chunk_bytes) -> None:
     if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                     or chunk_bytes < 1):
         raise ValueError(f"attention_block: chunk_bytes must be a positive int or None, got {chunk_bytes!r}")
+
+
+def _check_segs(q, k, q_seg, k_seg):
+    """-> (q_seg, k_seg) on q's device, or None."""
+    if q_seg is None and k_seg is None:
+        return None
+    if q_seg is None or k_seg is None:
+        raise ValueError("attention_block: give q_seg and k_seg together (or neither)")
+    for name, t, n in (("q_seg", q_seg, q.shape[0]), ("k_seg", k_seg, k.shape[0])):
+        if not isinstance(t, torch.Tensor) or t.shape != (n,) or t.is_floating_point():
+            raise ValueError(f"attention_block: {name} must be an integer tensor of shape [{n}], got "
+                             f"{t.shape if isinstance(t, torch.Tensor) else type(t).__name__}")
+    return q_seg.to(q.device), k_seg.to(q.device)
 
 
 def _check_merge(out_a, lse_a, out_b, lse_b) -> None:

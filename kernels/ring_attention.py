@@ -102,24 +102,34 @@ def _seq_slices(seqlens: Sequence[int], world: int):
     return out
 
 
+def _local_segments(segments, seqlens, world: int, rank: int):
+    """This rank's rows of the global segment ids (None: plain causal)."""
+    if segments is None:
+        return None
+    return segments[zigzag_indices(seqlens, world, rank).to(segments.device)]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seqlens, scale, group):
+    def forward(ctx, q, k, v, seqlens, scale, group, segments):
         ring = _Ring(group)
         w, r = ring.world, ring.rank
         d = k.shape[2]
         slices = _seq_slices(seqlens, w)
+        q_seg = _local_segments(segments, seqlens, w, r)
         acc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         kv = torch.cat([k, v], dim=-1).contiguous()
         for step in range(w):
             src = (r - step) % w
             pending = ring.start_hop(kv) if step < w - 1 else None  # the next step's K/V, during this one
             kk, vv = kv[..., :d], kv[..., d:]
+            k_seg = _local_segments(segments, seqlens, w, src)  # the K/V's segments: known, not sent
             for i, (start, c) in enumerate(slices):
                 for qh, kh, causal in _pairs(r, src, w):
                     qs = slice(start + qh * c, start + (qh + 1) * c)
                     ks = slice(start + kh * c, start + (kh + 1) * c)
-                    o, lse = attention_block(q[qs], kk[ks], vv[ks], causal=causal, scale=scale)
+                    seg = {} if q_seg is None else {"q_seg": q_seg[qs], "k_seg": k_seg[ks]}
+                    o, lse = attention_block(q[qs], kk[ks], vv[ks], causal=causal, scale=scale, **seg)
                     acc[(i, qh)] = (o, lse) if (i, qh) not in acc else merge(*acc[(i, qh)], o, lse)
             if pending is not None:
                 recv, handles = pending
@@ -133,16 +143,17 @@ class _RingAttention(torch.autograd.Function):
             out[start + qh * c: start + (qh + 1) * c] = o
             lse[start + qh * c: start + (qh + 1) * c] = l_
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cfg = (tuple(seqlens), scale, group)
+        ctx.cfg = (tuple(seqlens), scale, group, segments)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        seqlens, scale, group = ctx.cfg
+        seqlens, scale, group, segments = ctx.cfg
         ring = _Ring(group)
         w, r = ring.world, ring.rank
         d = k.shape[2]
+        q_seg = _local_segments(segments, seqlens, w, r)
         acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         slices = _seq_slices(seqlens, w)
         dout = dout.contiguous()
@@ -153,12 +164,14 @@ class _RingAttention(torch.autograd.Function):
             src = (r - step) % w
             pending = ring.start_hop(kv) if step < w - 1 else None
             kk, vv = kv[..., :d], kv[..., d:]
+            k_seg = _local_segments(segments, seqlens, w, src)
             for start, c in slices:
                 for qh, kh, causal in _pairs(r, src, w):
                     qs = slice(start + qh * c, start + (qh + 1) * c)
                     ks = slice(start + kh * c, start + (kh + 1) * c)
+                    seg = {} if q_seg is None else {"q_seg": q_seg[qs], "k_seg": k_seg[ks]}
                     gq, gk, gv = attention_block_backward(dout[qs], q[qs], kk[ks], vv[ks], out[qs], lse[qs],
-                                                          causal=causal, scale=scale)
+                                                          causal=causal, scale=scale, **seg)
                     dq[qs] += gq
                     dkv[ks, :, :d] += gk
                     dkv[ks, :, d:] += gv
@@ -172,16 +185,21 @@ class _RingAttention(torch.autograd.Function):
                     h.wait()
                 kv = recv
         # after W hops every accumulator is back with the rank whose K/V it belongs to
-        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[..., :d].to(k.dtype), dkv[..., d:].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: Sequence[int], *,
-                   scale: float | None = None, group=None) -> torch.Tensor:
+                   scale: float | None = None, group=None, segments: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of packed sequences spread over the ranks of `group` (default: the
     world) in the zigzag layout: q [T_local, Hq, D], k and v [T_local, Hkv, D] are this rank's
     tokens (`zigzag_indices(seqlens, W, rank)` of the packed q, k, v), seqlens the GLOBAL
     length of each sequence (multiples of 2W). -> out [T_local, Hq, D], equal to this rank's
-    rows of single-process causal attention; differentiable in q, k and v."""
+    rows of single-process causal attention; differentiable in q, k and v.
+
+    segments: integer ids of the GLOBAL packed tokens [Σ seqlens], the same on every rank,
+    for shared-prefix group rows [P | R1 … RG] sharded as one sequence: 0 on the prompt,
+    i + 1 on response i (padding: any id of its own). A token then sees the earlier tokens of
+    the prompt and of its own segment only (kernels.attention_block's q_seg/k_seg)."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     w = dist.get_world_size(group)
@@ -197,4 +215,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: S
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"ring_attention: scale must be finite, got {scale}")
-    return _RingAttention.apply(q, k, v, list(seqlens), scale, group)
+    if segments is not None and (segments.shape != (sum(seqlens),) or segments.is_floating_point()):
+        raise ValueError(f"ring_attention: segments must be integer ids of the {sum(seqlens)} packed tokens, got "
+                         f"{tuple(segments.shape)} {segments.dtype}")
+    return _RingAttention.apply(q, k, v, list(seqlens), scale, group, segments)

@@ -106,3 +106,47 @@ def test_the_harness_reports_hangs_and_failures_and_leaves_no_process():
     with pytest.raises(AssertionError, match="planted failure on rank 1"):
         run_ranks(_one_rank_fails, 2, timeout=60)
     assert not multiprocessing.active_children()
+
+
+# ---- shared-prefix group rows over the ring -------------------------------------------------
+def _group_rank(rank, world):
+    """Two group rows [P | R1 … RG] sharded as sequences: the ring with segment ids equals
+    attention under the group mask (prompt causal; a response sees the prompt and its own
+    earlier tokens), values and gradients."""
+    import math
+
+    from kernels.ring_attention import ring_attention
+    rows = [(5, [4, 3, 6]), (3, [2, 7])]  # (prompt length, response lengths)
+    lengths = [p + sum(r) for p, r in rows]
+    seqlens = padded(lengths, world)
+    seg_parts, mask_parts = [], []
+    for (p, resp), n, npad in zip(rows, lengths, seqlens):
+        seg = torch.tensor([0] * p + [i + 1 for i, r in enumerate(resp) for _ in range(r)] + [-1] * (npad - n))
+        seg_parts.append(seg)
+        causal = torch.arange(npad)[None, :] <= torch.arange(npad)[:, None]
+        mask_parts.append(causal & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None])))
+    segments = torch.cat(seg_parts)
+    t = sum(seqlens)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(t, h, 8, generator=g, dtype=torch.float64) for h in (6, 2, 2))
+    dout = torch.randn(t, 6, 8, generator=g, dtype=torch.float64)
+    # reference: plain attention under the block-diagonal group mask
+    full = torch.block_diag(*mask_parts)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    s = torch.einsum("qhd,khd->hqk", qr, kr.repeat_interleave(3, 1)) / math.sqrt(8)
+    ref = torch.einsum("hqk,khd->qhd", torch.softmax(s.masked_fill(~full, -math.inf), -1), vr.repeat_interleave(3, 1))
+    (ref * dout).sum().backward()
+    idx = zigzag_indices(seqlens, world, rank)
+    ql, kl, vl = (x[idx].clone().requires_grad_() for x in (q, k, v))
+    out = ring_attention(ql, kl, vl, seqlens, segments=segments)
+    (out * dout[idx]).sum().backward()
+    for name, got, want in (("out", out, ref), ("dq", ql.grad, qr.grad), ("dk", kl.grad, kr.grad),
+                            ("dv", vl.grad, vr.grad)):
+        err = float((got.detach() - want.detach()[idx]).abs().max())
+        assert err < 1e-10, f"rank {rank}/{world} {name}: max error {err:.2e}"
+    return 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_attention_over_shared_prefix_group_rows(world):
+    run_ranks(_group_rank, world, timeout=180)
