@@ -109,6 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
                                        "--reward.judge=http --reward.judge_url=URL (default: the [reward] section)")
     e.add_argument("--judge-model", help="the judge's model name (--reward.judge_model)")
     e.add_argument("--judge-key-env", help="environment variable holding the judge's key (--reward.judge_key_env)")
+    e.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine (torchrun): each loads the model and scores its share of "
+                        "the items; the result is that of one process")
     return p
 
 
@@ -133,10 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(args)
         cfg = load_config(args.recipe, overrides)
         ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.command != "sft" and (ranks > 1 or cfg.parallel.sp != 1):
+        if args.command not in ("sft", "eval") and (ranks > 1 or cfg.parallel.sp != 1):
             raise ConfigError(f"{args.command}: several processes (WORLD_SIZE={ranks}, parallel.sp="
-                              f"{cfg.parallel.sp}) run `longrl sft` so far; RL, eval and generate run on one "
-                              f"process")
+                              f"{cfg.parallel.sp}) run `longrl sft` and `longrl eval` so far; RL and generate "
+                              f"run on one process")
+        if args.command == "eval" and cfg.parallel.sp != 1:
+            raise ConfigError("eval: parallel.sp must be 1 (eval splits items over the processes, data parallel)")
         if args.command == "eval":
             return cmd_eval(args, cfg)
         if args.command == "train":
@@ -282,15 +287,25 @@ def cmd_eval(args, cfg: Config) -> int:
                                          judge_model=args.judge_model,
                                          judge_key_env=args.judge_key_env or cfg.reward.judge_key_env)
         cfg.reward.validate("reward")
-    model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
+    rank, world, barrier, device = 0, 1, None, cfg.model.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # data parallel: each process a whole model, its share of items
+        import torch
+
+        from .train import start_parallel
+        par = start_parallel(cfg)
+        rank, world, barrier = par.rank, par.world, par.barrier
+        if par.device.type == "cuda":
+            device = f"cuda:{torch.cuda.current_device()}"
+    model, tokenizer = load_model(cfg.model.path, device=device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
     reward = build_reward(cfg, resolve_think(cfg.eval.think, tokenizer, cfg.data.chat_template))
     table = run_eval(model, tokenizer, benchmarks, cfg.eval, args.out, reward=reward, data=cfg.data,
-                     rollout=cfg.rollout)
-    print(markdown(table), end="")
-    print(f"per-sample rows: {Path(args.out) / 'items.jsonl'}; summary: {Path(args.out) / 'summary.md'}")
+                     rollout=cfg.rollout, rank=rank, world=world, barrier=barrier)
+    if rank == 0:
+        print(markdown(table), end="")
+        print(f"per-sample rows: {Path(args.out) / 'items.jsonl'}; summary: {Path(args.out) / 'summary.md'}")
     return 0
 
 

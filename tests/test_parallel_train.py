@@ -130,7 +130,7 @@ def test_other_commands_refuse_several_processes(recipe):
     env = {**os.environ, "WORLD_SIZE": "2"}
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path)], capture_output=True, text=True,
                           env=env, timeout=DEADLINE_S)
-    assert proc.returncode == 2 and "run `longrl sft` so far" in proc.stderr
+    assert proc.returncode == 2 and "run `longrl sft` and `longrl eval` so far" in proc.stderr
     assert torch.distributed.is_available()
 
 
@@ -190,3 +190,27 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes(recipe, tmp_path):
         assert rb[s]["grad_norm"] == pytest.approx(ra[s]["grad_norm"], rel=1e-6), f"step {s} grad norm"
     wa, wb = weights(ref / "step-000006"), weights(out / "step-000006")
     assert max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in wa) < 1e-5
+
+
+def test_eval_on_two_processes_equals_one(recipe, tmp_path):
+    """`longrl eval --nproc 2`: items split over the ranks, merged by rank 0 into one
+    items.jsonl in item order, the same rows and summary as one process (greedy)."""
+    root, path = recipe
+    data = tmp_path / "bench.jsonl"
+    write_docqa(synthetic.generate(5, (40, 80), seed=9, kinds=("lookup",)), data)
+    common = ["--recipe", str(path), "--data", f"synth={data}", "--eval.max_new_tokens=4", "--eval.temperature=0",
+              "--eval.batch_items=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        proc = subprocess.run([sys.executable, "-m", "engine.cli", "eval", *common, "--out", str(out),
+                               "--nproc", str(nproc)], capture_output=True, text=True, env=env, timeout=DEADLINE_S)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("per-sample rows") == 1  # rank 0 alone prints
+        outs[nproc] = out
+    one, two = ((o / "items.jsonl").read_text().splitlines() for o in (outs[1], outs[2]))
+    assert len(one) == 5 and one == two
+    assert not list(outs[2].glob("items.rank*.jsonl"))  # parts merged away
+    s1, s2 = (json.loads((o / "summary.json").read_text())["results"] for o in (outs[1], outs[2]))
+    assert s1 == s2

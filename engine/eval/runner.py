@@ -27,10 +27,11 @@ from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
 
 
-def _read_done(path: Path, n: int = 1) -> dict[tuple[str, str], list[dict]]:
+def _read_done(path: Path, n: int = 1, rewrite: bool = True) -> dict[tuple[str, str], list[dict]]:
     """Items already finished, by (benchmark, id): those with all n samples on disk. A torn
     last line (a crash mid-write) and the rows of an item with fewer than n samples are
-    dropped from the file, so that item is generated again whole."""
+    dropped from the file (when `rewrite`: the file is this process's own), so that item is
+    generated again whole."""
     done: dict[tuple[str, str], list[dict]] = {}
     if not path.is_file():
         return done
@@ -41,6 +42,8 @@ def _read_done(path: Path, n: int = 1) -> dict[tuple[str, str], list[dict]]:
             continue
         done.setdefault((row["benchmark"], row["id"]), []).append(row)
     done = {key: rows for key, rows in done.items() if len({r["sample"] for r in rows}) >= n}
+    if not rewrite:
+        return done
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
                     encoding="utf-8")
     return done
@@ -84,9 +87,16 @@ def markdown(table: dict) -> str:
 def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], settings: EvalConfig,
              out_dir: str | os.PathLike, *, reward: HybridReward | None = None, progress: bool = True,
              generator_factory: Callable | None = None, data: DataConfig | None = None,
-             rollout: RolloutConfig | None = None) -> dict:
+             rollout: RolloutConfig | None = None, rank: int = 0, world: int = 1,
+             barrier: Callable | None = None) -> dict:
     """Evaluate, resuming from out_dir/items.jsonl; -> the summary table. data: the prompt
-    template and chat wrapping (as in training); rollout: the KV cache settings."""
+    template and chat wrapping (as in training); rollout: the KV cache settings.
+
+    Data parallel (world > 1, every rank calls this with its rank and a barrier): rank r
+    generates items r, r + W, … into items.rank{r}.jsonl; then rank 0 merges every part into
+    items.jsonl (benchmark, item and sample order) and writes the summary, which it alone
+    returns (the others return {}). A sample's seed depends on its sample index only, so the
+    rows are those of one process."""
     from tqdm import tqdm
 
     from ..rollout import Generator, SamplingParams
@@ -94,8 +104,12 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     settings.validate("eval")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items_path = out / "items.jsonl"
-    done = _read_done(items_path, settings.n)
+    items_path = out / "items.jsonl" if world == 1 else out / f"items.rank{rank}.jsonl"
+    if world > 1:  # rank 0 folds any parts of an earlier run into items.jsonl before anyone reads
+        if rank == 0:
+            _merge_parts(out, benchmarks, settings)
+        barrier()
+    done = _read_done(out / "items.jsonl", settings.n, rewrite=world == 1)
     data = data or DataConfig()
     reward = reward or HybridReward(think=resolve_think(settings.think, tokenizer, data.chat_template))
     max_input = settings.max_input_tokens
@@ -108,14 +122,14 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
         gen = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
     else:
         gen = generator_factory(model, tokenizer)
-    todo = []
-    for bench, records in benchmarks.items():
-        chosen = records[: settings.limit] if settings.limit else records
-        todo += [(bench, r) for r in chosen if (bench, r.id) not in done]
-    total = sum(len(r[: settings.limit] if settings.limit else r) for r in benchmarks.values())
+    every = [(bench, r) for bench, records in benchmarks.items()
+             for r in (records[: settings.limit] if settings.limit else records)]
+    total = len(every)
+    # rank r owns items r, r + W, … of the whole list: the split does not depend on what is done
+    todo = [(bench, r) for i, (bench, r) in enumerate(every) if i % world == rank and (bench, r.id) not in done]
     scores = [row["score"] for rows in done.values() for row in rows]
-    bar = tqdm(total=total, initial=total - len(todo), desc="eval", unit="item", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=len(done), desc="eval", unit="item",
+               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
     started = time.perf_counter()
     with open(items_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), settings.batch_items):
@@ -135,12 +149,40 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     scores.append(res.reward)
                 f.flush()  # an item is on disk whole before the next one starts
-            bar.update(len(batch))
+            bar.update(len(batch) * world)  # the ranks advance together (rank 0 draws the bar)
             bar.set_postfix(acc=f"{100 * sum(scores) / max(len(scores), 1):.1f}",
                             items_s=f"{(start + len(batch)) / (time.perf_counter() - started):.2f}")
     bar.close()
-    rows = [row for rows in _read_done(items_path, settings.n).values() for row in rows]
+    if world > 1:
+        barrier()
+        if rank != 0:
+            barrier()
+            return {}
+        _merge_parts(out, benchmarks, settings)
+    rows = [row for rows in _read_done(out / "items.jsonl", settings.n).values() for row in rows]
     table = summarize(rows, settings.k)
     (out / "summary.json").write_text(json.dumps({"settings": asdict(settings), "results": table}, indent=2))
     (out / "summary.md").write_text(markdown(table))
+    if world > 1:
+        barrier()
     return table
+
+
+def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
+    """items.jsonl + items.rank*.jsonl -> items.jsonl in benchmark, item and sample order
+    (written aside and renamed: a kill leaves the parts or the merged file whole)."""
+    parts = sorted(out.glob("items.rank*.jsonl"))
+    done = {}
+    for path in [out / "items.jsonl", *parts]:
+        done.update(_read_done(path, settings.n))
+    order = [(bench, r.id) for bench, records in benchmarks.items()
+             for r in (records[: settings.limit] if settings.limit else records)]
+    keys = [k for k in order if k in done] + [k for k in done if k not in set(order)]
+    tmp = out / "items.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for key in keys:
+            for row in sorted(done[key], key=lambda r: r["sample"]):
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out / "items.jsonl")
+    for path in parts:
+        path.unlink()
