@@ -214,3 +214,17 @@ def test_eval_on_two_processes_equals_one(recipe, tmp_path):
     assert not list(outs[2].glob("items.rank*.jsonl"))  # parts merged away
     s1, s2 = (json.loads((o / "summary.json").read_text())["results"] for o in (outs[1], outs[2]))
     assert s1 == s2
+    # an interrupted data-parallel run: a part with one finished item and a torn line, nothing
+    # merged; resumed on 2 processes, it ends with the rows of one process, the item not redone
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    marked = json.loads(one[3])
+    marked["completion"] = "kept from the part"
+    (resumed / "items.rank1.jsonl").write_text(json.dumps(marked) + "\n" + one[1][:40])
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "eval", *common, "--out", str(resumed),
+                           "--nproc", "2"], capture_output=True, text=True, env=env, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows3 = (resumed / "items.jsonl").read_text().splitlines()
+    assert [json.loads(r)["id"] for r in rows3] == [json.loads(r)["id"] for r in one]
+    assert json.loads(rows3[3])["completion"] == "kept from the part"  # finished items are not generated again
+    assert rows3[:3] + rows3[4:] == one[:3] + one[4:]
