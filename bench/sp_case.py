@@ -16,6 +16,8 @@ import resource
 import sys
 import time
 
+from bench.kernel_case import _rss_bytes
+
 
 def small_model():
     import torch
@@ -28,11 +30,6 @@ def small_model():
     return Decoder(DecoderConfig.from_hf(hf), attn_backend="sdpa")
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
 def step_on_rank(rank: int, world: int, tokens: int) -> dict:
     import torch
 
@@ -43,7 +40,7 @@ def step_on_rank(rank: int, world: int, tokens: int) -> dict:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 1024, (tokens,), generator=g)
     targets = torch.roll(ids, -1)
-    base = _rss_now()
+    base = _rss_bytes()
     t0 = time.perf_counter()
     if world == 1:
         hidden = model(ids)

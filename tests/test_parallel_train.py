@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import tiny_model_with_tokenizer
 
 from engine.data import synthetic
@@ -131,7 +130,6 @@ def test_other_commands_refuse_several_processes(recipe):
     proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path)], capture_output=True, text=True,
                           env=env, timeout=DEADLINE_S)
     assert proc.returncode == 2 and "run `longrl sft` and `longrl eval` so far" in proc.stderr
-    assert torch.distributed.is_available()
 
 
 def _worker_pids(local_rank: int) -> list[int]:

@@ -134,12 +134,4 @@ def group_batches(prompt_lens: Sequence[int], response_lens: Sequence[Sequence[i
             used += r - 1
         if part:
             units.append((g, part, used))
-    batches: list[list[tuple[int, list[int]]]] = []
-    used = budget + 1
-    for g, part, n in units:
-        if used + n > budget:
-            batches.append([])
-            used = 0
-        batches[-1].append((g, part))
-        used += n
-    return batches
+    return [[units[i][:2] for i in batch] for batch in budget_batches([n for _, _, n in units], budget)]

@@ -83,13 +83,9 @@ class NullLog:
 
 def start_parallel(cfg: Config):
     """engine.parallel.Parallel for a run started by torchrun (None for one process)."""
-    import torch
-
+    from ..model.weights import default_device
     from ..parallel.runtime import Parallel
-    device = cfg.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Parallel.from_env(cfg.parallel, device)
+    return Parallel.from_env(cfg.parallel, default_device(cfg.model.device))
 
 
 def build_reward(cfg: Config, think: str):

@@ -327,8 +327,8 @@ class GRPOTrainer:
             hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
             logp, _ = linear_logprob(hidden[m.rows], weight, m.targets, temperature=self.rl.temperature,
                                      **self.kernel_args)
-            for k in torch.unique_consecutive(m.samples).tolist():
-                out[k] = logp[m.samples == k].cpu()
+            owners, counts = torch.unique_consecutive(m.samples, return_counts=True)  # rows are contiguous
+            out.update(zip(owners.tolist(), logp.cpu().split(counts.tolist())))
         return out
 
     def state_dict(self) -> dict:
