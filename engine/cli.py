@@ -87,12 +87,21 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "train.out_dir/metrics.jsonl, checkpoints under train.out_dir.")
     tr.add_argument("recipe", help="TOML recipe (see recipes/)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
+    tr.add_argument("--nproc", type=int, default=1,
+                    help="processes on this machine: starts `torchrun --standalone --nproc-per-node N` with the "
+                         "same arguments. Every process generates for its share of each step's prompts with an "
+                         "unsharded copy of the weights; the update runs FSDP2 over the processes ([parallel] "
+                         "sp of them share each sequence, the rest split the groups); evaluations split items")
 
-    pl = sub.add_parser("plot", help="draw a run's metrics as PNG curves",
-                        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/metrics.png (loss, reward, "
-                                    "accuracy, lengths, entropy, grad norm, LR, step time, held-out accuracy).")
-    pl.add_argument("run_dir")
-    pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png)")
+    pl = sub.add_parser("plot", help="draw a run's metrics as PNG curves (or compare several runs)",
+                        description="Read RUN_DIR/metrics.jsonl and write RUN_DIR/metrics.png: SFT loss; held-out "
+                                    "accuracy against RL step (before training and after SFT at step 0); training "
+                                    "reward, response length, entropy, grad norm, groups kept, step time and loss "
+                                    "against RL step, with phase boundaries marked. Given several RUN_DIRs, draw "
+                                    "their held-out accuracy, reward and response length on shared axes (--out "
+                                    "required; each run labelled by its directory name).")
+    pl.add_argument("run_dir", nargs="+")
+    pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png for one run)")
 
     e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
@@ -102,7 +111,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "OUT/summary.json; rerunning with the same OUT resumes.")
     e.add_argument("--recipe", help="TOML recipe with [model] and [eval] sections")
     e.add_argument("--data", action="append", required=True, metavar="[NAME=]PATH",
-                   help="a benchmark file; repeat for several (NAME defaults to the file name)")
+                   help="a benchmark file, or a synthetic:n=N,tokens=T[,...] spec; repeat for several "
+                        "(NAME defaults to the file name)")
     e.add_argument("--format", default="auto", help="layout of every --data file (default: detected)")
     e.add_argument("--out", required=True, help="output folder (resumable)")
     e.add_argument("--judge-url", help="OpenAI-compatible base URL of an LLM judge; shorthand for "
@@ -127,8 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         return _relaunch(argv, args.nproc)
     try:
         if args.command == "plot":
-            from .train.plot import plot_run
-            print(f"wrote {plot_run(args.run_dir, args.out)}")
+            from .train.plot import plot_run, plot_runs
+            if len(args.run_dir) == 1:
+                print(f"wrote {plot_run(args.run_dir[0], args.out)}")
+            elif not args.out:
+                raise ConfigError("plot with several RUN_DIRs draws one comparison: give --out FILE.png")
+            else:
+                print(f"wrote {plot_runs({Path(d).name: d for d in args.run_dir}, args.out)}")
             return 0
         if args.command == "convert":
             if overrides:
@@ -136,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_convert(args)
         cfg = load_config(args.recipe, overrides)
         ranks = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.command not in ("sft", "eval") and (ranks > 1 or cfg.parallel.sp != 1):
-            raise ConfigError(f"{args.command}: several processes (WORLD_SIZE={ranks}, parallel.sp="
-                              f"{cfg.parallel.sp}) run `longrl sft` and `longrl eval` so far; RL and generate "
-                              f"run on one process")
+        if args.command == "generate" and (ranks > 1 or cfg.parallel.sp != 1):
+            raise ConfigError(f"generate: several processes (WORLD_SIZE={ranks}, parallel.sp={cfg.parallel.sp}) "
+                              f"run `longrl train`, `longrl sft` and `longrl eval`; generate runs on one process")
         if args.command == "eval" and cfg.parallel.sp != 1:
             raise ConfigError("eval: parallel.sp must be 1 (eval splits items over the processes, data parallel)")
         if args.command == "eval":
@@ -147,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import run_pipeline
             final = run_pipeline(cfg, resume=args.resume)
-            print(f"train done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"train done: {final} (metrics: {Path(cfg.train.out_dir) / 'metrics.jsonl'})")
             return 0
         if args.command == "sft":
             from .train import run_sft
@@ -267,7 +282,7 @@ def cmd_generate(args, cfg: Config) -> int:
 def cmd_eval(args, cfg: Config) -> int:
     import dataclasses
 
-    from .data import load_docqa
+    from .data import load_docqa, load_records
     from .data.template import resolve_think
     from .eval import markdown, run_eval
     from .model import load_model
@@ -275,11 +290,15 @@ def cmd_eval(args, cfg: Config) -> int:
 
     benchmarks = {}
     for spec in args.data:
-        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        name = name or Path(path).stem
+        name, sep, path = spec.partition("=")
+        if not sep or any(c in name for c in ":/\\,"):  # no NAME= in front: a path or a synthetic: spec
+            name, path = "", spec
+        synthetic = path.startswith("synthetic:")
+        name = name or ("synthetic" if synthetic else Path(path).stem)
         if name in benchmarks:
             raise ValueError(f"benchmark name {name!r} given twice; use NAME=PATH")
-        benchmarks[name] = load_docqa(path, format=args.format, data_source=name)
+        benchmarks[name] = list(load_records(path)) if synthetic else \
+            load_docqa(path, format=args.format, data_source=name)
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("--judge-url and --judge-model go together")
     if args.judge_url:  # shorthands for the [reward] keys

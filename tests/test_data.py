@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import (FORMATS, DataError, DocQARecord, length_buckets, load_docqa, prompt_lengths,
+from engine.data import (FORMATS, DataError, DocQARecord, length_buckets, load_docqa, load_records, prompt_lengths,
                          record_prompt_ids, synthetic, task_for_source, write_docqa)
 from engine.rewards import rule_reward
 
@@ -387,6 +387,35 @@ def test_synthetic_items_unchanged_by_reasoning():
     assert _digest(synthetic.generate(8, 300, seed=0)) == "2c9f07c2024c94c9"
     assert _digest(synthetic.generate(6, (100, 400), seed=7, kinds=("numeric", "two_hop"))) == "f5c0257ad5406917"
     assert _digest(synthetic.generate(12, 60, seed=0, kinds=("lookup",))) == "56b72b9a227b411f"
+
+
+def test_synthetic_confusers_grow_with_length_and_keep_answers_unique():
+    recs = synthetic.generate(24, (150, 900), seed=8, kinds=("lookup", "two_hop", "numeric"), confusers=2.0)
+    patterns = {"lookup": re.compile(r"[A-Z]\w+ [A-Z]\w+ was born in the town of (\w+)\."),
+                "two_hop": re.compile(r"\w+ Works has its headquarters in (\w+)\."),
+                "numeric": re.compile(r"In \d+, \w+ Works reported revenue of")}
+    counts = []
+    for rec in recs:
+        kind = rec.meta["kind"]
+        look_alikes = len(patterns[kind].findall(rec.context)) - (2 if kind == "numeric" else 1)
+        want = round(2.0 * rec.meta["target_tokens"] / 100)
+        # two-hop confusers come as pairs (works for / headquarters): about half are HQ lines
+        assert (want // 2 <= look_alikes <= want // 2 + 1) if kind == "two_hop" else look_alikes == want, kind
+        counts.append((rec.meta["target_tokens"], look_alikes))
+        assert synthetic.word_count_tokens(rec.context) <= rec.meta["target_tokens"] * 1.05
+        if rec.task == "qa":  # the planted answer is said once; no confuser names it
+            assert rec.context.count(f" {rec.answers[0]}.") == 1
+        assert rule_reward(f"Therefore, the answer is {rec.answers[0]}.", rec.answers, rec.task) == 1.0
+    lookups = sorted(c for c, r in zip(counts, recs) if r.meta["kind"] == "lookup")
+    assert lookups[-1][1] > 2 * lookups[0][1]  # more look-alikes in the longer documents
+    # the default leaves a seed's documents as they were; bad rates are refused by name
+    assert _digest(synthetic.generate(8, 300, seed=0, confusers=0)) == "2c9f07c2024c94c9"
+    with pytest.raises(ValueError, match="confusers must be >= 0"):
+        synthetic.generate(2, 300, confusers=-1)
+    with pytest.raises(DataError, match="confusers='x' is not a number"):
+        load_records("synthetic:n=2,tokens=300,confusers=x")
+    spec = load_records("synthetic:n=4,tokens=400,seed=8,kinds=lookup,confusers=3")
+    assert all(len(patterns["lookup"].findall(r.context)) == 13 for r in spec)
 
 
 # ---- module structure -------------------------------------------------------------------

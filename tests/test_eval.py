@@ -124,12 +124,17 @@ def test_eval_of_the_embedded_model_on_each_shipped_format(smollm, tmp_path, cap
             "--eval.limit=1", "--eval.temperature=0"]
     for name in data:
         args += ["--data", str(REAL / name)]
+    # synthetic specs too, bare (named "synthetic") or NAME=spec (commas and '=' inside the spec)
+    args += ["--data", "synthetic:n=1,tokens=80,seed=3,kinds=lookup",
+             "--data", "near=synthetic:n=1,tokens=80,seed=4,kinds=lookup,confusers=2"]
     assert main(args) == 0
     table = json.loads((out / "summary.json").read_text())["results"]
-    assert set(table) == {Path(n).stem for n in data} | {"average"}
-    assert all(e["items"] == 1 and e["truncated_inputs"] == 100.0 for b, e in table.items() if b != "average")
+    assert set(table) == {Path(n).stem for n in data} | {"synthetic", "near", "average"}
+    assert all(e["items"] == 1 and e["truncated_inputs"] == 100.0 for b, e in table.items()
+               if b not in ("average", "synthetic", "near"))
+    assert table["near"]["items"] == 1 and table["near"]["truncated_inputs"] == 0.0
     printed = capsys.readouterr().out
-    assert "| average | 6 |" in printed and "pass@1" in printed
+    assert "| average | 8 |" in printed and "pass@1" in printed
 
 
 def test_eval_refuses_bad_k():

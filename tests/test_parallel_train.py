@@ -124,12 +124,12 @@ def test_checkpoints_resume_at_another_world_size(recipe, one_process, direction
     same_run(one_process, out)
 
 
-def test_other_commands_refuse_several_processes(recipe):
+def test_generate_refuses_several_processes(recipe):
     root, path = recipe
     env = {**os.environ, "WORLD_SIZE": "2"}
-    proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", str(path)], capture_output=True, text=True,
-                          env=env, timeout=DEADLINE_S)
-    assert proc.returncode == 2 and "run `longrl sft` and `longrl eval` so far" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--recipe", str(path), "--prompt", "hi"],
+                          capture_output=True, text=True, env=env, timeout=DEADLINE_S)
+    assert proc.returncode == 2 and "generate runs on one process" in proc.stderr
 
 
 def _worker_pids(local_rank: int) -> list[int]:
@@ -226,3 +226,102 @@ def test_eval_on_two_processes_equals_one(recipe, tmp_path):
     assert [json.loads(r)["id"] for r in rows3] == [json.loads(r)["id"] for r in one]
     assert json.loads(rows3[3])["completion"] == "kept from the part"  # finished items are not generated again
     assert rows3[:3] + rows3[4:] == one[:3] + one[4:]
+
+
+# ---- `longrl train` (SFT, then RL phases) on several processes -----------------------------
+@pytest.fixture(scope="module")
+def rl_recipe(recipe):
+    root, sft_path = recipe
+    write_docqa(synthetic.generate(8, (15, 90), seed=4, kinds=("lookup",)), root / "rl.jsonl")
+    path = root / "rl.toml"
+    path.write_text(sft_path.read_text().replace("max_steps = 3", "max_steps = 1") + f'''
+[rl]
+data = ["{root / 'rl.jsonl'}"]
+phases = [{{ name = "short", max_input_tokens = 170, steps = 2 }}, {{ name = "long", max_input_tokens = 300, steps = 2 }}]
+group_size = 4
+batch_prompts = 2
+max_new_tokens = 6
+temperature = 1.0
+top_p = 1.0
+carry_ratio = 0.5
+# a random tiny model earns no reward: keep every group, and an entropy bonus makes the loss,
+# the gradients and so the weights depend on every sampled token
+dynamic_sampling = false
+entropy_coef = 0.01
+[eval]
+sets = ["synthetic:n=3,tokens=30-60,seed=21,kinds=lookup"]
+max_new_tokens = 4
+temperature = 0.0
+''')
+    return root, path
+
+
+def train(args: list[str], nproc: int = 1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "train", *args, "--nproc", str(nproc)],
+                          capture_output=True, text=True, env=env, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def all_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+RL_FIGURES = ("reward/mean", "accuracy", "response/mean_len", "loss", "grad_norm", "dynamic/kept_groups")
+
+
+def same_train(a: Path, b: Path):
+    ra, rb = all_rows(a), all_rows(b)
+    assert [(r["stage"], r["step"], r.get("label")) for r in ra] == [(r["stage"], r["step"], r.get("label")) for r in rb]
+    for x, y in zip(ra, rb):
+        if x["stage"] == "rl":
+            assert x["examples"] == y["examples"], f"RL step {x['step']}: another curriculum draw"
+            for key in RL_FIGURES:
+                assert y.get(key) == pytest.approx(x.get(key), rel=1e-5), f"RL step {x['step']} {key}"
+        elif x["stage"] == "eval":
+            assert y["accuracy"] == x["accuracy"], x["label"]
+        else:
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
+    wa, wb = weights(a / "step-000004"), weights(b / "step-000004")
+    assert max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in wa) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def rl_one_process(rl_recipe):
+    root, path = rl_recipe
+    proc = train([str(path), f"--train.out_dir={root / 'rl-one'}"])
+    assert "train done" in proc.stdout
+    rl = [r for r in all_rows(root / "rl-one") if r["stage"] == "rl"]
+    assert len(rl) == 4 and any(r.get("loss") for r in rl)  # updates ran: the comparison is not vacuous
+    return root / "rl-one"
+
+
+@pytest.mark.parametrize("sp", [2, 1], ids=["sp2", "dp2"])
+def test_train_on_two_processes_equals_one(rl_recipe, rl_one_process, sp):
+    """Rollouts split over the ranks (per-prompt seeds), the update sharded: the same curriculum
+    draws, rewards, losses, grad norms, held-out figures and weights as one process."""
+    root, path = rl_recipe
+    out = root / f"rl-two-sp{sp}"
+    proc = train([str(path), f"--train.out_dir={out}", f"--parallel.sp={sp}"], nproc=2)
+    assert proc.stdout.count("train done") == 1 and proc.stdout.count("## Run summary") == 1  # rank 0 speaks
+    same_train(rl_one_process, out)
+
+
+def test_train_resumes_mid_rl_at_another_world_size(rl_recipe, rl_one_process):
+    """A 2-process RL checkpoint (step 2: the end of phase 1, carried examples and all) resumed
+    on one process finishes as the uninterrupted run."""
+    root, path = rl_recipe
+    src = root / "rl-two-sp2"
+    if not (src / "step-000004").exists():
+        train([str(path), f"--train.out_dir={src}", "--parallel.sp=2"], nproc=2)
+    out = root / "rl-resumed"
+    shutil.copytree(src, out)
+    for d in out.glob("step-*"):
+        if int(d.name.split("-")[1]) > 2:
+            shutil.rmtree(d)
+    (out / "latest").write_text("step-000002")
+    keep = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
+    (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
+    train([str(path), f"--train.out_dir={out}", "--resume"])
+    same_train(rl_one_process, out)

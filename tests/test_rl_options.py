@@ -50,6 +50,7 @@ def scripted_generate(lengths, logprob=-2.0):
     """A stand-in for Generator.generate: sample i of every prompt has lengths[i] tokens (never
     the stop token), each with behaviour log-prob `logprob`."""
     def generate(prompts, n=1, params=None):
+        params = params[0] if isinstance(params, list) else params  # per-prompt params: same budget
         out = []
         for _ in prompts:
             comps = []

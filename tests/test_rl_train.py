@@ -200,3 +200,11 @@ def test_step_metrics_report_the_time_split(tiny_setup, tmp_path):
     assert 0 <= row["response/truncated"] <= 1 and 0 < row["response/mean_len"] <= row["response/max_len"] <= 6
     assert row["policy/entropy"] > 0 and 0 <= row["policy/clip_high"] <= 1
     assert row["lr"] == cfg.train.lr and row["grad_norm"] > 0
+
+
+def test_a_phase_no_example_falls_in_is_named(tiny_setup):
+    from engine.train import run_rl
+    config, _ = tiny_setup
+    with pytest.raises(ValueError, match=r"rl.phases\[0\] \('p0'\): no example has a prompt of 1-20 tokens; "
+                                         r"the rl.data prompts are \d+-\d+ tokens"):
+        run_rl(config("empty-phase", phases=((20, 1), (400, 1))), progress=False, reward=ToyReward())

@@ -141,6 +141,59 @@ def test_plot_writes_png(tmp_path):
     assert main(["plot", str(tmp_path / "nowhere")]) == 2
 
 
+def test_plot_phases_evals_and_comparison(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from engine.train.plot import eval_points, phase_spans
+
+    rows = [{"stage": "eval", "label": "before", "step": 0, "accuracy": 5.0},
+            {"stage": "sft", "step": 1, "loss": 1.0},
+            {"stage": "eval", "label": "after-sft", "step": 0, "accuracy": 40.0}]
+    rows += [{"stage": "rl", "step": i, "phase": "short" if i <= 3 else "long", "reward/mean": 0.1 * i,
+              "loss": 0.0} for i in range(1, 7)]
+    rows.insert(6, {"stage": "eval", "label": "after-short", "step": 3, "accuracy": 60.0})
+    rows.append({"stage": "eval", "label": "after-long", "step": 6, "accuracy": 70.0})
+    assert phase_spans(rows) == [("short", 1, 3), ("long", 4, 6)]
+    assert eval_points(rows) == [("before", 0, 5.0), ("after-sft", 0, 40.0), ("after-short", 3, 60.0),
+                                 ("after-long", 6, 70.0)]
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["plot", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_gain_interval_and_sign_test(tmp_path):
+    from engine.eval.paired import item_scores, paired_gain, sign_test
+
+    assert sign_test(12, 0) == pytest.approx(2 / 2 ** 12)
+    assert sign_test(3, 3) == 1.0 and sign_test(0, 0) == 1.0
+    assert sign_test(1, 4) == pytest.approx(2 * (1 + 5) / 32)
+    before = {("b", str(i)): float(i < 20) for i in range(40)}
+    same = paired_gain(before, dict(before))
+    assert same["gain"] == 0 and same["low"] == 0 == same["high"] and same["sign_p"] == 1.0
+    after = {k: 1.0 for k in before}  # 20 fixed, none broken
+    g = paired_gain(before, after)
+    assert (g["before"], g["after"], g["gain"], g["fixed"], g["broken"]) == (50.0, 100.0, 50.0, 20, 0)
+    assert 30 < g["low"] < 50 < g["high"] < 70
+    mixed = dict(after)
+    mixed.update({("b", str(i)): 0.0 for i in range(20)})  # every right one broken, every wrong one fixed
+    m = paired_gain(before, mixed)
+    assert m["gain"] == 0 and m["fixed"] == 20 and m["broken"] == 20 and m["low"] < -15 and m["high"] > 15
+    with pytest.raises(ValueError, match="share no items"):
+        paired_gain(before, {("x", "1"): 1.0})
+    (tmp_path / "items.jsonl").write_text('{"benchmark": "b", "id": "1", "score": 1}\n'
+                                          '{"benchmark": "b", "id": "1", "score": 0}\n{"id": 2}\n')
+    with pytest.raises(ValueError, match="items.jsonl:3"):
+        item_scores(tmp_path)
+    (tmp_path / "items.jsonl").write_text('{"benchmark": "b", "id": "1", "score": 1}\n'
+                                          '{"benchmark": "b", "id": "1", "score": 0}\n')
+    assert item_scores(tmp_path) == {("b", "1"): 0.5}
+
+
 def test_metrics_log_resume_and_tensorboard(tmp_path):
     from engine.train import MetricsLog
     log = MetricsLog(tmp_path, "sft", fresh=True)
@@ -153,3 +206,36 @@ def test_metrics_log_resume_and_tensorboard(tmp_path):
     assert resumed.rows()[-1]["loss"] is None  # JSON has no NaN
     if log.tb is not None:  # TensorBoard event files when the package is installed
         assert list((tmp_path / "tb").glob("events.*"))
+
+
+def test_run_report_tables_curves_and_noise(tmp_path):
+    pytest.importorskip("matplotlib")
+    from engine.train import run_report
+
+    rows = [{"stage": "eval", "label": "before", "step": 0, "accuracy": 0.0},
+            {"stage": "eval", "label": "after-sft", "step": 0, "accuracy": 25.0}]
+    rows += [{"stage": "rl", "step": i, "phase": "short" if i <= 2 else "long", "reward/mean": r}
+             for i, r in enumerate([0.0, 0.5, 0.99, 1.0], 1)]
+    rows.append({"stage": "eval", "label": "after-long", "step": 4, "accuracy": 75.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for label, right in (("after-sft", 2), ("after-long", 6)):
+        (tmp_path / "eval" / label).mkdir(parents=True)
+        (tmp_path / "eval" / label / "items.jsonl").write_text("".join(
+            json.dumps({"benchmark": "h", "id": str(i), "score": float(i < right)}) + "\n" for i in range(8)))
+    text = run_report(tmp_path)
+    assert "| after-sft | 0 | 25.0% |" in text and "| after-long | 4 | 75.0% |" in text
+    assert "phase short (steps 1-2): ▁▅  0.00 -> 0.50" in text and "phase long (steps 3-4): ██" in text
+    assert "gain +50.0 points" in text and "4 fixed, 0 broken" in text
+    assert (tmp_path / "metrics.png").is_file() and (tmp_path / "report.md").read_text().strip() == text
+
+
+def test_a_run_dir_or_step_dir_stands_for_its_model(tmp_path):
+    from engine.model.weights import resolve_checkpoint
+
+    model = tmp_path / "run" / "step-000004" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (tmp_path / "run" / "latest").write_text("step-000004\n")
+    assert resolve_checkpoint(tmp_path / "run") == model
+    assert resolve_checkpoint(tmp_path / "run" / "step-000004") == model
+    assert resolve_checkpoint(model) == model

@@ -298,9 +298,10 @@ def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | Non
 
 
 def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
-    """A data file, or `synthetic:n=64,tokens=200-400,seed=0[,kinds=lookup+two_hop][,reasoning=0]`
-    for records made on the fly by engine.data.synthetic (recipes stay self-contained);
-    reasoning=0 drops the reasoning traces (SFT then teaches the answer sentence alone)."""
+    """A data file, or `synthetic:n=64,tokens=200-400,seed=0[,kinds=lookup+two_hop][,reasoning=0]
+    [,confusers=R]` for records made on the fly by engine.data.synthetic (recipes stay
+    self-contained); reasoning=0 drops the reasoning traces (SFT then teaches the answer
+    sentence alone); confusers=R plants R look-alike facts per 100 tokens of document."""
     if not spec.startswith("synthetic:"):
         return load_docqa(spec, format=format)
     from . import synthetic
@@ -308,14 +309,22 @@ def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
     for part in filter(None, spec[len("synthetic:"):].split(",")):
         key, _, value = part.partition("=")
         opts[key.strip()] = value.strip()
-    unknown = set(opts) - {"n", "tokens", "seed", "kinds", "reasoning"}
+    unknown = set(opts) - {"n", "tokens", "seed", "kinds", "reasoning", "confusers"}
+    expected = "expected synthetic:n=N,tokens=T or LOW-HIGH[,seed=S][,kinds=a+b][,reasoning=0|1][,confusers=R]"
     if unknown or "n" not in opts or "tokens" not in opts or opts.get("reasoning", "1") not in ("0", "1"):
-        raise DataError(f"data spec {spec!r}: expected synthetic:n=N,tokens=T or LOW-HIGH[,seed=S][,kinds=a+b]"
-                        f"[,reasoning=0|1]" + (f" (unknown {sorted(unknown)})" if unknown else ""))
+        raise DataError(f"data spec {spec!r}: {expected}" + (f" (unknown {sorted(unknown)})" if unknown else ""))
+    try:
+        confusers = float(opts.get("confusers", 0))
+    except ValueError:
+        raise DataError(f"data spec {spec!r}: confusers={opts['confusers']!r} is not a number ({expected})") from None
     low, _, high = opts["tokens"].partition("-")
     target = (int(low), int(high)) if high else int(low)
     kinds = tuple(opts["kinds"].split("+")) if "kinds" in opts else synthetic.KINDS
-    records = synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds)
+    try:
+        records = synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds,
+                                     confusers=confusers)
+    except ValueError as e:
+        raise DataError(f"data spec {spec!r}: {e}") from None
     if opts.get("reasoning") == "0":
         for rec in records:
             rec.reasoning = None

@@ -149,12 +149,18 @@ def _reasoning(item: _Item, context: str) -> str:
 
 def generate(n: int, target_tokens: int | tuple[int, int], *, seed: int = 0, kinds: Sequence[str] = KINDS,
              count_tokens: Callable[[str], int] = word_count_tokens,
-             depths: Sequence[float] | None = None) -> list[DocQARecord]:
+             depths: Sequence[float] | None = None, confusers: float = 0.0) -> list[DocQARecord]:
     """n records; target_tokens is a fixed document length or a (low, high) range drawn per
-    record; depths (0..1) place the first fact of each record, cycling (default: random)."""
+    record; depths (0..1) place the first fact of each record, cycling (default: random).
+    confusers: look-alike facts per 100 tokens of document ("Vel Darn was born in the town
+    of Kost." about people the question does not ask about), so a longer document holds
+    more near-misses and retrieval gets harder with length; 0 (default) leaves the
+    documents of a seed exactly as they were."""
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"unknown question kinds {bad}; choose from {', '.join(KINDS)}")
+    if confusers < 0:
+        raise ValueError(f"confusers must be >= 0 (look-alike facts per 100 tokens), got {confusers}")
     rng = random.Random(seed)
     names = _Names(rng)
     used_numbers: list[float] = []
@@ -164,7 +170,8 @@ def generate(n: int, target_tokens: int | tuple[int, int], *, seed: int = 0, kin
         item = _make_item(kind, names, rng, used_numbers)
         target = target_tokens if isinstance(target_tokens, int) else rng.randint(*target_tokens)
         depth = depths[i % len(depths)] if depths else rng.random()
-        context = _document(item.facts, target, depth, names, rng, count_tokens)
+        context = _document(item.facts, target, depth, names, rng, count_tokens,
+                            _confusers(kind, round(confusers * target / 100), names, rng))
         records.append(DocQARecord(id=f"synth-{seed}-{i}", data_source="synthetic", task=item.task, context=context,
                                    question=item.question, answers=[item.answer],
                                    meta={"kind": kind, "depth": round(depth, 3), "target_tokens": target},
@@ -172,13 +179,29 @@ def generate(n: int, target_tokens: int | tuple[int, int], *, seed: int = 0, kin
     return records
 
 
+def _confusers(kind: str, count: int, names: _Names, rng: random.Random) -> list[str]:
+    """count sentences shaped like the facts a question of this kind needs, about other
+    (fresh) people, companies and towns: near-misses that only the asked-for name tells apart."""
+    out: list[str] = []
+    while len(out) < count:
+        person, town, company = names.new(2), names.new(1), names.new(1) + " Works"
+        if kind in ("lookup", "choice"):
+            out.append(f"{person} was born in the town of {town}.")
+        elif kind == "two_hop":
+            out += [f"{person} works for {company}.", f"{company} has its headquarters in {town}."]
+        else:
+            y = rng.randint(1990, 2020)
+            out.append(f"In {y}, {company} reported revenue of {rng.randint(120, 990)} million crowns.")
+    return out[:count]
+
+
 def _document(facts: list[str], target: int, depth: float, names: _Names, rng: random.Random,
-              count_tokens: Callable[[str], int]) -> str:
+              count_tokens: Callable[[str], int], confusers: Sequence[str] = ()) -> str:
     # a small cast of distractor entities per document, none of them in the facts
     people = [names.new(2) for _ in range(4)]
     towns = [names.new(1) for _ in range(4)]
     orgs = [names.new(1) + " Company" for _ in range(3)]
-    budget = target - sum(count_tokens(f) for f in facts)
+    budget = target - sum(count_tokens(f) for f in facts) - sum(count_tokens(c) for c in confusers)
     sentences: list[str] = []
     used = 0
     while True:
@@ -189,6 +212,8 @@ def _document(facts: list[str], target: int, depth: float, names: _Names, rng: r
             break
         sentences.append(s)
         used += cost
+    for c in confusers:  # scattered through the filler, before the facts are planted
+        sentences.insert(rng.randint(0, len(sentences)), c)
     # plant the facts: the first at `depth`, a second (two-hop, numeric) further on
     pos = round(depth * len(sentences))
     sentences.insert(pos, facts[0])

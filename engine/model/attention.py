@@ -170,13 +170,15 @@ class GroupAttention:
 class RingAttention:
     """Sequence parallel: this rank's tokens of packed sequences in the zigzag layout
     (engine.parallel.SequenceShard), causal attention by kernels.ring_attention over `group`.
-    seqlens are the sequences' global padded lengths."""
+    seqlens are the sequences' global padded lengths; segments (optional) the segment id of
+    every global padded token, for shared-prefix group rows sharded as one sequence."""
 
-    def __init__(self, seqlens: list[int], group=None, scale: float | None = None):
+    def __init__(self, seqlens: list[int], group=None, scale: float | None = None, segments=None):
         self.seqlens = list(seqlens)
         self.group = group
         self.scale = scale
+        self.segments = segments  # shared-prefix group rows: kernels.ring_attention's segment ids
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         from kernels.ring_attention import ring_attention
-        return ring_attention(q, k, v, self.seqlens, scale=self.scale, group=self.group)
+        return ring_attention(q, k, v, self.seqlens, scale=self.scale, group=self.group, segments=self.segments)

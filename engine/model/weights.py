@@ -57,12 +57,18 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A model name, a GGUF file or a checkpoint directory -> a checkpoint directory."""
+    """A model name, a GGUF file or a checkpoint directory -> a checkpoint directory. A
+    training run's directory (RUN, with its `latest` pointer) or one of its checkpoints
+    (RUN/step-N) stands for the model weights saved in it."""
     key = str(name_or_path)
     if key.lower() in EMBEDDED_MODELS:
         return import_gguf(embedded_gguf_path(key.lower()))
     path = Path(key).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "latest").is_file():
+            path = path / (path / "latest").read_text().strip()
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"
         return path
     if path.is_file() and path.suffix == ".gguf":
         return import_gguf(path)

@@ -62,6 +62,13 @@ def full_states(model, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, optimizer, options=opts)
 
 
+def full_model_state(model) -> dict:
+    """The full (unsharded) model state dict on every rank, on the model's device: what an
+    unsharded copy loads to generate (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
     """The inverse of full_states for the optimizer: every rank takes its shard of `state`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

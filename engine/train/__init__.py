@@ -16,7 +16,7 @@ from .loop import TrainingStopped, guarded, oom_advice, progress_bar, start_mode
 from .metrics import MetricsLog
 from .sft import SFTTrainer, sft_examples
 
-__all__ = ["run_sft", "run_rl", "run_pipeline", "holdout_eval", "build_reward", "SFTTrainer", "sft_examples",
+__all__ = ["run_sft", "run_rl", "run_pipeline", "run_report", "holdout_eval", "build_reward", "SFTTrainer", "sft_examples",
            "save_checkpoint", "latest_checkpoint", "MetricsLog", "TrainingStopped", "oom_advice"]
 
 
@@ -118,9 +118,10 @@ def local_judge_generate(cfg: Config):
     return generate
 
 
-def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: bool):
+def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: bool, parallel=None):
     """The frozen starting weights for the KL term: saved once under RUN_DIR/reference at the
-    start of RL, so a resumed run compares against the same reference."""
+    start of RL, so a resumed run compares against the same reference. `model` unsharded;
+    under several ranks rank 0 writes and every rank reads."""
     from ..model import load_model, save_model
 
     ref_dir = run_dir / "reference"
@@ -128,7 +129,10 @@ def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: boo
     if not resuming or not (ref_dir / "config.json").is_file():
         if resuming:
             raise FileNotFoundError(f"--resume with rl.kl_coef > 0: the reference weights {ref_dir} are missing")
-        save_model(model, tokenizer, ref_dir)
+        if parallel is None or parallel.is_main:
+            save_model(model, tokenizer, ref_dir)
+    if parallel is not None:
+        parallel.barrier()
     ref, _ = load_model(ref_dir, device=device, dtype=cfg.model.dtype, attn_backend=cfg.model.attn_backend)
     return ref.requires_grad_(False).eval()
 
@@ -152,16 +156,33 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     if ckpt and state[2].get("stage") != "rl":
         ckpt, state = None, None  # the newest checkpoint is SFT's: RL starts fresh from it
         start_from = latest_checkpoint(run_dir) / "model"
+    par = start_parallel(cfg)
+    main = par is None or par.is_main  # only rank 0 prints, draws the bar and writes metrics
     model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else (start_from or cfg.model.path))
+    rollout_model = None
+    if par is not None:  # an unsharded copy generates; the trained model is sharded
+        import copy
+        from ..parallel import parallelize
+        rollout_model = copy.deepcopy(model).requires_grad_(False).eval()
+        parallelize(model, par.mesh)
     records = [r for path in rl.data for r in load_records(path, format=rl.format)]
     lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, chat=cfg.data.chat_template,
                              cache_path=run_dir / "lengths.json")
     members = phase_members(lengths, rl.phases)
+    for k, (phase, own) in enumerate(zip(rl.phases, members)):
+        if not own and (k == 0 or rl.carry_ratio == 0):  # nothing carried could fill it
+            low = rl.phases[k - 1].max_input_tokens if k else 0
+            raise ValueError(f"rl.phases[{k}] ({phase.name!r}): no example has a prompt of {low + 1}-"
+                             f"{phase.max_input_tokens} tokens; the rl.data prompts are {min(lengths)}-"
+                             f"{max(lengths)} tokens (template and chat wrapping included): move the phase's "
+                             f"max_input_tokens")
     total = sum(p.steps for p in rl.phases)
     reward = reward or build_reward(cfg, resolve_think(rl.think, tokenizer, cfg.data.chat_template))
-    ref = _reference_model(cfg, run_dir, model, tokenizer, state is not None) if rl.kl_coef > 0 else None
+    ref = _reference_model(cfg, run_dir, rollout_model or model, tokenizer, state is not None, par) \
+        if rl.kl_coef > 0 else None
     trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward,
-                          data=cfg.data, rollout=cfg.rollout, kernels=cfg.kernels, ref_model=ref)
+                          data=cfg.data, rollout=cfg.rollout, kernels=cfg.kernels, ref_model=ref,
+                          parallel=par, rollout_model=rollout_model)
     tracker = DifficultyTracker(cap=rl.difficulty_cap)
     phase_k, carried, sampler_state = 0, [], None
     if state:
@@ -171,8 +192,9 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         phase_k, carried, sampler_state = tstate["phase"], tstate["carried"], tstate["sampler"]
         restore_rng(rng)
     fresh = (state is None and start_from is None) if fresh_log is None else fresh_log
-    log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None)
-    bar = progress_bar(total, trainer.step_count, "rl", progress)
+    log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None) \
+        if main else NullLog()
+    bar = progress_bar(total, trainer.step_count, "rl", progress and main)
     position = {"phase": phase_k, "carried": carried, "sampler": None}  # where the run is, for saves
 
     def save(sampler=None, phase=None, carried_now=None) -> Path:
@@ -182,7 +204,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
                   "trainer": trainer.state_dict(), "tracker": tracker.state_dict(),
                   "sampler": sampler.state_dict() if sampler else None}
         return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
-                               cfg.train.keep_last)
+                               cfg.train.keep_last, parallel=par)
 
     with guarded(bar, lambda: save(position["sampler"])):
         last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,
@@ -225,18 +247,21 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
                 last = save(sampler)
             if evaluate and cfg.eval.every and trainer.step_count % cfg.eval.every == 0 \
                     and trainer.step_count < phase_end:
-                evaluate(model, tokenizer, f"rl-step-{trainer.step_count}", trainer.step_count, log)
+                evaluate(trainer.eval_model(), tokenizer, f"rl-step-{trainer.step_count}", trainer.step_count, log)
         carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
         phase_k += 1
         last = save(None, phase_k, carried)
         position["sampler"] = None
         if evaluate:
-            evaluate(model, tokenizer, f"after-{phase.name}", trainer.step_count, log)
+            evaluate(trainer.eval_model(), tokenizer, f"after-{phase.name}", trainer.step_count, log)
     return last
 
 
-def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, log: MetricsLog | None) -> dict:
-    """Score the [eval] sets now; log a row {stage: eval, label, accuracy, ...} and print a line."""
+def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, log: MetricsLog | None,
+                 parallel=None) -> dict:
+    """Score the [eval] sets now; log a row {stage: eval, label, accuracy, ...} and print a line.
+    parallel: every rank calls this with an unsharded model and scores its share of the
+    items; rank 0 logs and prints (the others return {})."""
     from ..data import load_records
     from ..eval import run_eval
 
@@ -247,8 +272,12 @@ def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, lo
             name, path = (Path(spec).stem if not spec.startswith("synthetic:") else "synthetic"), spec
         benches[name] = load_records(path)
     # held-out figures use the rule score alone, so every point of a run is scored alike
+    rank, world = (0, 1) if parallel is None else (parallel.rank, parallel.world)
     table = run_eval(model, tokenizer, benches, cfg.eval, Path(cfg.train.out_dir) / "eval" / label, progress=False,
-                     data=cfg.data, rollout=cfg.rollout)
+                     data=cfg.data, rollout=cfg.rollout, rank=rank, world=world,
+                     barrier=None if parallel is None else parallel.barrier)
+    if rank != 0:
+        return {}
     row = {"stage": "eval", "label": label, "step": step, "accuracy": table["average"]["accuracy"],
            **{f"accuracy/{b}": e["accuracy"] for b, e in table.items() if b != "average"}}
     if log is not None:
@@ -268,16 +297,22 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     latest = latest_checkpoint(run_dir) if resume else None
     in_rl = latest is not None and load_checkpoint_state(latest)[2].get("stage") == "rl"
 
+    par = start_parallel(cfg)
+    main = par is None or par.is_main
+
     def evaluate(model, tokenizer, label, step, log):
-        holdout_eval(cfg, model, tokenizer, label, step, log)
+        holdout_eval(cfg, model, tokenizer, label, step, log, parallel=par)
 
     def evaluate_dir(path, label):
         model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype,
                                       attn_backend=cfg.model.attn_backend)
-        evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval"))
+        evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval") if main else NullLog())
 
     if latest is None:
-        MetricsLog(run_dir, "eval", fresh=True)  # a new run: one metrics file for every stage
+        if main:
+            MetricsLog(run_dir, "eval", fresh=True)  # a new run: one metrics file for every stage
+        if par is not None:
+            par.barrier()
         if cfg.eval.sets:
             evaluate_dir(cfg.model.path, "before")
     start = None
@@ -286,6 +321,55 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
         if cfg.eval.sets:
             evaluate_dir(start, "after-sft")
     if not cfg.rl.data:
-        return start.parent if start else latest
-    return run_rl(cfg, resume=in_rl, progress=progress, start_from=start, stop_after=stop_after, reward=reward,
-                  evaluate=evaluate if cfg.eval.sets else None, fresh_log=False)
+        last = start.parent if start else latest
+    else:
+        last = run_rl(cfg, resume=in_rl, progress=progress, start_from=start, stop_after=stop_after, reward=reward,
+                      evaluate=evaluate if cfg.eval.sets else None, fresh_log=False)
+    if stop_after is None and main:
+        print(run_report(run_dir), flush=True)
+    return last
+
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def _spark(values: list[float]) -> str:
+    """Rewards in [0, 1] as one character each (▁ = 0, █ = 1)."""
+    return "".join(SPARK[min(len(SPARK) - 1, max(0, int(v * len(SPARK))))] for v in values)
+
+
+def run_report(run_dir: str | Path) -> str:
+    """The end-of-run summary `longrl train` prints and writes to RUN_DIR/report.md: held-out
+    accuracy per stage, the training reward of each RL phase as a text curve, whether the
+    last figure beats the after-SFT one by more than noise (paired bootstrap over items, sign
+    test), and RUN_DIR/metrics.png (when matplotlib is installed)."""
+    from ..eval.paired import describe, item_scores, paired_gain
+    from .plot import eval_points, phase_spans, read_rows
+
+    run = Path(run_dir)
+    rows = read_rows(run)
+    lines = ["## Run summary", ""]
+    evals = eval_points(rows)
+    if evals:
+        lines += ["| stage | RL step | held-out accuracy |", "|---|---:|---:|"]
+        lines += [f"| {label} | {step} | {acc:.1f}% |" for label, step, acc in evals]
+        lines.append("")
+    for name, first, last in phase_spans(rows):
+        rewards = [r["reward/mean"] for r in rows if r.get("stage") == "rl" and first <= r["step"] <= last
+                   and r.get("reward/mean") is not None]
+        if rewards:
+            lines.append(f"training reward, phase {name} (steps {first}-{last}): {_spark(rewards)}  "
+                         f"{rewards[0]:.2f} -> {rewards[-1]:.2f} (mean {sum(rewards) / len(rewards):.2f})")
+    labels = [label for label, _, _ in evals]
+    if "after-sft" in labels and labels[-1] != "after-sft":
+        base, final = run / "eval" / "after-sft", run / "eval" / labels[-1]
+        if (base / "items.jsonl").is_file() and (final / "items.jsonl").is_file():
+            lines += ["", describe(paired_gain(item_scores(base), item_scores(final)), "after-sft", labels[-1])]
+    try:
+        from .plot import plot_run
+        lines += ["", f"curves: {plot_run(run)}"]
+    except ImportError:
+        lines += ["", f"curves: install matplotlib (pip install -e '.[plot]'), then longrl plot {run}"]
+    text = "\n".join(lines)
+    (run / "report.md").write_text(text + "\n")
+    return text

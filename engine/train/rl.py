@@ -45,6 +45,7 @@ class _Micro:
     rows: torch.Tensor  # [N] loss rows (positions in input_ids; the group layout may repeat one)
     targets: torch.Tensor  # [N]
     samples: torch.Tensor  # [N] the sample (numbered over the batch) each row belongs to
+    within: torch.Tensor  # [N] which of its sample's response tokens each row predicts (0, 1, ...)
 
 
 @dataclass
@@ -59,10 +60,23 @@ class Group:
 class GRPOTrainer:
     def __init__(self, model, tokenizer, records, rl: RLConfig, train: TrainConfig, *,
                  reward: HybridReward | None = None, total_steps: int = 1, data: DataConfig | None = None,
-                 rollout: RolloutConfig | None = None, kernels: KernelsConfig | None = None, ref_model=None):
+                 rollout: RolloutConfig | None = None, kernels: KernelsConfig | None = None, ref_model=None,
+                 parallel=None, rollout_model=None):
         """ref_model: the frozen reference policy when rl.kl_coef > 0 (default: a copy of
-        `model` as it is now, the start of RL); with kl_coef = 0 there is none."""
+        `model` as it is now, the start of RL); with kl_coef = 0 there is none.
+
+        parallel: engine.parallel.Parallel when the run has several ranks; `model` is then
+        sharded (engine.parallel.parallelize) and `rollout_model` is an unsharded copy of it
+        that generates: its weights are gathered from the shards once per step, before the
+        step's rollouts. Every rank generates for its share of each round's prompts; the
+        groups are gathered, so every rank sees the whole batch (exact group statistics) and
+        updates on its data-parallel share of the groups, each group row sharded over the
+        sequence-parallel ranks."""
+        if parallel is not None and rollout_model is None:
+            raise ValueError("GRPOTrainer(parallel=...): give rollout_model, an unsharded copy of the model")
         self.model, self.tokenizer = model, tokenizer
+        self.parallel = parallel
+        self.rollout_model = rollout_model
         self.records = {r.id: r for r in records}
         if rl.lr:
             train = dataclasses.replace(train, lr=rl.lr)
@@ -72,7 +86,8 @@ class GRPOTrainer:
         self.reward = reward or HybridReward(think=self.think)
         self.optimizer = make_optimizer(model, train)
         self.opt_step = OptimizerStep(model, self.optimizer, train)
-        self.generator = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
+        self.generator = Generator(rollout_model if rollout_model is not None else model, tokenizer,
+                                   (rollout or RolloutConfig()).cache_config())
         self.loss_cfg = GRPOLossConfig(temperature=rl.temperature, clip_low=rl.clip_low, clip_high=rl.clip_high,
                                        clip_c=rl.clip_c, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
                                        entropy_coef=rl.entropy_coef, tis_cap=rl.tis_cap or None)
@@ -87,8 +102,9 @@ class GRPOTrainer:
         self.total_steps = total_steps
 
     def _frozen_copy(self, where: str):
-        """The reference policy: the weights as they are now (the start of RL), frozen."""
-        ref = copy.deepcopy(self.model)
+        """The reference policy: the weights as they are now (the start of RL), frozen (under
+        several ranks: of the unsharded copy)."""
+        ref = copy.deepcopy(self.model if self.parallel is None else self.rollout_model)
         if where == "cpu":
             ref = ref.to("cpu")
         ref.requires_grad_(False).eval()
@@ -101,19 +117,26 @@ class GRPOTrainer:
 
     # ---- rollout and reward -------------------------------------------------------------
     def _rollout(self, ids: list[str], max_input: int, round_seed: int, timing) -> list[Group]:
-        recs = [self.records[i] for i in ids]
+        """Generate and score G samples for each prompt of `ids`. Prompt i of the round draws
+        from its own seed (round seed, i), so a sample does not depend on which rank made
+        it or on what else was in its batch; under several ranks each generates and scores
+        prompts i = rank, rank + world, ... and every rank receives every group."""
+        par = self.parallel
+        mine = list(range(len(ids))) if par is None else list(range(par.rank, len(ids), par.world))
+        recs = [self.records[ids[i]] for i in mine]
         prompts = [record_prompt_ids(r, self.tokenizer, template=self.data.template, max_tokens=max_input,
                                      chat=self.data.chat_template)[0] for r in recs]
-        params = SamplingParams(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
-                                top_p=self.rl.top_p, seed=round_seed)  # stops: the model's own rule
-        self.model.eval()
+        params = [SamplingParams(max_new_tokens=self.rl.max_new_tokens, temperature=self.rl.temperature,
+                                 top_p=self.rl.top_p, seed=round_seed * 1_000_033 + i)  # stops: the model's own
+                  for i in mine]
+        self.generator.model.eval()
         t0 = time.perf_counter()
-        outs = self.generator.generate(prompts, n=self.rl.group_size, params=params)
+        outs = self.generator.generate(prompts, n=self.rl.group_size, params=params) if prompts else []
         timing["rollout"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         items = [RewardItem(self.tokenizer.decode(c.token_ids, skip_special_tokens=True), rec.answers, rec.task,
                             rec.question) for rec, comps in zip(recs, outs) for c in comps]
-        scored = self.reward(items)  # one call: the judge sees the whole batch at once
+        scored = self.reward(items) if items else []  # one call: the judge sees the whole batch at once
         g = self.rl.group_size
         groups = []
         for k, (rec, prompt, comps) in enumerate(zip(recs, prompts, outs)):
@@ -126,7 +149,19 @@ class GRPOTrainer:
                 rewards = [r + p for r, p in zip(rewards, pen.tolist())]
             groups.append(Group(rec, prompt, comps, rewards, correct))
         timing["reward"] += time.perf_counter() - t0
+        if par is not None:
+            groups = self._gather_groups(groups, mine, len(ids))
         return groups
+
+    def _gather_groups(self, groups: list[Group], mine: list[int], n: int) -> list[Group]:
+        """Every rank's groups, in prompt order, on every rank (records travel by id)."""
+        import torch.distributed as dist
+        parts: list = [None] * self.parallel.world
+        dist.all_gather_object(parts, [(i, g.record.id, g.prompt, g.completions, g.rewards, g.correct)
+                                       for i, g in zip(mine, groups)])
+        by_index = {i: Group(self.records[rid], prompt, comps, rewards, correct)
+                    for part in parts for i, rid, prompt, comps, rewards, correct in part}
+        return [by_index[i] for i in range(n)]
 
     def _collect(self, sampler, max_input: int, timing) -> tuple[list[Group], list[Group], DynamicSampler, dict]:
         """Generation batches until dynamic sampling has its train batch (or its rounds run out)."""
@@ -154,12 +189,17 @@ class GRPOTrainer:
     def step(self, sampler, max_input: int) -> dict:
         started = time.perf_counter()
         timing = defaultdict(float)
+        if self.parallel is not None:
+            t0 = time.perf_counter()
+            self._sync_rollout_weights()
+            timing["weight_sync"] = time.perf_counter() - t0
         batch, seen, dyn, mix = self._collect(sampler, max_input, timing)
         for g in seen:  # every rollout informs the curriculum, kept or not
             sampler.tracker.update(g.record.id, g.correct)
         rollout_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
         row = {"stage": "rl", "step": self.step_count + 1, **dyn.metrics(), "time/rollout": timing["rollout"],
-               "time/reward": timing["reward"], "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9),
+               "time/reward": timing["reward"], **({"time/weight_sync": timing["weight_sync"]} if self.parallel else {}),
+               "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9),
                "examples": [g.record.id for g in seen], **{f"curriculum/{k}": v for k, v in mix.items()}}
         row.update(self._batch_metrics(seen))
         if hasattr(self.reward, "metrics"):
@@ -174,6 +214,11 @@ class GRPOTrainer:
         row.update(efficiency(self.model, row.get("update_tokens", 0), timing["update"] + timing["old_logprob"]
                               + timing["ref_logprob"], self.cfg.peak_tflops))
         return row
+
+    def _sync_rollout_weights(self) -> None:
+        """Gather the sharded weights into the rollout copy (a collective: every rank calls it)."""
+        from ..parallel.fsdp import full_model_state
+        self.rollout_model.load_state_dict(full_model_state(self.model))
 
     def _batch_metrics(self, groups: list[Group]) -> dict:
         rows = [(g.record.data_source, r, c, len(comp.token_ids), comp.finish_reason)
@@ -219,7 +264,8 @@ class GRPOTrainer:
 
     def _micro_batches(self, model, batch: list[Group], samples, chosen: list[int]) -> list[_Micro]:
         """Token-budget micro-batches for `model` over the samples `chosen` (whole groups, in
-        order), in the layout rl.shared_prefix picks; only loss samples go through the model."""
+        order), in the layout rl.shared_prefix picks; only loss samples go through the model.
+        Under sequence parallelism each micro-batch is this rank's share of it."""
         w = model.lm_head_weight
         device = w.device
         backend = resolve_backend(getattr(model, "attn_backend", "auto"), w.device, w.dtype)
@@ -234,22 +280,91 @@ class GRPOTrainer:
             lens = [[len(samples[k][1].token_ids) for k in by_group[gi]] for gi in order]
             for part in group_batches([len(p) for p in prompts], lens, budget):
                 gr = pack_groups([(prompts[j], [(by_group[order[j]][i], samples[by_group[order[j]][i]][1].token_ids)
-                                                for i in resp]) for j, resp in part]).to(device)
+                                                for i in resp]) for j, resp in part])
+                if self._sp > 1:
+                    micros.append(self._sp_micro(gr.input_ids, gr.position_ids, gr.layout, None, gr.rows,
+                                                 gr.targets, gr.seq_index, device))
+                    continue
+                gr = gr.to(device)
                 micros.append(_Micro(gr.input_ids, None, gr.position_ids, GroupAttention(gr.layout, backend),
-                                     gr.rows, gr.targets, gr.seq_index))
+                                     gr.rows, gr.targets, gr.seq_index, _within(gr.seq_index)))
             return micros
         seqs = [(batch[samples[k][0]].prompt + samples[k][1].token_ids,
                  [0] * len(batch[samples[k][0]].prompt) + [1] * len(samples[k][1].token_ids)) for k in chosen]
         for part in budget_batches([len(s[0]) for s in seqs], budget):
-            packed = pack([seqs[j] for j in part]).to(device)
+            packed = pack([seqs[j] for j in part])
             rows = packed.loss_rows
-            owner = torch.tensor([chosen[j] for j in part], device=device)[packed.seq_index[rows]]
-            micros.append(_Micro(packed.input_ids, packed.cu_seqlens, None, None, rows, packed.targets[rows], owner))
+            owner = torch.tensor([chosen[j] for j in part])[packed.seq_index[rows]]
+            if self._sp > 1:
+                micros.append(self._sp_micro(packed.input_ids, None, None, packed.cu_seqlens, rows,
+                                             packed.targets[rows], owner, device))
+                continue
+            packed = packed.to(device)
+            rows = rows.to(device)
+            micros.append(_Micro(packed.input_ids, packed.cu_seqlens, None, None, rows, packed.targets[rows],
+                                 owner.to(device), _within(owner).to(device)))
         return micros
 
+    @property
+    def _sp(self) -> int:
+        return 1 if self.parallel is None else self.parallel.sp
+
+    def _sp_micro(self, input_ids, position_ids, layout, cu_seqlens, rows, targets, samples, device) -> _Micro:
+        """This rank's share of one micro-batch under sequence parallelism: each sequence (a
+        group row [P | R1 … RG], or a prompt + response) padded and spread in the zigzag
+        layout, attention by the ring (a group row's responses see the prompt and themselves
+        only: segment ids), the loss rows that fall on this rank, in their order."""
+        from ..model.attention import RingAttention
+        from ..parallel import SequenceShard
+
+        par = self.parallel
+        if layout is not None:
+            lengths = [p + sum(resp) for _, p, resp in layout]
+            seg = torch.cat([torch.cat([torch.zeros(p, dtype=torch.long)]
+                                       + [torch.full((n,), i + 1, dtype=torch.long) for i, n in enumerate(resp)])
+                             for _, p, resp in layout])
+        else:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            seg = None
+        shard = SequenceShard(lengths, par.sp, par.sp_rank)
+        within = _within(samples)
+        local_of = torch.full((sum(shard.padded),), -1, dtype=torch.long)
+        local_of[shard.index] = torch.arange(shard.local_tokens)
+        local = local_of[shard.real_index[rows]]
+        keep = local >= 0
+        positions = shard.take(position_ids) if position_ids is not None else shard.positions
+        segments = None if seg is None else shard.pad(seg, fill=1 << 30).to(device)
+        attn = RingAttention(shard.padded, group=par.sp_group, segments=segments)
+        return _Micro(shard.take(input_ids).to(device), None, positions.to(device), attn, local[keep].to(device),
+                      targets[keep].to(device), samples[keep].to(device), within[keep].to(device))
+
+    def _empty_micro(self, device) -> _Micro:
+        """A micro-batch with no loss rows: a rank with fewer micro-batches than the others runs
+        these, so every rank makes the same FSDP (and ring) collectives."""
+        empty = torch.zeros(0, dtype=torch.long)
+        if self._sp > 1:
+            n = 2 * self._sp
+            return self._sp_micro(torch.zeros(n, dtype=torch.long), None, None, torch.tensor([0, n]), empty, empty,
+                                  empty, device)
+        return _Micro(torch.zeros(2, dtype=torch.long, device=device), torch.tensor([0, 2], device=device), None, None,
+                      empty.to(device), empty.to(device), empty.to(device), empty.to(device))
+
+    def _my_micro_batches(self, model, batch, samples, chosen: list[int]) -> list[_Micro]:
+        """This rank's micro-batches over `chosen`: its data-parallel share of the groups (group
+        gi on dp rank gi mod dp), padded with empty ones to the most any rank has."""
+        par = self.parallel
+        if par is None:
+            return self._micro_batches(model, batch, samples, chosen)
+        mine = [k for k in chosen if samples[k][0] % par.dp == par.dp_rank]
+        micros = self._micro_batches(model, batch, samples, mine) if mine else []
+        most = par.max(len(micros))
+        device = model.lm_head_weight.device
+        return micros + [self._empty_micro(device) for _ in range(most - len(micros))]
+
     def _update(self, batch: list[Group], timing) -> dict:
-        model, weight = self.model, self.model.lm_head_weight
-        device = weight.device
+        model = self.model
+        device = model.lm_head_weight.device
+        par = self.parallel
         samples, seq_adv, in_loss, out = self._samples(batch)
         n_samples = len(samples)
         loss_samples = [k for k in range(n_samples) if in_loss[k]]
@@ -267,7 +382,8 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             ref = self._response_logprobs(self.ref_model, batch, samples, loss_samples)
             timing["ref_logprob"] += time.perf_counter() - t0
-        behaviour = {k: torch.tensor(samples[k][1].logprobs, dtype=torch.float32) for k in loss_samples}
+        behaviour = _table({k: torch.tensor(samples[k][1].logprobs, dtype=torch.float32) for k in loss_samples})
+        old, ref = (None if x is None else _table(x) for x in (old, ref))
         adv_all = torch.tensor(seq_adv, device=device)
         t0 = time.perf_counter()
         stats_sum, stats_max, n_stats, losses, norms, through = defaultdict(float), {}, 0, [], [], 0
@@ -275,21 +391,23 @@ class GRPOTrainer:
         for mini in minis:
             mini_tokens = sum(n_tokens[k] for k in mini) if len(minis) > 1 else global_tokens
             loss_total = 0.0
-            for m in self._micro_batches(model, batch, samples, [k for k in mini if in_loss[k]]):
-                if m.rows.numel() == 0:
+            for m in self._my_micro_batches(model, batch, samples, [k for k in mini if in_loss[k]]):
+                if m.rows.numel() == 0 and par is None:
                     continue
-                order = torch.unique_consecutive(m.samples).tolist()  # each sample's rows are contiguous
                 w = aggregation_weights(torch.ones_like(m.rows, dtype=torch.float32), m.samples, self.rl.aggregation,
                                         global_tokens=mini_tokens, global_seqs=len(mini),
                                         norm_len=self.rl.max_new_tokens)
                 hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
                 through += m.input_ids.numel()
+                weight = model.lm_head_weight  # after the forward: under FSDP2 the root's weights are gathered now
+                if m.rows.numel() == 0:  # no loss rows here: a backward all the same, through every
+                    (0.0 * hidden.sum() + 0.0 * weight.sum()).backward()  # parameter (FSDP's collectives)
+                    continue
                 loss, stats = linear_grpo_loss(
                     hidden[m.rows], weight, m.targets, advantages=adv_all[m.samples], token_weight=w,
-                    old_logprob=None if old is None else torch.cat([old[k] for k in order]).to(device),
-                    ref_logprob=None if ref is None else torch.cat([ref[k] for k in order]).to(device),
-                    behaviour_logprob=torch.cat([behaviour[k] for k in order]).to(device),
-                    cfg=self.loss_cfg, **self.kernel_args)
+                    old_logprob=None if old is None else _rows_of(old, m, device),
+                    ref_logprob=None if ref is None else _rows_of(ref, m, device),
+                    behaviour_logprob=_rows_of(behaviour, m, device), cfg=self.loss_cfg, **self.kernel_args)
                 loss.backward()
                 loss_total += loss.item()
                 for key, val in stats.items():
@@ -298,11 +416,25 @@ class GRPOTrainer:
                     else:
                         stats_sum[key] += float(val)
                 n_stats += 1
+            if par is not None:
+                loss_total = par.sum(loss_total)
             result = self.opt_step(self.step_count, self.total_steps, loss_total)
             if not result["skipped"]:
                 losses.append(loss_total)
                 norms.append(result["grad_norm"])
         timing["update"] += time.perf_counter() - t0
+        if par is not None:  # figures over every rank (each rank's rows are a disjoint share)
+            import torch.distributed as dist
+            through = int(par.sum(through))
+            n_stats = int(par.sum(n_stats))
+            names: list = [None] * par.world  # a rank with only empty micro-batches has no stats
+            dist.all_gather_object(names, (sorted(stats_sum), sorted(stats_max)))
+            stats_sum = {k: stats_sum.get(k, 0.0) for k in sorted({k for a, _ in names for k in a})}
+            stats_max = {k: stats_max.get(k, float("-inf")) for k in sorted({k for _, b in names for k in b})}
+            keys = sorted(stats_sum)
+            stats_sum = dict(zip(keys, par.sum_all([stats_sum[k] for k in keys])))
+            mkeys = sorted(stats_max)
+            stats_max = dict(zip(mkeys, par.max_all([stats_max[k] for k in mkeys])))
         repeated = sum(len(batch[samples[k][0]].prompt) + len(samples[k][1].token_ids) for k in loss_samples)
         passes = 1 + (old is not None) + (ref is not None)
         out.update({"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
@@ -319,16 +451,18 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def _response_logprobs(self, model, batch, samples, chosen) -> dict[int, torch.Tensor]:
-        """Per loss sample, the log-prob of each response token under `model`, in order,
-        over loss rows only (the lm_head never sees a prompt row), in the update's layout."""
-        weight = model.lm_head_weight
-        out = {}
-        for m in self._micro_batches(model, batch, samples, chosen):
+        """Per loss sample, the log-prob of each response token under `model` [R] (under
+        several ranks: the entries of the rows this rank holds; the rest stay 0), over loss
+        rows only (the lm_head never sees a prompt row), in the update's layout."""
+        out = {k: torch.zeros(len(samples[k][1].token_ids)) for k in chosen}
+        for m in self._my_micro_batches(model, batch, samples, chosen):
             hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
-            logp, _ = linear_logprob(hidden[m.rows], weight, m.targets, temperature=self.rl.temperature,
-                                     **self.kernel_args)
-            owners, counts = torch.unique_consecutive(m.samples, return_counts=True)  # rows are contiguous
-            out.update(zip(owners.tolist(), logp.cpu().split(counts.tolist())))
+            if m.rows.numel() == 0:
+                continue
+            logp, _ = linear_logprob(hidden[m.rows], model.lm_head_weight, m.targets,
+                                     temperature=self.rl.temperature, **self.kernel_args)
+            for k, idx, lp in zip(m.samples.tolist(), m.within.tolist(), logp.cpu().tolist()):
+                out[k][idx] = lp
         return out
 
     def state_dict(self) -> dict:
@@ -339,11 +473,56 @@ class GRPOTrainer:
             state["reward"] = self.reward.state_dict()
         return state
 
+    def eval_model(self):
+        """The model to evaluate now: the trained one, or under several ranks its unsharded copy
+        with the current weights (gathered here: a collective, every rank calls it)."""
+        if self.parallel is None:
+            return self.model
+        self._sync_rollout_weights()
+        return self.rollout_model
+
     def load_state_dict(self, state: dict, optimizer_state: dict | None = None) -> None:
+        """optimizer_state as a checkpoint holds it, written by one process or by several."""
+        from .checkpoint import indexed_optimizer_state, named_optimizer_state
         self.step_count, self.opt_step.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         if self.aepo is not None and "aepo" in state:
             self.aepo.load_state_dict(state["aepo"])
         if "reward" in state and hasattr(self.reward, "load_state_dict"):
             self.reward.load_state_dict(state["reward"])
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
+        if optimizer_state is None:
+            return
+        if self.parallel is None:
+            self.optimizer.load_state_dict(indexed_optimizer_state(self.model, self.optimizer, optimizer_state))
+        else:
+            from ..parallel.fsdp import load_full_optimizer_state
+            load_full_optimizer_state(self.model, self.optimizer,
+                                      named_optimizer_state(self.model, self.optimizer, optimizer_state))
+
+
+def _within(samples: torch.Tensor) -> torch.Tensor:
+    """For loss rows grouped by sample (each sample's rows contiguous, in order): each row's
+    index within its sample."""
+    if samples.numel() == 0:
+        return samples.clone()
+    starts = torch.ones_like(samples, dtype=torch.bool)
+    starts[1:] = samples[1:] != samples[:-1]
+    first = torch.cummax(torch.where(starts, torch.arange(len(samples), device=samples.device), 0), 0).values
+    return torch.arange(len(samples), device=samples.device) - first
+
+
+def _table(per_sample: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample, per-response-token values (old, reference or behaviour log-probs) as one
+    flat tensor and each sample's offset into it."""
+    keys = sorted(per_sample)
+    if not keys:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    sizes = torch.tensor([len(per_sample[k]) for k in keys])
+    offset = torch.zeros(keys[-1] + 1, dtype=torch.long)
+    offset[torch.tensor(keys)] = torch.cumsum(sizes, 0) - sizes
+    return torch.cat([per_sample[k] for k in keys]), offset
+
+
+def _rows_of(table: tuple[torch.Tensor, torch.Tensor], m: _Micro, device) -> torch.Tensor:
+    """A _table read at the micro-batch's loss rows."""
+    flat, offset = table
+    return flat[offset[m.samples.cpu()] + m.within.cpu()].to(device)
