@@ -208,3 +208,61 @@ def test_a_phase_no_example_falls_in_is_named(tiny_setup):
     with pytest.raises(ValueError, match=r"rl.phases\[0\] \('p0'\): no example has a prompt of 1-20 tokens; "
                                          r"the rl.data prompts are \d+-\d+ tokens"):
         run_rl(config("empty-phase", phases=((20, 1), (400, 1))), progress=False, reward=ToyReward())
+
+
+def test_ablation_script_runs_three_arms_from_one_sft(tmp_path, smollm):
+    """bench/ablation.py on a CI-sized recipe: one shared SFT, three RL arms at one step budget
+    (single-stage = one phase over every length; phased without carry; phased with carry),
+    each arm's curve starting at the shared after-SFT figure, a table and a comparison plot."""
+    pytest.importorskip("matplotlib")
+    from bench import ablation
+
+    model_dir = tiny_model_with_tokenizer(tmp_path / "tiny", smollm[1])
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'''
+[model]
+path = "{model_dir}"
+[train]
+lr = 1e-3
+token_budget = 1024
+seed = 0
+[sft]
+data = ["synthetic:n=4,tokens=20-40,seed=1,kinds=lookup,reasoning=0"]
+max_steps = 1
+batch_examples = 2
+[rl]
+data = ["synthetic:n=8,tokens=15-90,seed=4,kinds=lookup"]
+phases = [{{ name = "short", max_input_tokens = 170, steps = 1 }}, {{ name = "long", max_input_tokens = 300, steps = 1 }}]
+group_size = 2
+batch_prompts = 2
+max_new_tokens = 4
+dynamic_sampling = false
+entropy_coef = 0.01
+carry_ratio = 0.5
+carry_threshold = 1.0
+[eval]
+sets = ["h=synthetic:n=2,tokens=20-40,seed=9,kinds=lookup"]
+max_new_tokens = 4
+temperature = 0.0
+every = 1
+''')
+    out = tmp_path / "abl"
+    assert ablation.main([str(recipe), "--out", str(out)]) == 0
+    table = (out / "ablation.md").read_text()
+    for arm in ("single", "phased", "retro"):
+        rows = [json.loads(line) for line in (out / arm / "metrics.jsonl").read_text().splitlines()]
+        rl = [r for r in rows if r["stage"] == "rl"]
+        assert [r["step"] for r in rl] == [1, 2] and f"| {arm} |" in table
+        assert [r["label"] for r in rows if r["stage"] == "eval"][:2] == ["before", "after-sft"]
+        assert (out / arm / "report.md").is_file()
+    phases = {arm: [r["phase"] for r in map(json.loads, (out / arm / "metrics.jsonl").read_text().splitlines())
+                    if r["stage"] == "rl"] for arm in ("single", "phased", "retro")}
+    assert phases == {"single": ["all", "all"], "phased": ["short", "long"], "retro": ["short", "long"]}
+    mixes = {arm: [r for r in map(json.loads, (out / arm / "metrics.jsonl").read_text().splitlines())
+                   if r["stage"] == "rl"][1] for arm in ("phased", "retro")}
+    assert not mixes["phased"].get("curriculum/carried") and mixes["retro"].get("curriculum/carried")
+    assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    assert "gain over SFT" in table and "retro vs phased" in table
+    first = (out / "single" / "metrics.jsonl").stat().st_mtime
+    assert ablation.main([str(recipe), "--out", str(out), "--arms", "single"]) == 0  # done arms are skipped
+    assert (out / "single" / "metrics.jsonl").stat().st_mtime == first
