@@ -1,6 +1,6 @@
 """`longrl`: the command line.
 
-    longrl convert SRC OUT            GGUF file / model name / HF dir -> checkpoint directory
+    longrl convert SRC OUT            GGUF file / model name / HF dir / run checkpoint -> checkpoint directory
     longrl generate --prompt TEXT     answer one prompt
     longrl generate --input FILE      answer a JSONL of doc-QA items (context, question)
     longrl eval --data FILE --out DIR score a model on long-document QA benchmarks
@@ -45,10 +45,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"longrl {__version__}")
     sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND")
 
-    c = sub.add_parser("convert", help="import a GGUF file, model name or HF dir into a checkpoint directory",
+    c = sub.add_parser("convert", help="import a GGUF file, model name, HF dir or training checkpoint into a "
+                                       "checkpoint directory",
                        description="Load SRC (an embedded model name such as smollm2-135m-instruct, a .gguf "
-                                   "file, or a Hugging Face checkpoint directory) and write a checkpoint "
-                                   "directory that longrl and transformers both load.")
+                                   "file, a Hugging Face checkpoint directory, a training run directory (its "
+                                   "newest checkpoint) or one of its step-N checkpoints, sharded ones of several "
+                                   "ranks included) and write a checkpoint directory that longrl and "
+                                   "transformers both load.")
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -95,6 +95,21 @@ def test_two_processes_equal_one(recipe, one_process, sp):
     proc = run(["--recipe", str(path), f"--train.out_dir={out}", f"--parallel.sp={sp}"], nproc=2)
     assert proc.stdout.count("sft done") == 1  # rank 0 alone speaks
     same_run(one_process, out)
+    # mid-run checkpoints are sharded (torch.distributed.checkpoint), the last one exported too
+    mid, last = out / "step-000002", out / "step-000003"
+    assert (mid / "dcp" / ".metadata").is_file() and not (mid / "optimizer.pt").exists()
+    assert not list((mid / "model").glob("*.safetensors")) and list((last / "model").glob("*.safetensors"))
+    # `longrl convert` reads the sharded weights in one process: those of the one-process step 2
+    converted = root / f"converted-sp{sp}"
+    proc = subprocess.run([sys.executable, "-m", "engine.cli", "convert", str(mid), str(converted)],
+                          capture_output=True, text=True, timeout=DEADLINE_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from safetensors.torch import load_file
+    wa, wb = weights(one_process / "step-000002"), {}
+    for f in converted.glob("*.safetensors"):
+        wb.update(load_file(f))
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in wa) < 1e-5
 
 
 def rolled_back(src: Path, dst: Path, step: int) -> Path:

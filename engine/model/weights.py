@@ -126,6 +126,24 @@ def read_hf_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def read_sharded_model_state(path: Path, cfg: DecoderConfig) -> dict[str, torch.Tensor]:
+    """The full model weights (Decoder names) of a torch.distributed.checkpoint directory that
+    engine.train.checkpoint wrote under several ranks, read in this process alone."""
+    import torch.distributed.checkpoint as dcp
+    with torch.device("meta"):
+        shapes = Decoder(cfg).state_dict()
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state = {}
+    for key, t in shapes.items():
+        saved = meta.get(f"model.{key}")
+        if saved is None:
+            raise CheckpointError(f"{path}: sharded checkpoint has no tensor model.{key}")
+        state[key] = torch.empty(tuple(saved.size), dtype=saved.properties.dtype)
+    wrapped = {"model": state}
+    dcp.load(wrapped, checkpoint_id=str(path), no_dist=True)
+    return wrapped["model"]
+
+
 def hf_to_local(hf_state: dict[str, torch.Tensor], cfg: DecoderConfig, source: str) -> dict[str, torch.Tensor]:
     """Hugging Face names -> Decoder names, with a check that nothing is missing."""
     local = {}
@@ -203,7 +221,11 @@ def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | 
     ckpt = resolve_checkpoint(name_or_path)
     cfg = read_config(ckpt)
     dev = default_device(device)
-    local = hf_to_local(read_hf_state_dict(ckpt), cfg, source=str(ckpt))
+    sharded = ckpt.parent / "dcp"
+    if not list(ckpt.glob("*.safetensors")) and (sharded / ".metadata").is_file():
+        local = read_sharded_model_state(sharded, cfg)  # a checkpoint of several ranks (mid-phase)
+    else:
+        local = hf_to_local(read_hf_state_dict(ckpt), cfg, source=str(ckpt))
     model = build_model(cfg, local, device=dev, dtype=default_dtype(dtype, dev),
                         attn_backend=attn_backend, source=str(ckpt))
     model.checkpoint_dir = ckpt
@@ -227,10 +249,10 @@ def write_checkpoint(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        shards = _split_shards(hf_state, max_shard_bytes)
+        shards = _split_shards(hf_state, max_shard_bytes) if hf_state else []  # none: config and tokenizer only
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
+        elif shards:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -273,7 +295,8 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
 def save_model(model: Decoder, tokenizer, out_dir: str | os.PathLike, *,
                max_shard_bytes: int = _DEFAULT_SHARD_BYTES, state_dict: dict | None = None) -> Path:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads. state_dict:
-    the full weights when `model` holds only a shard of them (gathered by engine.parallel)."""
+    the full weights when `model` holds only a shard of them (gathered by engine.parallel);
+    {} writes the config, generation config and tokenizer alone (the weights are elsewhere)."""
     cfg = model.config
     hf_config = {k: v for k, v in cfg.hf_config.items() if k not in ("quantization_config", "_name_or_path")}
     dtype = model.embed_tokens.weight.dtype

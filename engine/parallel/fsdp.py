@@ -53,23 +53,16 @@ def parallelize(model, mesh: DeviceMesh):
     return model
 
 
-def full_states(model, optimizer) -> tuple[dict, dict]:
-    """(full model state dict, full optimizer state dict) on the CPU, gathered from every
-    rank's shards (a collective: every rank calls it). The optimizer's is keyed by parameter
-    name, as torch.distributed.checkpoint writes it, so it loads at any world size."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer, options=opts)
-
-
-def full_model_state(model) -> dict:
-    """The full (unsharded) model state dict on every rank, on the model's device: what an
-    unsharded copy loads to generate (a collective: every rank calls it)."""
+def full_model_state(model, cpu: bool = False) -> dict:
+    """The full (unsharded) model state dict (a collective: every rank calls it): on every
+    rank, on the model's device (what an unsharded copy loads to generate); cpu=True: on
+    rank 0 alone, in CPU memory (what a checkpoint export writes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=cpu))
 
 
 def load_full_optimizer_state(model, optimizer, state: dict) -> None:
-    """The inverse of full_states for the optimizer: every rank takes its shard of `state`."""
+    """A full optimizer state dict keyed by parameter name (one process's checkpoint) into the
+    sharded optimizer: every rank takes its shard of `state`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

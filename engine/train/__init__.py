@@ -52,9 +52,9 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         if main else NullLog()
     bar = progress_bar(trainer.total_steps, trainer.state.step, "sft", progress and main)
 
-    def save():
+    def save(export: bool = False):  # export: the full weights too, where several ranks hold shards
         return save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
-                               trainer.state_dict(), cfg.train.keep_last, parallel=par)
+                               trainer.state_dict(), cfg.train.keep_last, parallel=par, export=export)
 
     last, done_here = ckpt, 0
     with guarded(bar, save):
@@ -69,8 +69,8 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     bar.close()
     if stop_after is not None and not trainer.done():
         return last  # a simulated kill: whatever the periodic checkpoints left
-    if last is None or last.name != f"step-{trainer.state.step:06d}":
-        last = save()
+    if last is None or last.name != f"step-{trainer.state.step:06d}" or par is not None:
+        last = save(export=True)  # the end of SFT: a model transformers (and RL) loads
     return last
 
 
@@ -204,7 +204,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
                   "trainer": trainer.state_dict(), "tracker": tracker.state_dict(),
                   "sampler": sampler.state_dict() if sampler else None}
         return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
-                               cfg.train.keep_last, parallel=par)
+                               cfg.train.keep_last, parallel=par, export=phase is not None)  # phase ends export
 
     with guarded(bar, lambda: save(position["sampler"])):
         last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,

@@ -8,6 +8,15 @@ Layout of RUN_DIR:
     step-000100/trainer.json  step, data position, schedule, curriculum: plain JSON
     latest                    the name of the newest complete checkpoint
 
+A run on several ranks (engine.parallel) writes the model and optimizer sharded instead:
+
+    step-000100/dcp/          torch.distributed.checkpoint: {"model": …, "optim": …}, each rank
+                              its own shards, keyed by parameter name (loads at any world size)
+    step-000100/model/        config and tokenizer; the weights too (gathered, what transformers
+                              loads) only where the save asks for an export: phase ends, the end
+
+`longrl convert` (and load_model) read the weights of either kind.
+
 A checkpoint is written into a temporary directory and renamed into place, and `latest` is
 replaced atomically after that: a kill at any moment leaves the previous checkpoint whole.
 """
@@ -24,33 +33,48 @@ from ..model import save_model
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, optimizer, trainer_state: dict,
-                    keep_last: int = 2, parallel=None) -> Path:
+                    keep_last: int = 2, parallel=None, export: bool = True) -> Path:
     """Write step-NNNNNN atomically. Under engine.parallel (FSDP2) every rank must call this:
-    the full model and optimizer states are gathered, rank 0 writes the same layout as one
-    process (so a checkpoint loads at any world size), and the ranks meet before returning."""
-    if parallel is not None:
-        from ..parallel.fsdp import full_states
-        model_state, optimizer_state = full_states(model, optimizer)
-        final = Path(run_dir) / f"step-{step:06d}"
-        if parallel.is_main:
-            final = _write_checkpoint(run_dir, step, model, tokenizer, optimizer_state, trainer_state, keep_last,
-                                      model_state)
-        parallel.barrier()
-        return final
-    return _write_checkpoint(run_dir, step, model, tokenizer, optimizer.state_dict(), trainer_state, keep_last)
+    each writes its shards of the model and optimizer (torch.distributed.checkpoint), rank 0
+    the rest, and the ranks meet before returning; export: also gather the full weights into
+    model/ (what transformers loads)."""
+    if parallel is None:
+        return _write_checkpoint(run_dir, step, model, tokenizer, optimizer.state_dict(), trainer_state, keep_last)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ..parallel.fsdp import full_model_state
+    run = Path(run_dir)
+    final = run / f"step-{step:06d}"
+    tmp = run / f".{final.name}.tmp-sharded"  # one name every rank knows
+    if parallel.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    parallel.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / "dcp"))
+    full = full_model_state(model, cpu=True) if export else {}  # a collective: every rank gathers
+    if parallel.is_main:
+        _write_checkpoint(run_dir, step, model, tokenizer, None, trainer_state, keep_last, full, tmp=tmp)
+    parallel.barrier()
+    return final
 
 
-def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dict, trainer_state: dict,
-                      keep_last: int, model_state: dict | None = None) -> Path:
+def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dict | None, trainer_state: dict,
+                      keep_last: int, model_state: dict | None = None, tmp: Path | None = None) -> Path:
+    """tmp: a temporary directory already holding part of the checkpoint (the sharded states)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     final = run / f"step-{step:06d}"
-    tmp = run / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    if tmp is None:
+        tmp = run / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
+    try:
         save_model(model, tokenizer, tmp / "model", state_dict=model_state)
-        torch.save(optimizer_state, tmp / "optimizer.pt")
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -85,7 +109,10 @@ def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer.json)")
-    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    if (path / "optimizer.pt").is_file():
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    else:  # written by several ranks: read into the live optimizer by load_optimizer_state
+        optimizer = {SHARDED: str(path / "dcp")}
     rng = torch.load(path / "rng.pt", weights_only=True)
     return optimizer, rng, json.loads((path / "trainer.json").read_text())
 
@@ -97,6 +124,27 @@ def restore_rng(rng: dict) -> None:
 
 
 # ---- optimizer states across world sizes ---------------------------------------------------
+SHARDED = "sharded_checkpoint"
+
+
+def load_optimizer_state(model, optimizer, state: dict, parallel=None) -> None:
+    """A checkpoint's optimizer state (load_checkpoint_state's) into `optimizer`, whichever
+    world size wrote it and whichever reads it: one process's state dict keyed by index,
+    a gathered one keyed by name, or the sharded torch.distributed.checkpoint of several ranks
+    (each rank reads the shards it needs)."""
+    if SHARDED in state:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+        live = {"optim": get_optimizer_state_dict(model, optimizer)}  # initialised: the structure to fill
+        dcp.load(live, checkpoint_id=state[SHARDED], no_dist=parallel is None)
+        set_optimizer_state_dict(model, optimizer, live["optim"])
+    elif parallel is None:
+        optimizer.load_state_dict(indexed_optimizer_state(model, optimizer, state))
+    else:
+        from ..parallel.fsdp import load_full_optimizer_state
+        load_full_optimizer_state(model, optimizer, named_optimizer_state(model, optimizer, state))
+
+
 def named_optimizer_state(model, optimizer, state: dict) -> dict:
     """An optimizer state dict keyed by parameter index (what one process's optimizer writes)
     -> keyed by parameter name (what engine.parallel reads and writes). Names pass through."""

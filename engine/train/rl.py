@@ -483,20 +483,14 @@ class GRPOTrainer:
 
     def load_state_dict(self, state: dict, optimizer_state: dict | None = None) -> None:
         """optimizer_state as a checkpoint holds it, written by one process or by several."""
-        from .checkpoint import indexed_optimizer_state, named_optimizer_state
+        from .checkpoint import load_optimizer_state
         self.step_count, self.opt_step.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         if self.aepo is not None and "aepo" in state:
             self.aepo.load_state_dict(state["aepo"])
         if "reward" in state and hasattr(self.reward, "load_state_dict"):
             self.reward.load_state_dict(state["reward"])
-        if optimizer_state is None:
-            return
-        if self.parallel is None:
-            self.optimizer.load_state_dict(indexed_optimizer_state(self.model, self.optimizer, optimizer_state))
-        else:
-            from ..parallel.fsdp import load_full_optimizer_state
-            load_full_optimizer_state(self.model, self.optimizer,
-                                      named_optimizer_state(self.model, self.optimizer, optimizer_state))
+        if optimizer_state is not None:
+            load_optimizer_state(self.model, self.optimizer, optimizer_state, self.parallel)
 
 
 def _within(samples: torch.Tensor) -> torch.Tensor:

@@ -151,12 +151,7 @@ class SFTTrainer:
 
     def load_state_dict(self, state: dict, optimizer_state: dict) -> None:
         """optimizer_state as a checkpoint holds it, written by one process or by several."""
-        from .checkpoint import indexed_optimizer_state, named_optimizer_state
+        from .checkpoint import load_optimizer_state
         self.state = SFTState(step=state["step"], epoch=state["epoch"], pos=state["pos"])
         self.opt_step.bad_steps = state.get("bad_steps", 0)
-        if self.parallel is None:
-            self.optimizer.load_state_dict(indexed_optimizer_state(self.model, self.optimizer, optimizer_state))
-        else:
-            from ..parallel.fsdp import load_full_optimizer_state
-            load_full_optimizer_state(self.model, self.optimizer,
-                                      named_optimizer_state(self.model, self.optimizer, optimizer_state))
+        load_optimizer_state(self.model, self.optimizer, optimizer_state, self.parallel)
