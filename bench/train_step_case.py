@@ -52,8 +52,9 @@ class ToyReward:
 
 
 def gpu_model():
-    """A Qwen2-1.5B-shaped decoder on CUDA with random bf16 weights (no download), every layer
-    checkpointed (32K-token micro-batches of a 1.5B model)."""
+    """A Qwen2-1.5B-shaped decoder on CUDA with random fp32 master weights (no download; the
+    step computes in bf16, train.precision bf16-mixed), every layer checkpointed (32K-token
+    micro-batches of a 1.5B model)."""
     import torch
 
     from engine.model import Decoder, DecoderConfig
@@ -62,7 +63,7 @@ def gpu_model():
           "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": True}
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = Decoder(DecoderConfig.from_hf(hf)).to(torch.bfloat16)
+        model = Decoder(DecoderConfig.from_hf(hf))
     with torch.no_grad():
         for prm in model.parameters():
             prm.normal_(0, 0.02)
@@ -121,12 +122,15 @@ def main(argv=None) -> int:
         rl = RLConfig(group_size=group, batch_prompts=2, max_new_tokens=new, temperature=1.0, top_p=1.0)
         train = TrainConfig(lr=1e-6, token_budget=4096)
         max_input = 1024
-    trainer = GRPOTrainer(model, tok, records, rl, train, reward=ToyReward(), total_steps=2)
+    from engine.train.loop import Precision
+    precision = Precision(torch.bfloat16 if a.gpu else None, "cuda" if a.gpu else "cpu")
+    trainer = GRPOTrainer(model, tok, records, rl, train, reward=ToyReward(), total_steps=2, precision=precision)
     sampler = PhaseSampler([r.id for r in records], seed=0)
     row = trainer.step(sampler, max_input=max_input)
     keep = ("time/step", *PARTS, "rollout_tokens_per_s", "update_tokens_per_s", "update_tokens",
             "response/mean_len", "dynamic/kept_groups", "loss", "mfu", "gpu/max_allocated_gb")
-    print(json.dumps({"device": "cuda" if a.gpu else "cpu", "config/mini_batches": rl.mini_batches,
+    print(json.dumps({"device": "cuda" if a.gpu else "cpu", "config/precision": precision.name,
+                      "config/mini_batches": rl.mini_batches,
                       "config/ref_model": trainer.ref_model is not None, **{k: row[k] for k in keep if k in row}}))
     return 0
 

@@ -121,6 +121,10 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     max_bad_steps: int = 3  # non-finite losses in a row before the run stops
     peak_tflops: float = 0.0  # the device's dense matmul peak, for the MFU metric (0: no MFU)
+    # fp32: weights, compute, gradients and optimizer state in fp32. bf16-mixed: fp32 master
+    # weights, gradients and optimizer state, bf16 compute (and a bf16 copy that generates).
+    # auto: bf16-mixed on CUDA, fp32 on CPU (which has no bf16 matrix units)
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
 
     def validate(self, key: str) -> None:
         _check(self.lr > 0, f"{key}.lr", "a number > 0", self.lr)

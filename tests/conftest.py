@@ -60,6 +60,13 @@ def tiny_hf_model(kind: str, **overrides):
     return model
 
 
+def letters_checkpoint(path, max_positions: int = 1024) -> str:
+    """Save a tiny 16-token Llama (untied lm_head) for the letter tokenizer's tests; -> path."""
+    tiny_hf_model("llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  max_position_embeddings=max_positions).save_pretrained(str(path))
+    return str(path)
+
+
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     """Factory: kind, **config overrides -> (checkpoint dir written by transformers, HF model)."""

@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import tiny_hf_model
+from conftest import letters_checkpoint
 from dist_helpers import run_ranks
 from test_rl_train import LetterTokenizer
 
@@ -31,10 +31,7 @@ RESPONSE_LENS = [[3, 7, 1, 5], [6, 2, 4, 4], [1, 8, 3, 2]]
 
 @pytest.fixture(scope="module")
 def letters(tmp_path_factory):
-    path = tmp_path_factory.mktemp("letters-par")
-    tiny_hf_model("llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  max_position_embeddings=1024).save_pretrained(str(path))
-    return str(path)
+    return letters_checkpoint(tmp_path_factory.mktemp("letters-par"))
 
 
 def make_trainer(path: str, rl_kw: dict, par=None):

@@ -252,7 +252,8 @@ def rl_recipe(recipe):
     path.write_text(sft_path.read_text().replace("max_steps = 3", "max_steps = 1") + f'''
 [rl]
 data = ["{root / 'rl.jsonl'}"]
-phases = [{{ name = "short", max_input_tokens = 170, steps = 2 }}, {{ name = "long", max_input_tokens = 300, steps = 2 }}]
+phases = [{{ name = "short", max_input_tokens = 170, steps = 2 }},
+          {{ name = "long", max_input_tokens = 300, steps = 2 }}]
 group_size = 4
 batch_prompts = 2
 max_new_tokens = 6
@@ -288,7 +289,9 @@ RL_FIGURES = ("reward/mean", "accuracy", "response/mean_len", "loss", "grad_norm
 
 def same_train(a: Path, b: Path):
     ra, rb = all_rows(a), all_rows(b)
-    assert [(r["stage"], r["step"], r.get("label")) for r in ra] == [(r["stage"], r["step"], r.get("label")) for r in rb]
+    def order(rows):
+        return [(r["stage"], r["step"], r.get("label")) for r in rows]
+    assert order(ra) == order(rb)
     for x, y in zip(ra, rb):
         if x["stage"] == "rl":
             assert x["examples"] == y["examples"], f"RL step {x['step']}: another curriculum draw"
@@ -340,3 +343,48 @@ def test_train_resumes_mid_rl_at_another_world_size(rl_recipe, rl_one_process):
     (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
     train([str(path), f"--train.out_dir={out}", "--resume"])
     same_train(rl_one_process, out)
+
+
+def test_a_killed_rank_mid_rl_phase_resumes_on_two_and_on_one(rl_recipe, rl_one_process, tmp_path):
+    """`longrl train --nproc 2`: SIGKILL rank 1 once an RL checkpoint inside phase 1 is down;
+    the job ends with an error, and --resume on 2 processes and on 1 (from copies of the killed
+    run) finish with the uninterrupted run's metrics and weights."""
+    import signal
+    import time
+
+    root, path = rl_recipe
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "engine.cli", "train", str(path), "--nproc", "2",
+                            "--parallel.sp=2", f"--train.out_dir={out}", "--train.save_every=1"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def rl_checkpoint() -> bool:
+        latest = out / "latest"
+        if not latest.is_file():
+            return False
+        state = out / latest.read_text().strip() / "trainer.json"
+        return state.is_file() and json.loads(state.read_text()).get("stage") == "rl"
+
+    try:
+        deadline = time.time() + DEADLINE_S
+        while time.time() < deadline and not rl_checkpoint():
+            assert job.poll() is None, job.communicate()[1][-2000:]
+            time.sleep(0.2)
+        assert rl_checkpoint(), "no RL checkpoint before the deadline"
+        victims = _worker_pids(1)
+        assert victims, "no rank-1 worker found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert "SIGKILL" in err or "Signal 9" in err or "exitcode" in err, err[-2000:]
+    for nproc in (2, 1):
+        resumed = tmp_path / f"resumed-on-{nproc}"
+        shutil.copytree(out, resumed)
+        train([str(path), f"--train.out_dir={resumed}", "--resume", *(["--parallel.sp=2"] if nproc == 2 else [])],
+              nproc=nproc)
+        same_train(rl_one_process, resumed)

@@ -55,7 +55,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # back to the projections' dtype: under autocast they are bf16 while cos / sin are fp32
+        q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out = attn.attend(layer, q, k, v)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, -1))
 

@@ -12,6 +12,7 @@ parameters unsharded between forward and backward: the fused loss reads `lm_head
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -41,14 +42,19 @@ def _sum_gradients(module) -> None:
         module.set_force_sum_reduction_for_comms(True)
 
 
-def parallelize(model, mesh: DeviceMesh):
+def parallelize(model, mesh: DeviceMesh, compute_dtype=None):
     """FSDP2: each decoder layer one unit, the rest (embeddings, final norm, lm_head) at the
-    root; gradients summed over the mesh (see the module docstring). Returns the model."""
+    root; gradients summed over the mesh (see the module docstring). compute_dtype (bf16):
+    the sharded fp32 weights are gathered and cast to it for compute, gradients reduced in
+    fp32 (MixedPrecisionPolicy). Returns the model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
     flat = shard_mesh(mesh)
+    mp = MixedPrecisionPolicy() if compute_dtype is None else \
+        MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in model.layers:
-        fully_shard(layer, mesh=flat)
+        fully_shard(layer, mesh=flat, mp_policy=mp)
         _sum_gradients(layer)
-    fully_shard(model, mesh=flat, reshard_after_forward=False)
+    fully_shard(model, mesh=flat, reshard_after_forward=False, mp_policy=mp)
     _sum_gradients(model)
     return model
 

@@ -4,6 +4,7 @@ MASTER_ADDR, MASTER_PORT), grouped into a ("dp", "sp") mesh by [parallel] sp.
     par = Parallel.from_env(cfg.parallel, device)   # None when the run is one process
     par.dp, par.dp_rank, par.sp, par.sp_rank, par.sp_group, par.is_main
     par.sum(x)  par.max(n)  par.sum_all(xs)  par.max_all(xs)   # figures over every rank
+    par.gather(obj)                                              # every rank's object, on every rank
 
 Every collective times out after parallel.timeout_s: a rank that dies ends the job with an
 error on the others instead of a hang.
@@ -77,6 +78,12 @@ class Parallel:
         if len(xs):
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         dist.barrier()

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..config import Config
 from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
-from .loop import TrainingStopped, guarded, oom_advice, progress_bar, start_model
+from .loop import Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
 from .metrics import MetricsLog
 from .sft import SFTTrainer, sft_examples
 
-__all__ = ["run_sft", "run_rl", "run_pipeline", "run_report", "holdout_eval", "build_reward", "SFTTrainer", "sft_examples",
+__all__ = ["run_sft", "run_rl", "run_pipeline", "run_report", "holdout_eval", "build_reward", "SFTTrainer",
+           "sft_examples",
            "save_checkpoint", "latest_checkpoint", "MetricsLog", "TrainingStopped", "oom_advice"]
 
 
@@ -34,14 +37,15 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
     par = start_parallel(cfg)
     model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else cfg.model.path)
+    precision = Precision.of(cfg, model.embed_tokens.weight.device)
     if par is not None:
         from ..parallel import parallelize
-        parallelize(model, par.mesh)
+        parallelize(model, par.mesh, precision.compute)
     records = [r for path in cfg.sft.data for r in load_records(path, format=cfg.sft.format)]
     max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
     examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input,
                             chat=cfg.data.chat_template, think=cfg.rl.think)
-    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par)
+    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par, precision=precision)
     if ckpt:
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
         trainer.load_state_dict(state, optimizer_state)
@@ -159,12 +163,13 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     par = start_parallel(cfg)
     main = par is None or par.is_main  # only rank 0 prints, draws the bar and writes metrics
     model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else (start_from or cfg.model.path))
+    precision = Precision.of(cfg, model.embed_tokens.weight.device)
     rollout_model = None
-    if par is not None:  # an unsharded copy generates; the trained model is sharded
+    if par is not None:  # an unsharded copy generates (in the compute dtype); the trained model is sharded
         import copy
         from ..parallel import parallelize
-        rollout_model = copy.deepcopy(model).requires_grad_(False).eval()
-        parallelize(model, par.mesh)
+        rollout_model = copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32)
+        parallelize(model, par.mesh, precision.compute)
     records = [r for path in rl.data for r in load_records(path, format=rl.format)]
     lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, chat=cfg.data.chat_template,
                              cache_path=run_dir / "lengths.json")
@@ -182,7 +187,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         if rl.kl_coef > 0 else None
     trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward,
                           data=cfg.data, rollout=cfg.rollout, kernels=cfg.kernels, ref_model=ref,
-                          parallel=par, rollout_model=rollout_model)
+                          parallel=par, rollout_model=rollout_model, precision=precision)
     tracker = DifficultyTracker(cap=rl.difficulty_cap)
     phase_k, carried, sampler_state = 0, [], None
     if state:

@@ -62,12 +62,51 @@ def grad_norm(params) -> float:
     return math.sqrt(total)
 
 
+class Precision:
+    """How a training run computes: its weights (the master copy) stay fp32; `compute` is the
+    dtype of the forward and backward (None: fp32 too). bf16-mixed runs the model under
+    autocast (under FSDP2 its mixed-precision policy casts the gathered weights instead) and
+    hands the fused losses bf16 hidden states and lm_head; gradients land on the fp32 master
+    weights and AdamW's state is fp32, so steps far below a bf16 ulp are not lost."""
+
+    def __init__(self, compute: torch.dtype | None, device_type: str):
+        self.compute, self.device_type = compute, device_type
+
+    @classmethod
+    def of(cls, cfg: Config, device) -> "Precision":
+        device = torch.device(device)
+        mode = cfg.train.precision
+        if mode == "auto":
+            mode = "bf16-mixed" if device.type == "cuda" else "fp32"
+        return cls(torch.bfloat16 if mode == "bf16-mixed" else None, device.type)
+
+    @property
+    def name(self) -> str:
+        return "fp32" if self.compute is None else "bf16-mixed"
+
+    def autocast(self):
+        from contextlib import nullcontext
+        return nullcontext() if self.compute is None else torch.autocast(self.device_type, dtype=self.compute)
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        """An input of the fused losses in the compute dtype (differentiable: the gradient of a
+        cast master weight comes back to it in fp32)."""
+        return t if self.compute is None or t.dtype == self.compute else t.to(self.compute)
+
+
 def start_model(cfg: Config, source):
-    """Seed, then load `source` with the [model] settings; the tokenizer is required."""
+    """Seed, then load `source` for training: fp32 master weights whatever train.precision
+    computes in (model.dtype applies to eval and generate); the tokenizer is required."""
+    from ..config import ConfigError
     from ..model import load_model
 
+    if cfg.model.dtype in ("bfloat16", "float16"):
+        raise ConfigError(f"model.dtype = {cfg.model.dtype} would train {cfg.model.dtype} weights with "
+                          f"{cfg.model.dtype} optimizer state, and AdamW steps below half an ulp (most steps at "
+                          f"lr 1e-6..1e-5) would be lost: leave model.dtype at auto and set train.precision = "
+                          f"'bf16-mixed' (fp32 master weights, bf16 compute)")
     torch.manual_seed(cfg.train.seed)
-    model, tokenizer = load_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
+    model, tokenizer = load_model(source, device=cfg.model.device, dtype="float32",
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"model {source}: training needs the tokenizer files beside the weights")

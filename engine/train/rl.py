@@ -61,7 +61,7 @@ class GRPOTrainer:
     def __init__(self, model, tokenizer, records, rl: RLConfig, train: TrainConfig, *,
                  reward: HybridReward | None = None, total_steps: int = 1, data: DataConfig | None = None,
                  rollout: RolloutConfig | None = None, kernels: KernelsConfig | None = None, ref_model=None,
-                 parallel=None, rollout_model=None):
+                 parallel=None, rollout_model=None, precision=None):
         """ref_model: the frozen reference policy when rl.kl_coef > 0 (default: a copy of
         `model` as it is now, the start of RL); with kl_coef = 0 there is none.
 
@@ -71,11 +71,19 @@ class GRPOTrainer:
         step's rollouts. Every rank generates for its share of each round's prompts; the
         groups are gathered, so every rank sees the whole batch (exact group statistics) and
         updates on its data-parallel share of the groups, each group row sharded over the
-        sequence-parallel ranks."""
+        sequence-parallel ranks.
+
+        precision: engine.train.loop.Precision (default fp32). With a bf16 compute dtype the
+        update runs under it and a bf16 copy of the weights (made here unless rollout_model
+        is given) generates, refreshed from the fp32 master weights once per step."""
+        from .loop import Precision
         if parallel is not None and rollout_model is None:
             raise ValueError("GRPOTrainer(parallel=...): give rollout_model, an unsharded copy of the model")
         self.model, self.tokenizer = model, tokenizer
         self.parallel = parallel
+        self.precision = precision or Precision(None, model.lm_head_weight.device.type)
+        if rollout_model is None and self.precision.compute is not None:
+            rollout_model = copy.deepcopy(model).requires_grad_(False).eval().to(self.precision.compute)
         self.rollout_model = rollout_model
         self.records = {r.id: r for r in records}
         if rl.lr:
@@ -155,10 +163,8 @@ class GRPOTrainer:
 
     def _gather_groups(self, groups: list[Group], mine: list[int], n: int) -> list[Group]:
         """Every rank's groups, in prompt order, on every rank (records travel by id)."""
-        import torch.distributed as dist
-        parts: list = [None] * self.parallel.world
-        dist.all_gather_object(parts, [(i, g.record.id, g.prompt, g.completions, g.rewards, g.correct)
-                                       for i, g in zip(mine, groups)])
+        parts = self.parallel.gather([(i, g.record.id, g.prompt, g.completions, g.rewards, g.correct)
+                                      for i, g in zip(mine, groups)])
         by_index = {i: Group(self.records[rid], prompt, comps, rewards, correct)
                     for part in parts for i, rid, prompt, comps, rewards, correct in part}
         return [by_index[i] for i in range(n)]
@@ -189,7 +195,7 @@ class GRPOTrainer:
     def step(self, sampler, max_input: int) -> dict:
         started = time.perf_counter()
         timing = defaultdict(float)
-        if self.parallel is not None:
+        if self.rollout_model is not None:
             t0 = time.perf_counter()
             self._sync_rollout_weights()
             timing["weight_sync"] = time.perf_counter() - t0
@@ -198,7 +204,8 @@ class GRPOTrainer:
             sampler.tracker.update(g.record.id, g.correct)
         rollout_tokens = sum(len(c.token_ids) for g in seen for c in g.completions)
         row = {"stage": "rl", "step": self.step_count + 1, **dyn.metrics(), "time/rollout": timing["rollout"],
-               "time/reward": timing["reward"], **({"time/weight_sync": timing["weight_sync"]} if self.parallel else {}),
+               "time/reward": timing["reward"],
+               **({"time/weight_sync": timing["weight_sync"]} if self.rollout_model is not None else {}),
                "rollout_tokens_per_s": rollout_tokens / max(timing["rollout"], 1e-9),
                "examples": [g.record.id for g in seen], **{f"curriculum/{k}": v for k, v in mix.items()}}
         row.update(self._batch_metrics(seen))
@@ -216,7 +223,11 @@ class GRPOTrainer:
         return row
 
     def _sync_rollout_weights(self) -> None:
-        """Gather the sharded weights into the rollout copy (a collective: every rank calls it)."""
+        """The current weights into the rollout copy, cast to its dtype; under several ranks
+        gathered from the shards (a collective: every rank calls it)."""
+        if self.parallel is None:
+            self.rollout_model.load_state_dict(self.model.state_dict())
+            return
         from ..parallel.fsdp import full_model_state
         self.rollout_model.load_state_dict(full_model_state(self.model))
 
@@ -397,14 +408,16 @@ class GRPOTrainer:
                 w = aggregation_weights(torch.ones_like(m.rows, dtype=torch.float32), m.samples, self.rl.aggregation,
                                         global_tokens=mini_tokens, global_seqs=len(mini),
                                         norm_len=self.rl.max_new_tokens)
-                hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
+                with self.precision.autocast():
+                    hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
                 through += m.input_ids.numel()
                 weight = model.lm_head_weight  # after the forward: under FSDP2 the root's weights are gathered now
                 if m.rows.numel() == 0:  # no loss rows here: a backward all the same, through every
                     (0.0 * hidden.sum() + 0.0 * weight.sum()).backward()  # parameter (FSDP's collectives)
                     continue
+                cast = self.precision.cast
                 loss, stats = linear_grpo_loss(
-                    hidden[m.rows], weight, m.targets, advantages=adv_all[m.samples], token_weight=w,
+                    cast(hidden[m.rows]), cast(weight), m.targets, advantages=adv_all[m.samples], token_weight=w,
                     old_logprob=None if old is None else _rows_of(old, m, device),
                     ref_logprob=None if ref is None else _rows_of(ref, m, device),
                     behaviour_logprob=_rows_of(behaviour, m, device), cfg=self.loss_cfg, **self.kernel_args)
@@ -424,11 +437,9 @@ class GRPOTrainer:
                 norms.append(result["grad_norm"])
         timing["update"] += time.perf_counter() - t0
         if par is not None:  # figures over every rank (each rank's rows are a disjoint share)
-            import torch.distributed as dist
             through = int(par.sum(through))
             n_stats = int(par.sum(n_stats))
-            names: list = [None] * par.world  # a rank with only empty micro-batches has no stats
-            dist.all_gather_object(names, (sorted(stats_sum), sorted(stats_max)))
+            names = par.gather((sorted(stats_sum), sorted(stats_max)))  # a rank with only empty micro-batches has none
             stats_sum = {k: stats_sum.get(k, 0.0) for k in sorted({k for a, _ in names for k in a})}
             stats_max = {k: stats_max.get(k, float("-inf")) for k in sorted({k for _, b in names for k in b})}
             keys = sorted(stats_sum)
@@ -455,11 +466,13 @@ class GRPOTrainer:
         several ranks: the entries of the rows this rank holds; the rest stay 0), over loss
         rows only (the lm_head never sees a prompt row), in the update's layout."""
         out = {k: torch.zeros(len(samples[k][1].token_ids)) for k in chosen}
+        cast = self.precision.cast
         for m in self._my_micro_batches(model, batch, samples, chosen):
-            hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
+            with self.precision.autocast():
+                hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
             if m.rows.numel() == 0:
                 continue
-            logp, _ = linear_logprob(hidden[m.rows], model.lm_head_weight, m.targets,
+            logp, _ = linear_logprob(cast(hidden[m.rows]), cast(model.lm_head_weight), m.targets,
                                      temperature=self.rl.temperature, **self.kernel_args)
             for k, idx, lp in zip(m.samples.tolist(), m.within.tolist(), logp.cpu().tolist()):
                 out[k][idx] = lp
@@ -474,9 +487,10 @@ class GRPOTrainer:
         return state
 
     def eval_model(self):
-        """The model to evaluate now: the trained one, or under several ranks its unsharded copy
-        with the current weights (gathered here: a collective, every rank calls it)."""
-        if self.parallel is None:
+        """The model to evaluate now: the trained one, or (several ranks, bf16 compute) the copy
+        that generates, with the current weights (under several ranks a collective: every rank
+        calls it)."""
+        if self.rollout_model is None:
             return self.model
         self._sync_rollout_weights()
         return self.rollout_model

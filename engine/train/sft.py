@@ -54,14 +54,17 @@ class SFTState:
 
 
 class SFTTrainer:
-    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig, parallel=None):
+    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig, parallel=None, precision=None):
         """parallel: engine.parallel.Parallel when the run has several ranks (the model is
         already sharded by engine.parallel.parallelize): each step's examples are split over
-        the data-parallel ranks and each sequence over the sequence-parallel group."""
+        the data-parallel ranks and each sequence over the sequence-parallel group.
+        precision: engine.train.loop.Precision (default fp32)."""
+        from .loop import Precision
         if not examples:
             raise ValueError("SFT needs at least one example")
         self.model, self.examples = model, examples
         self.parallel = parallel
+        self.precision = precision or Precision(None, model.embed_tokens.weight.device.type)
         self.cfg, self.sft = train_cfg, sft_cfg
         self.optimizer = make_optimizer(model, train_cfg)
         self.opt_step = OptimizerStep(model, self.optimizer, train_cfg)
@@ -103,9 +106,11 @@ class SFTTrainer:
         model.train()
         for j in range(n_micro):
             packed = pack([mine[i] for i in batches[j]]).to(device) if j < len(batches) else None
-            hidden, rows, targets = self._forward(packed, device)
+            with self.precision.autocast():
+                hidden, rows, targets = self._forward(packed, device)
             weight = model.lm_head_weight  # after the forward: under FSDP2 the root's weights are gathered now
-            logp, _ = linear_logprob(hidden[rows], weight, targets)
+            cast = self.precision.cast
+            logp, _ = linear_logprob(cast(hidden[rows]), cast(weight), targets)
             loss = -logp.sum() / max(answer_tokens, 1)
             if par is not None:
                 loss = loss + 0.0 * hidden[:1].sum()  # a backward on every rank, even without loss rows
