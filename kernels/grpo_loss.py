@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from .rows import accumulate_dw, chunk_rows, pick_rows
+from .rows import accumulate_dw, chunk_rows, logit_bytes, pick_rows
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -252,7 +252,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     if cfg.tis_cap is not None and behaviour_logprob is None:
         raise ValueError("cfg.tis_cap is set: pass behaviour_logprob (the rollout's log-probs of the targets)")
     rows = pick_rows(backend, hidden.device)
-    chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens)
+    chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens,
+                       logit_bytes(rows, hidden.dtype))
     stats: dict[str, torch.Tensor] = {}
     loss = _FusedGRPOLoss.apply(hidden.contiguous(), weight, targets, advantages, token_weight,
                     old_logprob, ref_logprob, behaviour_logprob, cfg, rows, max(chunk, 1), stats)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .grpo_loss import _check_shapes
-from .rows import accumulate_dw, chunk_rows, pick_rows
+from .rows import accumulate_dw, chunk_rows, logit_bytes, pick_rows
 
 
 class _FusedLogprob(torch.autograd.Function):
@@ -74,7 +74,8 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = pick_rows(backend, hidden.device)
-    chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens)
+    chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens,
+                       logit_bytes(rows, hidden.dtype))
     logp, second = _FusedLogprob.apply(hidden.contiguous(), weight, targets, float(temperature),
                                        bool(with_entropy), rows, max(chunk, 1))
     return logp, (second if with_entropy else None)

@@ -99,34 +99,61 @@ def pick_rows(backend: str | None, device: torch.device):
     return TritonRows
 
 
-def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: int | None = None) -> int:
-    """Tokens per chunk: from a byte budget for one [C, V] fp32 logits chunk.
+def logit_bytes(rows, dtype: torch.dtype) -> int:
+    """Bytes a chunk holds per logit: the logits in the input dtype, plus (torch rows, half
+    precision input) the fp32 copy the row passes work on; Triton rows work in place."""
+    size = torch.finfo(dtype).bits // 8
+    return size + 4 if rows is TorchRows and size < 4 else size
+
+
+def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: int | None = None,
+               bytes_per_logit: int = 4) -> int:
+    """Tokens per chunk: from a byte budget for one [C, V] chunk of logits at bytes_per_logit
+    (logit_bytes: 4 for fp32, 2 for bf16 on the Triton rows, 6 for bf16 on the torch rows).
 
     Budget: $LONGRL_CHUNK_MB, else 256 MiB on CPU and 2 GiB on a GPU; the result is kept
     within 64..4096 tokens (smaller chunks are launch-bound on a GPU) and a multiple of 64."""
     if chunk_tokens:
         return max(1, min(chunk_tokens, num_tokens))
     default_mb = 2048 if device.type == "cuda" else 256
-    rows = rows_for_budget(vocab, int(os.environ.get("LONGRL_CHUNK_MB", default_mb)))
+    rows = rows_for_budget(vocab, int(os.environ.get("LONGRL_CHUNK_MB", default_mb)), bytes_per_logit)
     return max(1, min(rows, num_tokens))
 
 
-def rows_for_budget(vocab: int, budget_mb: int) -> int:
-    """Tokens per chunk whose [C, V] fp32 logits fit budget_mb: within 64..4096, a multiple of 64."""
-    rows = (budget_mb << 20) // (vocab * 4)
+def rows_for_budget(vocab: int, budget_mb: int, bytes_per_logit: int = 4) -> int:
+    """Tokens per chunk whose [C, V] logits at bytes_per_logit fit budget_mb: within
+    64..4096, a multiple of 64."""
+    rows = (budget_mb << 20) // (vocab * bytes_per_logit)
     return max(64, min(4096, rows // 64 * 64))
 
 
+_FP32_OUT: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm takes out_dtype=float32 for `dtype` inputs on this device: probed
+    once on a 2 x 2 product and remembered. Out of memory is not an answer: it propagates."""
+    key = (device.type, dtype)
+    if key not in _FP32_OUT:
+        a = torch.zeros(2, 2, device=device, dtype=dtype)
+        out = torch.zeros(2, 2, device=device, dtype=torch.float32)
+        try:
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            _FP32_OUT[key] = True
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError):
+            _FP32_OUT[key] = False
+    return _FP32_OUT[key]
+
+
 def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """dw [V, H] fp32 += dz.T @ h. Half-precision inputs accumulate straight into fp32 where
-    torch's addmm takes out_dtype (CUDA), else through a temporary."""
+    """dw [V, H] fp32 += dz.T @ h, accumulated in fp32. Half-precision inputs go straight into
+    fp32 where torch's addmm takes out_dtype, else through fp32 copies of the chunk's dz and h
+    (chunk-sized temporaries; nothing [V, H] and no rounding of the partial product)."""
     if dz.dtype == torch.float32:
         dw.addmm_(dz.t(), h)
-        return
-    if dz.is_cuda:
-        try:
-            torch.addmm(dw, dz.t(), h, out_dtype=torch.float32, out=dw)
-            return
-        except (TypeError, RuntimeError):
-            pass
-    dw.add_((dz.t() @ h).float())
+    elif _fp32_out_addmm(dz.device, dz.dtype):
+        torch.addmm(dw, dz.t(), h, out_dtype=torch.float32, out=dw)
+    else:
+        dw.addmm_(dz.t().float(), h.float())

@@ -458,3 +458,43 @@ def test_grpo_loss_stats_match_reference_whatever_the_chunk(backend):
             assert stats[name].item() == pytest.approx(expected[name].item(), abs=1e-6), name
     for name in expected:
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-6)
+
+
+# ---- chunk sizing by the logits' dtype; dW accumulation in fp32 ------------------------------
+def test_chunk_sizing_follows_the_logits_dtype_and_rows():
+    from kernels.rows import TorchRows, chunk_rows, logit_bytes, rows_for_budget
+    from kernels.triton_rows import TritonRows
+
+    assert logit_bytes(TorchRows, torch.float32) == 4 and logit_bytes(TritonRows, torch.float32) == 4
+    assert logit_bytes(TritonRows, torch.bfloat16) == 2  # in place
+    assert logit_bytes(TorchRows, torch.bfloat16) == 6  # bf16 logits + the fp32 copy the row passes use
+    vocab = 151_936
+    assert (rows_for_budget(vocab, 1024, 4), rows_for_budget(vocab, 1024, 2)) == (1728, 3520)  # 1 GiB, x64
+    assert rows_for_budget(vocab, 1024, 6) == 1152  # 1 GiB / (V x 6 bytes), a multiple of 64
+    assert chunk_rows(10_000, vocab, torch.device("cpu"), bytes_per_logit=2) == rows_for_budget(vocab, 256, 2)
+
+
+def test_accumulate_dw_of_half_inputs_stays_in_fp32_and_lets_oom_through(monkeypatch):
+    from kernels import rows as rows_mod
+
+    g = torch.Generator().manual_seed(0)
+    dz = (torch.randn(64, 96, generator=g) * 1e-3).to(torch.bfloat16)
+    h = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    dw = torch.randn(96, 32, generator=g)
+    want = dw.double() + dz.double().t() @ h.double()
+    rows_mod.accumulate_dw(dw, dz, h)
+    err = float((dw.double() - want).abs().max() / want.abs().max())
+    assert err < 1e-6  # an fp32 accumulation: a bf16-rounded partial product would be off by ~1e-3
+    calls = []
+    real = torch.addmm
+
+    def oom(*args, **kwargs):
+        calls.append(kwargs.get("out_dtype"))
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(rows_mod, "_FP32_OUT", {})
+    monkeypatch.setattr(torch, "addmm", oom)
+    with pytest.raises(torch.OutOfMemoryError):
+        rows_mod.accumulate_dw(dw, dz, h)
+    monkeypatch.setattr(torch, "addmm", real)
+    rows_mod.accumulate_dw(dw, dz, h)  # the failed probe cached nothing: probed again, once
+    assert len(rows_mod._FP32_OUT) == 1

@@ -142,3 +142,40 @@ def test_fsdp_mixed_precision_step_equals_one_process(letters):
             b = torch.from_numpy(d[n])
             cos = float(a.flatten() @ b.flatten() / (a.norm() * b.norm()))
             assert cos > 0.95, n  # bf16 rounding differs with the split (Adam's first step ~ lr·sign(g))
+
+
+def test_mfu_counts_forward_only_passes_at_a_third_and_per_device():
+    from engine.train.metrics import efficiency, nvml_uuid
+
+    model = torch.nn.Linear(10, 10, bias=False)  # 100 parameters
+    assert efficiency(model, 2.0, 1e-9, train_tokens=3)["mfu"] == pytest.approx(100 * 18 / 2 / 1e3)
+    both = efficiency(model, 2.0, 1e-9, train_tokens=3, forward_tokens=6, devices=2)["mfu"]
+    assert both == pytest.approx(100 * (18 + 12) / 2 / 1e3 / 2)
+    assert "mfu" not in efficiency(model, 2.0, 0.0, train_tokens=3)  # no peak given: no MFU
+    assert nvml_uuid("58e8a3c1-0000-1111-2222-333344445555") == "GPU-58e8a3c1-0000-1111-2222-333344445555"
+    assert nvml_uuid("GPU-abc") == "GPU-abc" and nvml_uuid("MIG-abc") == "MIG-abc"
+
+
+def test_rl_step_mfu_covers_the_old_log_prob_pass(letters):
+    from test_rl_options import scripted_generate
+    from test_rl_train import LetterTokenizer, ToyReward
+
+    from engine.config import DataConfig, RLConfig
+    from engine.curriculum import PhaseSampler
+    from engine.data import synthetic
+    from engine.model import load_model
+    from engine.train.rl import GRPOTrainer
+
+    model, _ = load_model(letters, device="cpu", dtype="float32")
+    rl = RLConfig(group_size=4, batch_prompts=2, max_new_tokens=6, max_rounds=1, dynamic_sampling=False,
+                  entropy_coef=0.01, mini_batches=2)
+    trainer = GRPOTrainer(model, LetterTokenizer(), synthetic.generate(4, 12, seed=3, kinds=("lookup",)), rl,
+                          TrainConfig(lr=1e-3, seed=0, peak_tflops=1e-6), reward=ToyReward(), total_steps=1,
+                          data=DataConfig(template="plain"))
+    trainer.generator.generate = scripted_generate([3, 5, 2, 6])
+    row = trainer.step(PhaseSampler(list(trainer.records), seed=0), max_input=400)
+    through = row["update_tokens"] / 2  # two passes: the update and the old log-probs
+    params = sum(p.numel() for p in model.parameters())
+    seconds = row["time/update"] + row["time/old_logprob"]
+    assert row["time/old_logprob"] > 0 and "_work" not in row
+    assert row["mfu"] == pytest.approx(params * (6 * through + 2 * through) / seconds / 1e6, rel=1e-6)

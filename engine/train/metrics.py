@@ -45,34 +45,59 @@ class MetricsLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
 
-def efficiency(model, tokens: int, seconds: float, peak_tflops: float) -> dict:
-    """MFU of an update (6 FLOPs per parameter per token for forward + backward; attention
-    left out, so long sequences read low) when train.peak_tflops is set, and on a GPU its
-    memory, utilisation and power from NVML."""
+def efficiency(model, seconds: float, peak_tflops: float, *, train_tokens: int = 0, forward_tokens: int = 0,
+               devices: int = 1) -> dict:
+    """MFU over the work `seconds` covers: 6 FLOPs per parameter per token that ran forward
+    and backward, 2 per token that ran forward only (old and reference log-probs); attention
+    left out, so long sequences read low. `devices`: how many shared that work (the tokens are
+    global, the time one rank's). Set when train.peak_tflops is; on a GPU also the step's
+    peak memory, and utilisation and power from NVML."""
     out = {}
-    if peak_tflops and seconds > 0 and tokens:
-        params = sum(p.numel() for p in model.parameters())
-        out["mfu"] = 6 * params * tokens / seconds / (peak_tflops * 1e12)
+    flops_per_param = 6 * train_tokens + 2 * forward_tokens
+    if peak_tflops and seconds > 0 and flops_per_param:
+        params = sum(p.numel() for p in model.parameters())  # global counts, sharded or not
+        out["mfu"] = params * flops_per_param / seconds / (peak_tflops * 1e12 * devices)
     out.update(gpu_stats())
     return out
 
 
+def reset_peak_memory() -> None:
+    """Start a step's peak-memory window (torch keeps a lifetime peak otherwise)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def nvml_uuid(torch_uuid) -> str:
+    """torch's device UUID (as CUDA_VISIBLE_DEVICES maps it) in NVML's spelling. NVML numbers
+    the machine's GPUs ignoring CUDA_VISIBLE_DEVICES, so a handle by torch's index can be
+    another GPU; by UUID it is this process's."""
+    text = str(torch_uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+
+
 def gpu_stats() -> dict:
-    """NVML readings of GPU 0; an empty dict where there is no GPU or no NVML (quietly)."""
+    """This process's GPU: the step's peak allocated memory (torch), and NVML's memory in use,
+    utilisation and power when nvidia-ml-py is installed; {} without a GPU."""
     try:
         import torch
         if not torch.cuda.is_available():
             return {}
-        import pynvml
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-        return {"gpu/memory_gb": mem.used / 2 ** 30, "gpu/util": util.gpu,
-                "gpu/power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
-                "gpu/max_allocated_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
     except Exception:
         return {}
+    out = {"gpu/max_allocated_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        uuid = torch.cuda.get_device_properties(torch.cuda.current_device()).uuid
+        handle = pynvml.nvmlDeviceGetHandleByUUID(nvml_uuid(uuid))
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+        out.update({"gpu/memory_gb": mem.used / 2 ** 30, "gpu/util": util.gpu,
+                    "gpu/power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000})
+    except Exception:  # no nvidia-ml-py, or NVML unavailable: torch's figure stands alone
+        pass
+    return out
 
 
 def _tensorboard(log_dir: Path):

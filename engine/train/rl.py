@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import GRPOLossConfig, aggregation_weights, linear_grpo_loss, linear_logprob
-from kernels.rows import rows_for_budget
+from kernels.rows import logit_bytes, pick_rows, rows_for_budget
 
 from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
@@ -31,7 +31,7 @@ from ..rewards import HybridReward, RewardItem
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
 from .loop import OptimizerStep
-from .metrics import efficiency
+from .metrics import efficiency, reset_peak_memory
 from .optim import make_optimizer
 
 
@@ -100,8 +100,10 @@ class GRPOTrainer:
                                        clip_c=rl.clip_c, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
                                        entropy_coef=rl.entropy_coef, tis_cap=rl.tis_cap or None)
         backend, chunk_mb = (kernels or KernelsConfig()).resolved()
-        vocab = model.lm_head_weight.shape[0]
-        self.kernel_args = {"backend": backend, "chunk_tokens": rows_for_budget(vocab, chunk_mb) if chunk_mb else None}
+        w = model.lm_head_weight
+        per_logit = logit_bytes(pick_rows(backend, w.device), self.precision.compute or w.dtype)
+        self.kernel_args = {"backend": backend,
+                            "chunk_tokens": rows_for_budget(w.shape[0], chunk_mb, per_logit) if chunk_mb else None}
         self.aepo = AEPOController(rl.aepo_high, rl.aepo_low) if rl.aepo_high > 0 else None
         self.ref_model = None
         if rl.kl_coef > 0:
@@ -195,6 +197,7 @@ class GRPOTrainer:
     def step(self, sampler, max_input: int) -> dict:
         started = time.perf_counter()
         timing = defaultdict(float)
+        reset_peak_memory()
         if self.rollout_model is not None:
             t0 = time.perf_counter()
             self._sync_rollout_weights()
@@ -218,8 +221,10 @@ class GRPOTrainer:
             row.update(self._update(batch, timing))
         self.step_count += 1
         row["time/step"] = time.perf_counter() - started
-        row.update(efficiency(self.model, row.get("update_tokens", 0), timing["update"] + timing["old_logprob"]
-                              + timing["ref_logprob"], self.cfg.peak_tflops))
+        work = row.pop("_work", (0, 0))  # (tokens forward + backward, tokens forward only)
+        row.update(efficiency(self.model, timing["update"] + timing["old_logprob"] + timing["ref_logprob"],
+                              self.cfg.peak_tflops, train_tokens=work[0], forward_tokens=work[1],
+                              devices=1 if self.parallel is None else self.parallel.world))
         return row
 
     def _sync_rollout_weights(self) -> None:
@@ -452,7 +457,8 @@ class GRPOTrainer:
                     "lr": result["lr"], "time/update": timing["update"], "time/old_logprob": timing["old_logprob"],
                     "time/ref_logprob": timing["ref_logprob"], "update_tokens": through * passes,
                     "update_tokens_per_s": through / max(timing["update"], 1e-9),
-                    "update/shared_prefix_saving": repeated / max(through, 1)})
+                    "update/shared_prefix_saving": repeated / max(through, 1),
+                    "_work": (through, through * (passes - 1))})
         renamed = {"mismatch_abs": "mismatch/mean_abs", "max_mismatch_abs": "mismatch/max_abs",
                    "mismatch_over": "mismatch/over_0.1", "tis_weight": "tis/mean_weight", "tis_capped": "tis/capped"}
         stats_mean = {k: v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"}

@@ -25,7 +25,7 @@ from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
 from ..data.template import end_of_turn_id, opens_thinking, resolve_think, sft_target
 from .loop import OptimizerStep, TrainingStopped
-from .metrics import efficiency
+from .metrics import efficiency, reset_peak_memory
 from .optim import make_optimizer
 
 __all__ = ["SFTTrainer", "SFTState", "sft_examples", "TrainingStopped"]
@@ -92,6 +92,7 @@ class SFTTrainer:
 
     def step(self) -> dict:
         started = time.perf_counter()
+        reset_peak_memory()
         model = self.model
         device = model.embed_tokens.weight.device
         chosen = [self.examples[i] for i in self._next_examples()]
@@ -126,7 +127,8 @@ class SFTTrainer:
         self.state.step += 1
         row["seconds"] = time.perf_counter() - started
         row["tokens_per_s"] = row["tokens"] / row["seconds"]
-        row.update(efficiency(model, row["tokens"], row["seconds"], self.cfg.peak_tflops))
+        row.update(efficiency(model, row["seconds"], self.cfg.peak_tflops, train_tokens=row["tokens"],
+                              devices=1 if par is None else par.world))
         return row
 
     def _forward(self, packed, device):
