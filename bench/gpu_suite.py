@@ -120,6 +120,41 @@ STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 90, "rl_step": 240,
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 
 
+CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "rl_step", "update", "ring"]
+
+
+def _version(module: str) -> str | None:
+    """The version of an optional tool, None where it is not installed (never raises)."""
+    try:
+        if importlib.util.find_spec(module) is None:
+            return None
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "installed"))
+    except ModuleNotFoundError:
+        return None
+    except Exception as exc:  # present but broken: say how
+        return f"broken ({type(exc).__name__})"
+
+
+def _guarded(fn):
+    """A case run in this process: its result, or {"error": the traceback's last lines}."""
+    import traceback
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - one case's failure is recorded, the rest still run
+        return {"error": traceback.format_exc().strip().splitlines()[-3:]}
+
+
+def _last_json(proc: subprocess.CompletedProcess) -> dict:
+    """A stage's result: the JSON of its last stdout line, or its stderr tail."""
+    if proc.returncode == 0:
+        try:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError):
+            return {"error": ["no JSON result line", *proc.stdout.strip().splitlines()[-2:]]}
+    return {"error": (proc.stderr.strip().splitlines() or ["(no stderr)"])[-3:]}
+
+
 def stage(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run one stage; past its timeout it is killed and reads as a failure that says so."""
     try:
@@ -133,10 +168,8 @@ def stage(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
 def run_case(tokens: int, hidden: int) -> dict:
     cmd = [sys.executable, "-m", "bench.kernel_case", "--impl", "fused", "--tokens", str(tokens), "--hidden",
            str(hidden), "--vocab", str(VOCAB), "--dtype", "bfloat16", "--device", "cuda", "--repeats", "3"]
-    proc = stage(cmd, STAGE_TIMEOUT["kernel_case"])
-    if proc.returncode != 0:
-        return {"tokens": tokens, "hidden": hidden, "error": proc.stderr.strip().splitlines()[-3:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = _last_json(stage(cmd, STAGE_TIMEOUT["kernel_case"]))
+    return {"tokens": tokens, "hidden": hidden, **result} if "error" in result else result
 
 
 def main(argv=None) -> int:
@@ -148,29 +181,44 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     import torch
-    import triton
+    versions = {"torch": torch.__version__, "triton": _version("triton"), "pytest": _version("pytest"),
+                "transformers": _version("transformers"), "flash_attn": _version("flash_attn")}
     if not torch.cuda.is_available():
-        print("gpu_suite: no CUDA device here", file=sys.stderr)
+        # every case needs CUDA: each is reported skipped, the JSON written, exit status 2
+        report = {"card": None, "date": datetime.datetime.now().isoformat(timespec="seconds"), **versions,
+                  **{name: {"skipped": "needs CUDA"} for name in CASE_NAMES}}
+        (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
+        tools = ", ".join(f"{k} {v or 'missing'}" for k, v in versions.items())
+        print(f"gpu_suite: no CUDA device here; tools: {tools}")
+        for name in CASE_NAMES:
+            print(f"{name}: skipped (needs CUDA)")
+        print(f"full figures: {out / 'gpu_suite.json'} (exit status 2: nothing ran)")
         return 2
+    if versions["triton"] is None:
+        print("gpu_suite: triton is not importable; the Triton cases will fail and say so", file=sys.stderr)
     from kernels.rows import chunk_rows
     card = torch.cuda.get_device_name()
-    report = {"card": card, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "torch": torch.__version__, "triton": triton.__version__}
-    print(f"gpu_suite on {card}: torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    report = {"card": card, "date": datetime.datetime.now().isoformat(timespec="seconds"), **versions}
+    print(f"gpu_suite on {card}: " + ", ".join(f"{k} {v or 'missing'}" for k, v in versions.items()), flush=True)
     if not args.skip_tests:
-        report["tests"] = run_tests(out)
-        print(f"tests: {report['tests']['summary']}", flush=True)
+        report["tests"] = _guarded(lambda: run_tests(out))
+        print(f"tests: {report['tests'].get('summary', report['tests'])}", flush=True)
         (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
-    rate = bf16_matmul_tflops()
+    rate = _guarded(bf16_matmul_tflops)
     report["bf16_matmul_tflops"] = rate
-    print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
+    if isinstance(rate, dict):  # the matmul itself failed: no roofline for the loss cases
+        print(f"bf16 matmul: {rate}", flush=True)
+        rate = float("nan")
+    else:
+        print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
 
     rows = []
     for tokens, hidden in CASES:
         r = run_case(tokens, hidden)
         if "error" not in r:
-            chunk = chunk_rows(tokens, VOCAB, torch.device("cuda"))
-            budget = chunk * VOCAB * 4 + VOCAB * hidden * 4  # one fp32 logits chunk + fp32 dW
+            # the Triton rows keep the chunk's logits in bf16: 2 bytes each (kernels.rows.logit_bytes)
+            chunk = chunk_rows(tokens, VOCAB, torch.device("cuda"), bytes_per_logit=2)
+            budget = chunk * VOCAB * 4 + VOCAB * hidden * 4  # fp32 logits' bytes for that chunk + fp32 dW
             r["roofline_fraction"] = 6 * tokens * hidden * VOCAB / r["seconds"] / (rate * 1e12)
             r["memory_budget_bytes"] = budget
             r["memory_vs_budget"] = r["peak_extra_bytes"] / budget
@@ -179,16 +227,11 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
     report["grpo_loss"] = rows
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))  # partial, in case a later stage hangs
-    proc = stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"])
-    if proc.returncode == 0:
-        report["rollout"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    else:
-        report["rollout"] = {"error": proc.stderr.strip().splitlines()[-3:]}
+    report["rollout"] = _last_json(stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"]))
     print(json.dumps(report["rollout"]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
-    proc = stage([sys.executable, "-m", "bench.train_step_case", "--gpu"], STAGE_TIMEOUT["rl_step"])
-    report["rl_step"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                         else {"error": proc.stderr.strip().splitlines()[-3:]})
+    report["rl_step"] = _last_json(stage([sys.executable, "-m", "bench.train_step_case", "--gpu"],
+                                         STAGE_TIMEOUT["rl_step"]))
     if "error" not in report["rl_step"]:
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
     print(json.dumps(report["rl_step"]), flush=True)
@@ -197,9 +240,7 @@ def main(argv=None) -> int:
     for layout in ("shared", "repeated"):
         cmd = [sys.executable, "-m", "bench.update_case", "--gpu", "--layout", layout, "--repeats", "2",
                *[x for k, val in UPDATE.items() for x in (f"--{k}", str(val))]]
-        proc = stage(cmd, STAGE_TIMEOUT["update"])
-        report["update"][layout] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                                    else {"error": proc.stderr.strip().splitlines()[-3:]})
+        report["update"][layout] = _last_json(stage(cmd, STAGE_TIMEOUT["update"]))
         print(json.dumps(report["update"][layout]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
 
@@ -228,9 +269,7 @@ def main(argv=None) -> int:
           f"update {st.get('time/update', 0):.1f}s; rollout {st['rollout_tokens_per_s']:.0f} tok/s, "
           f"update {st.get('update_tokens_per_s', 0):.0f} tok/s\n"
           f"time split: {'; '.join(st['split_problems']) or 'parts add up to the step (90-100%)'}")
-    proc = stage([sys.executable, "-m", "bench.gpu_ring_case"], STAGE_TIMEOUT["ring"])
-    report["ring"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                      else {"error": proc.stderr.strip().splitlines()[-3:]})
+    report["ring"] = _last_json(stage([sys.executable, "-m", "bench.gpu_ring_case"], STAGE_TIMEOUT["ring"]))
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
     ri = report["ring"]
     print("\n== ring attention, 4 x 8,192 tokens, 12/2 heads, d 128, bf16 ==")
@@ -251,7 +290,13 @@ def main(argv=None) -> int:
     if "tests" in report:
         print(f"tests on CUDA: {report['tests']['summary']}")
     print(f"full figures: {out / 'gpu_suite.json'}")
-    return 0 if report.get("tests", {}).get("returncode", 0) == 0 else 1
+    failed = [name for name in CASE_NAMES if isinstance(report.get(name), dict) and "error" in report[name]]
+    failed += [f"grpo_loss T={r['tokens']} H={r['hidden']}" for r in rows if "error" in r]
+    failed += [f"update {k}" for k, u in report["update"].items() if "error" in u]
+    if failed:
+        print(f"failed cases: {', '.join(failed)}")
+    # exit status: 0 every case ran and the tests passed; 1 a test or a case failed; 2 no CUDA
+    return 0 if report.get("tests", {}).get("returncode", 0) == 0 and not failed else 1
 
 
 if __name__ == "__main__":
