@@ -71,6 +71,17 @@ def gpu_model():
     return model
 
 
+def budget_from_free_memory(free_bytes: int, layers: int, hidden: int, cap: int = 32768, floor: int = 2048) -> int:
+    """Update tokens per micro-batch that fit half of `free_bytes` (after weights, gradients,
+    AdamW state and the rollout copy are allocated), with every layer checkpointed: per token,
+    each layer's saved bf16 input (2·H bytes) plus one layer's recomputed internals at a time
+    (~40·H bytes: attention and MLP activations and their gradients); a multiple of 1024
+    within floor..cap."""
+    per_token = layers * hidden * 2 + 40 * hidden * 2
+    tokens = int(free_bytes * 0.5) // per_token
+    return max(floor, min(cap, tokens // 1024 * 1024))
+
+
 def split_problems(row: dict, floor: float = 0.9) -> list[str]:
     """What is wrong with a step row's time split ([] when nothing). The parts are disjoint
     intervals inside time/step, so their sum cannot exceed it, and everything step() does
@@ -113,7 +124,10 @@ def main(argv=None) -> int:
         tok = ByteTokenizer()
         records = synthetic.generate(16, (1200, 1600), seed=0, kinds=("lookup", "two_hop"))
         rl = RLConfig(group_size=8, batch_prompts=8, max_new_tokens=256, temperature=1.0, top_p=1.0)
-        train = TrainConfig(lr=1e-6, token_budget=32768)
+        free = torch.cuda.mem_get_info()[0] - 3 * sum(p.numel() for p in model.parameters()) * 4  # grads + AdamW
+        budget = budget_from_free_memory(free, model.config.num_layers, model.config.hidden_size,
+                                         floor=-(-(16384 + rl.max_new_tokens) // 1024) * 1024)  # one prompt + response
+        train = TrainConfig(lr=1e-6, token_budget=budget)
         max_input = 16384
     else:
         model, tok = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
@@ -130,6 +144,7 @@ def main(argv=None) -> int:
     keep = ("time/step", *PARTS, "rollout_tokens_per_s", "update_tokens_per_s", "update_tokens",
             "response/mean_len", "dynamic/kept_groups", "loss", "mfu", "gpu/max_allocated_gb")
     print(json.dumps({"device": "cuda" if a.gpu else "cpu", "config/precision": precision.name,
+                      "config/token_budget": train.token_budget,
                       "config/mini_batches": rl.mini_batches,
                       "config/ref_model": trainer.ref_model is not None, **{k: row[k] for k in keep if k in row}}))
     return 0

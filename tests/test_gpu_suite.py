@@ -40,3 +40,13 @@ def test_suite_without_cuda_pytest_or_triton_skips_every_case(tmp_path):
         assert report[name] == {"skipped": "needs CUDA"}
         assert f"{name}: skipped (needs CUDA)" in proc.stdout
     assert "pytest missing" in proc.stdout and "triton missing" in proc.stdout
+
+
+def test_rl_step_case_budget_follows_free_memory():
+    from bench.train_step_case import budget_from_free_memory
+
+    gib = 1 << 30
+    per_token = 28 * 1536 * 2 + 40 * 1536 * 2  # the 1.5B shape: 209 KiB per token
+    assert budget_from_free_memory(40 * gib, 28, 1536) == 32768  # capped
+    assert budget_from_free_memory(4 * gib, 28, 1536) == (2 * gib // per_token) // 1024 * 1024 == 10240
+    assert budget_from_free_memory(gib // 8, 28, 1536, floor=17408) == 17408  # never below one sequence
