@@ -48,14 +48,17 @@ def _mark_phases(ax, spans) -> None:
     for k, (name, first, last) in enumerate(spans):
         if k:
             ax.axvline(first - 0.5, color="grey", linestyle="--", linewidth=0.8)
-        ax.text((first + last) / 2, 1.0, name, transform=ax.get_xaxis_transform(), ha="center", va="bottom",
-                fontsize=7, color="grey").set_in_layout(False)
+        ax.text((first + last) / 2, 0.98, name, transform=ax.get_xaxis_transform(), ha="center", va="top",
+                fontsize=8, color="grey").set_in_layout(False)
 
 
 def _curve(ax, rows: list[dict], stage: str, key: str, title: str, color: str) -> None:
     pts = [(r["step"], r[key]) for r in rows if r.get("stage") == stage and r.get(key) is not None]
     if pts:
         ax.plot(*zip(*pts), marker=".", color=color)
+    else:
+        ax.text(0.5, 0.5, f"no {stage.upper()} steps in this run", transform=ax.transAxes, ha="center",
+                color="grey")
     ax.set_title(title)
     ax.set_xlabel(f"{stage.upper()} step")
 
@@ -79,6 +82,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     evals = eval_points(rows)
     if evals:
         rl_points = [(s, a) for label, s, a in evals if label not in ("before", "after-sft")]
+        start = [(s, a) for label, s, a in evals if label == "after-sft"][-1:]  # the curve starts at SFT's figure
+        rl_points = start + rl_points if rl_points else rl_points
         if rl_points:
             ax.plot(*zip(*rl_points), marker="o", color="tab:blue", label="after RL steps")
         for label, marker, color in (("before", "x", "tab:red"), ("after-sft", "s", "tab:green")):
