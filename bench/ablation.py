@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         if rx and ry:
             g = paired_gain(item_scores(ry["dir"] / "eval" / ry["points"][-1][0]),
                             item_scores(rx["dir"] / "eval" / rx["points"][-1][0]))
-            lines.append(f"- {x} vs {y}: {describe(g, y, x)}")
+            lines.append(f"- {describe(g, y, x)}")
     try:
         lines += ["", f"curves: {plot_runs({r['arm']: r['dir'] for r in results}, out / 'ablation.png')}"]
     except ImportError:
