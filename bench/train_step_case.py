@@ -124,7 +124,8 @@ def main(argv=None) -> int:
         tok = ByteTokenizer()
         records = synthetic.generate(16, (1200, 1600), seed=0, kinds=("lookup", "two_hop"))
         rl = RLConfig(group_size=8, batch_prompts=8, max_new_tokens=256, temperature=1.0, top_p=1.0)
-        free = torch.cuda.mem_get_info()[0] - 3 * sum(p.numel() for p in model.parameters()) * 4  # grads + AdamW
+        params = sum(p.numel() for p in model.parameters())
+        free = torch.cuda.mem_get_info()[0] - params * (3 * 4 + 2)  # fp32 grads + AdamW, the bf16 rollout copy
         budget = budget_from_free_memory(free, model.config.num_layers, model.config.hidden_size,
                                          floor=-(-(16384 + rl.max_new_tokens) // 1024) * 1024)  # one prompt + response
         train = TrainConfig(lr=1e-6, token_budget=budget)

@@ -209,8 +209,8 @@ def test_kl_gradient_matches_the_k3_formula(letters):
     assert all(a == 0 for a in adv) and all(in_loss)
     chosen = list(range(len(samples)))
     assert len(trainer._micro_batches(trainer.model, batch, samples, chosen)) > 1
-    by_sample = trainer._response_logprobs(trainer.ref_model, batch, samples, chosen)
-    ref = torch.cat([by_sample[k] for k in chosen]).double()
+    table = trainer._response_logprobs(trainer.ref_model, batch, samples, chosen)
+    ref = table.flat.double()  # every chosen sample's response tokens, in order
     seqs = [(g.prompt + c.token_ids, [0] * len(g.prompt) + [1] * len(c.token_ids)) for g in batch
             for c in g.completions]
     packed = pack(seqs)

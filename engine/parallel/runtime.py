@@ -3,8 +3,8 @@ MASTER_ADDR, MASTER_PORT), grouped into a ("dp", "sp") mesh by [parallel] sp.
 
     par = Parallel.from_env(cfg.parallel, device)   # None when the run is one process
     par.dp, par.dp_rank, par.sp, par.sp_rank, par.sp_group, par.is_main
-    par.sum(x)  par.max(n)  par.sum_all(xs)  par.max_all(xs)   # figures over every rank
-    par.gather(obj)                                              # every rank's object, on every rank
+    par.sum(x)  par.max(n)                          # figures over every rank
+    par.gather(obj)                                 # every rank's object, on every rank
 
 Every collective times out after parallel.timeout_s: a rank that dies ends the job with an
 error on the others instead of a hang.
@@ -65,19 +65,6 @@ class Parallel:
         t = torch.tensor(int(n), dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t)
-
-    def sum_all(self, xs: list[float]) -> list[float]:
-        """Several figures summed over every rank in one collective."""
-        t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=self.device)
-        if len(xs):
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def max_all(self, xs: list[float]) -> list[float]:
-        t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=self.device)
-        if len(xs):
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t.tolist()
 
     def gather(self, obj) -> list:
         """Every rank's `obj` (picklable), in rank order, on every rank."""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from ..config import Config
 from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
 from .loop import Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
@@ -166,9 +164,9 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     precision = Precision.of(cfg, model.embed_tokens.weight.device)
     rollout_model = None
     if par is not None:  # an unsharded copy generates (in the compute dtype); the trained model is sharded
-        import copy
         from ..parallel import parallelize
-        rollout_model = copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32)
+        from .rl import rollout_copy
+        rollout_model = rollout_copy(model, precision)
         parallelize(model, par.mesh, precision.compute)
     records = [r for path in rl.data for r in load_records(path, format=rl.format)]
     lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, chat=cfg.data.chat_template,

@@ -12,8 +12,9 @@ A run on several ranks (engine.parallel) writes the model and optimizer sharded 
 
     step-000100/dcp/          torch.distributed.checkpoint: {"model": …, "optim": …}, each rank
                               its own shards, keyed by parameter name (loads at any world size)
-    step-000100/model/        config and tokenizer; the weights too (gathered, what transformers
-                              loads) only where the save asks for an export: phase ends, the end
+    step-000100/model/        config and tokenizer; the gathered weights too (what transformers
+                              loads) only where the save asks for an export: the end of SFT
+                              and of each RL phase
 
 `longrl convert` (and load_model) read the weights of either kind.
 

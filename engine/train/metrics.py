@@ -79,11 +79,8 @@ def nvml_uuid(torch_uuid) -> str:
 def gpu_stats() -> dict:
     """This process's GPU: the step's peak allocated memory (torch), and NVML's memory in use,
     utilisation and power when nvidia-ml-py is installed; {} without a GPU."""
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            return {}
-    except Exception:
+    import torch
+    if not torch.cuda.is_available():
         return {}
     out = {"gpu/max_allocated_gb": torch.cuda.max_memory_allocated() / 2 ** 30}
     try:

@@ -48,6 +48,12 @@ class _Micro:
     within: torch.Tensor  # [N] which of its sample's response tokens each row predicts (0, 1, ...)
 
 
+def rollout_copy(model, precision):
+    """A frozen copy of (unsharded) `model` in the compute dtype, for the rollout to generate
+    with; GRPOTrainer refreshes its weights once per step."""
+    return copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32)
+
+
 @dataclass
 class Group:
     record: object
@@ -83,7 +89,7 @@ class GRPOTrainer:
         self.parallel = parallel
         self.precision = precision or Precision(None, model.lm_head_weight.device.type)
         if rollout_model is None and self.precision.compute is not None:
-            rollout_model = copy.deepcopy(model).requires_grad_(False).eval().to(self.precision.compute)
+            rollout_model = rollout_copy(model, self.precision)
         self.rollout_model = rollout_model
         self.records = {r.id: r for r in records}
         if rl.lr:
@@ -398,8 +404,8 @@ class GRPOTrainer:
             t0 = time.perf_counter()
             ref = self._response_logprobs(self.ref_model, batch, samples, loss_samples)
             timing["ref_logprob"] += time.perf_counter() - t0
-        behaviour = _table({k: torch.tensor(samples[k][1].logprobs, dtype=torch.float32) for k in loss_samples})
-        old, ref = (None if x is None else _table(x) for x in (old, ref))
+        behaviour = _Table(samples, loss_samples, device)
+        behaviour.flat.copy_(torch.tensor([lp for k in loss_samples for lp in samples[k][1].logprobs]))
         adv_all = torch.tensor(seq_adv, device=device)
         t0 = time.perf_counter()
         stats_sum, stats_max, n_stats, losses, norms, through = defaultdict(float), {}, 0, [], [], 0
@@ -423,9 +429,8 @@ class GRPOTrainer:
                 cast = self.precision.cast
                 loss, stats = linear_grpo_loss(
                     cast(hidden[m.rows]), cast(weight), m.targets, advantages=adv_all[m.samples], token_weight=w,
-                    old_logprob=None if old is None else _rows_of(old, m, device),
-                    ref_logprob=None if ref is None else _rows_of(ref, m, device),
-                    behaviour_logprob=_rows_of(behaviour, m, device), cfg=self.loss_cfg, **self.kernel_args)
+                    old_logprob=None if old is None else old.at(m), ref_logprob=None if ref is None else ref.at(m),
+                    behaviour_logprob=behaviour.at(m), cfg=self.loss_cfg, **self.kernel_args)
                 loss.backward()
                 loss_total += loss.item()
                 for key, val in stats.items():
@@ -441,16 +446,15 @@ class GRPOTrainer:
                 losses.append(loss_total)
                 norms.append(result["grad_norm"])
         timing["update"] += time.perf_counter() - t0
-        if par is not None:  # figures over every rank (each rank's rows are a disjoint share)
-            through = int(par.sum(through))
-            n_stats = int(par.sum(n_stats))
-            names = par.gather((sorted(stats_sum), sorted(stats_max)))  # a rank with only empty micro-batches has none
-            stats_sum = {k: stats_sum.get(k, 0.0) for k in sorted({k for a, _ in names for k in a})}
-            stats_max = {k: stats_max.get(k, float("-inf")) for k in sorted({k for _, b in names for k in b})}
-            keys = sorted(stats_sum)
-            stats_sum = dict(zip(keys, par.sum_all([stats_sum[k] for k in keys])))
-            mkeys = sorted(stats_max)
-            stats_max = dict(zip(mkeys, par.max_all([stats_max[k] for k in mkeys])))
+        if par is not None:  # figures over every rank (each rank's rows are a disjoint share; a rank
+            parts = par.gather((through, n_stats, dict(stats_sum), stats_max))  # with only empty ones has no stats)
+            through, n_stats = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            stats_sum, stats_max = defaultdict(float), {}
+            for _, _, sums, maxes in parts:
+                for key, val in sums.items():
+                    stats_sum[key] += val
+                for key, val in maxes.items():
+                    stats_max[key] = max(stats_max.get(key, float("-inf")), val)
         repeated = sum(len(batch[samples[k][0]].prompt) + len(samples[k][1].token_ids) for k in loss_samples)
         passes = 1 + (old is not None) + (ref is not None)
         out.update({"loss": sum(losses) / max(len(losses), 1), "grad_norm": sum(norms) / max(len(norms), 1),
@@ -467,11 +471,11 @@ class GRPOTrainer:
         return out
 
     @torch.no_grad()
-    def _response_logprobs(self, model, batch, samples, chosen) -> dict[int, torch.Tensor]:
-        """Per loss sample, the log-prob of each response token under `model` [R] (under
-        several ranks: the entries of the rows this rank holds; the rest stay 0), over loss
-        rows only (the lm_head never sees a prompt row), in the update's layout."""
-        out = {k: torch.zeros(len(samples[k][1].token_ids)) for k in chosen}
+    def _response_logprobs(self, model, batch, samples, chosen) -> "_Table":
+        """Per loss sample, the log-prob of each response token under `model` (under several
+        ranks: the entries of the rows this rank holds; the rest stay 0), over loss rows only
+        (the lm_head never sees a prompt row), in the update's layout."""
+        out = _Table(samples, chosen, model.lm_head_weight.device)
         cast = self.precision.cast
         for m in self._my_micro_batches(model, batch, samples, chosen):
             with self.precision.autocast():
@@ -480,8 +484,7 @@ class GRPOTrainer:
                 continue
             logp, _ = linear_logprob(cast(hidden[m.rows]), cast(model.lm_head_weight), m.targets,
                                      temperature=self.rl.temperature, **self.kernel_args)
-            for k, idx, lp in zip(m.samples.tolist(), m.within.tolist(), logp.cpu().tolist()):
-                out[k][idx] = lp
+            out.put(m, logp)
         return out
 
     def state_dict(self) -> dict:
@@ -524,19 +527,24 @@ def _within(samples: torch.Tensor) -> torch.Tensor:
     return torch.arange(len(samples), device=samples.device) - first
 
 
-def _table(per_sample: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample, per-response-token values (old, reference or behaviour log-probs) as one
-    flat tensor and each sample's offset into it."""
-    keys = sorted(per_sample)
-    if not keys:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.long)
-    sizes = torch.tensor([len(per_sample[k]) for k in keys])
-    offset = torch.zeros(keys[-1] + 1, dtype=torch.long)
-    offset[torch.tensor(keys)] = torch.cumsum(sizes, 0) - sizes
-    return torch.cat([per_sample[k] for k in keys]), offset
+class _Table:
+    """A value per response token of each sample in `chosen` (old, reference or behaviour
+    log-probs), one flat tensor on `device`; read and written at a micro-batch's loss rows
+    by (sample, index within the sample)."""
 
+    def __init__(self, samples, chosen: list[int], device):
+        sizes = torch.tensor([len(samples[k][1].token_ids) for k in chosen], dtype=torch.long)
+        self.offset = torch.zeros(len(samples), dtype=torch.long)
+        if chosen:
+            self.offset[torch.tensor(chosen)] = torch.cumsum(sizes, 0) - sizes
+        self.offset = self.offset.to(device)
+        self.flat = torch.zeros(int(sizes.sum()), device=device)
 
-def _rows_of(table: tuple[torch.Tensor, torch.Tensor], m: _Micro, device) -> torch.Tensor:
-    """A _table read at the micro-batch's loss rows."""
-    flat, offset = table
-    return flat[offset[m.samples.cpu()] + m.within.cpu()].to(device)
+    def _index(self, m: _Micro) -> torch.Tensor:
+        return self.offset[m.samples] + m.within
+
+    def at(self, m: _Micro) -> torch.Tensor:
+        return self.flat[self._index(m)]
+
+    def put(self, m: _Micro, values: torch.Tensor) -> None:
+        self.flat[self._index(m)] = values.to(self.flat.dtype)
