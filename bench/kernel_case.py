@@ -60,7 +60,9 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
         loss.backward()
         return loss
 
-    step(*make(64, 16, 32))  # warm code paths on tiny shapes (keeps the memory baseline clean)
+    # warm on few tokens at the real vocabulary: compiles, and times the row kernels' launch
+    # settings (kernels.triton_rows.launch_config) before the memory baseline is taken
+    step(*make(64, 16 if dev.type != "cuda" else hidden, 32 if dev.type != "cuda" else vocab))
     inputs = make(tokens, hidden, vocab)
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -85,7 +87,16 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
     time_ = spread(times)
     return {"impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
             "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
-            "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size()}
+            "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size(), "row_launch": _row_launch()}
+
+
+def _row_launch() -> dict:
+    """The row kernels' launch settings chosen in this process, {"stats V=… bfloat16": [BLOCK_V, warps]}."""
+    import sys
+    mod = sys.modules.get("kernels.triton_rows")
+    if mod is None:
+        return {}
+    return {f"{k[0]} V={k[1]} {str(k[2]).removeprefix('torch.')}": list(v) for k, v in mod._LAUNCH.items()}
 
 
 def main(argv=None) -> int:

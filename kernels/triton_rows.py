@@ -1,12 +1,16 @@
 """Triton row kernels for the fused log-prob / GRPO path (see kernels/rows.py for the math).
 
 One program per row of a logits chunk z [C, V]; each walks the vocabulary in BLOCK_V
-tiles with an online max / sum-exp, all in fp32 whatever z's dtype. The grid has C
+tiles with an online max / sum-exp, all in fp32 whatever z's dtype. The tile width and the
+warps per program come from a short candidate list, timed on the card at first use
+(`launch_config`). The grid has C
 programs on axis 0 (C <= 4096), and row offsets are computed in int64, so nothing here
 depends on the total sequence length. Written for Triton 3.6 and later: plain tl ops only.
 Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (the tests do that).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -66,8 +70,45 @@ def _row_grad_kernel(z_ptr, stride_z, targets_ptr, lse_ptr, ent_ptr, glogp_ptr, 
         tl.store(base + cols, (d * inv_temp).to(z_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(vocab: int) -> int:
-    return min(4096, triton.next_power_of_2(vocab))
+# (BLOCK_V, num_warps) candidates for the row kernels: a row program streams V values, so the
+# tile width and the warps that share it trade registers against memory-level parallelism;
+# which wins depends on V, the dtype and the card, so it is measured once per (kernel, V, dtype,
+# device) on first use and cached. Under the interpreter (CPU) the first candidate is used.
+LAUNCH_CANDIDATES = ((4096, 4), (4096, 8), (4096, 16), (2048, 4), (2048, 8), (1024, 4))
+_LAUNCH: dict[tuple, tuple[int, int]] = {}
+TUNE_ROWS = 256  # rows of the chunk the timing runs on (a row program's time does not depend on C)
+
+
+def _cuda_timer(run) -> float:
+    run()  # compile outside the timing
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def launch_config(kind: str, z: torch.Tensor, launch, timer=None) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row kernel over z [C, V]: the fastest of LAUNCH_CANDIDATES,
+    timed once on a copy of at most TUNE_ROWS rows (the grad kernel writes its input), then
+    cached. `launch(z_rows, block_v, warps)` runs the kernel; `timer(run) -> seconds` times a
+    callable (default: CUDA events; on CPU no timing, the first candidate)."""
+    v = z.shape[1]
+    key = (kind, v, z.dtype, z.device.type, z.device.index)
+    if key in _LAUNCH:
+        return _LAUNCH[key]
+    fits = [(min(b, triton.next_power_of_2(v)), w) for b, w in LAUNCH_CANDIDATES]
+    fits = list(dict.fromkeys(fits))  # a small vocabulary maps several tiles to the same width
+    if len(fits) == 1 or timer is None and (z.device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+        _LAUNCH[key] = fits[0]
+        return fits[0]
+    timer = timer or _cuda_timer
+    sample = z[:TUNE_ROWS].clone()
+    times = {cfg: timer(lambda cfg=cfg: launch(sample, *cfg)) for cfg in fits}
+    _LAUNCH[key] = min(times, key=times.get)
+    return _LAUNCH[key]
 
 
 class TritonRows:
@@ -79,9 +120,13 @@ class TritonRows:
         lse = torch.empty(c, device=z.device, dtype=torch.float32)
         logp = torch.empty_like(lse)
         ent = torch.empty_like(lse)
+
+        def launch(rows, block_v, warps):
+            n = rows.shape[0]
+            _row_stats_kernel[(n,)](rows, rows.stride(0), targets, lse, logp, ent, v, float(inv_temp),
+                                    BLOCK_V=block_v, num_warps=warps)
         if c:
-            _row_stats_kernel[(c,)](z, z.stride(0), targets, lse, logp, ent, v, float(inv_temp),
-                                    BLOCK_V=_block_v(v))
+            launch(z, *launch_config("stats", z, launch))
         return lse, logp, ent if with_entropy else None
 
     @staticmethod
@@ -89,9 +134,13 @@ class TritonRows:
              grad_logp: torch.Tensor, grad_ent: torch.Tensor | None, inv_temp: float) -> torch.Tensor:
         c, v = z.shape
         has_ent = grad_ent is not None
+        g_logp = grad_logp.float().contiguous()
+        g_ent = grad_ent.float().contiguous() if has_ent else lse
+
+        def launch(rows, block_v, warps):
+            _row_grad_kernel[(rows.shape[0],)](rows, rows.stride(0), targets, lse, entropy if has_ent else lse,
+                                               g_logp, g_ent, v, float(inv_temp), HAS_ENT=has_ent,
+                                               BLOCK_V=block_v, num_warps=warps)
         if c:
-            _row_grad_kernel[(c,)](z, z.stride(0), targets, lse, entropy if has_ent else lse,
-                                   grad_logp.float().contiguous(),
-                                   grad_ent.float().contiguous() if has_ent else lse,
-                                   v, float(inv_temp), HAS_ENT=has_ent, BLOCK_V=_block_v(v))
+            launch(z, *launch_config("grad", z, launch))
         return z

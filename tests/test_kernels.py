@@ -498,3 +498,54 @@ def test_accumulate_dw_of_half_inputs_stays_in_fp32_and_lets_oom_through(monkeyp
     monkeypatch.setattr(torch, "addmm", real)
     rows_mod.accumulate_dw(dw, dz, h)  # the failed probe cached nothing: probed again, once
     assert len(rows_mod._FP32_OUT) == 1
+
+
+def test_row_kernel_launch_config_is_the_fastest_candidate_and_keeps_the_results(monkeypatch):
+    from kernels import triton_rows
+    from kernels.rows import TorchRows
+
+    monkeypatch.setattr(triton_rows, "_LAUNCH", {})
+    g = torch.Generator().manual_seed(0)
+    c, v = 6, 3000  # not a power of two: the last tile is partial for every width
+    z = torch.randn(c, v, generator=g) * 3
+    targets = torch.randint(0, v, (c,), generator=g)
+    fastest = (2048, 8)
+    timed = []
+
+    def timer(run):  # runs each candidate for real (on the copy), reports a made-up time
+        run()
+        timed.append(len(timed))
+        return 1.0 if len(timed) != 1 + triton_rows.LAUNCH_CANDIDATES.index(fastest) else 0.5
+
+    want_lse, want_logp, want_ent = TorchRows.stats(z.clone(), targets, 0.7)
+    gl = torch.randn(c, generator=g)
+    ge = torch.randn(c, generator=g)
+    want_dz = TorchRows.grad(z.clone(), targets, want_lse, want_ent, gl, ge, 0.7)
+    for kind in ("stats", "grad"):
+        def launch(rows, block_v, warps, kind=kind):
+            if kind == "stats":
+                triton_rows._row_stats_kernel[(rows.shape[0],)](
+                    rows, rows.stride(0), targets, *(torch.empty(rows.shape[0]) for _ in range(3)), v, 0.7,
+                    BLOCK_V=block_v, num_warps=warps)
+            else:
+                triton_rows._row_grad_kernel[(rows.shape[0],)](
+                    rows, rows.stride(0), targets, want_lse, want_ent, gl, ge, v, 0.7, HAS_ENT=True,
+                    BLOCK_V=block_v, num_warps=warps)
+        timed.clear()
+        assert triton_rows.launch_config(kind, z, launch, timer=timer) == fastest
+        assert len(timed) == len(triton_rows.LAUNCH_CANDIDATES)  # 3000 < 4096: no width collapses
+        assert triton_rows.launch_config(kind, z, launch, timer=timer) == fastest and len(timed) == 6  # cached
+    # every candidate width computes the same thing; tuning (on a copy) leaves z as it was
+    for block_v, warps in triton_rows.LAUNCH_CANDIDATES:
+        monkeypatch.setattr(triton_rows, "_LAUNCH", {})
+        monkeypatch.setattr(triton_rows, "LAUNCH_CANDIDATES", ((block_v, warps),))
+        lse, logp, ent = triton_rows.TritonRows.stats(z, targets, 0.7)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logp, want_logp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ent, want_ent, rtol=1e-4, atol=1e-5)
+        dz = triton_rows.TritonRows.grad(z.clone(), targets, lse, ent, gl, ge, 0.7)
+        torch.testing.assert_close(dz, want_dz, rtol=1e-4, atol=1e-6)
+    monkeypatch.setattr(triton_rows, "LAUNCH_CANDIDATES", ((1024, 4), (4096, 4)))
+    monkeypatch.setattr(triton_rows, "_LAUNCH", {})
+    small = z[:, :300].contiguous()  # both widths fit in 512: one candidate left, nothing to time
+    assert triton_rows.launch_config("stats", small, lambda *a: None, timer=lambda run: 1 / 0) == (512, 4)
