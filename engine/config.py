@@ -277,7 +277,7 @@ class RewardConfig:
 @dataclass
 class RolloutConfig:
     """The paged KV cache and scheduler of in-process generation (training, eval, judge)."""
-    block_size: int = 16  # tokens per KV block (a power of two; flash-attn's paged API wants 256)
+    block_size: int = 16  # tokens per KV block: a power of two, 16 .. 256 (flash-attn's paged API wants 256)
     gpu_memory_fraction: float = 0.5  # of the free GPU memory, when cache_mb is 0
     cache_mb: int = 0  # explicit KV cache budget in MiB; 0: the fraction on a GPU, 2 GiB on CPU
     max_num_seqs: int = 256  # sequences decoding together
@@ -285,8 +285,8 @@ class RolloutConfig:
     decode_backend: Literal["auto", "torch", "triton"] = "auto"  # $LONGRL_PAGED_BACKEND overrides
 
     def validate(self, key: str) -> None:
-        _check(self.block_size >= 1 and not self.block_size & (self.block_size - 1), f"{key}.block_size",
-               "a power of two", self.block_size)
+        _check(16 <= self.block_size <= 256 and not self.block_size & (self.block_size - 1), f"{key}.block_size",
+               "a power of two from 16 to 256", self.block_size)
         _check(0 < self.gpu_memory_fraction <= 1, f"{key}.gpu_memory_fraction", "a number in (0, 1]",
                self.gpu_memory_fraction)
         _check(self.cache_mb >= 0 and self.max_num_seqs >= 1 and self.max_prefill_tokens >= 1,

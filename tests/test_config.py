@@ -179,6 +179,8 @@ def test_judge_keys_need_a_judge(tmp_path):
 
 def test_new_sections_check_their_values():
     for override, key in [("--rollout.block_size=24", "rollout.block_size"),
+                          ("--rollout.block_size=8", "rollout.block_size"),
+                          ("--rollout.block_size=512", "rollout.block_size"),
                           ("--rollout.gpu_memory_fraction=1.5", "rollout.gpu_memory_fraction"),
                           ("--kernels.chunk_mb=-1", "kernels.chunk_mb"),
                           ("--kernels.backend=cuda", "kernels.backend"),

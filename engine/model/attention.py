@@ -48,11 +48,17 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                q_offset: int = 0) -> torch.Tensor:
+                q_offset: int = 0, fused_offset: bool | None = None) -> torch.Tensor:
     """One sequence: q [Tq, Hq, D] attends causally to k, v [Tk, Hkv, D].
 
     q_offset is the position of q's first token among the keys (Tk - Tq when the keys
     hold a cached prefix); query i sees keys 0 .. q_offset + i.
+
+    With an offset, a boolean mask beside `enable_gqa` leaves SDPA only its math kernel on a
+    GPU, which materialises fp32 [Hq, Tq, Tk] scores (7.5 GB for 28 heads x 2,048 x 32K).
+    fused_offset (default: on CUDA) instead expands the K/V heads and passes a lower-right
+    causal bias, which the fused memory-efficient kernel takes. On CPU the boolean mask goes
+    to the fused CPU kernel as it is.
     """
     tq, tk = q.shape[0], k.shape[0]
     # 4-D [1, H, T, D]: with 3-D inputs torch's CPU sdpa takes its unfused math path (~6x slower)
@@ -62,6 +68,15 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     elif tq == 1:  # one new token sees every key: no mask
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
+    elif fused_offset if fused_offset is not None else q.is_cuda:
+        if q_offset != tk - tq:
+            raise ValueError(f"causal_sdpa: a lower-right causal bias needs q_offset = Tk - Tq, got {q_offset} "
+                             f"with Tq {tq}, Tk {tk}")
+        from torch.nn.attention.bias import causal_lower_right
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            kh, vh = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(tq, tk), scale=scale)
     else:
         rows = torch.arange(tq, device=q.device)[:, None] + q_offset
         mask = torch.arange(tk, device=q.device)[None, :] <= rows

@@ -5,6 +5,7 @@ budget when a rollout starts and dropped when it ends, so the update gets the me
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import torch
 
 from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
 
-from ..model.attention import causal_sdpa
+from ..model.attention import causal_sdpa, flash_attn_available
 
 
 @dataclass
@@ -50,8 +51,7 @@ class PagedKVCache:
             if cfg.max_bytes:
                 budget = cfg.max_bytes
             elif w.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(w.device)
-                budget = int(free * cfg.gpu_memory_fraction)
+                budget = cuda_cache_budget(w.device, cfg.gpu_memory_fraction)
             else:
                 budget = cfg.cpu_bytes
             num_blocks = budget // per_block
@@ -73,6 +73,16 @@ class PagedKVCache:
         for src, dst in copies:
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
+
+
+def cuda_cache_budget(device: torch.device, fraction: float) -> int:
+    """Bytes for the KV cache: a fraction of the device's free memory, read after handing
+    PyTorch's cached blocks back to the driver (the update's activations and logits chunks
+    stay cached in the allocator, and the driver counts them as used until released)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free * fraction)
 
 
 def _decode_backend(device: torch.device, configured: str = "auto") -> str:
@@ -117,6 +127,34 @@ class PagedAttention:
                     bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
                 self.block_tables = bt.to(device)
                 self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+        else:
+            self._plan_prefill(tables, cached, new, bs, device)
+
+    def _plan_prefill(self, tables, cached, new, bs, device) -> None:
+        """Index tensors for a prefill step, built once and used by every layer: each chunk that
+        continues a cached sequence gathers its keys by slot; a sequence's first chunk attends to
+        its own new keys as they are. With flash-attn (CUDA) the step is one varlen call over all
+        sequences (separate q / k cu_seqlens, bottom-right causal), keys gathered by one index."""
+        self.varlen = _flash_varlen(device, self.cache.k.dtype)
+        rows, start = [], 0
+        key_slots, k_lens = [], []
+        for table, c, n in zip(tables, cached, new):
+            total = c + n
+            slots = None
+            if c or self.varlen:
+                blocks = torch.tensor(table[: -(-total // bs)], dtype=torch.long)
+                slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[:total]
+                key_slots.append(slots)
+                slots = None if self.varlen else slots.to(device)
+            rows.append((start, n, c, slots))
+            k_lens.append(total)
+            start += n
+        self.prefill_rows = rows
+        if self.varlen:
+            self.key_slots = torch.cat(key_slots).to(device)
+            self.cu_q = torch.tensor([0, *itertools.accumulate(new)], dtype=torch.int32, device=device)
+            self.cu_k = torch.tensor([0, *itertools.accumulate(k_lens)], dtype=torch.int32, device=device)
+            self.max_q, self.max_k = max(new), max(k_lens)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         kc, vc = self.cache.k[layer], self.cache.v[layer]  # [NB, BS, Hkv, D]
@@ -130,16 +168,24 @@ class PagedAttention:
         if self.decode:
             fn = paged_decode_attention if self.backend == "triton" else paged_decode_attention_ref
             return fn(q, kc, vc, self.block_tables, self.seq_lens, scale)
-        outs, start = [], 0
-        bs = self.cache.block_size
-        for table, c, n in zip(self.tables, self.cached, self.new):
-            total = c + n
-            idx = torch.tensor(table[: -(-total // bs)], dtype=torch.long, device=kc.device)
-            keys = kc[idx].reshape(-1, hkv, d)[:total]
-            values = vc[idx].reshape(-1, hkv, d)[:total]
+        k_flat, v_flat = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
+        if self.varlen:
+            from flash_attn import flash_attn_varlen_func
+            return flash_attn_varlen_func(q, k_flat[self.key_slots], v_flat[self.key_slots], self.cu_q, self.cu_k,
+                                          self.max_q, self.max_k, softmax_scale=scale, causal=True)
+        outs = []
+        for start, n, c, slots in self.prefill_rows:
+            if slots is None:  # the sequence's first chunk: its keys are the ones just computed
+                keys, values = k[start:start + n], v[start:start + n]
+            else:
+                keys, values = k_flat[slots], v_flat[slots]
             outs.append(causal_sdpa(q[start:start + n], keys, values, scale, q_offset=c))
-            start += n
-        return torch.cat(outs)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Prefill through flash-attn's varlen function: a GPU, half precision, flash-attn importable."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
 
 def _slot(table: list[int], position: int, bs: int) -> int:
