@@ -2,6 +2,10 @@
 split into prefill and decode.
 
     python -m bench.rollout_case --impl ours|hf [--prompts 8 --n 8 --prompt-len 1024 --new 128 --rounds 1]
+                                 [--top-p 1.0]
+
+Also reports decode against the matmul roofline: 2 x parameters FLOPs per new token at the
+fp32 matmul rate (2048^3, best of 5) measured in the same process after the rounds.
 
 Embedded SmolLM2-135M-Instruct, CPU fp32, random prompt tokens, temperature 1, every sample
 forced to exactly --new tokens (no stop token: ignore_eos / min_new_tokens) so both sides
@@ -35,11 +39,11 @@ import time
 from bench.spread import spread
 
 
-def _ours_round(model, tok, ids, n: int, new: int, seed: int) -> dict:
+def _ours_round(model, tok, ids, n: int, new: int, seed: int, top_p: float = 1.0) -> dict:
     from engine.rollout import Generator, SamplingParams
 
     gen = Generator(model, tok)
-    params = SamplingParams(max_new_tokens=new, temperature=1.0, seed=seed, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=top_p, seed=seed, ignore_eos=True)
     t0 = time.perf_counter()
     out = gen.generate(ids.tolist(), n=n, params=params)
     seconds = time.perf_counter() - t0
@@ -67,7 +71,7 @@ class _ForwardClock:
                 self.prefill_tokens += ids.numel()
 
 
-def _hf_round(hf, ids, n: int, new: int, seed: int, *, pad: int) -> dict:
+def _hf_round(hf, ids, n: int, new: int, seed: int, top_p: float = 1.0, *, pad: int) -> dict:
     import torch
 
     clock = _ForwardClock()
@@ -77,7 +81,7 @@ def _hf_round(hf, ids, n: int, new: int, seed: int, *, pad: int) -> dict:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                              top_p=1.0, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
+                              top_p=top_p, num_return_sequences=n, max_new_tokens=new, min_new_tokens=new,
                               pad_token_id=pad)
         seconds = time.perf_counter() - t0
     finally:
@@ -106,7 +110,23 @@ def _summary(per_round: list[dict], first_tokens: int) -> dict:
             **{k: v for k, v in r0.items() if k == "peak_blocks"}}
 
 
-def run(impl: str, prompts: int, n: int, prompt_len: int, new: int, seed: int = 0, rounds: int = 1) -> dict:
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 matmul rate of this CPU now (best of `repeats` size^3 products): the roofline's
+    denominator, measured in the same process as the decode it is compared with."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size ** 3 / best / 1e9
+
+
+def run(impl: str, prompts: int, n: int, prompt_len: int, new: int, seed: int = 0, rounds: int = 1,
+        top_p: float = 1.0) -> dict:
     import torch
 
     from engine.model import load_model
@@ -124,9 +144,16 @@ def run(impl: str, prompts: int, n: int, prompt_len: int, new: int, seed: int = 
         one_round = functools.partial(_hf_round, hf, pad=tok.eos_token_id)
         prefills = f"each prompt x{n}: num_return_sequences={n}"
     one_round(ids[:1, :8], 2, 2, seed)  # warm-up, untimed: first-call costs stay out of round one
-    per_round = [one_round(ids, n, new, seed) for _ in range(rounds)]
-    return {"impl": impl, "prompts": prompts, "n": n, "prompt_len": prompt_len, "new_tokens": new, "rounds": rounds,
-            "prefills": prefills, **_summary(per_round, first_tokens=prompts * n)}
+    per_round = [one_round(ids, n, new, seed, top_p) for _ in range(rounds)]
+    out = {"impl": impl, "prompts": prompts, "n": n, "prompt_len": prompt_len, "new_tokens": new, "rounds": rounds,
+           "top_p": top_p, "prefills": prefills, **_summary(per_round, first_tokens=prompts * n)}
+    # the matmul roofline of decode: every new token costs 2 x parameters FLOPs of matmuls (the
+    # attention's FLOPs come on top, uncounted), at the fp32 rate measured just now
+    params = sum(p.numel() for p in (model if impl == "ours" else hf).parameters())
+    rate = matmul_gflops()
+    out.update(params=params, matmul_gflops=rate, roofline_tokens_per_s=rate * 1e9 / (2 * params),
+               roofline_fraction=out["decode_tokens_per_s"] * 2 * params / (rate * 1e9))
+    return out
 
 
 def main(argv=None) -> int:
@@ -137,8 +164,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--top-p", type=float, default=1.0)
     a = p.parse_args(argv)
-    print(json.dumps(run(a.impl, a.prompts, a.n, a.prompt_len, a.new, rounds=a.rounds)))
+    print(json.dumps(run(a.impl, a.prompts, a.n, a.prompt_len, a.new, rounds=a.rounds, top_p=a.top_p)))
     return 0
 
 

@@ -71,3 +71,29 @@ def test_rollout_vs_transformers(benchmark, record):
     record(row)
     if not (QUICK or TINY):
         assert decode_x >= 5.0, line  # the target on the full workload, on the equal-work figure
+
+
+def test_decode_against_the_matmul_roofline(benchmark, record):
+    """Decode of the same workload at top-p 0.95 (the RL recipes' setting) and 1.0, each as new
+    tokens/s against the matmul roofline: 2 x parameters FLOPs per token at the fp32 matmul rate
+    the case process measures after its rounds. Target at full size: >= 50% at top-p 0.95."""
+    runs = {}
+
+    def both():
+        for top_p in (0.95, 1.0):
+            out = subprocess.run([sys.executable, "-m", "bench.rollout_case", "--impl", "ours", *SHAPE,
+                                  "--rounds", str(ROUNDS), "--top-p", str(top_p)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            runs[top_p] = json.loads(out.stdout.strip().splitlines()[-1])
+    benchmark.pedantic(both, rounds=1, iterations=1)
+    r = runs[0.95]
+    line = "\n".join([f"decode vs matmul roofline {r['prompts']}x{r['n']} prompt={r['prompt_len']} new={r['new_tokens']} "
+                      f"({r['params'] / 1e6:.1f}M params, fp32)"] + [
+        f"  top-p {p:<4}  {x['decode_tokens_per_s']:7.1f} tok/s  roofline {x['roofline_tokens_per_s']:6.1f} tok/s "
+        f"({x['matmul_gflops']:.0f} GFLOP/s)  {x['roofline_fraction']:6.1%}" for p, x in runs.items()])
+    row = {"suite": "rollout", "case": "decode_roofline", "runs": {str(k): v for k, v in runs.items()},
+           "roofline_fraction": r["roofline_fraction"], "line": line}
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "line"})
+    record(row)
+    if not (QUICK or TINY):
+        assert r["roofline_fraction"] >= 0.5, line

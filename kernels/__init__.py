@@ -6,6 +6,9 @@
     merge(out_a, lse_a, out_b, lse_b)              -> (out, lse) of two blocks over disjoint keys
     ring_attention(q, k, v, seqlens, group=...)    -> causal attention of zigzag-sharded sequences over
                                                       a sequence-parallel group (kernels.ring_attention)
+    paged_decode_attention(q, k_cache, v_cache, ...) -> one decode step over a paged KV cache: GQA-grouped,
+    shared_prefix_decode_attention(...)                 split-K; a group's shared prompt read once per step
+                                                      (kernels.paged_attention)
 """
 from .attention_block import attention_block, merge
 from .grpo_loss import AGGREGATIONS, GRPOLossConfig, aggregation_weights, linear_grpo_loss

@@ -1,17 +1,56 @@
 """Decode attention over a paged KV cache: one new query token per sequence.
 
     paged_decode_attention(q [B, Hq, D], k_cache, v_cache [num_blocks, block_size, Hkv, D],
-                           block_tables [B, max_blocks] int32, seq_lens [B] int32, scale) -> [B, Hq, D]
+                           block_tables [B, max_blocks] int32, seq_lens [B] int32, scale,
+                           num_splits=None) -> [B, Hq, D]
+    shared_prefix_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, prefix_lens [B],
+                                   group_ids [B], scale, num_splits=None, plan=None) -> [B, Hq, D]
 
 Sequence b's keys are tokens 0 .. seq_lens[b]−1, token t living in block
 block_tables[b, t // block_size] at row t % block_size. GQA: query head h reads KV head
-h // (Hq / Hkv). The Triton kernel runs one program per (sequence, query head) and walks
-the sequence's blocks with an online softmax in fp32; `paged_decode_attention_ref` is the
-same function in plain torch (gather, then softmax), used on CPU and by the tests.
+h // (Hq / Hkv). Both functions compute softmax(q·Kᵀ·scale)·V over those tokens; they differ
+only in how the work is cut.
+
+Plain (`paged_decode_attention`): one program per (sequence, KV head, split). It holds all
+Hq/Hkv query heads of the KV head as the rows of a tl.dot (padded to ≥ 16), so each K/V
+tile (BLOCK_N tokens, gathered block by block: any block_size, a tile may span several
+blocks or part of one) is read once per KV head, not once per query head. Split-K: split s
+covers a contiguous, tile-aligned token range and writes its normalised partial output and
+log-sum-exp to fp32 scratch; a merge kernel, one program per (sequence, query head),
+combines the splits by LSE (empty splits have lse = −inf and weight 0). num_splits=None
+fills about two waves of SMs at long context (bounded by block_tables' width, no device
+sync) and picks 1 split for short contexts, where the partial is the output and no merge
+runs.
+
+Shared prefix (`shared_prefix_decode_attention`): sequences with prefix_lens[b] > 0 and the
+same group_ids[b] (any integer labels; ignored where prefix_lens[b] = 0) share their first
+prefix_lens[b] tokens: the same blocks at the start of their tables (checked for the full
+blocks; the last, partial prefix block may be a copy-on-write copy holding the same rows, and
+is read through the group's first member in batch order). Members need not be adjacent in
+the batch and must agree on prefix_lens (checked). Launch 1: one program per (group piece, KV
+head, split) serves up to `members_per_program` members at once (their members × Hq/Hkv
+query rows are the M of the tl.dot), so a group's prompt KV is read once per step instead of
+once per sample; larger groups are cut into several pieces. Launch 2: one program per
+(sequence, KV head, split) over the sequence's own tokens prefix_lens[b] .. seq_lens[b]−1
+(the whole sequence when prefix_lens[b] = 0). One merge combines prefix and suffix partials.
+`plan_shared_prefix` turns the groups into work items (torch ops, a few device syncs); build
+it once per decode step and pass it as `plan=` to every layer.
+
+Inputs fp32, bf16 or fp16 (q is cast to the cache's dtype for the tl.dot; fp32 dots stay
+IEEE fp32, not TF32), fp32 accumulation and partials, output in q.dtype; cache offsets in
+int64. Any block_size and head_dim (padded to a power of two ≥ 16); block_n a power of two
+≥ 16; members_per_program defaults to as many members as fit 64 query rows, at most 16.
+`paged_decode_attention_ref` and `shared_prefix_decode_attention_ref` are the same
+functions in plain torch (gather, then softmax), used on CPU and by the tests.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:  # triton is imported only when a kernel runs (TRITON_INTERPRET must be set first)
+    from .triton_paged import SharedPrefixPlan
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -30,8 +69,45 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out[:, :, 0, :]
 
 
+def shared_prefix_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                       block_tables: torch.Tensor, seq_lens: torch.Tensor, prefix_lens: torch.Tensor,
+                                       group_ids: torch.Tensor, scale: float) -> torch.Tensor:
+    """Sharing changes which program reads the prefix, not the result."""
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """The Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)."""
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           num_splits: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1). block_n: tokens per K/V tile
+    (power of two ≥ 16; default 64 for head_dim ≤ 128)."""
     from .triton_paged import paged_decode_triton
-    return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    _check_splits(num_splits)
+    return paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits, block_n)
+
+
+def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, prefix_lens: torch.Tensor,
+                                   group_ids: torch.Tensor, scale: float, num_splits: int | None = None,
+                                   block_n: int | None = None, plan: SharedPrefixPlan | None = None,
+                                   members_per_program: int | None = None) -> torch.Tensor:
+    """The Triton kernels. num_splits, when given, applies to the prefix and the suffix launch
+    alike. With plan= (from plan_shared_prefix) prefix_lens, group_ids and members_per_program
+    are not read."""
+    from .triton_paged import shared_prefix_decode_triton
+    _check_splits(num_splits)
+    return shared_prefix_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, group_ids, scale,
+                                       num_splits, block_n, plan, members_per_program)
+
+
+def plan_shared_prefix(block_tables: torch.Tensor, seq_lens: torch.Tensor, prefix_lens: torch.Tensor,
+                       group_ids: torch.Tensor, block_size: int, gqa_group: int,
+                       members_per_program: int | None = None) -> SharedPrefixPlan:
+    """The work items of shared_prefix_decode_attention for one step (gqa_group = Hq / Hkv)."""
+    from .triton_paged import plan_shared_prefix as plan
+    return plan(block_tables, seq_lens, prefix_lens, group_ids, block_size, gqa_group, members_per_program)
+
+
+def _check_splits(num_splits: int | None) -> None:
+    if num_splits is not None and num_splits < 1:
+        raise ValueError(f"paged attention: num_splits must be >= 1, got {num_splits}")

@@ -1,60 +1,297 @@
-"""Triton kernel of kernels.paged_attention (see there for the function it computes)."""
+"""Triton kernels of kernels.paged_attention (see there for the functions they compute and the launch plan)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+LOG2E = 1.4426950408889634
+MIN_ROWS = 16  # tl.dot needs M, N, K >= 16 (tensor-core tiles)
+MAX_ROWS = 64  # query rows per program in shared-prefix mode: bounds the [rows, D] fp32 accumulator
+MIN_TILES_PER_SPLIT = 4  # a split must read enough KV to pay for its partial's write and merge
+MAX_SPLITS = 64
+
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr,
-                         stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_ob, stride_oh,
-                         scale, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_D: tl.constexpr):
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    kvh = h // GROUP
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs stay fp32 (the GPU's default would round them to TF32)
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, members_ptr, o_ptr, lse_ptr,
+                           stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_mw,
+                           stride_ob, stride_oh, stride_op, stride_lb, stride_lh, slot0, num_splits, qk_scale,
+                           GROUP: tl.constexpr, MEMBERS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_D: tl.constexpr, HAS_MEMBERS: tl.constexpr, HAS_START: tl.constexpr,
+                           STORE_LSE: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """Program (item w, KV head, split): the query rows of item w's members for this KV head's
+    GQA group (row r = member r // GROUP, head r % GROUP) against tokens [lo, hi) of the item's
+    range, read through the block table of its first member. Writes the normalised partial
+    output to slot slot0 + split and its base-2 log-sum-exp (−inf when the split is empty).
+    UPCAST_BF16: the interpreter's tl.dot multiplies bf16 bit patterns as integers, so there
+    bf16 operands (already rounded to bf16, as on the GPU) go to the dot as fp32."""
+    w = tl.program_id(0)
+    kvh = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    rows = tl.arange(0, BLOCK_M)
+    heads = kvh * GROUP + rows % GROUP
+    if HAS_MEMBERS:
+        member = rows // GROUP
+        seqs = tl.load(members_ptr + w * stride_mw + member, mask=member < MEMBERS, other=-1).to(tl.int64)
+        row_ok = seqs >= 0
+        table_row = tl.load(members_ptr + w * stride_mw).to(tl.int64)
+    else:  # item w is sequence w
+        seqs = tl.zeros([BLOCK_M], dtype=tl.int64) + w
+        row_ok = rows < GROUP
+        table_row = w.to(tl.int64)
+    if HAS_START:
+        start = tl.load(start_ptr + w)
+    else:
+        start = 0
+    end = tl.load(end_ptr + w)
+    # splits cut the range at tile boundaries so that only the last tile of a split is partial
+    per_split = tl.cdiv(tl.cdiv(tl.maximum(end - start, 0), BLOCK_N), num_splits) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(end, lo + per_split)
+
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < HEAD_DIM
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + dims, mask=dmask, other=0.0).to(tl.float32)
-    n = tl.load(lens_ptr + b)
-    rows = tl.arange(0, BLOCK_SIZE)
-    m = float("-inf")
-    s = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(0, tl.cdiv(n, BLOCK_SIZE)):
-        block = tl.load(bt_ptr + b * stride_btb + j).to(tl.int64)
-        tok_mask = (j * BLOCK_SIZE + rows) < n
-        offs = block * stride_kb + rows[:, None] * stride_kt + kvh * stride_kh + dims[None, :]
-        tile_mask = tok_mask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
-        scores = tl.sum(k * q[None, :], axis=1) * scale
-        scores = tl.where(tok_mask, scores, float("-inf"))
-        m_new = tl.maximum(m, tl.max(scores, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.where(tok_mask, tl.exp(scores - m_new), 0.0)
-        v = tl.load(v_ptr + offs, mask=tile_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        s = s * alpha + tl.sum(p, axis=0)
-        m = m_new
-    out = acc / s
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dmask)
+    cols = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + seqs[:, None] * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dmask[None, :], other=0.0).to(k_ptr.dtype.element_ty)
+    if UPCAST_BF16:
+        q = q.to(tl.float32)
+    bt_row = bt_ptr + table_row * stride_btb
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_N):
+        tok = t0 + cols
+        tok_ok = tok < hi
+        # per-token block lookup: a tile may span several cache blocks or part of one
+        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        offs = block[:, None] * stride_kb + (tok % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + dims[None, :]
+        kv_mask = tok_ok[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+        if UPCAST_BF16:
+            k = k.to(tl.float32)
+        s = _dot(q, tl.trans(k), IEEE_DOT) * qk_scale  # base-2 logits [M, N]
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile's first token is in range
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+        p = p.to(v.dtype)
+        if UPCAST_BF16:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(p, v, IEEE_DOT)
+        m_i = m_new
+    nonempty = l_i > 0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    slot = slot0 + split
+    tl.store(o_ptr + seqs[:, None] * stride_ob + heads[:, None] * stride_oh + slot * stride_op + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
+    if STORE_LSE:
+        lse = tl.where(nonempty, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + seqs * stride_lb + heads * stride_lh + slot, lse, mask=row_ok)
 
 
-def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale):
+@triton.jit
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
+                  stride_xb, stride_xh, num_parts, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Program (sequence, query head): out = Σ_p 2^(lse_p − m) o_p / Σ_p 2^(lse_p − m)."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    parts = tl.arange(0, BLOCK_P)
+    dims = tl.arange(0, BLOCK_D)
+    dmask = dims < HEAD_DIM
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + parts, mask=parts < num_parts, other=float("-inf"))
+    live = lse > float("-inf")
+    m = tl.max(lse, axis=0)
+    m = tl.where(m > float("-inf"), m, 0.0)  # all empty (seq_len 0): weights 0, output 0, no NaN
+    wgt = tl.where(live, tl.exp2(lse - m), 0.0)
+    # slots nobody wrote (a plain sequence's prefix slots) may hold garbage: never read them
+    o = tl.load(o_ptr + b * stride_ob + h * stride_oh + parts[:, None] * stride_op + dims[None, :],
+                mask=live[:, None] & dmask[None, :], other=0.0)
+    den = tl.sum(wgt, axis=0)
+    out = tl.sum(wgt[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + b * stride_xb + h * stride_xh + dims, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+# ---- launch helpers ---------------------------------------------------------------------------------------
+def _check(q, k_cache, v_cache):
     b, hq, d = q.shape
-    _, block_size, hkv, d2 = k_cache.shape
-    if d2 != d or hq % hkv:
+    _, _, hkv, d2 = k_cache.shape
+    if d2 != d or hq % hkv or v_cache.shape != k_cache.shape:
         raise ValueError(f"paged attention: q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
-    if block_size & (block_size - 1):
-        raise ValueError(f"paged attention: block_size must be a power of two, got {block_size}")
-    q = q.contiguous()
-    bt = block_tables.to(torch.int32).contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(b, hq)](q, k_cache, v_cache, bt, lens, out,
-                                  q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                  bt.stride(0), out.stride(0), out.stride(1), float(scale),
-                                  GROUP=hq // hkv, BLOCK_SIZE=block_size, HEAD_DIM=d,
-                                  BLOCK_D=triton.next_power_of_2(d))
+    if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        raise ValueError("paged attention: k_cache and v_cache need the same strides and a contiguous head_dim")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"paged attention: unsupported dtypes q {q.dtype}, cache {k_cache.dtype}/{v_cache.dtype}")
+
+
+def _block_n(d: int, block_n: int | None) -> int:
+    block_n = block_n or (64 if d <= 128 else 32)
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"paged attention: block_n must be a power of two >= 16, got {block_n}")
+    return block_n
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # an H100's count: keeps the interpreter's choices those of the GPU it stands in for
+
+
+def pick_num_splits(max_len: int, programs: int, block_n: int, device: torch.device) -> int:
+    """Splits per item so that programs × splits is about two waves of the GPU's SMs (one
+    program per SM leaves HBM bandwidth unused), each split still reading ≥ MIN_TILES_PER_SPLIT
+    tiles. Short contexts get 1 split, so no merge pass."""
+    tiles = -(-max(max_len, 1) // block_n)
+    want = -(-2 * _num_sms(device) // max(programs, 1))
+    return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+
+
+def _launch_partial(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot0, grid_items, num_splits, scale,
+                    members_per_program, block_n):
+    b, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    o_strides = (o.stride(0), o.stride(1), o.stride(2)) if o.dim() == 4 else (o.stride(0), o.stride(1), 0)
+    lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
+    _decode_partial_kernel[(grid_items, hkv, num_splits)](
+        q, k_cache, v_cache, bt, starts if starts is not None else ends, ends,
+        members if members is not None else ends, o, lse if lse is not None else o,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
+        members.stride(0) if members is not None else 0, *o_strides, *lse_strides, slot0, num_splits,
+        float(scale) * LOG2E,
+        GROUP=group, MEMBERS=members_per_program, BLOCK_SIZE=block_size, HEAD_DIM=d,
+        BLOCK_M=max(MIN_ROWS, triton.next_power_of_2(members_per_program * group)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_MEMBERS=members is not None,
+        HAS_START=starts is not None, STORE_LSE=lse is not None,
+        IEEE_DOT=k_cache.dtype == torch.float32, UPCAST_BF16=k_cache.dtype == torch.bfloat16 and not q.is_cuda)
+
+
+def _merge(o, lse, out):
+    b, hq, parts, d = o.shape
+    _merge_kernel[(b, hq)](o, lse, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+                           out.stride(0), out.stride(1), parts, HEAD_DIM=d,
+                           BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=triton.next_power_of_2(d))
     return out
+
+
+def _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n):
+    """Checked, contiguous launch inputs: q, int32 block tables and lengths, the tile width."""
+    _check(q, k_cache, v_cache)
+    bt = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return q.contiguous(), bt, lens, _block_n(q.shape[2], block_n)
+
+
+# ---- plain paged decode ------------------------------------------------------------------------------------
+def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_splits=None, block_n=None):
+    q, bt, lens, block_n = _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n)
+    b, hq, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if num_splits is None:  # the table's width bounds every length: no device sync for the max
+        num_splits = pick_num_splits(bt.shape[1] * block_size, b * hkv, block_n, q.device)
+    out = torch.empty_like(q)
+    if num_splits == 1:  # one partial per row: it is the output
+        _launch_partial(q, k_cache, v_cache, bt, None, lens, None, out, None, 0, b, 1, scale, 1, block_n)
+        return out
+    o = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    _launch_partial(q, k_cache, v_cache, bt, None, lens, None, o, lse, 0, b, num_splits, scale, 1, block_n)
+    return _merge(o, lse, out)
+
+
+# ---- shared-prefix decode ----------------------------------------------------------------------------------
+@dataclass
+class SharedPrefixPlan:
+    """Work items of one decode step, built once and reusable by every layer.
+
+    members [W, M] int32: the sequences one prefix program serves (−1 pads), all of one group;
+    the first is the one whose block table the program reads. prefix_ends [W] int32: their
+    prefix length. suffix_starts [B] int32: where each sequence's own tokens begin (0 when it
+    shares nothing). max_prefix, max_suffix: host ints for the split choice."""
+    members: torch.Tensor
+    prefix_ends: torch.Tensor
+    suffix_starts: torch.Tensor
+    max_prefix: int
+    max_suffix: int
+
+    @property
+    def members_per_program(self) -> int:
+        return self.members.shape[1]
+
+
+def plan_shared_prefix(block_tables, seq_lens, prefix_lens, group_ids, block_size: int, gqa_group: int,
+                       members_per_program: int | None = None) -> SharedPrefixPlan:
+    """Group the sequences with prefix_lens > 0 by group_ids (any integer labels; members need
+    not be adjacent in the batch) and cut each group into programs of at most
+    members_per_program sequences (default: as many as fit MAX_ROWS query rows). Checks that a
+    group's members agree on prefix_len and on the full blocks of the prefix. Syncs with the
+    device a few times: build it once per step, not per layer."""
+    device = block_tables.device
+    prefix_lens = prefix_lens.to(device=device, dtype=torch.long)
+    seq_lens = seq_lens.to(device=device, dtype=torch.long)
+    group_ids = group_ids.to(device=device, dtype=torch.long)
+    if bool((prefix_lens > seq_lens).any()) or bool((prefix_lens < 0).any()):
+        raise ValueError("shared prefix: need 0 <= prefix_lens <= seq_lens")
+    cap = members_per_program or max(1, min(16, MAX_ROWS // gqa_group))
+    max_suffix = int((seq_lens - prefix_lens).max())
+    idx = (prefix_lens > 0).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        empty = torch.zeros(0, 1, dtype=torch.int32, device=device)
+        return SharedPrefixPlan(empty, empty[:, 0], prefix_lens.to(torch.int32), 0, max_suffix)
+    order = torch.sort(group_ids[idx], stable=True).indices  # stable: members keep their batch order
+    idx = idx[order]
+    _, group_of, counts = torch.unique_consecutive(group_ids[idx], return_inverse=True, return_counts=True)
+    first = (counts.cumsum(0) - counts)[group_of]  # position in idx of each member's group leader
+    rank = torch.arange(idx.numel(), device=device) - first
+    plen = prefix_lens[idx]
+    if bool((plen != plen[first]).any()):
+        raise ValueError("shared prefix: members of a group have different prefix_lens")
+    # the partial last block may be a member's copy-on-write copy (same rows), so compare full blocks only
+    full = torch.arange(block_tables.shape[1], device=device)[None, :] < (plen // block_size)[:, None]
+    if bool(((block_tables[idx] != block_tables[idx[first]]) & full).any()):
+        raise ValueError("shared prefix: members of a group do not share the prefix's blocks")
+    pieces = -(-counts // cap)
+    piece = (pieces.cumsum(0) - pieces)[group_of] + rank // cap
+    width = min(cap, int(counts.max()))
+    members = torch.full((int(pieces.sum()), width), -1, dtype=torch.int32, device=device)
+    members[piece, rank % cap] = idx.to(torch.int32)
+    return SharedPrefixPlan(members, prefix_lens[members[:, 0].long()].to(torch.int32),
+                            prefix_lens.to(torch.int32), int(plen.max()), max_suffix)
+
+
+def shared_prefix_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, prefix_lens, group_ids, scale,
+                                num_splits=None, block_n=None, plan=None, members_per_program=None):
+    q, bt, lens, block_n = _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n)
+    b, hq, d = q.shape
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    if plan is None:
+        plan = plan_shared_prefix(bt, lens, prefix_lens, group_ids, block_size, hq // hkv, members_per_program)
+    items = plan.members.shape[0]
+    sp = num_splits or pick_num_splits(plan.max_prefix, items * hkv, block_n, q.device)
+    ss = num_splits or pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device)
+    sp = sp if items else 0
+    # slots [0, sp): the group's prefix partials; [sp, sp + ss): the sequence's own suffix
+    o = torch.empty(b, hq, sp + ss, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, sp + ss), float("-inf"), dtype=torch.float32, device=q.device)
+    if items:
+        _launch_partial(q, k_cache, v_cache, bt, None, plan.prefix_ends, plan.members, o, lse, 0, items, sp, scale,
+                        plan.members_per_program, block_n)
+    _launch_partial(q, k_cache, v_cache, bt, plan.suffix_starts, lens, None, o, lse, sp, b, ss, scale, 1, block_n)
+    return _merge(o, lse, torch.empty_like(q))

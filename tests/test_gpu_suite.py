@@ -50,3 +50,32 @@ def test_rl_step_case_budget_follows_free_memory():
     assert budget_from_free_memory(40 * gib, 28, 1536) == 32768  # capped
     assert budget_from_free_memory(4 * gib, 28, 1536) == (2 * gib // per_token) // 1024 * 1024 == 10240
     assert budget_from_free_memory(gib // 8, 28, 1536, floor=17408) == 17408  # never below one sequence
+
+
+def test_rollout_decode_case_runs_on_cpu(tmp_path):
+    """bench/gpu_rollout_case.py's measurement on a tiny model on CPU: prompts' KV written at
+    random (every prompt slot, every layer), decode steps counted, the must-read bytes as stated."""
+    import torch
+
+    from bench.gpu_rollout_case import RandomPrefill, decode_case
+    from conftest import tiny_hf_model
+    from engine.model import load_model
+
+    path = tmp_path / "tiny"
+    tiny_hf_model("qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(path))
+    model = load_model(path, device="cpu", dtype="float32")[0]
+    cfg = model.config
+    for share in (True, False):
+        r = decode_case(model, groups=2, n=3, prompt_len=37, new=5, share=share, block_size=16)
+        assert r["decode_steps"] == 4 and r["batch"] == 6 and r["share_prefix"] is share
+        weights = sum(p.numel() * 4 for p in model.parameters())
+        kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
+        assert r["bytes_per_step"] == weights + (2 * 37 + 6 * 3) * kv  # mean suffix (5 + 1) / 2 = 3 tokens
+        assert r["decode_step_s"] > 0 and r["decode_tokens_per_s"] > 0
+    # the random prefill fills every layer's K and V at the chunk's slots
+    from engine.rollout.paged import CacheConfig, PagedAttention, PagedKVCache
+    cache = PagedKVCache(model, CacheConfig(block_size=16, num_blocks=8))
+    ctx = PagedAttention(cache, [[3, 5]], [0], [20])
+    RandomPrefill(model)(torch.zeros(20, dtype=torch.long), position_ids=torch.arange(20), attn=ctx)
+    flat = cache.k.view(cfg.num_layers, -1, cfg.num_kv_heads, cfg.head_dim)
+    assert bool((flat[:, ctx.slots] != 0).all()) and int((flat != 0).any(-1).any(-1).sum()) == cfg.num_layers * 20

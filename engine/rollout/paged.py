@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_shared_prefix,
+                                     shared_prefix_decode_attention)
 
 from ..model.attention import causal_sdpa, flash_attn_available
 
@@ -26,6 +27,7 @@ class CacheConfig:
     max_prefill_tokens: int = 2048  # tokens prefilled per scheduler step (chunked prefill)
     max_num_seqs: int = 256  # sequences decoding together
     decode_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; $LONGRL_PAGED_BACKEND overrides
+    share_prefix: bool = True  # decode reads a group's prompt KV once per step for all its samples
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -43,6 +45,7 @@ class PagedKVCache:
         w = model.embed_tokens.weight
         self.block_size = cfg.block_size
         self.decode_backend = cfg.decode_backend
+        self.share_prefix = cfg.share_prefix
         self.shape_per_layer = (cfg.block_size, mc.num_kv_heads, mc.head_dim)
         per_block = mc.num_layers * 2 * cfg.block_size * mc.num_kv_heads * mc.head_dim * w.element_size()
         if cfg.num_blocks:
@@ -96,11 +99,13 @@ class PagedAttention:
     """Attention context for one scheduler step: sequence i feeds new[i] tokens after
     cached[i] tokens already in its blocks (tables[i]).
 
-    Decode on the torch path uses shared-prefix ("cascade") attention when samples of a
-    group decode together: prefix_lens[i] > 0 says sequence i's first prefix_lens[i] tokens
-    are the prompt it shares with the other members of groups[i]. The prompt's keys are then
-    read once per group, not once per sample, and each sample's own suffix is attended
-    separately; the two partial results merge through their log-sum-exp."""
+    Decode uses shared-prefix attention when samples of a group decode together:
+    prefix_lens[i] > 0 says sequence i's first prefix_lens[i] tokens are the prompt it shares
+    with the other members of groups[i]. The prompt's keys are then read once per group, not
+    once per sample, and each sample's own suffix is attended separately; the two partial
+    results merge through their log-sum-exp. On CPU (torch backend) that is two fused SDPA
+    calls per group and step (`_cascade_decode`); on the Triton backend the split-K kernels of
+    kernels/paged_attention.py. CacheConfig.share_prefix = False turns it off (benchmarks)."""
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int],
                  prefix_lens: list[int] | None = None, groups: list[int] | None = None):
@@ -117,8 +122,9 @@ class PagedAttention:
         if self.decode:
             self.backend = _decode_backend(device, cache.decode_backend)
             lens = [c + n for c, n in zip(cached, new)]
-            shared = prefix_lens is not None and groups is not None and any(p > 0 for p in prefix_lens)
-            if self.backend == "torch" and shared:
+            shared = (cache.share_prefix and prefix_lens is not None and groups is not None
+                      and any(p > 0 for p in prefix_lens))
+            if self.backend == "torch" and shared and device.type == "cpu":
                 self.cascade = _plan_cascade(tables, lens, prefix_lens, groups, bs, device)
             else:
                 width = max(len(t) for t in tables)
@@ -127,6 +133,13 @@ class PagedAttention:
                     bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
                 self.block_tables = bt.to(device)
                 self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+                # the Triton path's shared-prefix kernel: its work items are planned at the first
+                # layer (it needs Hq / Hkv) and reused by the others
+                self.shared = shared and self.backend == "triton"
+                if self.shared:
+                    self.prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
+                    self.group_ids = torch.tensor(groups, dtype=torch.int32, device=device)
+                    self.prefix_plan = None
         else:
             self._plan_prefill(tables, cached, new, bs, device)
 
@@ -166,8 +179,15 @@ class PagedAttention:
             return _cascade_decode(q, kc.view(-1, hkv, d), vc.view(-1, hkv, d), self.cascade, scale,
                                    self.cache.prefix_store, layer)
         if self.decode:
-            fn = paged_decode_attention if self.backend == "triton" else paged_decode_attention_ref
-            return fn(q, kc, vc, self.block_tables, self.seq_lens, scale)
+            if self.backend != "triton":
+                return paged_decode_attention_ref(q, kc, vc, self.block_tables, self.seq_lens, scale)
+            if not self.shared:
+                return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, scale)
+            if self.prefix_plan is None:
+                self.prefix_plan = plan_shared_prefix(self.block_tables, self.seq_lens, self.prefix_lens,
+                                                      self.group_ids, self.cache.block_size, q.shape[1] // hkv)
+            return shared_prefix_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.prefix_lens,
+                                                  self.group_ids, scale, plan=self.prefix_plan)
         k_flat, v_flat = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
         if self.varlen:
             from flash_attn import flash_attn_varlen_func
@@ -193,8 +213,8 @@ def _slot(table: list[int], position: int, bs: int) -> int:
 
 
 def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
-    """Slot indices, built once per step: each group's shared prefix, and every sequence's
-    suffix (padded to the longest, with a mask)."""
+    """Index tensors, built once per step: each group's shared prefix, and every sequence's
+    suffix (padded to the longest, with an additive mask)."""
     members: dict[int, list[int]] = {}
     for i, (p, g) in enumerate(zip(prefix_lens, groups)):
         if p > 0:
@@ -205,53 +225,57 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
         rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=device)
         key = (group, plen, table[0])  # the first block id tells a group from a later one
         prefix.append((rows, len(idx), key, (table, plen, bs)))  # slots built only on a store miss
-    suffix_len = [n - p for n, p in zip(lens, prefix_lens)]
-    width = max(suffix_len)
-    suffix = [[_slot(table, min(p + j, n - 1), bs) for j in range(width)]
-              for table, n, p in zip(tables, lens, prefix_lens)]
-    mask = torch.arange(width)[None, :] < torch.tensor(suffix_len)[:, None]
-    return {"prefix": prefix, "suffix_slots": torch.tensor(suffix, dtype=torch.long, device=device),
-            "suffix_mask": mask.to(device)}
+    width = max(n - p for n, p in zip(lens, prefix_lens))
+    bt = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    start = torch.tensor(prefix_lens, dtype=torch.long)[:, None]
+    end = torch.tensor(lens, dtype=torch.long)[:, None]
+    pos = start + torch.arange(width)[None, :]
+    valid = pos < end
+    pos = torch.minimum(pos, end - 1)
+    slots = bt.gather(1, pos // bs) * bs + pos % bs
+    mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
+    return {"prefix": prefix, "suffix_slots": slots.to(device), "suffix_mask": mask[:, None, None, :].to(device),
+            "has_prefix": bool(members)}
+
+
+def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
+    """q [N, H, L, D], k, v [N, H, S, D] -> (out [N, H, L, D], log-sum-exp [N, H, L]): torch's
+    fused CPU attention kernel, which returns the log-sum-exp that merging partials needs."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                       scale=scale)
 
 
 def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: dict, scale: float,
                     store: dict | None = None, layer: int = 0):
-    """q [B, Hq, D]; k_flat, v_flat [slots, Hkv, D] -> [B, Hq, D]. `store` keeps each
-    group's prefix in matmul layout between steps."""
+    """q [B, Hq, D]; k_flat, v_flat [slots, Hkv, D] -> [B, Hq, D] (CPU). Each group's prompt is one
+    attention call for all its members' queries; each sequence's own suffix one batched call;
+    the two normalised partials merge by their log-sum-exp. `store` keeps each group's prefix
+    K / V in [1, Hkv, P, D] layout between steps (the prompt never changes)."""
     b, hq, d = q.shape
     hkv = k_flat.shape[1]
     g = hq // hkv
-    qh = q.float().view(b, hkv, g, d)
-    # each sequence's own suffix: [B, Hkv, G, S]
-    ks = k_flat[plan["suffix_slots"]].float().permute(0, 2, 3, 1)  # [B, Hkv, D, S]
-    vs = v_flat[plan["suffix_slots"]].float().permute(0, 2, 1, 3)  # [B, Hkv, S, D]
-    s2 = (qh @ ks) * scale
-    s2 = s2.masked_fill(~plan["suffix_mask"][:, None, None, :], float("-inf"))
-    m2 = s2.amax(-1, keepdim=True)
-    p2 = torch.exp(s2 - m2)
-    l2 = p2.sum(-1, keepdim=True)
-    o2 = p2 @ vs  # [B, Hkv, G, D]
-    m1 = torch.full_like(m2, float("-inf"))
-    l1 = torch.zeros_like(l2)
-    o1 = torch.zeros_like(o2)
+    dtype = k_flat.dtype
+    qh = q.to(dtype).view(b, hkv, g, d)
+    ks = k_flat[plan["suffix_slots"]].transpose(1, 2)  # [B, Hkv, S, D]
+    vs = v_flat[plan["suffix_slots"]].transpose(1, 2)
+    out, lse2 = _attend_lse(qh, ks, vs, scale, plan["suffix_mask"].to(dtype))  # [B, Hkv, G, D], [B, Hkv, G]
+    if not plan["has_prefix"]:
+        return out.reshape(b, hq, d).to(q.dtype)
+    o1 = torch.zeros_like(out)
+    lse1 = torch.full_like(lse2, float("-inf"))
     for idx, m, key, (table, plen, bs) in plan["prefix"]:
         cached = store.get((layer, key)) if store is not None else None
         if cached is None:  # the prompt's keys and values, read once for the whole group
             slots = torch.tensor([_slot(table, t, bs) for t in range(plen)], dtype=torch.long, device=q.device)
-            cached = (k_flat[slots].float().permute(1, 2, 0).contiguous(),  # K^T [Hkv, D, P]
-                      v_flat[slots].float().permute(1, 0, 2).contiguous())  # V [Hkv, P, D]
+            cached = (k_flat[slots].transpose(0, 1)[None].contiguous(), v_flat[slots].transpose(0, 1)[None].contiguous())
             if store is not None:
                 store[(layer, key)] = cached
-        kt, vp = cached
-        qg = qh[idx].permute(1, 0, 2, 3).reshape(hkv, m * g, d)
-        s1 = (qg @ kt) * scale  # [Hkv, m·G, P]
-        mx = s1.amax(-1, keepdim=True)
-        p1 = torch.exp(s1 - mx)
-        part = (p1 @ vp).view(hkv, m, g, d).permute(1, 0, 2, 3)
-        m1[idx] = mx.view(hkv, m, g, 1).permute(1, 0, 2, 3)
-        l1[idx] = p1.sum(-1, keepdim=True).view(hkv, m, g, 1).permute(1, 0, 2, 3)
-        o1[idx] = part
-    top = torch.maximum(m1, m2)
-    a1, a2 = torch.exp(m1 - top), torch.exp(m2 - top)
-    out = (o1 * a1 + o2 * a2) / (l1 * a1 + l2 * a2)
-    return out.view(b, hq, d).to(q.dtype)
+        qg = qh[idx].transpose(0, 1).reshape(1, hkv, m * g, d)
+        o, lse = _attend_lse(qg, *cached, scale)
+        o1[idx] = o.view(hkv, m, g, d).transpose(0, 1)
+        lse1[idx] = lse.view(hkv, m, g).transpose(0, 1)
+    w1 = torch.sigmoid(lse1 - lse2)[..., None]  # the prefix's share of the total mass
+    out = torch.lerp(out, o1, w1)
+    return out.reshape(b, hq, d).to(q.dtype)
