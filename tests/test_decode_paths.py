@@ -52,3 +52,59 @@ def test_every_decode_path_gives_the_same_greedy_tokens(tiny, monkeypatch):
     assert all(len(t) == 9 for group in want for t in group)
     for key, got in out.items():
         assert got == want, key
+
+
+def _tables(lens_prefix, bs, g):
+    """Random block tables: each group's members share their prompt's full blocks and hold a
+    copy-on-write copy of its partial last block; plain sequences own everything."""
+    perm = iter(torch.randperm(400, generator=g).tolist())
+    tables, lens, prefix, groups = [], [], [], []
+    for gid, (plen, suffixes) in enumerate(lens_prefix):
+        shared = [next(perm) for _ in range(plen // bs)]
+        for s in suffixes:
+            own = [next(perm) for _ in range(-(-(plen + s) // bs) - len(shared))]
+            tables.append(shared + own)
+            lens.append(plen + s)
+            prefix.append(plen if len(suffixes) > 1 else 0)
+            groups.append(gid)
+    return tables, lens, prefix, groups
+
+
+def test_cpu_cascade_stacks_groups_of_any_prompt_length_and_rebuilds_when_they_change():
+    from engine.rollout.paged import _cascade_decode, _plan_cascade
+    from kernels.paged_attention import paged_decode_attention_ref
+
+    g = torch.Generator().manual_seed(2)
+    hq, hkv, d, bs = 6, 2, 16, 4
+    k_cache = torch.randn(400, bs, hkv, d, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(400, bs, hkv, d, generator=g, dtype=torch.float64)
+    # prompts of 10, 8 (block aligned) and 13 tokens with 3, 1 (shares nothing) and 2 samples
+    layout = [(10, [1, 5, 2]), (8, [3]), (13, [7, 1])]
+    tables, lens, prefix, groups = _tables(layout, bs, g)
+    for t, p in zip(tables, prefix):  # copy-on-write copies of the partial prompt block hold the same rows
+        if p % bs:
+            src = tables[prefix.index(p)][p // bs]
+            k_cache[t[p // bs], : p % bs], v_cache[t[p // bs], : p % bs] = k_cache[src, : p % bs], v_cache[src, : p % bs]
+
+    def check(rows, store):
+        sub = [tables[i] for i in rows]
+        plan = _plan_cascade(sub, [lens[i] for i in rows], [prefix[i] for i in rows], [groups[i] for i in rows], bs,
+                             torch.device("cpu"))
+        q = torch.randn(len(rows), hq, d, generator=g, dtype=torch.float64)
+        ours = _cascade_decode(q, k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d), plan, d ** -0.5, store, 0)
+        bt = torch.zeros(len(rows), max(map(len, sub)), dtype=torch.int32)
+        for i, t in enumerate(sub):
+            bt[i, : len(t)] = torch.tensor(t)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, bt, torch.tensor([lens[i] for i in rows]), d ** -0.5)
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+        return plan
+
+    store = {}
+    order = [4, 0, 5, 1, 3, 2]  # members interleaved in the batch
+    plan = check(order, store)
+    assert plan["groups"]["rows"].shape == (2, 3)  # two sharing groups stacked, padded to 3 members
+    key = store[0][0]
+    check(order, store)
+    assert store[0][0] is key  # same groups: the stacked prompts are reused
+    check([0, 2, 3], store)  # group 2 finished: restacked with group 0 alone
+    assert store[0][0] != key and store[0][1].shape[0] == 1

@@ -1,16 +1,17 @@
 """The paged rollout engine: parity with transformers, group sharing, preemption, chunked
-prefill, sampling statistics, behaviour log-probs, and the paged decode kernel."""
+prefill, sampling statistics, behaviour log-probs, and the torch path's shared-prefix decode."""
 from __future__ import annotations
 
 import pytest
 import torch
+from test_sampling import _chi2, _chi2_critical, _draws, _sample, _truncated_probs
 
 from engine.data import build_prompt_ids
 from engine.model import load_model
 from engine.rollout import (BlockManager, CacheConfig, CacheTooSmall, Generator, NoFreeBlocks, SamplingParams)
-from engine.rollout.sampling import sample_token
+from engine.rollout.sampling import truncate_logits
 from kernels import linear_logprob
-from kernels.paged_attention import paged_decode_attention, paged_decode_attention_ref
+from kernels.paged_attention import paged_decode_attention_ref
 
 
 def _hf_greedy(hf, prompt, n, eos=None):
@@ -134,10 +135,9 @@ def test_first_token_frequencies_match_softmax(tiny_checkpoint):
 
 def test_top_k_and_top_p_keep_exactly_the_right_support():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    g = torch.Generator().manual_seed(0)
 
     def support(**kw):
-        return {sample_token(logits, SamplingParams(temperature=1.0, **kw), g)[0] for _ in range(400)}
+        return _draws(logits, 400, **kw)
 
     assert support(top_k=2) == {0, 1}
     assert support(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8
@@ -146,43 +146,9 @@ def test_top_k_and_top_p_keep_exactly_the_right_support():
     assert support(top_k=1) == {0}
 
 
-def _truncated_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution sampling should draw from, by the definition (fp64, independent of
-    truncate_logits): softmax(logits / T) restricted to the top_k most likely tokens, renormalised,
-    then to the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
-    probs = torch.softmax(logits.double() / temperature, -1)
-    order = probs.argsort(descending=True)
-    keep = torch.zeros_like(probs, dtype=torch.bool)
-    k = top_k if 0 < top_k < len(probs) else len(probs)
-    keep[order[:k]] = True
-    if top_p < 1.0:
-        mass = (probs * keep)[order].cumsum(0) / (probs * keep).sum()
-        n = int((mass < top_p).sum()) + 1  # tokens before the mass reaches top_p, plus the one that reaches it
-        keep[order[n:]] = False
-    kept = probs * keep
-    return kept / kept.sum()
-
-
-def _chi2_critical(dof: int, z: float = 3.0902) -> float:
-    """Upper p = 0.001 point of chi-square(dof) (Wilson-Hilferty, a shade above the exact value
-    for dof >= 5: 20.75 vs 20.52 at 5, 66.71 vs 66.62 at 35, 103.5 vs 103.4 at 63)."""
-    a = 2.0 / (9 * dof)
-    return dof * (1 - a + z * a ** 0.5) ** 3
-
-
-def _chi2(counts: torch.Tensor, probs: torch.Tensor, n: int) -> tuple[float, int]:
-    """(statistic, dof) over the cells of positive probability; a zero-probability cell drawn fails."""
-    support = probs > 0
-    assert counts[~support].sum() == 0, f"drew outside the support: {counts[~support].tolist()}"
-    expected = probs[support] * n
-    assert expected.min() >= 5, "too few samples per cell for a chi-square test"
-    return (((counts[support] - expected) ** 2) / expected).sum().item(), int(support.sum()) - 1
-
-
 def test_top_k_and_top_p_support_with_unsorted_logits():
     """Logits in no particular order: the kept set is exactly the k most likely tokens / the
     smallest nucleus of most likely tokens by probability, for every k and nucleus size."""
-    from engine.rollout.sampling import truncate_logits
     g = torch.Generator().manual_seed(11)
     v = 10
     for _ in range(4):
@@ -212,10 +178,9 @@ def test_top_k_and_top_p_support_with_unsorted_logits():
 
     # and through the sampler: a permuted version of the sorted-logits support test above
     logits = torch.log(torch.tensor([0.15, 0.05, 0.5, 0.3]))
-    gen = torch.Generator().manual_seed(0)
 
     def support(**kw):
-        return {sample_token(logits, SamplingParams(temperature=1.0, **kw), gen)[0] for _ in range(400)}
+        return _draws(logits, 400, **kw)
 
     assert support(top_k=2) == {2, 3}
     assert support(top_p=0.8) == {2, 3}  # 0.5 + 0.3 reaches 0.8
@@ -224,27 +189,25 @@ def test_top_k_and_top_p_support_with_unsorted_logits():
 
 
 def test_two_step_frequencies_match_truncated_softmax():
-    """A fixed 2-step model driven through sample_batch the way the engine drives it (one generator
-    per sequence, kept across steps, settings mixed in one batch): the step-2 logits row depends on
+    """A fixed 2-step model driven through sample_batch the way the engine drives it (one seed per
+    sequence, steps 0 then 1, settings mixed in one batch): the step-2 logits row depends on
     the step-1 token, and the joint frequencies of (token 1, token 2) must match
     P1(a) · P2(b | a) under each setting's temperature / top-k / top-p (chi-square, p = 0.001),
     with the behaviour log-prob of step 2 taken before truncation."""
-    from engine.rollout.sampling import sample_batch
     g = torch.Generator().manual_seed(8)
     v, n = 6, 4000
     step1 = 0.6 * torch.randn(v, generator=g)
     table = 0.6 * torch.randn(v, v, generator=g)  # step-2 logits row after token a: table[a], unsorted
     settings = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=5, top_p=0.75)]
     params = [settings[i % 2] for i in range(2 * n)]  # interleaved: each setting's rows are not contiguous
-    gens = [torch.Generator().manual_seed(1_000 + i) for i in range(2 * n)]
-    first, _ = sample_batch(step1.expand(2 * n, v).contiguous(), params, gens)
-    rows = table[torch.tensor(first)]
-    second, logprobs = sample_batch(rows, params, gens)
-    first, second = torch.tensor(first), torch.tensor(second)
+    seeds = [1_000 + i for i in range(2 * n)]
+    first, _ = _sample(step1, params, seeds, steps=0)
+    rows = table[first]
+    second, logprobs = _sample(rows, params, seeds, steps=1)
     for s, p in enumerate(settings):
         mine = torch.arange(s, 2 * n, 2)
         behaviour = torch.log_softmax(rows[mine].double() / p.temperature, -1).gather(-1, second[mine, None])
-        assert torch.allclose(torch.tensor(logprobs, dtype=torch.float64)[mine], behaviour.squeeze(-1), atol=1e-5)
+        assert torch.allclose(logprobs.double()[mine], behaviour.squeeze(-1), atol=1e-5)
         p1 = _truncated_probs(step1, p.temperature, p.top_k, p.top_p)
         p2 = torch.stack([_truncated_probs(table[a], p.temperature, p.top_k, p.top_p) for a in range(v)])
         joint = (p1[:, None] * p2).flatten()
@@ -317,29 +280,7 @@ def test_behaviour_logprobs_equal_linear_logprob(smollm):
         assert (logp - torch.tensor(c.logprobs)).abs().max().item() <= 1e-4
 
 
-# ---- the paged decode kernel ----------------------------------------------------------------
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_triton_paged_decode_matches_reference(device):
-    g = torch.Generator().manual_seed(0)
-    b, hq, hkv, d, bs, nb = 5, 6, 2, 24, 8, 40
-    q = torch.randn(b, hq, d, generator=g)
-    k_cache = torch.randn(nb, bs, hkv, d, generator=g)
-    v_cache = torch.randn(nb, bs, hkv, d, generator=g)
-    lens = torch.tensor([1, 8, 9, 30, 17], dtype=torch.int32)
-    perm = torch.randperm(nb, generator=g)
-    tables = torch.zeros(b, 4, dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(lens.tolist()):
-        k = -(-n // bs)
-        tables[i, :k] = perm[used:used + k]
-        used += k
-    args = [x.to(device) for x in (q, k_cache, v_cache, tables, lens)]
-    ours = paged_decode_attention(*args, scale=d ** -0.5).cpu()
-    ref = paged_decode_attention_ref(*(x.double() if x.is_floating_point() else x for x in (q, k_cache, v_cache)),
-                                     tables, lens, scale=d ** -0.5)
-    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
-
-
+# ---- shared-prefix (cascade) decode on the torch path; the Triton kernels: test_paged_kernel.py ----------
 def test_cascade_decode_equals_plain_paged_attention():
     """Shared-prefix attention (prompt read once per group) = plain paged attention."""
     from engine.rollout.paged import _cascade_decode, _plan_cascade

@@ -13,7 +13,6 @@ allocated per call and dropped at its end, and nothing is left in the model.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -21,7 +20,7 @@ import torch
 
 from .block_manager import BlockManager
 from .paged import CacheConfig, PagedAttention, PagedKVCache
-from .sampling import Completion, SamplingParams, sample_batch
+from .sampling import Completion, SamplingParams, sample_batch, sampling_tensors, sequence_seed
 from .scheduler import Scheduler, Sequence
 
 
@@ -100,14 +99,8 @@ class Generator:
         return self._stop_ids
 
     def _new_seq(self, request, sample, tokens, prompt_len, params, fork_into=0) -> Sequence:
-        gen = None
-        if sample >= 0 and params.temperature > 0:
-            gen = torch.Generator()
-            # no seed: fresh entropy, drawn without touching torch's global generators (reseeding
-            # them would clobber the trainer's RNG stream and what a resume restores)
-            gen.manual_seed(params.seed * 1_000_003 + sample if params.seed is not None
-                            else int.from_bytes(os.urandom(8), "little") >> 1)
-        return Sequence(request, sample, tokens, prompt_len, params, gen, fork_into=fork_into)
+        seed = sequence_seed(params.seed, sample) if sample >= 0 and params.temperature > 0 else None
+        return Sequence(request, sample, tokens, prompt_len, params, seed, fork_into=fork_into)
 
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:
         batch, copies = sched.schedule()
@@ -147,9 +140,10 @@ class Generator:
                         sched.running.append(seq)
                     samplers.append(seq)
                     rows.append(r)
-            tokens, logprobs = sample_batch(logits[rows], [s.params for s in samplers],
-                                            [s.generator for s in samplers])
-            for seq, token, logprob in zip(samplers, tokens, logprobs):
+            settings = sampling_tensors([s.params for s in samplers], [s.seed for s in samplers],
+                                        [s.num_generated for s in samplers], device)
+            tokens, logprobs = sample_batch(logits[rows], *settings)
+            for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
                 self._append(seq, token, logprob, sched, blocks, results)
         elapsed = time.perf_counter() - started
         if decode:

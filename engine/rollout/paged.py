@@ -68,9 +68,9 @@ class PagedKVCache:
         # zeros: rows past a sequence's end are masked in attention but still multiplied by 0
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
-        # torch decode path: each group's prompt K^T / V laid out for batched matmuls, built at
-        # the group's first decode step and reused until the rollout ends (the prompt never changes)
-        self.prefix_store: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # torch decode path, per layer: the prompts of the groups decoding, stacked for one
+        # attention call, kept until the set of groups changes (the prompts never do)
+        self.prefix_store: dict[int, tuple] = {}
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         for src, dst in copies:
@@ -208,25 +208,19 @@ def _flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
 
-def _slot(table: list[int], position: int, bs: int) -> int:
-    return table[position // bs] * bs + position % bs
-
-
 def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
-    """Index tensors, built once per step: each group's shared prefix, and every sequence's
-    suffix (padded to the longest, with an additive mask)."""
+    """Index tensors, built once per step. The groups whose samples share a prompt are stacked
+    for one attention call: rows [Ng, Mmax] are each group's members (B, a zero query row, pads
+    a group with fewer members), `where` [B] puts each sequence's row of the stacked result
+    back (Ng·Mmax, a row of weight zero, for a sequence that shares nothing). Every sequence's
+    own suffix is padded to the longest, with an additive mask."""
     members: dict[int, list[int]] = {}
     for i, (p, g) in enumerate(zip(prefix_lens, groups)):
         if p > 0:
             members.setdefault(g, []).append(i)
-    prefix = []
-    for group, idx in members.items():
-        plen, table = prefix_lens[idx[0]], tables[idx[0]]
-        rows = slice(idx[0], idx[-1] + 1) if idx == list(range(idx[0], idx[-1] + 1)) else torch.tensor(idx, device=device)
-        key = (group, plen, table[0])  # the first block id tells a group from a later one
-        prefix.append((rows, len(idx), key, (table, plen, bs)))  # slots built only on a store miss
+    b = len(tables)
     width = max(n - p for n, p in zip(lens, prefix_lens))
-    bt = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.long)
+    bt = torch.zeros(b, max(len(t) for t in tables), dtype=torch.long)
     for i, t in enumerate(tables):
         bt[i, : len(t)] = torch.tensor(t, dtype=torch.long)
     start = torch.tensor(prefix_lens, dtype=torch.long)[:, None]
@@ -236,8 +230,19 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
     pos = torch.minimum(pos, end - 1)
     slots = bt.gather(1, pos // bs) * bs + pos % bs
     mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-    return {"prefix": prefix, "suffix_slots": slots.to(device), "suffix_mask": mask[:, None, None, :].to(device),
-            "has_prefix": bool(members)}
+    plan = {"suffix_slots": slots.to(device), "suffix_mask": mask[:, None, None, :].to(device), "groups": None}
+    if members:
+        mmax = max(len(idx) for idx in members.values())
+        rows = torch.full((len(members), mmax), b, dtype=torch.long)
+        where = torch.full((b,), len(members) * mmax, dtype=torch.long)
+        for gi, idx in enumerate(members.values()):
+            rows[gi, : len(idx)] = torch.tensor(idx)
+            where[idx] = gi * mmax + torch.arange(len(idx))
+        # the first block id tells a group from a later one that reuses its request index
+        key = tuple((g, prefix_lens[idx[0]], tables[idx[0]][0]) for g, idx in members.items())
+        sources = [(tables[idx[0]], prefix_lens[idx[0]]) for idx in members.values()]
+        plan["groups"] = {"key": key, "sources": sources, "rows": rows.to(device), "where": where.to(device), "bs": bs}
+    return plan
 
 
 def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None):
@@ -247,12 +252,33 @@ def _attend_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                                                        scale=scale)
 
 
+def _stack_prefixes(k_flat, v_flat, groups: dict):
+    """The groups' prompts K / V stacked [Ng, Hkv, Pmax, D] (zeros past a shorter prompt, masked)."""
+    bs = groups["bs"]
+    plens = [p for _, p in groups["sources"]]
+    pmax = max(plens)
+    hkv, d = k_flat.shape[1:]
+    ks = k_flat.new_zeros(len(plens), pmax, hkv, d)
+    vs = v_flat.new_zeros(len(plens), pmax, hkv, d)
+    for i, (table, plen) in enumerate(groups["sources"]):
+        blocks = torch.tensor(table[: -(-plen // bs)], dtype=torch.long, device=k_flat.device)
+        slots = (blocks[:, None] * bs + torch.arange(bs, device=k_flat.device)).flatten()[:plen]
+        ks[i, :plen], vs[i, :plen] = k_flat[slots], v_flat[slots]
+    mask = None
+    if min(plens) < pmax:
+        pad = torch.arange(pmax)[None, :] >= torch.tensor(plens)[:, None]
+        mask = torch.zeros(pad.shape, dtype=k_flat.dtype).masked_fill_(pad, float("-inf"))[:, None, None, :]
+        mask = mask.to(k_flat.device)
+    return ks.transpose(1, 2).contiguous(), vs.transpose(1, 2).contiguous(), mask
+
+
 def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, plan: dict, scale: float,
                     store: dict | None = None, layer: int = 0):
-    """q [B, Hq, D]; k_flat, v_flat [slots, Hkv, D] -> [B, Hq, D] (CPU). Each group's prompt is one
-    attention call for all its members' queries; each sequence's own suffix one batched call;
-    the two normalised partials merge by their log-sum-exp. `store` keeps each group's prefix
-    K / V in [1, Hkv, P, D] layout between steps (the prompt never changes)."""
+    """q [B, Hq, D]; k_flat, v_flat [slots, Hkv, D] -> [B, Hq, D] (CPU). All groups' prompts in one
+    attention call (each group's members' queries against its prompt, stacked over groups), each
+    sequence's own suffix in one batched call, the two normalised partials merged by their
+    log-sum-exp. `store` keeps the stacked prompts between steps, rebuilt when the set of groups
+    decoding changes (the prompts themselves never do)."""
     b, hq, d = q.shape
     hkv = k_flat.shape[1]
     g = hq // hkv
@@ -261,21 +287,22 @@ def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
     ks = k_flat[plan["suffix_slots"]].transpose(1, 2)  # [B, Hkv, S, D]
     vs = v_flat[plan["suffix_slots"]].transpose(1, 2)
     out, lse2 = _attend_lse(qh, ks, vs, scale, plan["suffix_mask"].to(dtype))  # [B, Hkv, G, D], [B, Hkv, G]
-    if not plan["has_prefix"]:
+    groups = plan["groups"]
+    if groups is None:
         return out.reshape(b, hq, d).to(q.dtype)
-    o1 = torch.zeros_like(out)
-    lse1 = torch.full_like(lse2, float("-inf"))
-    for idx, m, key, (table, plen, bs) in plan["prefix"]:
-        cached = store.get((layer, key)) if store is not None else None
-        if cached is None:  # the prompt's keys and values, read once for the whole group
-            slots = torch.tensor([_slot(table, t, bs) for t in range(plen)], dtype=torch.long, device=q.device)
-            cached = (k_flat[slots].transpose(0, 1)[None].contiguous(), v_flat[slots].transpose(0, 1)[None].contiguous())
-            if store is not None:
-                store[(layer, key)] = cached
-        qg = qh[idx].transpose(0, 1).reshape(1, hkv, m * g, d)
-        o, lse = _attend_lse(qg, *cached, scale)
-        o1[idx] = o.view(hkv, m, g, d).transpose(0, 1)
-        lse1[idx] = lse.view(hkv, m, g).transpose(0, 1)
+    cached = store.get(layer) if store is not None else None
+    if cached is None or cached[0] != groups["key"]:
+        cached = (groups["key"], *_stack_prefixes(k_flat, v_flat, groups))
+        if store is not None:
+            store[layer] = cached
+    _, kp, vp, pmask = cached
+    ng, mmax = groups["rows"].shape
+    padded = torch.cat([qh, qh.new_zeros(1, hkv, g, d)])
+    qg = padded[groups["rows"]].permute(0, 2, 1, 3, 4).reshape(ng, hkv, mmax * g, d)
+    o, lse = _attend_lse(qg, kp, vp, scale, pmask)  # [Ng, Hkv, Mmax·G, D], [Ng, Hkv, Mmax·G]
+    o = o.view(ng, hkv, mmax, g, d).permute(0, 2, 1, 3, 4).reshape(ng * mmax, hkv, g, d)
+    lse = lse.view(ng, hkv, mmax, g).permute(0, 2, 1, 3).reshape(ng * mmax, hkv, g)
+    o1 = torch.cat([o, o.new_zeros(1, hkv, g, d)])[groups["where"]]
+    lse1 = torch.cat([lse, lse.new_full((1, hkv, g), float("-inf"))])[groups["where"]]
     w1 = torch.sigmoid(lse1 - lse2)[..., None]  # the prefix's share of the total mass
-    out = torch.lerp(out, o1, w1)
-    return out.reshape(b, hq, d).to(q.dtype)
+    return torch.lerp(out, o1, w1).reshape(b, hq, d).to(q.dtype)

@@ -1,4 +1,4 @@
-"""Sampling parameters, completions, and the per-sequence sampler.
+"""Sampling parameters, completions, and the batched sampler.
 
 Behaviour log-probs: every sampled token comes with log softmax(logits / T)[token], the
 log-prob under the temperature-scaled distribution *before* top-k / top-p truncation. That
@@ -6,9 +6,31 @@ is the distribution `kernels.linear_logprob(..., temperature=T)` computes for th
 so the importance ratio of the first update of an on-policy step is exactly 1 whatever
 top-p does. (Truncation changes which tokens can be drawn, not the log-prob reported.) With
 temperature 0 (greedy) the log-prob is taken at T = 1.
+
+`sample_batch` draws one token for every row of a batch in one set of tensor ops on the
+logits' device, each row with its own settings (greedy rows are temperature 0).
+
+Support: top-k keeps every token whose logit is >= the k-th largest (ties at the k-th value
+kept); top-p then keeps, on the top-k-truncated distribution sorted by probability, the
+smallest prefix whose mass reaches top_p (a token is dropped when the mass before it is
+already >= top_p), and with it every token tied with the prefix's last one: a tie at the
+boundary is kept whole, as top-k keeps its own, so the support never depends on how a sort
+orders equal logits. Either way the support is {scaled logit >= a per-row threshold}. The
+threshold comes from a partial sort (topk) of `_CANDIDATES` tokens; a row whose support may
+reach past its candidates retries, batched with the others, at a width that the mass its
+candidates lack says it needs at least, or, past a quarter of the vocabulary, with the whole
+row sorted. Choosing those rows costs a few host syncs per call, none per row.
+
+Draw: inverse CDF over the support in vocabulary order (as a cumsum over the whole row
+would), with a uniform that is a hash of the sequence's 64-bit seed and the token's index
+(`uniforms`). A sequence's tokens therefore depend on its seed and its logits only: not on
+the rest of the batch, its row, the partial-sort width, or any generator's state. (On CPU
+bit for bit; on a GPU, scans and reductions of other widths may round differently in the
+last bit, which moves a draw only when u lands within an ulp of a token's CDF boundary.)
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +42,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: off
-    seed: int | None = None  # per request; sample i of a request uses seed + i
+    seed: int | None = None  # per request; sample i draws from seed * 1_000_003 + i (sequence_seed)
     # None: the model's own stop rule (engine.data.template.stop_token_ids: generation_config's
     # eos ids and the chat template's end of turn), as transformers and vLLM stop by default
     stop_token_ids: list[int] | None = None
@@ -46,56 +68,164 @@ class Completion:
 
 
 def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits [V] with everything outside the top-k / top-p support set to −inf. top-p keeps
-    the smallest set of most likely tokens whose mass reaches top_p."""
+    """logits [V] with everything outside the top-k / top-p support set to −inf: the reference
+    for `sample_batch`'s support (module docstring). top-p keeps the smallest set of most likely
+    tokens whose mass reaches top_p, and every token tied with the least likely of them."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
+        sorted_logits = logits.sort(descending=True).values
         probs = sorted_logits.softmax(-1)
-        drop_sorted = (probs.cumsum(-1) - probs) >= top_p  # mass before this token already enough
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        kept = int(((probs.cumsum(-1) - probs) < top_p).sum())  # mass before the token not yet enough
+        logits = logits.masked_fill(logits < sorted_logits[kept - 1], float("-inf"))
     return logits
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> tuple[int, float]:
-    """logits [V] fp32 -> (token, behaviour log-prob): sample_batch for one row."""
-    tokens, logprobs = sample_batch(logits[None], [params], [generator])
-    return tokens[0], logprobs[0]
+# ---- per-sequence seeds and counter-based uniforms -------------------------------------------
+_M32 = 0xFFFFFFFF
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams],
-                 generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
-    """logits [B, V] fp32 -> tokens and behaviour log-probs, one row per sequence.
+def sequence_seed(seed: int | None, sample: int) -> int:
+    """A sample's 64-bit seed, as a signed int64: seed * 1_000_003 + sample (wrapped) for a seeded
+    request, else 63 fresh bits from os.urandom. Never torch's global generators: reseeding them
+    would clobber the trainer's RNG stream and what a resume restores."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little") >> 1
+    bits = (seed * 1_000_003 + sample) & (2 ** 64 - 1)
+    return bits - 2 ** 64 if bits >= 2 ** 63 else bits
 
-    Rows are drawn by inverse CDF with a uniform from each row's own generator, so a
-    sequence's samples depend only on its seed, not on what else is in the batch; the
-    arithmetic over [B, V] runs once for all rows that share their settings."""
-    tokens = [0] * len(params)
-    logprobs = [0.0] * len(params)
-    by_setting: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        by_setting.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-    for (temperature, top_k, top_p), rows in by_setting.items():
-        sub = logits[rows]
-        if temperature == 0:
-            picked = sub.argmax(-1)
-            lp = torch.log_softmax(sub, -1)
-        else:
-            scaled = sub / temperature
-            lp = torch.log_softmax(scaled, -1)
-            support = scaled
-            if top_k > 0 or top_p < 1.0:
-                support = torch.stack([truncate_logits(r, top_k, top_p) for r in scaled])
-            cdf = torch.softmax(support, -1).cumsum(-1)
-            u = torch.stack([torch.rand((), generator=generators[i]) for i in rows]).to(cdf.device)
-            # scaled by the total so cumsum rounding never leaves u past the end; kept above 0 so
-            # the first index with cdf >= u is always a token of positive probability
-            u = (u.to(cdf.dtype) * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)
-            picked = torch.searchsorted(cdf, u[:, None]).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-        chosen = lp.gather(-1, picked[:, None]).squeeze(-1)
-        for row, tok, val in zip(rows, picked.tolist(), chosen.tolist()):
-            tokens[row], logprobs[row] = tok, val
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """x * c mod 2**32 for x in [0, 2**32), in int64: c taken as its signed 32-bit twin keeps
+    |x * c| < 2**63, so the product never overflows (torch has no unsigned 64-bit arithmetic)."""
+    return (x * (c - 2 ** 32 if c >= 2 ** 31 else c)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Wellons' triple32 (nullprogram.com/blog/2018/07/31, public domain): a bijection on 32-bit
+    words (held in int64, so >> is a logical shift) with near-ideal avalanche."""
+    x = x ^ (x >> 17)
+    x = _mul32(x, 0xED5AD4BB)
+    x = x ^ (x >> 11)
+    x = _mul32(x, 0xAC4C1B51)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x31848BAB)
+    return x ^ (x >> 14)
+
+
+def uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """seeds [B] int64, steps [B] int64 -> u [B] fp32 in [0, 1), a pure function of (seed, step).
+
+    The step is hashed first and each 32-bit half of the seed folded in after it: for a fixed
+    seed, steps map one-to-one to words, and for a fixed step so does each seed half; nor is one
+    seed's stream another's shifted by some steps, as with seed + step · γ schemes. 24 bits, the
+    resolution of the fp32 CDF they meet, so k / 2**24 is exact in fp32 ((k + ½) / 2**24 would
+    need 25 bits and can round to 1); u = 0 stands for 0+ (`_inverse_cdf` keeps targets above 0)."""
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = _hash32(lo ^ _hash32(hi ^ _hash32((steps & _M32) ^ 0x9E3779B9)))  # constant: step 0 of seed 0 is not 0
+    return (h >> 8).to(torch.float32) * 2.0 ** -24
+
+
+# ---- the batched sampler -----------------------------------------------------------------------
+_CANDIDATES = 64  # first partial-sort width: holds the nucleus of most rows at top_p 0.95
+_WIDEN = 16  # a retry sorts at least this many times more candidates
+
+
+def sampling_tensors(params: list[SamplingParams], seeds: list[int | None], steps: list[int],
+                     device: torch.device | str) -> tuple[torch.Tensor, ...]:
+    """Per-row arguments of `sample_batch` (temperature, top_k, top_p, seeds, steps), built with
+    two host-to-device copies. seeds: None for greedy rows; steps: tokens generated so far."""
+    floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], dtype=torch.float32,
+                          device=device)
+    ints = torch.tensor([[p.top_k for p in params], [s or 0 for s in seeds], steps], dtype=torch.int64,
+                        device=device)
+    return floats[0], ints[0], floats[1], ints[1], ints[2]
+
+
+def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (tokens [B] int64, behaviour log-probs [B] fp32), every row at once.
+
+    temperature [B] (0: greedy, the lowest-id argmax), top_k [B] int64 (0: off), top_p [B]
+    (1: off), seeds [B] int64 (`sequence_seed`), steps [B] int64 (the index of the token being
+    drawn among the sequence's generated tokens); all on the logits' device."""
+    logits = logits.float()
+    b, vocab = logits.shape
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
+    top = scaled.amax(-1, keepdim=True)  # [B, 1]
+    weights = torch.exp(scaled - top)  # [B, V] unnormalised softmax(scaled)
+    z = weights.sum(-1)
+    u = uniforms(seeds, steps).masked_fill(greedy, 0.0)  # u = 0: the support's first token
+    thr = torch.full_like(z, float("-inf"))  # support: scaled >= thr
+    tokens = torch.zeros_like(seeds)
+    done = torch.zeros_like(greedy)
+    plain = ~greedy & ((top_k <= 0) | (top_k >= vocab)) & (top_p >= 1)  # support: the whole row
+    rows = (~plain).nonzero().squeeze(1)
+    width = _CANDIDATES
+    by_sort = []  # rows whose support is found in the whole row sorted
+    while rows.numel():
+        if 4 * width > vocab:  # a partial sort past a quarter of the vocabulary costs about a full one
+            by_sort.append(rows)
+            break
+        vals, ids = scaled[rows].topk(width)
+        thr[rows], ok, need = _threshold(vals, greedy[rows], top_k[rows], top_p[rows], z[rows], vocab)
+        hit = ok.nonzero().squeeze(1)
+        if hit.numel():
+            ids, order = ids[hit].sort(-1)  # vocabulary order: the draw must not depend on topk's order of ties
+            vals, r = vals[hit].gather(1, order), rows[hit]
+            picked = _inverse_cdf(torch.exp(vals - top[r]) * (vals >= thr[r, None]), u[r])
+            tokens[r] = ids.gather(1, picked[:, None]).squeeze(1)
+            done[r] = True
+        rows, need = rows[~ok], need[~ok].clamp(min=width * _WIDEN)
+        far = 4 * need > vocab
+        by_sort.append(rows[far])
+        rows, need = rows[~far], need[~far]
+        if rows.numel():  # as wide as the widest support still out of view needs, at least
+            width = 1 << (int(need.max()) - 1).bit_length()
+    rows = torch.cat(by_sort) if by_sort else rows
+    if rows.numel():
+        thr[rows] = _threshold(scaled[rows].sort(-1, descending=True).values, greedy[rows], top_k[rows], top_p[rows],
+                               z[rows], vocab)[0]
+    rows = (~done).nonzero().squeeze(1)
+    if rows.numel():  # the whole row: plain rows, and rows whose support needed the full sort
+        sub, w = (scaled, weights) if rows.numel() == b else (scaled[rows], weights[rows])
+        if bool((thr[rows] > float("-inf")).any()):
+            w = w.masked_fill(sub < thr[rows, None], 0.0)
+        tokens[rows] = _inverse_cdf(w, u[rows])
+    logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - top.squeeze(1) - z.log()
     return tokens, logprobs
+
+
+def _threshold(vals: torch.Tensor, greedy: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               z: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vals [R, W]: a row's W largest scaled logits, descending; z [R]: its softmax normaliser.
+    -> (thr [R], ok [R], need [R]): the support is {scaled >= thr}; ok where the W candidates hold
+    all of it (always at W = vocab); need: a lower bound on the candidates it takes where not."""
+    w = vals.shape[1]
+    first, last = vals[:, 0], vals[:, -1]
+    has_k = ~greedy & (top_k > 0) & (top_k < vocab)
+    kth = torch.where(has_k, vals.gather(1, (top_k.clamp(1, w) - 1)[:, None]).squeeze(1), float("-inf"))
+    in_k = vals >= kth[:, None]
+    mass = (torch.exp(vals - first[:, None]) * in_k).cumsum(-1)
+    total = torch.where(has_k, mass[:, -1], z)  # top-p runs on the top-k-truncated distribution
+    # kept: the candidates whose mass *before* them is < top_p, i.e. one more than those whose mass
+    # through them is (mass is a cumsum of non-negative weights: the kept ones are a prefix)
+    nucleus = (mass / total[:, None] < top_p[:, None]).sum(-1) + 1
+    n = torch.where(top_p >= 1, in_k.sum(-1), nucleus).clamp(1, w)
+    thr = torch.where(greedy, first, vals.gather(1, n[:, None] - 1).squeeze(1))
+    ok = torch.where(has_k, (top_k <= w) & (last < kth), last < thr) | (w >= vocab)  # top-k's mass all in view
+    # the mass still missing, at most the last candidate's weight per token out of view
+    short = (top_p * total - mass[:, -1]).clamp(min=0) / torch.exp(last - first).clamp(min=torch.finfo(z.dtype).tiny)
+    need = torch.where(has_k, top_k.clamp(min=w + 1).to(short.dtype), w + 1 + short)
+    return thr, ok, need
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """weights [R, N] >= 0, u [R] in [0, 1) -> [R] the first position whose cumulative weight
+    reaches u · total. u is scaled by the total so cumsum rounding never leaves it past the end,
+    and kept above 0 so the position found always has positive weight."""
+    cdf = weights.cumsum(-1)
+    target = (u * cdf[:, -1]).clamp(min=torch.finfo(cdf.dtype).tiny)
+    return torch.searchsorted(cdf, target[:, None]).squeeze(1).clamp(max=cdf.shape[1] - 1)

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from .block_manager import BlockManager, NoFreeBlocks
 from .sampling import SamplingParams
 
@@ -25,7 +23,7 @@ class Sequence:
     token_ids: list[int]
     prompt_len: int
     params: SamplingParams
-    generator: torch.Generator | None = None
+    seed: int | None = None  # sampled samples only: the 64-bit seed of its uniforms (sampling.sequence_seed)
     table: list[int] = field(default_factory=list)
     num_cached: int = 0
     logprobs: list[float] = field(default_factory=list)
