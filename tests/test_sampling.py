@@ -215,6 +215,34 @@ def test_the_threshold_is_truncate_logits_at_every_width():
     assert set(torch.isfinite(truncate_logits(tie, 0, settings[-1][1])).nonzero().flatten().tolist()) == {7, 3, 300, 41}
 
 
+def test_the_bucketed_nucleus_threshold_is_truncate_logits():
+    """`_nucleus_threshold` (a mass histogram by distance from the max; only the boundary bucket
+    sorted) finds exactly truncate_logits' top-p support, all rows at once: peaked, flat, spread past
+    the buckets' span (the boundary in the catch-all bucket), -inf logits, bf16 ties, a tie group
+    straddling the boundary, and a row whose nucleus is its first token."""
+    g = torch.Generator().manual_seed(6)
+    v = 3000
+    rows = [torch.randn(v, generator=g) * s for s in (0.01, 0.3, 1.0, 4.0, 12.0)]
+    rows.append(torch.linspace(0, -80, v)[torch.randperm(v, generator=g)])  # 40 nats past the span
+    masked = torch.randn(v, generator=g)
+    masked[torch.randperm(v, generator=g)[:2500]] = float("-inf")
+    rows.append(masked)
+    rows.append((torch.randn(v, generator=g) * 2).bfloat16().float())
+    tie = torch.full((v,), -5.0)
+    tie[[7, 3, 300, 41, 120]] = torch.tensor([3.0, 2.0, 2.0, 2.0, 1.0])
+    rows.append(tie)
+    rows.append(torch.cat([torch.tensor([30.0]), torch.randn(v - 1, generator=g)]))
+    scaled = torch.stack(rows)
+    for top_p in (0.3, 0.9, 0.95, 0.999, 0.9999):
+        top = scaled.amax(-1, keepdim=True)
+        weights = torch.exp(scaled - top)
+        thr = sampling._nucleus_threshold(scaled, weights, weights.sum(-1), torch.full((len(rows),), top_p), top)
+        for i, row in enumerate(scaled):
+            # in float64: near top_p = 0.9999 a fp32 cumsum no longer resolves the tail tokens' mass
+            expected = torch.isfinite(truncate_logits(row.double(), 0, top_p))
+            assert torch.equal(row >= thr[i], expected), (i, top_p, int((row >= thr[i]).sum()), int(expected.sum()))
+
+
 @pytest.mark.parametrize("candidates", [4, 64])
 def test_draws_stay_in_truncate_logits_support_and_cover_it(monkeypatch, candidates):
     """Small vocabulary: over 3,000 draws per setting no token outside truncate_logits' support

@@ -165,6 +165,7 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     rows = (~plain).nonzero().squeeze(1)
     width = _CANDIDATES
     by_sort = []  # rows whose support is found in the whole row sorted
+    by_bucket = []  # top-p rows whose nucleus is wider than the candidates
     while rows.numel():
         if 4 * width > vocab:  # a partial sort past a quarter of the vocabulary costs about a full one
             by_sort.append(rows)
@@ -179,12 +180,18 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
             tokens[r] = ids.gather(1, picked[:, None]).squeeze(1)
             done[r] = True
         rows, need = rows[~ok], need[~ok].clamp(min=width * _WIDEN)
+        no_k = (top_k[rows] <= 0) | (top_k[rows] >= vocab)  # top-p alone: the exact threshold by buckets
+        by_bucket.append(rows[no_k])
+        rows, need = rows[~no_k], need[~no_k]
         far = 4 * need > vocab
         by_sort.append(rows[far])
         rows, need = rows[~far], need[~far]
         if rows.numel():  # as wide as the widest support still out of view needs, at least
             width = 1 << (int(need.max()) - 1).bit_length()
-    rows = torch.cat(by_sort) if by_sort else rows
+    rows = torch.cat(by_bucket) if by_bucket else rows[:0]
+    if rows.numel():
+        thr[rows] = _nucleus_threshold(scaled[rows], weights[rows], z[rows], top_p[rows], top[rows])
+    rows = torch.cat(by_sort) if by_sort else rows[:0]
     if rows.numel():
         thr[rows] = _threshold(scaled[rows].sort(-1, descending=True).values, greedy[rows], top_k[rows], top_p[rows],
                                z[rows], vocab)[0]
@@ -220,6 +227,41 @@ def _threshold(vals: torch.Tensor, greedy: torch.Tensor, top_k: torch.Tensor, to
     short = (top_p * total - mass[:, -1]).clamp(min=0) / torch.exp(last - first).clamp(min=torch.finfo(z.dtype).tiny)
     need = torch.where(has_k, top_k.clamp(min=w + 1).to(short.dtype), w + 1 + short)
     return thr, ok, need
+
+
+_BUCKETS = 2048  # mass histogram of a row by distance from its max logit ...
+_SPAN = 32.0  # ... over this many nats (0.016 per bucket); everything further down shares the last one
+
+
+def _nucleus_threshold(scaled: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor,
+                       top: torch.Tensor) -> torch.Tensor:
+    """The exact top-p threshold of rows without top-k, no sort of the row: [R, V] scaled logits,
+    their weights exp(scaled - top), normaliser z [R], top [R, 1] -> thr [R] (support: scaled >= thr).
+
+    The mass is histogrammed by (top - scaled) in _BUCKETS buckets. IEEE subtraction and
+    multiplication round monotonically, so the buckets cut the sorted order into consecutive runs:
+    every token of a bucket before the one where the mass reaches top_p is kept, every token after
+    it dropped. Only the boundary bucket's tokens (a few, or the tail when the row is flat) are
+    sorted, all rows' together, to find the last token whose preceding mass is still < top_p."""
+    r = scaled.shape[0]
+    bucket = ((top - scaled) * (_BUCKETS / _SPAN)).clamp_(max=_BUCKETS - 1).to(torch.int64)
+    cum = torch.zeros(r, _BUCKETS, dtype=weights.dtype, device=weights.device).scatter_add_(1, bucket, weights)
+    cum = cum.cumsum(-1)
+    target = top_p * z
+    edge = (cum < target[:, None]).sum(-1).clamp(max=_BUCKETS - 1)  # the bucket where the mass reaches top_p
+    above = torch.where(edge > 0, cum.gather(1, (edge - 1).clamp(min=0)[:, None]).squeeze(1), 0.0)
+    rows, cols = (bucket == edge[:, None]).nonzero(as_tuple=True)  # row-major: grouped by row
+    vals = scaled[rows, cols]
+    order = vals.argsort(descending=True, stable=True)
+    order = order[rows[order].argsort(stable=True)]  # by row, then by value descending
+    rows, vals = rows[order], vals[order]
+    w = weights[rows, cols[order]].double()
+    before = w.cumsum(0) - w  # mass before each candidate, from the first candidate of all rows
+    counts = torch.bincount(rows, minlength=r)
+    starts = counts.cumsum(0) - counts
+    before = before - before[starts][rows] + above[rows].double()  # ... from the row's own max
+    kept = torch.bincount(rows, weights=(before < target[rows].double()).double(), minlength=r).long()
+    return vals[starts + kept.clamp(min=1) - 1]
 
 
 def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
