@@ -191,16 +191,23 @@ class PagedAttention:
         k_flat, v_flat = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
         if self.varlen:
             from flash_attn import flash_attn_varlen_func
-            return flash_attn_varlen_func(q, k_flat[self.key_slots], v_flat[self.key_slots], self.cu_q, self.cu_k,
-                                          self.max_q, self.max_k, softmax_scale=scale, causal=True)
+            keys, values = _rows(k_flat, self.key_slots), _rows(v_flat, self.key_slots)
+            return flash_attn_varlen_func(q, keys, values, self.cu_q, self.cu_k, self.max_q, self.max_k,
+                                          softmax_scale=scale, causal=True)
         outs = []
         for start, n, c, slots in self.prefill_rows:
             if slots is None:  # the sequence's first chunk: its keys are the ones just computed
                 keys, values = k[start:start + n], v[start:start + n]
             else:
-                keys, values = k_flat[slots], v_flat[slots]
+                keys, values = _rows(k_flat, slots), _rows(v_flat, slots)
             outs.append(causal_sdpa(q[start:start + n], keys, values, scale, q_offset=c))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0 for an index of any shape, by index_select: on CPU several times
+    faster than advanced indexing for the row gathers of decode (suffix K/V, stacked queries)."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
 
 
 def _flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
@@ -263,7 +270,7 @@ def _stack_prefixes(k_flat, v_flat, groups: dict):
     for i, (table, plen) in enumerate(groups["sources"]):
         blocks = torch.tensor(table[: -(-plen // bs)], dtype=torch.long, device=k_flat.device)
         slots = (blocks[:, None] * bs + torch.arange(bs, device=k_flat.device)).flatten()[:plen]
-        ks[i, :plen], vs[i, :plen] = k_flat[slots], v_flat[slots]
+        ks[i, :plen], vs[i, :plen] = _rows(k_flat, slots), _rows(v_flat, slots)
     mask = None
     if min(plens) < pmax:
         pad = torch.arange(pmax)[None, :] >= torch.tensor(plens)[:, None]
@@ -284,9 +291,13 @@ def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
     g = hq // hkv
     dtype = k_flat.dtype
     qh = q.to(dtype).view(b, hkv, g, d)
-    ks = k_flat[plan["suffix_slots"]].transpose(1, 2)  # [B, Hkv, S, D]
-    vs = v_flat[plan["suffix_slots"]].transpose(1, 2)
-    out, lse2 = _attend_lse(qh, ks, vs, scale, plan["suffix_mask"].to(dtype))  # [B, Hkv, G, D], [B, Hkv, G]
+    ks = _rows(k_flat, plan["suffix_slots"]).transpose(1, 2)  # [B, Hkv, S, D]
+    vs = _rows(v_flat, plan["suffix_slots"]).transpose(1, 2)
+    # a few query rows per (sequence, head) against at most the response so far: batched matmuls
+    # beat the fused kernel's per-(sequence, head) set-up here
+    s2 = torch.matmul(qh, ks.transpose(-1, -2)).mul_(scale).add_(plan["suffix_mask"].to(dtype))
+    lse2 = torch.logsumexp(s2, -1)  # [B, Hkv, G]
+    out = torch.matmul(torch.exp(s2 - lse2[..., None]), vs)  # [B, Hkv, G, D]
     groups = plan["groups"]
     if groups is None:
         return out.reshape(b, hq, d).to(q.dtype)
@@ -298,11 +309,11 @@ def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
     _, kp, vp, pmask = cached
     ng, mmax = groups["rows"].shape
     padded = torch.cat([qh, qh.new_zeros(1, hkv, g, d)])
-    qg = padded[groups["rows"]].permute(0, 2, 1, 3, 4).reshape(ng, hkv, mmax * g, d)
+    qg = _rows(padded, groups["rows"]).permute(0, 2, 1, 3, 4).reshape(ng, hkv, mmax * g, d)
     o, lse = _attend_lse(qg, kp, vp, scale, pmask)  # [Ng, Hkv, Mmax·G, D], [Ng, Hkv, Mmax·G]
     o = o.view(ng, hkv, mmax, g, d).permute(0, 2, 1, 3, 4).reshape(ng * mmax, hkv, g, d)
     lse = lse.view(ng, hkv, mmax, g).permute(0, 2, 1, 3).reshape(ng * mmax, hkv, g)
-    o1 = torch.cat([o, o.new_zeros(1, hkv, g, d)])[groups["where"]]
-    lse1 = torch.cat([lse, lse.new_full((1, hkv, g), float("-inf"))])[groups["where"]]
+    o1 = _rows(torch.cat([o, o.new_zeros(1, hkv, g, d)]), groups["where"])
+    lse1 = _rows(torch.cat([lse, lse.new_full((1, hkv, g), float("-inf"))]), groups["where"])
     w1 = torch.sigmoid(lse1 - lse2)[..., None]  # the prefix's share of the total mass
     return torch.lerp(out, o1, w1).reshape(b, hq, d).to(q.dtype)
