@@ -128,7 +128,8 @@ class Generator:
                 ends.append(offset - 1)
                 ready.append(seq)
         if ready:
-            logits = self.model.logits(hidden[torch.tensor(ends, device=device)]).float()
+            last = hidden if len(ends) == hidden.shape[0] else hidden[torch.tensor(ends, device=device)]
+            logits = self.model.logits(last).float()
             samplers, rows = [], []
             for r, seq in enumerate(ready):
                 if seq.fork_into:  # a group's prompt: its samples draw their first token from its logits
@@ -142,7 +143,9 @@ class Generator:
                     rows.append(r)
             settings = sampling_tensors([s.params for s in samplers], [s.seed for s in samplers],
                                         [s.num_generated for s in samplers], device)
-            tokens, logprobs = sample_batch(logits[rows], *settings)
+            # decode steps sample every row once, in order: no [rows, vocab] copy then
+            same = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
+            tokens, logprobs = sample_batch(logits if same else logits[rows], *settings)
             for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
                 self._append(seq, token, logprob, sched, blocks, results)
         elapsed = time.perf_counter() - started

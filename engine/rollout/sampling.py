@@ -190,7 +190,9 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
             width = 1 << (int(need.max()) - 1).bit_length()
     rows = torch.cat(by_bucket) if by_bucket else rows[:0]
     if rows.numel():
-        thr[rows] = _nucleus_threshold(scaled[rows], weights[rows], z[rows], top_p[rows], top[rows])
+        every = rows.numel() == b  # all rows, in order (nonzero's order): no [B, V] copies
+        thr[rows] = _nucleus_threshold(scaled if every else scaled[rows], weights if every else weights[rows], z[rows],
+                                       top_p[rows], top[rows])
     rows = torch.cat(by_sort) if by_sort else rows[:0]
     if rows.numel():
         thr[rows] = _threshold(scaled[rows].sort(-1, descending=True).values, greedy[rows], top_k[rows], top_p[rows],
@@ -230,7 +232,7 @@ def _threshold(vals: torch.Tensor, greedy: torch.Tensor, top_k: torch.Tensor, to
 
 
 _BUCKETS = 2048  # mass histogram of a row by distance from its max logit ...
-_SPAN = 32.0  # ... over this many nats (0.016 per bucket); everything further down shares the last one
+_SPAN = 32.0  # ... over its range, or over this many nats where wider (everything further down shares the last)
 
 
 def _nucleus_threshold(scaled: torch.Tensor, weights: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor,
@@ -238,13 +240,17 @@ def _nucleus_threshold(scaled: torch.Tensor, weights: torch.Tensor, z: torch.Ten
     """The exact top-p threshold of rows without top-k, no sort of the row: [R, V] scaled logits,
     their weights exp(scaled - top), normaliser z [R], top [R, 1] -> thr [R] (support: scaled >= thr).
 
-    The mass is histogrammed by (top - scaled) in _BUCKETS buckets. IEEE subtraction and
-    multiplication round monotonically, so the buckets cut the sorted order into consecutive runs:
-    every token of a bucket before the one where the mass reaches top_p is kept, every token after
-    it dropped. Only the boundary bucket's tokens (a few, or the tail when the row is flat) are
-    sorted, all rows' together, to find the last token whose preceding mass is still < top_p."""
+    The mass is histogrammed by (top - scaled) in _BUCKETS buckets over the row's range. IEEE
+    subtraction and multiplication round monotonically, so the buckets cut the sorted order into
+    consecutive runs: every token of a bucket before the one where the mass reaches top_p is kept,
+    every token after it dropped. Only the boundary bucket's tokens (a few, or the tail past
+    _SPAN nats when the boundary lies there) are sorted, all rows' together, to find the last
+    token whose preceding mass is still < top_p."""
     r = scaled.shape[0]
-    bucket = ((top - scaled) * (_BUCKETS / _SPAN)).clamp_(max=_BUCKETS - 1).to(torch.int64)
+    # the buckets cover the row's own range, at most _SPAN nats: a flat row (logits within a fraction
+    # of a nat) spreads over all of them instead of piling into one
+    span = (top.squeeze(1) - scaled.amin(-1)).clamp(min=1e-30, max=_SPAN)
+    bucket = ((top - scaled) * (_BUCKETS / span)[:, None]).clamp_(max=_BUCKETS - 1).to(torch.int64)
     cum = torch.zeros(r, _BUCKETS, dtype=weights.dtype, device=weights.device).scatter_add_(1, bucket, weights)
     cum = cum.cumsum(-1)
     target = top_p * z

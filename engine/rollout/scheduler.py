@@ -16,8 +16,8 @@ from .block_manager import BlockManager, NoFreeBlocks
 from .sampling import SamplingParams
 
 
-@dataclass
-class Sequence:
+@dataclass(eq=False)  # a sequence is itself: `in` / remove() on the running list compare identity, not
+class Sequence:        # every field (token lists included) of every sequence ahead of it
     request: int  # index of the prompt
     sample: int  # index among the prompt's n samples (-1: the shared prompt of a group)
     token_ids: list[int]
