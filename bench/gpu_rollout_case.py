@@ -64,7 +64,8 @@ class RandomPrefill(torch.nn.Module):
             for buf in (cache.k, cache.v):
                 buf[layer].view(-1, hkv, d)[attn.slots] = torch.randn(len(attn.slots), hkv, d, device=buf.device,
                                                                        dtype=buf.dtype)
-        return torch.randn(ids.shape[0], self.config.hidden_size, device=ids.device, dtype=self.embed_tokens.weight.dtype)
+        w = self.embed_tokens.weight
+        return torch.randn(ids.shape[0], self.config.hidden_size, device=ids.device, dtype=w.dtype)
 
     def logits(self, hidden):
         return self.inner.logits(hidden)

@@ -62,7 +62,7 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
 
     # warm on few tokens at the real vocabulary: compiles, and times the row kernels' launch
     # settings (kernels.triton_rows.launch_config) before the memory baseline is taken
-    step(*make(64, 16 if dev.type != "cuda" else hidden, 32 if dev.type != "cuda" else vocab))
+    step(*make(64, *((hidden, vocab) if dev.type == "cuda" else (16, 32))))
     inputs = make(tokens, hidden, vocab)
     if dev.type == "cuda":
         torch.cuda.synchronize()

@@ -150,13 +150,14 @@ def run(impl: str, prompts: int, n: int, prompt_len: int, new: int, seed: int = 
     out = {"impl": impl, "prompts": prompts, "n": n, "prompt_len": prompt_len, "new_tokens": new, "rounds": rounds,
            "top_p": top_p, "prefills": prefills, **_summary(per_round, first_tokens=prompts * n)}
     # the matmul roofline of decode: every new token costs 2 x parameters FLOPs of matmuls (the
-    # attention's FLOPs come on top, uncounted), at the fp32 rate measured just now
+    # attention's FLOPs come on top, uncounted), at the fp32 rate of this machine. That rate drifts
+    # on a shared VM, so it is measured before and after the rounds and the higher one counts (a
+    # slow moment would flatter the fraction)
     params = sum(p.numel() for p in (model if impl == "ours" else hf).parameters())
-    # the machine's matmul rate drifts on a shared VM: measured before and after the rounds, the
-    # higher one is the roofline (a slow moment would flatter the fraction)
     rates = [rate_before, matmul_gflops()]
     rate = max(rates)
-    out.update(params=params, matmul_gflops=rate, matmul_gflops_measured=rates, roofline_tokens_per_s=rate * 1e9 / (2 * params),
+    out.update(params=params, matmul_gflops=rate, matmul_gflops_measured=rates,
+               roofline_tokens_per_s=rate * 1e9 / (2 * params),
                roofline_fraction=out["decode_tokens_per_s"] * 2 * params / (rate * 1e9))
     return out
 

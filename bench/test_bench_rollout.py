@@ -87,8 +87,9 @@ def test_decode_against_the_matmul_roofline(benchmark, record):
             runs[top_p] = json.loads(out.stdout.strip().splitlines()[-1])
     benchmark.pedantic(both, rounds=1, iterations=1)
     r = runs[0.95]
-    line = "\n".join([f"decode vs matmul roofline {r['prompts']}x{r['n']} prompt={r['prompt_len']} new={r['new_tokens']} "
-                      f"({r['params'] / 1e6:.1f}M params, fp32)"] + [
+    head = (f"decode vs matmul roofline {r['prompts']}x{r['n']} prompt={r['prompt_len']} new={r['new_tokens']} "
+            f"({r['params'] / 1e6:.1f}M params, fp32)")
+    line = "\n".join([head] + [
         f"  top-p {p:<4}  {x['decode_tokens_per_s']:7.1f} tok/s  roofline {x['roofline_tokens_per_s']:6.1f} tok/s "
         f"({x['matmul_gflops']:.0f} GFLOP/s)  {x['roofline_fraction']:6.1%}" for p, x in runs.items()])
     row = {"suite": "rollout", "case": "decode_roofline", "runs": {str(k): v for k, v in runs.items()},

@@ -40,8 +40,9 @@ Inputs fp32, bf16 or fp16 (q is cast to the cache's dtype for the tl.dot; fp32 d
 IEEE fp32, not TF32), fp32 accumulation and partials, output in q.dtype; cache offsets in
 int64. Any block_size and head_dim (padded to a power of two ≥ 16); block_n a power of two
 ≥ 16; members_per_program defaults to as many members as fit 64 query rows, at most 16.
-`paged_decode_attention_ref` and `shared_prefix_decode_attention_ref` are the same
-functions in plain torch (gather, then softmax), used on CPU and by the tests.
+`paged_decode_attention_ref` is the same function in plain torch (gather, then softmax), used on
+CPU and by the tests; it is the reference of both (sharing changes which program reads the
+prefix, not the result).
 """
 from __future__ import annotations
 
@@ -67,13 +68,6 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         q[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask[:, None, None, :],
         scale=scale, enable_gqa=hq != hkv)
     return out[:, :, 0, :]
-
-
-def shared_prefix_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                       block_tables: torch.Tensor, seq_lens: torch.Tensor, prefix_lens: torch.Tensor,
-                                       group_ids: torch.Tensor, scale: float) -> torch.Tensor:
-    """Sharing changes which program reads the prefix, not the result."""
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -93,8 +93,8 @@ def _cuda_timer(run) -> float:
 def launch_config(kind: str, z: torch.Tensor, launch, timer=None) -> tuple[int, int]:
     """(BLOCK_V, num_warps) for a row kernel over z [C, V]: the fastest of LAUNCH_CANDIDATES,
     timed once on a copy of at most TUNE_ROWS rows (the grad kernel writes its input), then
-    cached. `launch(z_rows, block_v, warps)` runs the kernel; `timer(run) -> seconds` times a
-    callable (default: CUDA events; on CPU no timing, the first candidate)."""
+    cached. `launch(z_rows, block_v, warps)` runs the kernel; `timer(run) -> time` (any unit, only
+    compared) times a callable (default: CUDA events, ms; on CPU no timing, the first candidate)."""
     v = z.shape[1]
     key = (kind, v, z.dtype, z.device.type, z.device.index)
     if key in _LAUNCH:

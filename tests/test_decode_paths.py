@@ -5,6 +5,7 @@ kernels (on the GPU when there is one, else under the interpreter on CPU)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -31,7 +32,10 @@ def test_every_decode_path_gives_the_same_greedy_tokens(tiny, monkeypatch):
     for name in ("paged_decode_attention", "shared_prefix_decode_attention", "paged_decode_attention_ref",
                  "_cascade_decode"):
         real = getattr(paged, name)
-        monkeypatch.setattr(paged, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append(_name)
+            return _real(*a, **k)
+        monkeypatch.setattr(paged, name, spy)
     plans = []
     real_plan = paged.plan_shared_prefix
     monkeypatch.setattr(paged, "plan_shared_prefix", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
@@ -84,7 +88,8 @@ def test_cpu_cascade_stacks_groups_of_any_prompt_length_and_rebuilds_when_they_c
     for t, p in zip(tables, prefix):  # copy-on-write copies of the partial prompt block hold the same rows
         if p % bs:
             src = tables[prefix.index(p)][p // bs]
-            k_cache[t[p // bs], : p % bs], v_cache[t[p // bs], : p % bs] = k_cache[src, : p % bs], v_cache[src, : p % bs]
+            for cache in (k_cache, v_cache):
+                cache[t[p // bs], : p % bs] = cache[src, : p % bs]
 
     def check(rows, store):
         sub = [tables[i] for i in rows]
@@ -108,3 +113,21 @@ def test_cpu_cascade_stacks_groups_of_any_prompt_length_and_rebuilds_when_they_c
     assert store[0][0] is key  # same groups: the stacked prompts are reused
     check([0, 2, 3], store)  # group 2 finished: restacked with group 0 alone
     assert store[0][0] != key and store[0][1].shape[0] == 1
+
+
+def test_decode_profile_tool_reports_the_sampler_and_the_operators(tmp_path, capsys):
+    """bench/decode_profile.py (the command behind README's per-step figures) on a tiny model:
+    the decode steps counted, the sampler timed in decode steps only, the operators per step."""
+    from bench.decode_profile import main
+    from conftest import tiny_hf_model
+
+    path = tmp_path / "tiny"
+    tiny_hf_model("qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(path))
+    assert main(["--model", str(path), "--prompts", "2", "--n", "3", "--prompt-len", "20", "--new", "6",
+                 "--top", "4"]) == 0
+    out = capsys.readouterr().out
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["decode_steps"] == 5 and r["sampler_calls_in_decode"] == 5 and r["decode_tokens_per_s"] > 0
+    assert 0 < r["sampler_ms_per_step"] < r["decode_ms_per_step"]
+    assert len(r["ops_ms_per_step"]) == 4 and all(ms >= 0 for ms in r["ops_ms_per_step"].values())
+    assert "operators over the last 3 decode steps" in out

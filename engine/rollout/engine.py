@@ -109,7 +109,7 @@ class Generator:
         started = time.perf_counter()
         device = cache.k.device
         ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
-        positions = torch.cat([torch.arange(s.num_cached, s.num_cached + n) for s, n in batch]).to(device)
+        positions = torch.tensor([p for s, n in batch for p in range(s.num_cached, s.num_cached + n)], device=device)
         ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch],
                              [n for _, n in batch], prefix_lens=[s.shared_prefix for s, _ in batch],
                              groups=[s.request for s, _ in batch])

@@ -103,16 +103,16 @@ class PagedAttention:
     prefix_lens[i] > 0 says sequence i's first prefix_lens[i] tokens are the prompt it shares
     with the other members of groups[i]. The prompt's keys are then read once per group, not
     once per sample, and each sample's own suffix is attended separately; the two partial
-    results merge through their log-sum-exp. On CPU (torch backend) that is two fused SDPA
-    calls per group and step (`_cascade_decode`); on the Triton backend the split-K kernels of
-    kernels/paged_attention.py. CacheConfig.share_prefix = False turns it off (benchmarks)."""
+    results merge through their log-sum-exp. On CPU (torch backend) that is one fused SDPA call
+    over every group's prompt and one bmm per KV head over the suffixes, per layer
+    (`_cascade_decode`); on the Triton backend the split-K kernels of kernels/paged_attention.py.
+    CacheConfig.share_prefix = False turns it off (benchmarks)."""
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int],
                  prefix_lens: list[int] | None = None, groups: list[int] | None = None):
         self.cache = cache
         bs = cache.block_size
         device = cache.k.device
-        self.cached, self.new, self.tables = cached, new, tables
         # plain ints, one tensor: a decode step touches one slot per sequence, and per-sequence
         # tensor ops here would cost more than the lookup itself
         self.slots = torch.tensor([table[p // bs] * bs + p % bs for table, c, n in zip(tables, cached, new)
@@ -127,11 +127,7 @@ class PagedAttention:
             if self.backend == "torch" and shared and device.type == "cpu":
                 self.cascade = _plan_cascade(tables, lens, prefix_lens, groups, bs, device)
             else:
-                width = max(len(t) for t in tables)
-                bt = torch.zeros(len(tables), width, dtype=torch.int32)
-                for i, t in enumerate(tables):
-                    bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-                self.block_tables = bt.to(device)
+                self.block_tables = _block_table(tables, torch.int32).to(device)
                 self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
                 # the Triton path's shared-prefix kernel: its work items are planned at the first
                 # layer (it needs Hq / Hkv) and reused by the others
@@ -155,8 +151,7 @@ class PagedAttention:
             total = c + n
             slots = None
             if c or self.varlen:
-                blocks = torch.tensor(table[: -(-total // bs)], dtype=torch.long)
-                slots = (blocks[:, None] * bs + torch.arange(bs)).flatten()[:total]
+                slots = _table_slots(table, total, bs)
                 key_slots.append(slots)
                 slots = None if self.varlen else slots.to(device)
             rows.append((start, n, c, slots))
@@ -204,6 +199,20 @@ class PagedAttention:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
+def _block_table(tables: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+    """Block tables as one [B, longest] tensor (zeros past a shorter table), on the host."""
+    bt = torch.zeros(len(tables), max(len(t) for t in tables), dtype=dtype)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t, dtype=dtype)
+    return bt
+
+
+def _table_slots(table: list[int], n: int, bs: int) -> torch.Tensor:
+    """The cache slots of a sequence's tokens 0 .. n-1 (int64, on the host)."""
+    blocks = torch.tensor(table[: -(-n // bs)], dtype=torch.long)
+    return (blocks[:, None] * bs + torch.arange(bs)).flatten()[:n]
+
+
 def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x[index] along dim 0 for an index of any shape, by index_select: on CPU several times
     faster than advanced indexing for the row gathers of decode (suffix K/V, stacked queries)."""
@@ -227,9 +236,7 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
             members.setdefault(g, []).append(i)
     b = len(tables)
     width = max(n - p for n, p in zip(lens, prefix_lens))
-    bt = torch.zeros(b, max(len(t) for t in tables), dtype=torch.long)
-    for i, t in enumerate(tables):
-        bt[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+    bt = _block_table(tables, torch.long)
     start = torch.tensor(prefix_lens, dtype=torch.long)[:, None]
     end = torch.tensor(lens, dtype=torch.long)[:, None]
     pos = start + torch.arange(width)[None, :]
@@ -268,8 +275,7 @@ def _stack_prefixes(k_flat, v_flat, groups: dict):
     ks = k_flat.new_zeros(len(plens), pmax, hkv, d)
     vs = v_flat.new_zeros(len(plens), pmax, hkv, d)
     for i, (table, plen) in enumerate(groups["sources"]):
-        blocks = torch.tensor(table[: -(-plen // bs)], dtype=torch.long, device=k_flat.device)
-        slots = (blocks[:, None] * bs + torch.arange(bs, device=k_flat.device)).flatten()[:plen]
+        slots = _table_slots(table, plen, bs).to(k_flat.device)
         ks[i, :plen], vs[i, :plen] = _rows(k_flat, slots), _rows(v_flat, slots)
     mask = None
     if min(plens) < pmax:
@@ -294,7 +300,7 @@ def _cascade_decode(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
     # each sequence's own suffix: a few query rows per (sequence, head) against at most the response
     # so far, where batched matmuls beat the fused kernel's per-(sequence, head) set-up. One bmm per
     # KV head over the gathered [B, S, Hkv, D] rows: a head's [S, D] is a strided matrix BLAS takes
-    # as it is, where a [B, Hkv] batch would first be copied contiguous (3x slower here)
+    # as it is, where a [B, Hkv] batch would first be copied contiguous
     ks = _rows(k_flat, plan["suffix_slots"])  # [B, S, Hkv, D]
     vs = _rows(v_flat, plan["suffix_slots"])
     s2 = torch.stack([torch.bmm(qh[:, h], ks[:, :, h].transpose(1, 2)) for h in range(hkv)], 1)  # [B, Hkv, G, S]

@@ -202,7 +202,8 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         thr[rows] = _threshold(scaled[rows].sort(-1, descending=True).values, greedy[rows], top_k[rows], top_p[rows],
                                z[rows], vocab)[0]
     rows = (~done).nonzero().squeeze(1)
-    if rows.numel():  # the whole row: plain rows, and rows whose support needed the full sort
+    if rows.numel():  # drawn over the whole row: plain rows, and rows whose threshold came from the
+        # histogram or the full sort
         sub, w = (scaled, weights) if rows.numel() == b else (scaled[rows], weights[rows])
         if bool((thr[rows] > float("-inf")).any()):
             w = w.masked_fill_(sub < thr[rows, None], 0.0)  # weights are not read again: in place
