@@ -22,6 +22,40 @@ from .config import DecoderConfig
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
+# CPU inference with at most this many rows computes a linear layer weight-major (below)
+WEIGHT_MAJOR_ROWS = 128
+WEIGHT_MAJOR_CHUNK = 2048  # output features per product: the [chunk, T] result is transposed while in cache
+
+
+def weight_major(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether `linear` takes the weight-major product for x [T, in] and weight w [out, in]:
+    CPU, fp32, no autograd, T <= WEIGHT_MAJOR_ROWS (a decode step's batch)."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= WEIGHT_MAJOR_ROWS
+            and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled())
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias). For a decode step on CPU (`weight_major`) it is computed as (w @ x.T).T,
+    WEIGHT_MAJOR_CHUNK output features at a time: with the weight as the left operand MKL runs a
+    few-row product faster, and each chunk's [chunk, T] result is transposed into place while it
+    is still in cache (a whole [V, T] logits transpose reads memory with a 256-byte stride).
+    `python -m bench.linear_case` measures both."""
+    if not weight_major(x, w):
+        return F.linear(x, w, bias)
+    out = x.new_empty(x.shape[0], w.shape[0])
+    xt = x.t()
+    for i in range(0, w.shape[0], WEIGHT_MAJOR_CHUNK):
+        out[:, i:i + WEIGHT_MAJOR_CHUNK].copy_(torch.mm(w[i:i + WEIGHT_MAJOR_CHUNK], xt).t())
+    return out.add_(bias) if bias is not None else out
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) computed by `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -39,10 +73,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
         # Qwen3 normalises each head of q and k before the rotation
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -64,11 +98,18 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wg, wu, wd = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        if weight_major(x, wg):
+            # decode on CPU: the [I, T] activations stay weight-major, the layout down_proj's
+            # weight-major product takes, so only the [H, T] result is transposed
+            xt = x.t()
+            h = F.silu(torch.mm(wg, xt)).mul_(torch.mm(wu, xt))
+            return torch.mm(wd, h).t().contiguous()
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -95,7 +136,7 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._checkpointed: frozenset[int] = frozenset()
         self._rope_cache: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
@@ -108,7 +149,7 @@ class Decoder(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> logits [T, V]. For tests and tiny shapes only: the trainer
         uses the fused kernels, which never build this tensor."""
-        return hidden @ self.lm_head_weight.t()
+        return linear(hidden, self.lm_head_weight)
 
     # ---- switches --------------------------------------------------------------------
     def set_activation_checkpointing(self, layers: bool | Iterable[int]) -> None:

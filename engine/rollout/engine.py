@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hostmem
 from .block_manager import BlockManager
 from .paged import CacheConfig, PagedAttention, PagedKVCache
 from .sampling import Completion, SamplingParams, sample_batch, sampling_tensors, sequence_seed
@@ -51,6 +52,8 @@ class Generator:
         self.cache_cfg = cache_cfg or CacheConfig()
         self.stats = RolloutStats()
         self._stop_ids: list[int] | None = None
+        if next(model.parameters()).device.type == "cpu":
+            hostmem.tune()  # freed tensors stay in the heap: a decode step's buffers no longer page-fault in
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int = 1,

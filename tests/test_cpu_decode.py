@@ -1,0 +1,103 @@
+"""The CPU decode step's own paths: weight-major linear layers and the host allocator settings."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.model.config import DecoderConfig
+from engine.model.model import MLP, WEIGHT_MAJOR_CHUNK, WEIGHT_MAJOR_ROWS, linear, weight_major
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, WEIGHT_MAJOR_ROWS])
+@pytest.mark.parametrize("out_features", [5, 192, WEIGHT_MAJOR_CHUNK, 2 * WEIGHT_MAJOR_CHUNK + 37])
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_major_linear_equals_f_linear(rows, out_features, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + out_features)
+    x = torch.randn(rows, 48, generator=g)
+    w = torch.randn(out_features, 48, generator=g)
+    b = torch.randn(out_features, generator=g) if bias else None
+    with torch.inference_mode():
+        assert weight_major(x, w)
+        got = linear(x, w, b)
+    assert got.shape == (rows, out_features) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_weight_major_only_for_cpu_fp32_inference_with_few_rows():
+    w = torch.randn(16, 8)
+    few, many = torch.randn(4, 8), torch.randn(WEIGHT_MAJOR_ROWS + 1, 8)
+    assert not weight_major(few, w)  # autograd on: the plain product (training keeps F.linear)
+    with torch.inference_mode():
+        assert weight_major(few, w)
+        assert not weight_major(many, w)  # prefill chunks: F.linear
+        assert not weight_major(few.bfloat16(), w.bfloat16())
+        assert not weight_major(few[None], w)  # 3-D input
+    x = torch.randn(3, 8, requires_grad=True)
+    y = linear(x, w)
+    y.sum().backward()  # the training path still differentiates
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, 8))
+
+
+def test_mlp_weight_major_path_equals_plain_path():
+    cfg = DecoderConfig("llama", vocab_size=64, hidden_size=40, intermediate_size=3 * WEIGHT_MAJOR_CHUNK // 2 + 5,
+                        num_layers=1, num_heads=4, num_kv_heads=2, head_dim=10, rms_norm_eps=1e-6,
+                        max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    mlp = MLP(cfg)
+    x = torch.randn(64, 40)
+    with torch.no_grad():
+        reference = F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
+                             mlp.down_proj.weight)
+    with torch.inference_mode():
+        assert weight_major(x, mlp.gate_proj.weight)
+        got = mlp(x)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+_FAULTS = textwrap.dedent("""
+    import resource, sys, torch
+    from engine.rollout import hostmem
+    print(hostmem.tune())
+    def step():  # a sampler's temporaries: six fp32 [64, 49152] and one int64, alive together, then freed
+        bufs = [torch.empty(64, 49152).fill_(1.0) for _ in range(6)]
+        bufs.append(torch.empty(64, 49152, dtype=torch.int64).fill_(1))
+        del bufs
+    for _ in range(5):  # the heap settles (in the first rounds a buffer may still land on fresh pages)
+        step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+def _glibc() -> bool:
+    import ctypes.util
+    return sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt: glibc only")
+def test_host_allocator_keeps_freed_buffers_without_page_faults():
+    """Tuned, later rounds of the same allocations fault (almost) no page in. Untuned, glibc
+    usually trims its heap after each round (past twice the largest freed block) and the next
+    round faults its ~24K pages in again; not always (where other allocations sit at the heap's
+    top it cannot), so only the tuned side is asserted. LONGRL_HOST_MALLOC=default opts out."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("LONGRL_HOST_MALLOC", None)
+    pages = (6 * 4 + 8) * 64 * 49152 // 4096 * 10  # bytes per round / page size x rounds
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    tuned, faults = out.stdout.split()
+    assert tuned == "True"
+    assert int(faults) < pages * 0.1, f"{faults} minor faults for {pages} pages written"
+    out = subprocess.run([sys.executable, "-c", _FAULTS], env={**env, "LONGRL_HOST_MALLOC": "default"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "False"  # opted out: mallopt not called
