@@ -98,3 +98,44 @@ def test_decode_against_the_matmul_roofline(benchmark, record):
     record(row)
     if not (QUICK or TINY):
         assert r["roofline_fraction"] >= 0.5, line
+
+
+def _json_case(module: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_weight_major_linear_layers(benchmark, record):
+    """A decode step's linear layers (embedded model, 64 rows): F.linear against the weight-major
+    products the engine uses on CPU (bench/linear_case.py). Target: the step's sum >= 1.1x."""
+    args = ["--repeats", "3", "--layers", "4"] if (QUICK or TINY) else []
+    r = {}
+    benchmark.pedantic(lambda: r.update(_json_case("bench.linear_case", *args)), rounds=1, iterations=1)
+    line = "\n".join([f"linear layers, {r['rows']} rows, fp32 (median of {r['repeats']}):"] + [
+        f"  {name:14s} F.linear {row['linear']['median_ms']:7.3f} ms  weight-major "
+        f"{row['weight_major']['median_ms']:7.3f} ms  x{row['speedup']:.2f}" for name, row in r["shapes"].items()]
+        + [f"  step: F.linear {r['step_ms']['linear']:.1f} ms, weight-major {r['step_ms']['weight_major']:.1f} ms, "
+           f"x{r['speedup']:.2f}"])
+    row = {"suite": "rollout", "case": "weight_major_linear", "result": r, "speedup": r["speedup"], "line": line}
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "line"})
+    record(row)
+    if not (QUICK or TINY):
+        assert r["speedup"] >= 1.1, line
+
+
+def test_decode_tables_on_device(benchmark, record):
+    """A decode step's block tables and context at 16K- and 60K-token shared prompts, 8 x 8
+    sequences: rebuilt from Python lists each step against DecodeTables (bench/decode_tables_case.py).
+    Target: >= 5x less host time on the Triton path's tables at 60K."""
+    args = ["--prompt-len", "512", "--steps", "8"] if TINY else ["--steps", "16"] if QUICK else []
+    r = {}
+    benchmark.pedantic(lambda: r.update(_json_case("bench.decode_tables_case", *args)), rounds=1, iterations=1)
+    line = "\n".join(["decode block tables + context, per step (median):"] + [
+        f"  prompt {c['prompt_len']:>6} {c['backend']:6s} lists {c['lists']['median_ms']:7.2f} ms  device tables "
+        f"{c['device']['median_ms']:6.2f} ms  x{c['speedup']:.1f}" for c in r["cases"]])
+    row = {"suite": "rollout", "case": "decode_tables", "result": r, "line": line}
+    benchmark.extra_info.update({k: v for k, v in row.items() if k != "line"})
+    record(row)
+    if not (QUICK or TINY):
+        long_triton = next(c for c in r["cases"] if c["prompt_len"] == 60000 and c["backend"] == "triton")
+        assert long_triton["speedup"] >= 5.0, line

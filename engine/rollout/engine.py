@@ -115,7 +115,8 @@ class Generator:
         positions = torch.tensor([p for s, n in batch for p in range(s.num_cached, s.num_cached + n)], device=device)
         ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch],
                              [n for _, n in batch], prefix_lens=[s.shared_prefix for s, _ in batch],
-                             groups=[s.request for s, _ in batch])
+                             groups=[s.request for s, _ in batch],
+                             block_tables=cache.tables.gather([s for s, _ in batch]) if decode else None)
         hidden = self.model(ids, position_ids=positions, attn=ctx)
         ends, ready = [], []
         offset = 0
@@ -150,7 +151,8 @@ class Generator:
             same = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
             tokens, logprobs = sample_batch(logits if same else logits[rows], *settings)
             for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
-                self._append(seq, token, logprob, sched, blocks, results)
+                if self._append(seq, token, logprob, sched, blocks, results):
+                    cache.tables.drop(seq)
         elapsed = time.perf_counter() - started
         if decode:
             self.stats.decode_seconds += elapsed
@@ -173,7 +175,8 @@ class Generator:
         blocks.release(parent.table)
         return children
 
-    def _append(self, seq: Sequence, token: int, logprob: float, sched, blocks, results) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: float, sched, blocks, results) -> bool:
+        """Add a sampled token; True when it finished the sequence."""
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
         self.stats.generated_tokens += 1
@@ -187,6 +190,7 @@ class Generator:
             results[seq.request][seq.sample] = Completion(seq.token_ids[seq.prompt_len:], seq.logprobs, reason)
             sched.running.remove(seq)
             blocks.release(seq.table)  # finished samples free their memory at once
+        return reason is not None
 
     def _hits_stop_string(self, seq: Sequence) -> bool:
         if not seq.params.stop:

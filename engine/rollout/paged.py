@@ -68,6 +68,7 @@ class PagedKVCache:
         # zeros: rows past a sequence's end are masked in attention but still multiplied by 0
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        self.tables = DecodeTables(w.device)  # the decoding sequences' block tables, on the device
         # torch decode path, per layer: the prompts of the groups decoding, stacked for one
         # attention call, kept until the set of groups changes (the prompts never do)
         self.prefix_store: dict[int, tuple] = {}
@@ -76,6 +77,88 @@ class PagedKVCache:
         for src, dst in copies:
             self.k[:, dst] = self.k[:, src]
             self.v[:, dst] = self.v[:, src]
+
+
+class DecodeTables:
+    """The block tables of the sequences that decode, kept as the rows of one [rows, width] int32
+    tensor on the cache's device and written incrementally: a decode step adds at most one block
+    per sequence (or replaces its last, copy-on-write), so a step writes those few entries and
+    gathers the batch's rows on the device, where rebuilding every table from Python lists costs
+    O(batch x table width) host work and a [B, width] host-to-device copy per step (~20 ms at 64
+    sequences of 60K tokens: `python -m bench.decode_tables_case`).
+
+    A sequence keeps its row from its first decode step until `drop`. Its row is rewritten from
+    the first entry that may differ from what was written: none, the last (replaced), or all of
+    it when the scheduler gave its blocks back since (Sequence.resets) or the table shrank."""
+
+    def __init__(self, device: torch.device | str, rows: int = 64, width: int = 64):
+        self.device = torch.device(device)
+        self.table = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
+        self.row_of: dict[object, int] = {}
+        self.written: dict[int, tuple[int, int, int]] = {}  # row -> (resets, entries written, last entry)
+        self.free = list(range(rows - 1, -1, -1))
+        self.entries_written = 0  # entries copied to the device so far (tests, benches)
+
+    def _grow(self, rows: int, width: int) -> None:
+        r, w = self.table.shape
+        if rows <= r and width <= w:
+            return
+        new_rows, new_width = max(rows, r), max(width, w)
+        if new_rows > r:
+            new_rows = max(new_rows, 2 * r)
+        if new_width > w:
+            new_width = max(new_width, 2 * w)
+        table = torch.zeros(new_rows, new_width, dtype=torch.int32, device=self.device)
+        table[:r, :w] = self.table
+        self.table = table
+        self.free = list(range(new_rows - 1, r - 1, -1)) + self.free
+
+    def rows(self, seqs) -> tuple[torch.Tensor, int]:
+        """Bring the rows of `seqs` (objects with .table: list[int] and .resets) up to date.
+        -> (their row indices [B] int64 on the device, the longest table's length)."""
+        rs, cs, vs, rows = [], [], [], []
+        longest = 1
+        for seq in seqs:
+            table = seq.table
+            row = self.row_of.get(seq)
+            if row is None:
+                if not self.free:
+                    self._grow(self.table.shape[0] + 1, 0)
+                row = self.free.pop()
+                self.row_of[seq] = row
+            resets, n, last = self.written.get(row, (-1, 0, -1))
+            if resets != seq.resets or len(table) < n:
+                start = 0
+            elif n and table[n - 1] != last:
+                start = n - 1
+            else:
+                start = n
+            if start < len(table):
+                rs += [row] * (len(table) - start)
+                cs += range(start, len(table))
+                vs += table[start:]
+            self.written[row] = (seq.resets, len(table), table[-1] if table else -1)
+            rows.append(row)
+            longest = max(longest, len(table))
+        self._grow(0, longest)
+        if vs:
+            idx = torch.tensor([rs, cs, vs], dtype=torch.long).to(self.device)
+            self.table[idx[0], idx[1]] = idx[2].to(torch.int32)
+            self.entries_written += len(vs)
+        return torch.tensor(rows, dtype=torch.long).to(self.device), longest
+
+    def gather(self, seqs) -> torch.Tensor:
+        """[B, longest] int32: the rows of `seqs` (zeros, or stale entries, past a shorter
+        table: attention reads a sequence's table only up to its length)."""
+        rows, longest = self.rows(seqs)
+        return self.table[:, :longest].index_select(0, rows)
+
+    def drop(self, seq) -> None:
+        """A finished sequence gives its row back."""
+        row = self.row_of.pop(seq, None)
+        if row is not None:
+            self.written.pop(row, None)
+            self.free.append(row)
 
 
 def cuda_cache_budget(device: torch.device, fraction: float) -> int:
@@ -106,10 +189,14 @@ class PagedAttention:
     results merge through their log-sum-exp. On CPU (torch backend) that is one fused SDPA call
     over every group's prompt and one bmm per KV head over the suffixes, per layer
     (`_cascade_decode`); on the Triton backend the split-K kernels of kernels/paged_attention.py.
-    CacheConfig.share_prefix = False turns it off (benchmarks)."""
+    CacheConfig.share_prefix = False turns it off (benchmarks).
+
+    block_tables: a decode step's tables already on the device as [B, W] int32
+    (`DecodeTables.gather`, what the engine passes); None builds them from `tables`."""
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], cached: list[int], new: list[int],
-                 prefix_lens: list[int] | None = None, groups: list[int] | None = None):
+                 prefix_lens: list[int] | None = None, groups: list[int] | None = None,
+                 block_tables: torch.Tensor | None = None):
         self.cache = cache
         bs = cache.block_size
         device = cache.k.device
@@ -125,9 +212,10 @@ class PagedAttention:
             shared = (cache.share_prefix and prefix_lens is not None and groups is not None
                       and any(p > 0 for p in prefix_lens))
             if self.backend == "torch" and shared and device.type == "cpu":
-                self.cascade = _plan_cascade(tables, lens, prefix_lens, groups, bs, device)
+                self.cascade = _plan_cascade(tables, lens, prefix_lens, groups, bs, device, block_tables)
             else:
-                self.block_tables = _block_table(tables, torch.int32).to(device)
+                self.block_tables = (_block_table(tables, torch.int32).to(device) if block_tables is None
+                                     else block_tables)
                 self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
                 # the Triton path's shared-prefix kernel: its work items are planned at the first
                 # layer (it needs Hq / Hkv) and reused by the others
@@ -224,7 +312,7 @@ def _flash_varlen(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_attn_available()
 
 
-def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
+def _plan_cascade(tables, lens, prefix_lens, groups, bs, device, block_tables=None) -> dict:
     """Index tensors, built once per step. The groups whose samples share a prompt are stacked
     for one attention call: rows [Ng, Mmax] are each group's members (B, a zero query row, pads
     a group with fewer members), `where` [B] puts each sequence's row of the stacked result
@@ -236,7 +324,7 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device) -> dict:
             members.setdefault(g, []).append(i)
     b = len(tables)
     width = max(n - p for n, p in zip(lens, prefix_lens))
-    bt = _block_table(tables, torch.long)
+    bt = _block_table(tables, torch.long) if block_tables is None else block_tables.long()
     start = torch.tensor(prefix_lens, dtype=torch.long)[:, None]
     end = torch.tensor(lens, dtype=torch.long)[:, None]
     pos = start + torch.arange(width)[None, :]

@@ -30,6 +30,7 @@ class Sequence:        # every field (token lists included) of every sequence ah
     fork_into: int = 0  # a group's prompt: fork this many samples when its prefill completes
     shared_prefix: int = 0  # tokens of KV shared with the group's other samples (0: none)
     finish_reason: str | None = None
+    resets: int = 0  # times its blocks were given back mid-flight (preemption): DecodeTables rewrites its row
 
     @property
     def pending(self) -> int:
@@ -120,6 +121,7 @@ class Scheduler:
                     if holder is not None:  # a half-prefilled prompt gives its blocks back
                         self.blocks.release(holder.table)
                         holder.num_cached = 0
+                        holder.resets += 1
                         self.preemptions += 1
                         continue
                     if not scheduled:
@@ -131,6 +133,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq.table)
         seq.num_cached = 0
+        seq.resets += 1
         seq.shared_prefix = 0  # it comes back with blocks of its own
         self.running.remove(seq)
         self.waiting.appendleft(seq)
