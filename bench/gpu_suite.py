@@ -15,6 +15,8 @@ promised there, so nothing here imports pytest:
      of fp32 logits plus an fp32 dW;
   4. rollout decode at batch 64 (8 groups of 8 sharing 16K- and 60K-token prompts) against the
      memory-bandwidth roofline, with and without prefix sharing (bench/gpu_rollout_case.py);
+     and the host work of the step's block tables, rebuilt from lists against kept on the device
+     (bench/decode_tables_case.py --device cuda);
   5. one full RL step at a GPU size, with its time split and whether the parts add up
      to the step (bench/train_step_case.py --gpu);
   6. the shared-prefix update against the repeated layout, one group at P = 16K, R = 2K,
@@ -120,11 +122,12 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 200, "kernel_case": 60, "rollout": 150, "rl_step": 240, "update": 120, "ring": 120}
+STAGE_TIMEOUT = {"tests": 200, "kernel_case": 60, "rollout": 150, "decode_tables": 60, "rl_step": 240, "update": 120,
+                 "ring": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 
 
-CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "rl_step", "update", "ring"]
+CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "decode_tables", "rl_step", "update", "ring"]
 
 
 def _version(module: str) -> str | None:
@@ -233,6 +236,9 @@ def main(argv=None) -> int:
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))  # partial, in case a later stage hangs
     report["rollout"] = _last_json(stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"]))
     print(json.dumps(report["rollout"]), flush=True)
+    report["decode_tables"] = _last_json(stage([sys.executable, "-m", "bench.decode_tables_case", "--device", "cuda",
+                                                "--steps", "32"], STAGE_TIMEOUT["decode_tables"]))
+    print(json.dumps(report["decode_tables"]), flush=True)
     (out / "gpu_suite.json").write_text(json.dumps(report, indent=2))
     report["rl_step"] = _last_json(stage([sys.executable, "-m", "bench.train_step_case", "--gpu"],
                                          STAGE_TIMEOUT["rl_step"]))
@@ -270,6 +276,14 @@ def main(argv=None) -> int:
                   f"{c['decode_step_s'] * 1e3:7.2f} ms/step  {c['decode_tokens_per_s']:8.0f} tok/s  "
                   f"{c['roofline_fraction']:6.1%} of the roofline")
         print("target: >= 70% with sharing")
+    dt = report["decode_tables"]
+    print("\n== decode block tables + context, host work per step (8 x 8 sequences, block 16) ==")
+    if "error" in dt:
+        print(f"error: {dt['error']}")
+    else:
+        for c in dt["cases"]:
+            print(f"prompt {c['prompt_len']:>6} {c['backend']:6s}  rebuilt from lists {c['lists']['median_ms']:7.2f} ms"
+                  f"  device tables {c['device']['median_ms']:6.2f} ms  x{c['speedup']:.1f}")
     st = report["rl_step"]
     print("\n== one RL step, Qwen2-1.5B shape, bf16, 8 prompts x 8 samples, 256 new tokens ==")
     print(st if "error" in st else
