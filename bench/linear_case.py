@@ -9,7 +9,10 @@ shape is timed in a chain of --layers distinct weights (the whole model's weight
 in cache during decode, so a product reads its weight from memory, as it does in a step),
 the two sides alternating round by round; per shape the median and min of --repeats rounds,
 and the ratio of medians. The step line is one decode step's worth: --layers layers of the
-seven layer products plus the lm_head. fp32, the process's torch threads. Prints a table and, last, one
+seven layer products plus the lm_head. Every product is timed as a `linear` call, its result
+transposed back to [rows, out]; the engine's MLP skips two of those three transposes (its
+activations stay weight-major), so for gate / up / down this is the lower bound of its gain.
+fp32, the process's torch threads, under inference mode (where the engine takes this path). Prints a table and, last, one
 JSON line.
 """
 from __future__ import annotations

@@ -33,6 +33,10 @@ def test_weight_major_only_for_cpu_fp32_inference_with_few_rows():
     w = torch.randn(16, 8)
     few, many = torch.randn(4, 8), torch.randn(WEIGHT_MAJOR_ROWS + 1, 8)
     assert not weight_major(few, w)  # autograd on: the plain product (training keeps F.linear)
+    with torch.no_grad():
+        assert not weight_major(few, w)  # the trainer's old / reference log-probs: as its update's forward
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not weight_major(few, w)
     with torch.inference_mode():
         assert weight_major(few, w)
         assert not weight_major(many, w)  # prefill chunks: F.linear
@@ -79,8 +83,8 @@ _FAULTS = textwrap.dedent("""
 
 
 def _glibc() -> bool:
-    import ctypes.util
-    return sys.platform.startswith("linux") and ctypes.util.find_library("c") is not None
+    from engine.rollout import hostmem
+    return hostmem._libc() is not None
 
 
 @pytest.mark.skipif(not _glibc(), reason="mallopt: glibc only")
@@ -156,7 +160,7 @@ def test_decode_tables_follow_appends_copy_on_write_resets_and_drops():
         _expect(dt.gather(batch), batch)
         if step % 7 != 3:
             assert dt.entries_written - before == changed, f"step {step}: wrote more than what changed"
-    assert dt.table.shape[0] <= 16  # dropped rows are reused
+    assert len(dt.row_of) == len(live) and dt.table.shape[0] <= 8  # dropped rows are reused
 
 
 def test_engine_decodes_through_device_tables(tiny_checkpoint):
@@ -182,3 +186,26 @@ def test_engine_decodes_through_device_tables(tiny_checkpoint):
     finally:
         paged.DecodeTables.gather = real
     assert [[c.token_ids for c in group] for group in out] == [[c.token_ids for c in group] for group in ref]
+
+
+def test_every_decode_row_is_given_back(tiny_checkpoint, monkeypatch):
+    """Finished samples drop their rows, and so does a group's prompt whose last prefill chunk
+    was one token (that step reads as a decode step)."""
+    from engine.model import load_model
+    from engine.rollout import CacheConfig, Generator, SamplingParams
+    from engine.rollout import paged
+
+    made = []
+    real_init = paged.DecodeTables.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(paged.DecodeTables, "__init__", init)
+    path, _ = tiny_checkpoint("llama")
+    model, _ = load_model(path, device="cpu", dtype="float32")
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, max_prefill_tokens=8))
+    gen.generate([list(range(3, 12))], n=3,  # 9 tokens: chunks of 8 and 1
+                 params=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0, ignore_eos=True))
+    assert len(made) == 1 and made[0].entries_written > 0
+    assert made[0].row_of == {}, "rows still held after the rollout"

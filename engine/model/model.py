@@ -29,9 +29,13 @@ WEIGHT_MAJOR_CHUNK = 2048  # output features per product: the [chunk, T] result 
 
 def weight_major(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether `linear` takes the weight-major product for x [T, in] and weight w [out, in]:
-    CPU, fp32, no autograd, T <= WEIGHT_MAJOR_ROWS (a decode step's batch)."""
+    CPU, fp32, no autocast, T <= WEIGHT_MAJOR_ROWS (a decode step's batch), inference mode
+    (the rollout's). Its sums run in another order than F.linear's (results differ in the last
+    bits), so the trainer's forwards, with or without gradients, all keep F.linear: the old and
+    reference log-probs then match the update's forward exactly."""
     return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= WEIGHT_MAJOR_ROWS
-            and x.dtype == w.dtype == torch.float32 and not torch.is_grad_enabled())
+            and x.dtype == w.dtype == torch.float32 and torch.is_inference_mode_enabled()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -138,6 +138,7 @@ class Generator:
             for r, seq in enumerate(ready):
                 if seq.fork_into:  # a group's prompt: its samples draw their first token from its logits
                     children = self._fork(seq, sched, blocks)
+                    cache.tables.drop(seq)  # a 1-token last prefill chunk reads as a decode step and took a row
                     samplers += children
                     rows += [r] * len(children)
                 else:
