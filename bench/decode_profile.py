@@ -74,7 +74,8 @@ def run(model_name: str, prompts: int, n: int, prompt_len: int, new: int, top_p:
               "sampler_calls_in_decode": len(decode_sampler),
               "decode_tokens_per_s": (st.generated_tokens - prompts * n) / max(st.decode_seconds, 1e-9)}
     print(f"decode: {steps} steps, {result['decode_ms_per_step']:.1f} ms a step, "
-          f"{result['decode_tokens_per_s']:.1f} new tokens/s; sample_batch {result['sampler_ms_per_step']:.1f} ms a step")
+          f"{result['decode_tokens_per_s']:.1f} new tokens/s; "
+          f"sample_batch {result['sampler_ms_per_step']:.1f} ms a step")
     if profiled["on"]:
         covered = steps - profiled["from_step"]
         rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
