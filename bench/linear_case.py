@@ -12,8 +12,8 @@ and the ratio of medians. The step line is one decode step's worth: --layers lay
 seven layer products plus the lm_head. Every product is timed as a `linear` call, its result
 transposed back to [rows, out]; the engine's MLP skips two of those three transposes (its
 activations stay weight-major), so for gate / up / down this is the lower bound of its gain.
-fp32, the process's torch threads, under inference mode (where the engine takes this path). Prints a table and, last, one
-JSON line.
+fp32, the process's torch threads, under inference mode (where the engine takes this path).
+Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
