@@ -189,8 +189,8 @@ def test_engine_decodes_through_device_tables(tiny_checkpoint):
 
 
 def test_every_decode_row_is_given_back(tiny_checkpoint, monkeypatch):
-    """Finished samples drop their rows, and so does a group's prompt whose last prefill chunk
-    was one token (that step reads as a decode step)."""
+    """Finished samples drop their rows; a group's prompt whose last prefill chunk is one token
+    never takes one (the scheduler calls that step prefill, and its token counts as a prompt's)."""
     from engine.model import load_model
     from engine.rollout import CacheConfig, Generator, SamplingParams
     from engine.rollout import paged
@@ -209,3 +209,4 @@ def test_every_decode_row_is_given_back(tiny_checkpoint, monkeypatch):
                  params=SamplingParams(max_new_tokens=5, temperature=1.0, seed=0, ignore_eos=True))
     assert len(made) == 1 and made[0].entries_written > 0
     assert made[0].row_of == {}, "rows still held after the rollout"
+    assert gen.stats.prompt_tokens == 9

@@ -108,7 +108,7 @@ class Generator:
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:
         batch, copies = sched.schedule()
         cache.copy_blocks(copies)
-        decode = all(n == 1 for _, n in batch) and all(s.num_cached > 0 for s, _ in batch)
+        decode = sched.decoding  # a prompt's last prefill chunk may be one token too: still prefill
         started = time.perf_counter()
         device = cache.k.device
         ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
@@ -138,7 +138,6 @@ class Generator:
             for r, seq in enumerate(ready):
                 if seq.fork_into:  # a group's prompt: its samples draw their first token from its logits
                     children = self._fork(seq, sched, blocks)
-                    cache.tables.drop(seq)  # a 1-token last prefill chunk reads as a decode step and took a row
                     samplers += children
                     rows += [r] * len(children)
                 else:

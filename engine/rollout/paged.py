@@ -84,8 +84,8 @@ class DecodeTables:
     tensor on the cache's device and written incrementally: a decode step adds at most one block
     per sequence (or replaces its last, copy-on-write), so a step writes those few entries and
     gathers the batch's rows on the device, where rebuilding every table from Python lists costs
-    O(batch x table width) host work and a [B, width] host-to-device copy per step (~20 ms at 64
-    sequences of 60K tokens: `python -m bench.decode_tables_case`).
+    O(batch x table width) host work and a [B, width] host-to-device copy per step (33 ms at 64
+    sequences of 60K tokens on the Triton path: `python -m bench.decode_tables_case`).
 
     A sequence keeps its row from its first decode step until `drop`. Its row is rewritten from
     the first entry that may differ from what was written: none, the last (replaced), or all of
@@ -94,39 +94,35 @@ class DecodeTables:
     def __init__(self, device: torch.device | str, rows: int = 64, width: int = 64):
         self.device = torch.device(device)
         self.table = torch.zeros(rows, width, dtype=torch.int32, device=self.device)
-        self.row_of: dict[object, int] = {}
-        self.written: dict[int, tuple[int, int, int]] = {}  # row -> (resets, entries written, last entry)
+        self.row_of: dict[object, list[int]] = {}  # seq -> [row, its resets, entries written, last entry]
         self.free = list(range(rows - 1, -1, -1))
         self.entries_written = 0  # entries copied to the device so far (tests, benches)
 
     def _grow(self, rows: int, width: int) -> None:
+        """At least [rows, width], doubling the dimension that grows."""
         r, w = self.table.shape
-        if rows <= r and width <= w:
-            return
-        new_rows, new_width = max(rows, r), max(width, w)
-        if new_rows > r:
-            new_rows = max(new_rows, 2 * r)
-        if new_width > w:
-            new_width = max(new_width, 2 * w)
-        table = torch.zeros(new_rows, new_width, dtype=torch.int32, device=self.device)
-        table[:r, :w] = self.table
-        self.table = table
-        self.free = list(range(new_rows - 1, r - 1, -1)) + self.free
+        new_rows = r if rows <= r else max(rows, 2 * r)
+        new_width = w if width <= w else max(width, 2 * w)
+        if (new_rows, new_width) != (r, w):
+            table = torch.zeros(new_rows, new_width, dtype=torch.int32, device=self.device)
+            table[:r, :w] = self.table
+            self.table = table
+            self.free = list(range(new_rows - 1, r - 1, -1)) + self.free
 
-    def rows(self, seqs) -> tuple[torch.Tensor, int]:
-        """Bring the rows of `seqs` (objects with .table: list[int] and .resets) up to date.
-        -> (their row indices [B] int64 on the device, the longest table's length)."""
+    def gather(self, seqs) -> torch.Tensor:
+        """Bring the rows of `seqs` (objects with .table: list[int] and .resets) up to date ->
+        their rows [B, longest] int32 on the device (zeros, or stale entries, past a shorter
+        table: attention reads a sequence's table only up to its length)."""
         rs, cs, vs, rows = [], [], [], []
         longest = 1
         for seq in seqs:
             table = seq.table
-            row = self.row_of.get(seq)
-            if row is None:
+            state = self.row_of.get(seq)
+            if state is None:
                 if not self.free:
                     self._grow(self.table.shape[0] + 1, 0)
-                row = self.free.pop()
-                self.row_of[seq] = row
-            resets, n, last = self.written.get(row, (-1, 0, -1))
+                state = self.row_of[seq] = [self.free.pop(), -1, 0, -1]
+            row, resets, n, last = state
             if resets != seq.resets or len(table) < n:
                 start = 0
             elif n and table[n - 1] != last:
@@ -137,7 +133,7 @@ class DecodeTables:
                 rs += [row] * (len(table) - start)
                 cs += range(start, len(table))
                 vs += table[start:]
-            self.written[row] = (seq.resets, len(table), table[-1] if table else -1)
+            state[1:] = seq.resets, len(table), table[-1] if table else -1
             rows.append(row)
             longest = max(longest, len(table))
         self._grow(0, longest)
@@ -145,20 +141,14 @@ class DecodeTables:
             idx = torch.tensor([rs, cs, vs], dtype=torch.long).to(self.device)
             self.table[idx[0], idx[1]] = idx[2].to(torch.int32)
             self.entries_written += len(vs)
-        return torch.tensor(rows, dtype=torch.long).to(self.device), longest
-
-    def gather(self, seqs) -> torch.Tensor:
-        """[B, longest] int32: the rows of `seqs` (zeros, or stale entries, past a shorter
-        table: attention reads a sequence's table only up to its length)."""
-        rows, longest = self.rows(seqs)
+        rows = torch.tensor(rows, dtype=torch.long).to(self.device)
         return self.table[:, :longest].index_select(0, rows)
 
     def drop(self, seq) -> None:
         """A finished sequence gives its row back."""
-        row = self.row_of.pop(seq, None)
-        if row is not None:
-            self.written.pop(row, None)
-            self.free.append(row)
+        state = self.row_of.pop(seq, None)
+        if state is not None:
+            self.free.append(state[0])
 
 
 def cuda_cache_budget(device: torch.device, fraction: float) -> int:

@@ -53,6 +53,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.preemptions = 0
+        self.decoding = False  # the last step scheduled was a decode step (else prefill)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -63,6 +64,7 @@ class Scheduler:
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
         """-> ([(sequence, tokens to feed)], block copies to do first)."""
         batch, copies = self._prefill()
+        self.decoding = not batch
         if batch:
             return batch, copies
         batch, copies = self._decode()
