@@ -33,8 +33,9 @@ query rows are the M of the tl.dot), so a group's prompt KV is read once per ste
 once per sample; larger groups are cut into several pieces. Launch 2: one program per
 (sequence, KV head, split) over the sequence's own tokens prefix_lens[b] .. seq_lens[b]−1
 (the whole sequence when prefix_lens[b] = 0). One merge combines prefix and suffix partials.
-`plan_shared_prefix` turns the groups into work items (torch ops, a few device syncs); build
-it once per decode step and pass it as `plan=` to every layer.
+`plan_shared_prefix` turns the groups into work items (torch ops, a few device syncs, checks
+that members share the prefix's blocks); `plan_shared_prefix_from_lists` builds the same plan
+from host lists without a sync. Build it once per decode step and pass it as `plan=` to every layer.
 
 Inputs fp32, bf16 or fp16 (q is cast to the cache's dtype for the tl.dot; fp32 dots stay
 IEEE fp32, not TF32), fp32 accumulation and partials, output in q.dtype; cache offsets in
@@ -100,6 +101,14 @@ def plan_shared_prefix(block_tables: torch.Tensor, seq_lens: torch.Tensor, prefi
     """The work items of shared_prefix_decode_attention for one step (gqa_group = Hq / Hkv)."""
     from .triton_paged import plan_shared_prefix as plan
     return plan(block_tables, seq_lens, prefix_lens, group_ids, block_size, gqa_group, members_per_program)
+
+
+def plan_shared_prefix_from_lists(prefix_lens: list[int], group_ids: list[int], seq_lens: list[int], gqa_group: int,
+                                  device: torch.device, members_per_program: int | None = None) -> SharedPrefixPlan:
+    """The same plan from host lists: one host-to-device copy, no device sync, no check of the
+    block tables (the caller's forks share their prompt's blocks by construction)."""
+    from .triton_paged import plan_from_lists
+    return plan_from_lists(prefix_lens, group_ids, seq_lens, gqa_group, device, members_per_program)
 
 
 def _check_splits(num_splits: int | None) -> None:

@@ -37,8 +37,9 @@ def test_every_decode_path_gives_the_same_greedy_tokens(tiny, monkeypatch):
             return _real(*a, **k)
         monkeypatch.setattr(paged, name, spy)
     plans = []
-    real_plan = paged.plan_shared_prefix
-    monkeypatch.setattr(paged, "plan_shared_prefix", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+    real_plan = paged.plan_shared_prefix_from_lists
+    monkeypatch.setattr(paged, "plan_shared_prefix_from_lists",
+                        lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
     out = {}
     # the Triton paths on the GPU when there is one (no interpreter there), else on CPU
     models = {"cpu": tiny, "cuda": copy.deepcopy(tiny).cuda() if torch.cuda.is_available() else None}

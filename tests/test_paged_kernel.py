@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_shared_prefix,
-                                     shared_prefix_decode_attention)
+                                     plan_shared_prefix_from_lists, shared_prefix_decode_attention)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LENS = [1, 17, 100, 257]  # none a multiple of a block, a tile or a split
@@ -210,6 +210,33 @@ def test_shared_prefix_plan():
     args = (q, k_cache, v_cache, tables, lens, prefix, gids, 0.125)
     torch.testing.assert_close(_on_device(shared_prefix_decode_attention, *args, plan=plan, num_splits=1),
                                _on_device(shared_prefix_decode_attention, *args, members_per_program=4, num_splits=1))
+
+
+@pytest.mark.parametrize("cap", [None, 3, 4])
+def test_plan_from_lists_is_the_device_plan(cap):
+    """The engine's host-side planner gives the device planner's work items (the same members per
+    item, the same prefix ends), suffix starts and split bounds, so the kernels compute the same."""
+    g = torch.Generator().manual_seed(9)
+    k_cache, v_cache, tables, lens, prefix, gids = _shared_batch(g, 16, 2, 64)
+    dev = plan_shared_prefix(*(x.to(DEVICE) for x in (tables, lens, prefix, gids)), block_size=16, gqa_group=4,
+                             members_per_program=cap)
+    host = plan_shared_prefix_from_lists(prefix.tolist(), gids.tolist(), lens.tolist(), 4, torch.device(DEVICE),
+                                         members_per_program=cap)
+
+    def items(plan):
+        return sorted((tuple(m), e) for m, e in zip(plan.members.tolist(), plan.prefix_ends.tolist()))
+    assert items(host) == items(dev) and host.members.shape == dev.members.shape
+    assert host.suffix_starts.tolist() == dev.suffix_starts.tolist()
+    assert (host.max_prefix, host.max_suffix) == (dev.max_prefix, dev.max_suffix)
+    assert host.members.dtype == host.prefix_ends.dtype == torch.int32 and host.members.device.type == DEVICE
+    q = torch.randn(len(lens), 8, 64, generator=g)
+    args = (q, k_cache, v_cache, tables, lens, None, None, 0.125)
+    torch.testing.assert_close(_on_device(shared_prefix_decode_attention, *args, plan=host, num_splits=2),
+                               _ref(q, k_cache, v_cache, tables, lens, 0.125).float(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="different prefix_lens"):
+        plan_shared_prefix_from_lists([4, 5], [1, 1], [9, 9], 1, torch.device("cpu"))
+    empty = plan_shared_prefix_from_lists([0, 0], [1, 2], [3, 7], 1, torch.device("cpu"))
+    assert empty.members.shape == (0, 1) and empty.max_suffix == 7
 
 
 def test_shared_prefix_all_plain_and_all_shared():

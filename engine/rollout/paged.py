@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_shared_prefix,
+from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_shared_prefix_from_lists,
                                      shared_prefix_decode_attention)
 
 from ..model.attention import causal_sdpa, flash_attn_available
@@ -47,6 +47,7 @@ class PagedKVCache:
         self.decode_backend = cfg.decode_backend
         self.share_prefix = cfg.share_prefix
         self.shape_per_layer = (cfg.block_size, mc.num_kv_heads, mc.head_dim)
+        self.gqa_group = mc.num_heads // mc.num_kv_heads
         per_block = mc.num_layers * 2 * cfg.block_size * mc.num_kv_heads * mc.head_dim * w.element_size()
         if cfg.num_blocks:
             num_blocks = cfg.num_blocks
@@ -207,13 +208,9 @@ class PagedAttention:
                 self.block_tables = (_block_table(tables, torch.int32).to(device) if block_tables is None
                                      else block_tables)
                 self.seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-                # the Triton path's shared-prefix kernel: its work items are planned at the first
-                # layer (it needs Hq / Hkv) and reused by the others
                 self.shared = shared and self.backend == "triton"
-                if self.shared:
-                    self.prefix_lens = torch.tensor(prefix_lens, dtype=torch.int32, device=device)
-                    self.group_ids = torch.tensor(groups, dtype=torch.int32, device=device)
-                    self.prefix_plan = None
+                if self.shared:  # the shared-prefix kernels' work items, once for every layer, with no device sync
+                    self.prefix_plan = plan_shared_prefix_from_lists(prefix_lens, groups, lens, cache.gqa_group, device)
         else:
             self._plan_prefill(tables, cached, new, bs, device)
 
@@ -256,11 +253,8 @@ class PagedAttention:
                 return paged_decode_attention_ref(q, kc, vc, self.block_tables, self.seq_lens, scale)
             if not self.shared:
                 return paged_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, scale)
-            if self.prefix_plan is None:
-                self.prefix_plan = plan_shared_prefix(self.block_tables, self.seq_lens, self.prefix_lens,
-                                                      self.group_ids, self.cache.block_size, q.shape[1] // hkv)
-            return shared_prefix_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, self.prefix_lens,
-                                                  self.group_ids, scale, plan=self.prefix_plan)
+            return shared_prefix_decode_attention(q, kc, vc, self.block_tables, self.seq_lens, None, None, scale,
+                                                  plan=self.prefix_plan)
         k_flat, v_flat = kc.view(-1, hkv, d), vc.view(-1, hkv, d)
         if self.varlen:
             from flash_attn import flash_attn_varlen_func
