@@ -60,6 +60,13 @@ def tiny_hf_model(kind: str, **overrides):
     return model
 
 
+def tiny_decoder(path, kind: str = "qwen2", **overrides):
+    """Our Decoder (fp32, CPU) of a tiny random transformers checkpoint written to `path`."""
+    from engine.model import load_model
+    tiny_hf_model(kind, **overrides).save_pretrained(str(path))
+    return load_model(path, device="cpu", dtype="float32")[0]
+
+
 def letters_checkpoint(path, max_positions: int = 1024) -> str:
     """Save a tiny 16-token Llama (untied lm_head) for the letter tokenizer's tests; -> path."""
     tiny_hf_model("llama", vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

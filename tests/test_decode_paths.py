@@ -10,18 +10,15 @@ import json
 import pytest
 import torch
 
-from engine.model import load_model
 from engine.rollout import CacheConfig, Generator, SamplingParams
 from engine.rollout import paged
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from conftest import tiny_hf_model
-    hf = tiny_hf_model("qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    path = tmp_path_factory.mktemp("ckpt") / "qwen2"
-    hf.save_pretrained(str(path))
-    return load_model(path, device="cpu", dtype="float32")[0]
+    from conftest import tiny_decoder
+    return tiny_decoder(tmp_path_factory.mktemp("ckpt") / "qwen2", num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)
 
 
 def test_every_decode_path_gives_the_same_greedy_tokens(tiny, monkeypatch):

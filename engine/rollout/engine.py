@@ -20,6 +20,7 @@ import torch
 
 from . import hostmem
 from .block_manager import BlockManager
+from .graphs import DecodeGraphs, graphs_mode
 from .paged import CacheConfig, PagedAttention, PagedKVCache
 from .sampling import Completion, SamplingParams, sample_batch, sampling_tensors, sequence_seed
 from .scheduler import Scheduler, Sequence
@@ -33,6 +34,9 @@ class RolloutStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    graph_steps: int = 0  # decode steps replayed from a CUDA graph (or run on its static buffers: eager mode)
+    graph_captures: int = 0  # graphs captured (each costs about three decode steps; included in decode_seconds)
+    capture_seconds: float = 0.0
     preemptions: int = 0
     peak_blocks: int = 0
     cache_blocks: int = 0
@@ -73,7 +77,15 @@ class Generator:
         # what the rollout needs without preemption: each prompt once, and per sample its new
         # tokens plus a copied partial block; a smaller budget makes the scheduler preempt
         bound = sum(-(-len(p) // bs) + n * (-(-q.max_new_tokens // bs) + 1) for p, q in zip(prompts, per_prompt))
-        cache = PagedKVCache(self.model, self.cache_cfg, max_blocks=bound)
+        device = next(self.model.parameters()).device
+        mode = graphs_mode(device, self.cache_cfg.cuda_graphs, self.cache_cfg.decode_backend)
+        cache = PagedKVCache(self.model, self.cache_cfg, max_blocks=bound, spare=mode != "off")
+        graphs = None
+        if mode != "off":
+            # a group larger than max_num_seqs still decodes, alone
+            max_batch = min(len(prompts) * n, max(self.cache_cfg.max_num_seqs, n))
+            max_len = max(len(p) + q.max_new_tokens for p, q in zip(prompts, per_prompt))
+            graphs = DecodeGraphs(self.model, cache, max_batch, max_len, mode)
         blocks = BlockManager(cache.num_blocks, cache.block_size)
         sched = Scheduler(blocks, self.cache_cfg.max_prefill_tokens, self.cache_cfg.max_num_seqs)
         self.stats.cache_blocks = cache.num_blocks
@@ -82,9 +94,11 @@ class Generator:
             sched.add(self._new_seq(i, -1, list(prompt), len(prompt), p, fork_into=n))
         try:
             while sched.has_work():
-                self._step(sched, cache, blocks, results)
+                self._step(sched, cache, blocks, results, graphs)
         finally:
-            del cache  # the memory goes back before the update
+            if graphs is not None:
+                self.stats.graph_captures, self.stats.capture_seconds = len(graphs.graphs), graphs.capture_seconds
+            del cache, graphs  # the memory (the cache, the graphs' pool) goes back before the update
         self.stats.preemptions = sched.preemptions
         return results  # type: ignore[return-value]
 
@@ -105,35 +119,27 @@ class Generator:
         seed = sequence_seed(params.seed, sample) if sample >= 0 and params.temperature > 0 else None
         return Sequence(request, sample, tokens, prompt_len, params, seed, fork_into=fork_into)
 
-    def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results) -> None:
+    def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results,
+              graphs: DecodeGraphs | None = None) -> None:
         batch, copies = sched.schedule()
         cache.copy_blocks(copies)
         decode = sched.decoding  # a prompt's last prefill chunk may be one token too: still prefill
         started = time.perf_counter()
-        device = cache.k.device
-        ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
-        positions = torch.tensor([p for s, n in batch for p in range(s.num_cached, s.num_cached + n)], device=device)
-        ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch],
-                             [n for _, n in batch], prefix_lens=[s.shared_prefix for s, _ in batch],
-                             groups=[s.request for s, _ in batch],
-                             block_tables=cache.tables.gather([s for s, _ in batch]) if decode else None)
-        hidden = self.model(ids, position_ids=positions, attn=ctx)
-        ends, ready = [], []
-        offset = 0
-        for seq, n in batch:
-            if not decode:
-                if seq.sample < 0 or seq.num_generated == 0:
-                    self.stats.prompt_tokens += n
-                else:
-                    self.stats.recomputed_tokens += n
-            seq.num_cached += n
-            offset += n
-            if seq.pending == 0:
-                ends.append(offset - 1)
-                ready.append(seq)
+        logits = tables = None
+        if decode:
+            seqs = [s for s, _ in batch]
+            tables = cache.tables.gather(seqs)
+            if graphs is not None:
+                logits = graphs.step(seqs, tables)
+        if logits is not None:  # the whole step ran from the static buffers
+            for seq in seqs:
+                seq.num_cached += 1
+            ready = seqs
+            self.stats.graph_steps += 1
+        else:
+            logits, ready = self._forward(batch, decode, cache, tables)
         if ready:
-            last = hidden if len(ends) == hidden.shape[0] else hidden[torch.tensor(ends, device=device)]
-            logits = self.model.logits(last).float()
+            device = cache.k.device
             samplers, rows = [], []
             for r, seq in enumerate(ready):
                 if seq.fork_into:  # a group's prompt: its samples draw their first token from its logits
@@ -161,6 +167,34 @@ class Generator:
             self.stats.prefill_seconds += elapsed
         self.stats.steps += 1
         self.stats.peak_blocks = max(self.stats.peak_blocks, blocks.num_used)
+
+    def _forward(self, batch, decode: bool, cache: PagedKVCache, tables: torch.Tensor | None):
+        """The model on one scheduled step -> (logits [ready, V] fp32 or None, the sequences whose
+        pending tokens are all in the cache now, in batch order)."""
+        device = cache.k.device
+        ids = torch.tensor([t for s, n in batch for t in s.token_ids[s.num_cached:s.num_cached + n]], device=device)
+        positions = torch.tensor([p for s, n in batch for p in range(s.num_cached, s.num_cached + n)], device=device)
+        ctx = PagedAttention(cache, [s.table for s, _ in batch], [s.num_cached for s, _ in batch],
+                             [n for _, n in batch], prefix_lens=[s.shared_prefix for s, _ in batch],
+                             groups=[s.request for s, _ in batch], block_tables=tables)
+        hidden = self.model(ids, position_ids=positions, attn=ctx)
+        ends, ready = [], []
+        offset = 0
+        for seq, n in batch:
+            if not decode:
+                if seq.sample < 0 or seq.num_generated == 0:
+                    self.stats.prompt_tokens += n
+                else:
+                    self.stats.recomputed_tokens += n
+            seq.num_cached += n
+            offset += n
+            if seq.pending == 0:
+                ends.append(offset - 1)
+                ready.append(seq)
+        if not ready:
+            return None, ready
+        last = hidden if len(ends) == hidden.shape[0] else hidden[torch.tensor(ends, device=device)]
+        return self.model.logits(last).float(), ready
 
     def _fork(self, parent: Sequence, sched, blocks) -> list[Sequence]:
         """The group's prompt is prefilled: its samples share its blocks from here on."""

@@ -28,6 +28,7 @@ class CacheConfig:
     max_num_seqs: int = 256  # sequences decoding together
     decode_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; $LONGRL_PAGED_BACKEND overrides
     share_prefix: bool = True  # decode reads a group's prompt KV once per step for all its samples
+    cuda_graphs: str = "auto"  # auto | on | eager | off (engine/rollout/graphs.py); $LONGRL_CUDA_GRAPHS overrides
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -36,11 +37,14 @@ class CacheConfig:
             raise ValueError("max_prefill_tokens and max_num_seqs must be >= 1")
         if self.decode_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"decode_backend must be auto, torch or triton, got {self.decode_backend!r}")
+        if self.cuda_graphs not in ("auto", "on", "eager", "off"):
+            raise ValueError(f"cuda_graphs must be auto, on, eager or off, got {self.cuda_graphs!r}")
 
 
 class PagedKVCache:
-    def __init__(self, model, cfg: CacheConfig, max_blocks: int | None = None):
-        """max_blocks: the most this rollout can use; the cache is never sized past it."""
+    def __init__(self, model, cfg: CacheConfig, max_blocks: int | None = None, spare: bool = False):
+        """max_blocks: the most this rollout can use; the cache is never sized past it. spare: one
+        more block past num_blocks that no sequence owns (`spare_block`: CUDA-graph padding rows)."""
         mc = model.config
         w = model.embed_tokens.weight
         self.block_size = cfg.block_size
@@ -65,7 +69,8 @@ class PagedKVCache:
             raise ValueError(f"KV cache budget too small: one block needs {per_block} bytes")
         self.num_blocks = int(num_blocks)
         self.bytes = self.num_blocks * per_block
-        shape = (mc.num_layers, self.num_blocks, *self.shape_per_layer)
+        self.spare_block = self.num_blocks if spare else None
+        shape = (mc.num_layers, self.num_blocks + spare, *self.shape_per_layer)
         # zeros: rows past a sequence's end are masked in attention but still multiplied by 0
         self.k = torch.zeros(shape, device=w.device, dtype=w.dtype)
         self.v = torch.zeros(shape, device=w.device, dtype=w.dtype)
@@ -213,6 +218,18 @@ class PagedAttention:
                     self.prefix_plan = plan_shared_prefix_from_lists(prefix_lens, groups, lens, cache.gqa_group, device)
         else:
             self._plan_prefill(tables, cached, new, bs, device)
+
+    @classmethod
+    def on_device(cls, cache: PagedKVCache, slots: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                  plan=None) -> PagedAttention:
+        """A decode step's context from tensors already on the device, for the Triton kernels (the
+        CUDA-graph step: nothing here reads a host list). plan: a SharedPrefixPlan, or None for
+        plain paged attention."""
+        self = cls.__new__(cls)
+        self.cache, self.slots, self.decode, self.cascade, self.backend = cache, slots, True, None, "triton"
+        self.block_tables, self.seq_lens = block_tables, seq_lens
+        self.shared, self.prefix_plan = plan is not None, plan
+        return self
 
     def _plan_prefill(self, tables, cached, new, bs, device) -> None:
         """Index tensors for a prefill step, built once and used by every layer: each chunk that

@@ -1,0 +1,191 @@
+"""Decode steps replayed from CUDA graphs: one graph per (batch bucket, prefix-program bucket).
+
+A decode step of a small model is mostly launch overhead on a GPU: 28 layers × a dozen
+kernels each, every one launched from Python. Here the whole step — embedding, every layer
+(projections, RoPE, the K/V write, the paged attention kernels), the final norm and the
+lm_head — is captured once per bucket and replayed, so a step costs one host-to-device copy
+of its inputs, one copy of its block tables and one graph launch. Sampling stays outside
+(it is per-row host logic on small tensors).
+
+Static buffers (they live as long as the rollout's cache; graphs bake in their addresses):
+  inputs [6 + cap, max_batch] int64: rows ids, positions, slots, lengths, suffix starts, then
+         per prefix program its prefix end and its members (−1 pads);
+  tables [max_batch, width] int32: the batch's block tables (width bounds every sequence of
+         the rollout: longest prompt + its max_new_tokens).
+A batch of n sequences runs in the graph of bucket b ≥ n; rows n..b−1 are padding: token 0 at
+position 0, writing and reading one spare cache block no sequence owns (length 1), so they
+compute finite garbage nobody reads. Prefix programs are padded the same way (no members,
+prefix end 0: the program exits at once). Split counts are chosen from the static width.
+
+Modes (CacheConfig.cuda_graphs, $LONGRL_CUDA_GRAPHS overrides): auto — capture on CUDA when
+the decode backend is Triton; on — the same, an error elsewhere; eager — the same static step
+run eagerly, on any device with the Triton backend (how the CPU tests check everything but the
+capture itself); off — the engine's ordinary step.
+
+A graph is checked at capture: the warm-up run (eager, on the same inputs; it also compiles
+the Triton kernels and lets cuBLAS pick its algorithms outside the capture) must give the
+replay's logits; otherwise, or if the capture raises, the rollout goes on without graphs
+and says why once. Graphs share one memory pool: each graph's output is consumed (sampled)
+before the next replay, and its inputs live outside the pool.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import torch
+
+from kernels.triton_paged import SharedPrefixPlan, members_cap, plan_items
+
+from .paged import PagedAttention, _decode_backend
+
+MODES = ("auto", "on", "eager", "off")
+_FIELDS = 6  # ids, positions, slots, lengths, suffix starts, prefix ends; then the members
+
+
+def graphs_mode(device: torch.device, configured: str, backend: str) -> str:
+    """-> "capture", "eager" or "off" for a rollout on `device` with this decode backend setting."""
+    mode = os.environ.get("LONGRL_CUDA_GRAPHS") or configured
+    if mode not in MODES:
+        raise ValueError(f"cuda_graphs must be one of {', '.join(MODES)}, got {mode!r}")
+    triton = _decode_backend(device, backend) == "triton"
+    if mode == "auto":
+        return "capture" if device.type == "cuda" and triton else "off"
+    if mode in ("on", "eager") and not triton:
+        raise ValueError(f"cuda_graphs={mode} runs the Triton decode kernels: decode_backend is "
+                         f"{_decode_backend(device, backend)!r} on {device.type}")
+    if mode == "on":
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs=on needs a CUDA device, the model is on {device.type}")
+        return "capture"
+    return mode
+
+
+def batch_bucket(n: int) -> int:
+    """The graph batch size that serves n sequences: 1, 2, 4, 8, then multiples of 8 to 64, of 16
+    to 256, of 32 beyond (padding is a few rows; the number of graphs stays small)."""
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    step = 8 if n <= 64 else 16 if n <= 256 else 32
+    return -(-n // step) * step
+
+
+def _items_bucket(k: int, b: int) -> int:
+    """Prefix programs padded to a power of two, at most the batch bucket (k ≤ n ≤ b)."""
+    return 0 if k == 0 else min(1 << (k - 1).bit_length(), b)
+
+
+class DecodeGraphs:
+    """The rollout's decode step on static buffers, captured per bucket (mode "capture") or run
+    eagerly on them (mode "eager"). `step` returns None when it cannot serve a batch (larger
+    than max_batch, a table wider than the buffers, or graphs turned off after a failed check):
+    the engine then runs its ordinary step."""
+
+    def __init__(self, model, cache, max_batch: int, max_len: int, mode: str):
+        if cache.spare_block is None:
+            raise ValueError("DecodeGraphs needs a cache with a spare block (PagedKVCache(..., spare=True))")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.device = cache.k.device
+        bs = cache.block_size
+        self.width = -(-max_len // bs) + 1
+        self.max_tokens = self.width * bs  # bounds every length: the split counts' input
+        self.max_batch = batch_bucket(max(1, max_batch))
+        self.share = cache.share_prefix
+        self.cap = members_cap(cache.gqa_group) if self.share else 0
+        rows = _FIELDS + self.cap
+        self.host = torch.zeros(rows, self.max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.inputs = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
+        self.tables = torch.full((self.max_batch, self.width), cache.spare_block, dtype=torch.int32,
+                                 device=self.device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.disabled: str | None = None  # why graphs were turned off for this rollout
+        self.steps = 0  # steps served (tests, benches)
+        self.capture_seconds = 0.0
+        self.last_items = 0  # prefix programs of the last step, before padding
+        self.padded_rows = 0
+
+    # ---- one step ----------------------------------------------------------------------------------
+    def step(self, seqs, tables: torch.Tensor) -> torch.Tensor | None:
+        """seqs: the decoding sequences (each feeds its last token), tables: their block tables
+        [n, w] on the device (DecodeTables.gather) -> logits [n, V] fp32, or None."""
+        n = len(seqs)
+        if self.disabled or n > self.max_batch or tables.shape[1] > self.width:
+            return None
+        b = batch_bucket(n)
+        bs, spare = self.cache.block_size, self.cache.spare_block
+        pos = [s.num_cached for s in seqs]
+        prefix = [s.shared_prefix for s in seqs] if self.share else [0] * n
+        items = plan_items(prefix, [s.request for s in seqs], self.cap) if self.share else []
+        ni = _items_bucket(len(items), b)
+        pad = b - n
+        rows = [
+            [s.token_ids[p] for s, p in zip(seqs, pos)] + [0] * pad,
+            pos + [0] * pad,
+            [s.table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)] + [spare * bs] * pad,
+            [p + 1 for p in pos] + [1] * pad,
+            prefix + [0] * pad,
+            [prefix[m[0]] for m in items] + [0] * (b - len(items)),
+        ]
+        for j in range(self.cap):
+            rows.append([m[j] if j < len(m) else -1 for m in items] + [-1] * (b - len(items)))
+        self.host[:, :b] = torch.tensor(rows, dtype=torch.long)
+        self.inputs.copy_(self.host, non_blocking=True)
+        self.tables[:n, : tables.shape[1]].copy_(tables)
+        if pad:
+            self.tables[n:b, 0] = spare
+        self.steps += 1
+        self.padded_rows += pad
+        self.last_items = len(items)
+        if self.mode == "eager":
+            return self._forward(b, ni)[:n]
+        key = (b, ni)
+        if key in self.graphs:
+            graph, out = self.graphs[key]
+            graph.replay()
+        else:
+            out = self._capture(key)  # replayed once already, for its check
+        return None if out is None else out[:n]
+
+    def _forward(self, b: int, ni: int) -> torch.Tensor:
+        """The step on the first b rows and ni prefix programs of the buffers -> logits [b, V] fp32."""
+        x = self.inputs[:, :b]
+        plan = None
+        if self.share:
+            members = x[_FIELDS:, :ni].t().contiguous().to(torch.int32)  # [ni, cap]
+            plan = SharedPrefixPlan(members, x[5, :ni].to(torch.int32), x[4].to(torch.int32), self.max_tokens,
+                                    self.max_tokens)
+        ctx = PagedAttention.on_device(self.cache, x[2], self.tables[:b], x[3].to(torch.int32), plan)
+        hidden = self.model(x[0], position_ids=x[1], attn=ctx)
+        return self.model.logits(hidden).float()
+
+    # ---- capture -----------------------------------------------------------------------------------
+    def _capture(self, key: tuple[int, int]) -> torch.Tensor | None:
+        """Capture the step of this bucket and replay it once -> its logits, or None (graphs off)."""
+        b, ni = key
+        started = time.perf_counter()
+        try:
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):  # warm-up: compiles, picks algorithms; its logits are the check
+                want = self._forward(b, ni)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = self._forward(b, ni)
+            graph.replay()
+            if not torch.allclose(out, want, rtol=1e-3, atol=1e-3):
+                diff = (out - want).abs().max().item()
+                raise RuntimeError(f"the replayed step's logits differ from the eager step's by up to {diff:.3g}")
+        except Exception as err:  # noqa: BLE001 - any failure: the rollout goes on eagerly
+            self.capture_seconds += time.perf_counter() - started
+            self.disabled = f"batch {b}, {ni} prefix programs: {type(err).__name__}: {err}"
+            warnings.warn(f"CUDA graphs off for this rollout ({self.disabled})", RuntimeWarning, stacklevel=3)
+            return None
+        self.capture_seconds += time.perf_counter() - started
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[key] = (graph, out)
+        return out

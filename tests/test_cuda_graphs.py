@@ -1,0 +1,146 @@
+"""The CUDA-graph decode step (engine/rollout/graphs.py).
+
+On CPU the graph step runs eagerly on its static buffers (cuda_graphs="eager", the Triton
+kernels under the interpreter): padded batch buckets, the spare block, the packed inputs and
+the prefix programs planned on the host must give the ordinary step's tokens and log-probs.
+The capture itself needs a GPU (the last test); a capture that fails leaves the rollout
+running without graphs, which is checked here too."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from engine.rollout import CacheConfig, Generator, SamplingParams
+from engine.rollout import graphs as graphs_mod
+from engine.rollout.graphs import DecodeGraphs, batch_bucket, graphs_mode
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import tiny_decoder
+    return tiny_decoder(tmp_path_factory.mktemp("ckpt") / "qwen2", num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2)
+
+
+def _prompts(model, lens=(13, 6, 9), seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lens]
+
+
+def _run(model, prompts, params, n, **cache):
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, decode_backend="triton", **cache))
+    out = gen.generate(prompts, n=n, params=params)
+    return [[(c.token_ids, c.logprobs, c.finish_reason) for c in group] for group in out], gen.stats
+
+
+def _same(got, want):
+    for g_group, w_group in zip(got, want, strict=True):
+        for (gt, gl, gr), (wt, wl, wr) in zip(g_group, w_group, strict=True):
+            assert gt == wt and gr == wr
+            torch.testing.assert_close(torch.tensor(gl), torch.tensor(wl), rtol=1e-4, atol=1e-4)
+
+
+def _spy_steps(monkeypatch):
+    """Record (batch, bucket, prefix programs) of every graph step."""
+    seen = []
+    real = DecodeGraphs.step
+
+    def step(self, seqs, tables):
+        out = real(self, seqs, tables)
+        if out is not None:
+            seen.append((len(seqs), batch_bucket(len(seqs)), self.last_items))
+        return out
+    monkeypatch.setattr(DecodeGraphs, "step", step)
+    return seen
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
+    """Sampled (T = 1, top-p 0.9) and greedy prompts mixed, samples of different lengths: the batch
+    shrinks 9 -> 6 -> 3, so it runs in buckets 16, 8 and 4 with padding rows."""
+    prompts = _prompts(tiny)
+    params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
+              for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
+    want, plain = _run(tiny, prompts, params, 3, share_prefix=share, cuda_graphs="off")
+    seen = _spy_steps(monkeypatch)
+    got, stats = _run(tiny, prompts, params, 3, share_prefix=share, cuda_graphs="eager")
+    _same(got, want)
+    assert plain.graph_steps == 0 and stats.graph_steps == len(seen) == stats.steps - 1  # all but the prefill
+    assert {b for _, b, _ in seen} == {16, 8, 4} and {n for n, _, _ in seen} == {9, 6, 3}
+    # with sharing every group's samples are one prefix program (3 programs, padded to 4); without, none
+    assert {k for _, _, k in seen} == ({3, 2, 1} if share else {0})
+
+
+def test_graph_step_after_preemption(tiny, monkeypatch):
+    """A cache too small for every sample: sequences are preempted, prefilled again (the ordinary
+    step) and decode again from the graph buffers with rewritten tables."""
+    prompts = _prompts(tiny, (10, 7))
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[])
+    want, plain = _run(tiny, prompts, params, 3, num_blocks=14, cuda_graphs="off")
+    got, stats = _run(tiny, prompts, params, 3, num_blocks=14, cuda_graphs="eager")
+    assert plain.preemptions > 0 and stats.preemptions == plain.preemptions
+    assert stats.graph_steps > 0
+    _same(got, want)
+
+
+def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkeypatch):
+    """Capture mode where no CUDA graph can be captured (here: no GPU): one warning that says why,
+    the rollout continues with the ordinary step and gives its tokens."""
+    prompts = _prompts(tiny, (8, 5))
+    params = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
+    monkeypatch.setattr(graphs_mod, "graphs_mode", lambda *a: "capture")
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
+    if torch.cuda.is_available():  # make the capture fail on a GPU too
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, stats = _run(tiny, prompts, params, 2)
+    _same(got, want)
+    assert stats.graph_steps == 0
+    msgs = [str(w.message) for w in caught if "CUDA graphs off" in str(w.message)]
+    assert len(msgs) == 1 and "batch 4" in msgs[0], msgs
+
+
+def test_modes_and_buckets(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("LONGRL_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("LONGRL_PAGED_BACKEND", raising=False)
+    assert graphs_mode(cpu, "auto", "auto") == "off"  # torch backend on CPU
+    assert graphs_mode(cpu, "auto", "triton") == "off"  # no capture without a GPU
+    assert graphs_mode(cuda, "auto", "auto") == "capture"
+    assert graphs_mode(cuda, "auto", "torch") == "off"
+    assert graphs_mode(cpu, "eager", "triton") == "eager"
+    assert graphs_mode(cuda, "off", "auto") == "off"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        graphs_mode(cpu, "on", "triton")
+    with pytest.raises(ValueError, match="Triton decode kernels"):
+        graphs_mode(cpu, "eager", "auto")
+    monkeypatch.setenv("LONGRL_CUDA_GRAPHS", "off")
+    assert graphs_mode(cuda, "on", "auto") == "off"
+    monkeypatch.setenv("LONGRL_CUDA_GRAPHS", "sometimes")
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        graphs_mode(cuda, "auto", "auto")
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        CacheConfig(cuda_graphs="yes")
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 17, 63, 64, 65, 200, 257, 300)] == \
+        [1, 2, 4, 8, 8, 16, 24, 64, 64, 80, 208, 288, 320]
+    assert all(batch_bucket(n) >= n for n in range(1, 600))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
+    model = copy.deepcopy(tiny).cuda()
+    prompts = _prompts(tiny)
+    params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
+              for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
+    for share in (True, False):
+        want, _ = _run(model, prompts, params, 3, share_prefix=share, cuda_graphs="off")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a fallback would warn
+            got, stats = _run(model, prompts, params, 3, share_prefix=share, cuda_graphs="on")
+        assert stats.graph_steps == stats.steps - 1 and stats.graph_captures >= 3
+        _same(got, want)
