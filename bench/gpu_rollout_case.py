@@ -1,7 +1,7 @@
 """Rollout decode against the memory-bandwidth roofline, with and without prefix sharing.
 
-    python3 -m bench.gpu_rollout_case [--prompt-lens 16384 61440 --groups 8 --n 8 --new 16]
-                                      (run by bench/gpu_suite.py)
+    python3 -m bench.gpu_rollout_case [--prompt-lens 16384 61440 --graph-lens 1024 16384
+                                       --groups 8 --n 8 --new 16]   (run by bench/gpu_suite.py)
 
 A Qwen2-1.5B-shaped decoder with random bf16 weights (no download needed), batch 64 = 8
 groups of 8 samples, each group sharing one long prompt, temperature 1, top-p 0.95. The
@@ -13,7 +13,13 @@ Roofline: a decode step must read every weight once, each group's prompt KV once
 sample's own suffix KV. Those bytes at the copy bandwidth measured in the same run are the
 floor; the figure is floor / measured step time (target >= 70% with sharing). The same
 workload without prefix sharing (each sample reads the prompt itself: 8x the prompt traffic)
-is measured beside it, against the same must-read bytes. Prints one JSON line.
+is measured beside it, against the same must-read bytes.
+
+CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
+graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and
+`graphs_speedup` is the eager step time over the graph step time. A step time here is the
+steady state: the steps that captured a graph (about three steps' work each) are left out,
+and their seconds reported as capture_seconds. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -72,14 +78,15 @@ class RandomPrefill(torch.nn.Module):
 
 
 def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bool, block_size: int = 16,
-                cache_bytes: int | None = None) -> dict:
+                cache_bytes: int | None = None, graphs: str = "auto") -> dict:
     """Decode `groups` x `n` samples of `new` tokens after random-KV prompts; time per decode step
-    and the bytes a step must read (weights + each prompt's KV once + each sample's suffix)."""
+    (without the steps that captured a CUDA graph) and the bytes a step must read (weights + each
+    prompt's KV once + each sample's suffix)."""
     from engine.rollout import Generator, SamplingParams
     from engine.rollout.paged import CacheConfig
 
     cfg = model.config
-    cache = CacheConfig(block_size=block_size, share_prefix=share, max_bytes=cache_bytes)
+    cache = CacheConfig(block_size=block_size, share_prefix=share, max_bytes=cache_bytes, cuda_graphs=graphs)
     gen = Generator(RandomPrefill(model), cache_cfg=cache)
     params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
                             stop_token_ids=[])
@@ -94,11 +101,35 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     kv_per_token = cfg.num_layers * 2 * cfg.kv_size * model.embed_tokens.weight.element_size()
     mean_suffix = (new + 1) / 2  # decode step j reads j + 1 suffix tokens, j = 1 .. new - 1
     must_read = weight_bytes + (groups * prompt_len + groups * n * mean_suffix) * kv_per_token
-    return {"share_prefix": share, "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
-            "decode_steps": steps, "decode_step_s": st.decode_seconds / max(steps, 1),
-            "decode_tokens_per_s": (st.generated_tokens - groups * n) / max(st.decode_seconds, 1e-9),
+    timed = max(steps - st.graph_captures, 1)
+    seconds = st.decode_seconds - st.capture_seconds
+    return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
+            "graph_captures": st.graph_captures, "capture_seconds": st.capture_seconds,
+            "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
+            "decode_steps": steps, "decode_step_s": seconds / timed,
+            "decode_tokens_per_s": timed * groups * n / max(seconds, 1e-9),
             "bytes_per_step": must_read, "weight_bytes": weight_bytes,
             "prompt_kv_bytes": groups * prompt_len * kv_per_token}
+
+
+def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
+            block_size: int = 16) -> dict:
+    """Every case; the shared case at graph_lens also with graphs[1] (off) -> the summary dict."""
+    rows, speedups = [], {}
+    on, off = graphs
+    runs = [(plen, share, on) for plen in prompt_lens for share in (True, False)]
+    runs += [(plen, True, g) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
+    for plen, share, mode in runs:
+        r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode)
+        r["roofline_fraction"] = r["bytes_per_step"] / bw / r["decode_step_s"]
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    for plen in graph_lens:
+        step = {r["cuda_graphs"]: r["decode_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]}
+        speedups[str(plen)] = step[off] / step[on]
+    shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["prompt_len"] in prompt_lens]
+    return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,
+            "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
 
 
 def main(argv=None) -> int:
@@ -107,6 +138,8 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--new", type=int, default=16)
+    p.add_argument("--graph-lens", type=int, nargs="*", default=[1024, 16384],
+                   help="prompt lengths at which the shared case also runs without CUDA graphs")
     a = p.parse_args(argv)
 
     from engine.model import Decoder, DecoderConfig
@@ -120,17 +153,8 @@ def main(argv=None) -> int:
             param.normal_(0, 0.02)
     decode_case(model, 1, 2, 64, 4, True)  # warm-up: kernels compiled outside the timings
     decode_case(model, 1, 2, 64, 4, False)
-    bw = copy_bandwidth()
-    rows = []
-    for plen in a.prompt_lens:
-        for share in (True, False):
-            r = decode_case(model, a.groups, a.n, plen, a.new, share)
-            r["roofline_fraction"] = r["bytes_per_step"] / bw / r["decode_step_s"]
-            rows.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
-    shared = [r for r in rows if r["share_prefix"]]
-    print(json.dumps({"batch": a.groups * a.n, "copy_bandwidth": bw, "cases": rows,
-                      "roofline_fraction": min(r["roofline_fraction"] for r in shared)}))
+    print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
+                             graphs=("auto", "off"))))
     return 0
 
 

@@ -52,12 +52,12 @@ def test_rl_step_case_budget_follows_free_memory():
     assert budget_from_free_memory(gib // 8, 28, 1536, floor=17408) == 17408  # never below one sequence
 
 
-def test_rollout_decode_case_runs_on_cpu(tmp_path):
+def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     """bench/gpu_rollout_case.py's measurement on a tiny model on CPU: prompts' KV written at
     random (every prompt slot, every layer), decode steps counted, the must-read bytes as stated."""
     import torch
 
-    from bench.gpu_rollout_case import RandomPrefill, decode_case
+    from bench.gpu_rollout_case import RandomPrefill, decode_case, measure
     from conftest import tiny_hf_model
     from engine.model import load_model
 
@@ -72,6 +72,14 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path):
         kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
         assert r["bytes_per_step"] == weights + (2 * 37 + 6 * 3) * kv  # mean suffix (5 + 1) / 2 = 3 tokens
         assert r["decode_step_s"] > 0 and r["decode_tokens_per_s"] > 0
+    # the suite's summary: graphs against eager at the graph lengths (on CPU: the graph step run eagerly)
+    monkeypatch.setenv("LONGRL_PAGED_BACKEND", "triton")
+    out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"))
+    assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"]) for c in out["cases"]] == \
+        [(21, True, "eager"), (21, False, "eager"), (21, True, "off"), (9, True, "eager"), (9, True, "off")]
+    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0]
+    assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
+    assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
     # the random prefill fills every layer's K and V at the chunk's slots
     from engine.rollout.paged import CacheConfig, PagedAttention, PagedKVCache
     cache = PagedKVCache(model, CacheConfig(block_size=16, num_blocks=8))
