@@ -112,6 +112,63 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
             "prompt_kv_bytes": groups * prompt_len * kv_per_token}
 
 
+def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share: bool = True,
+                   graphs: str = "auto", block_size: int = 16) -> dict:
+    """Where a decode step goes (median over the decode steps, ms): the model (the graph replay,
+    or the eager forward + lm_head), the sampler, and the rest (scheduler, block tables, packing
+    the inputs, appending tokens). Each part is timed between device syncs, so the parts add up
+    to a step slower than an unsynchronised one: this says where to look, decode_case says how fast."""
+    import statistics
+
+    from engine.rollout import Generator, SamplingParams
+    from engine.rollout import engine as engine_mod
+    from engine.rollout.graphs import DecodeGraphs
+    from engine.rollout.paged import CacheConfig
+
+    sync = torch.cuda.synchronize if model.embed_tokens.weight.is_cuda else (lambda: None)
+    parts: list[dict] = []
+    current: dict = {}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            current[key] = current.get(key, 0.0) + time.perf_counter() - t0
+            return out
+        return wrapper
+
+    real = (Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample_batch)
+
+    def step(self, sched, *args):
+        current.clear()
+        sync()
+        t0 = time.perf_counter()
+        real[0](self, sched, *args)
+        sync()
+        if sched.decoding:
+            model_s = current.get("graph", 0.0) + current.get("forward", 0.0)
+            parts.append({"step": time.perf_counter() - t0, "model": model_s, "sampler": current.get("sampler", 0.0),
+                          "graph_replays": "graph" in current and "forward" not in current})
+
+    Generator._step, Generator._forward = step, timed(real[1], "forward")
+    DecodeGraphs.step, engine_mod.sample_batch = timed(real[2], "graph"), timed(real[3], "sampler")
+    try:
+        gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(block_size=block_size, share_prefix=share,
+                                                                    cuda_graphs=graphs))
+        params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
+                                stop_token_ids=[])
+        gen.generate([[1] * prompt_len for _ in range(groups)], n=n, params=params)
+    finally:
+        Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample_batch = real
+    ms = {k: 1e3 * statistics.median(p[k] for p in parts) for k in ("step", "model", "sampler")}
+    ms["rest"] = ms["step"] - ms["model"] - ms["sampler"]
+    return {"prompt_len": prompt_len, "batch": groups * n, "share_prefix": share, "cuda_graphs": graphs,
+            "decode_steps": len(parts), "graph_steps": sum(p["graph_replays"] for p in parts),
+            **{f"{k}_ms": v for k, v in ms.items()}}
+
+
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
             block_size: int = 16) -> dict:
     """Every case; the shared case at graph_lens also with graphs[1] (off) -> the summary dict."""
@@ -128,8 +185,12 @@ def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: f
         step = {r["cuda_graphs"]: r["decode_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]}
         speedups[str(plen)] = step[off] / step[on]
     shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["prompt_len"] in prompt_lens]
+    # where a step goes, with and without graphs, at the first graph length
+    breakdown = [step_breakdown(model, groups, n, graph_lens[0], new, graphs=g) for g in (on, off)] if graph_lens else []
+    for r in breakdown:
+        print(json.dumps(r), file=sys.stderr, flush=True)
     return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,
-            "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
+            "step_breakdown": breakdown, "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
 
 
 def main(argv=None) -> int:

@@ -279,6 +279,10 @@ def main(argv=None) -> int:
                   f"{c['roofline_fraction']:6.1%} of the roofline")
         print("target: >= 70% with sharing; CUDA graphs vs eager step (same case): "
               + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro.get("graphs_speedup", {}).items()))
+        for c in ro.get("step_breakdown", []):
+            print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "
+                  f"{c['step_ms']:.2f} ms = model {c['model_ms']:.2f} + sampler {c['sampler_ms']:.2f} "
+                  f"+ rest {c['rest_ms']:.2f}")
     dt = report["decode_tables"]
     print("\n== decode block tables + context, host work per step (8 x 8 sequences, block 16) ==")
     if "error" in dt:

@@ -80,6 +80,11 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0]
     assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
     assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
+    eager_graph, off = out["step_breakdown"]
+    assert (eager_graph["cuda_graphs"], off["cuda_graphs"]) == ("eager", "off")
+    assert eager_graph["decode_steps"] == eager_graph["graph_steps"] == 2 and off["graph_steps"] == 0
+    for r in (eager_graph, off):
+        assert 0 < r["model_ms"] < r["step_ms"] and 0 < r["sampler_ms"] < r["step_ms"] and r["rest_ms"] > 0
     # the random prefill fills every layer's K and V at the chunk's slots
     from engine.rollout.paged import CacheConfig, PagedAttention, PagedKVCache
     cache = PagedKVCache(model, CacheConfig(block_size=16, num_blocks=8))
