@@ -107,6 +107,7 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
             "graph_captures": st.graph_captures, "capture_seconds": st.capture_seconds,
             "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
             "decode_steps": steps, "decode_step_s": seconds / timed,
+            "decode_step_s_with_captures": st.decode_seconds / max(steps, 1),
             "decode_tokens_per_s": timed * groups * n / max(seconds, 1e-9),
             "bytes_per_step": must_read, "weight_bytes": weight_bytes,
             "prompt_kv_bytes": groups * prompt_len * kv_per_token}

@@ -46,7 +46,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, memb
         member = rows // GROUP
         seqs = tl.load(members_ptr + w * stride_mw + member, mask=member < MEMBERS, other=-1).to(tl.int64)
         row_ok = seqs >= 0
-        table_row = tl.load(members_ptr + w * stride_mw).to(tl.int64)
+        table_row = tl.maximum(tl.load(members_ptr + w * stride_mw).to(tl.int64), 0)  # −1: a padded item
     else:  # item w is sequence w
         seqs = tl.zeros([BLOCK_M], dtype=tl.int64) + w
         row_ok = rows < GROUP

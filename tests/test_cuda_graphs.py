@@ -87,10 +87,11 @@ def test_graph_step_after_preemption(tiny, monkeypatch):
 
 
 def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkeypatch):
-    """Capture mode where no CUDA graph can be captured (here: no GPU): one warning that says why,
-    the rollout continues with the ordinary step and gives its tokens."""
+    """Capture mode where no CUDA graph can be captured (here: no GPU): the bucket's first two
+    steps run the static step eagerly, the capture at its third fails with one warning that says
+    why, and the rollout continues with the ordinary step and gives its tokens. Mode on raises."""
     prompts = _prompts(tiny, (8, 5))
-    params = SamplingParams(max_new_tokens=4, temperature=0, stop_token_ids=[])
+    params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
     want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
     monkeypatch.setattr(graphs_mod, "graphs_mode", lambda *a: "capture")
     monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
@@ -100,9 +101,12 @@ def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkey
         warnings.simplefilter("always")
         got, stats = _run(tiny, prompts, params, 2)
     _same(got, want)
-    assert stats.graph_steps == 0
+    assert stats.graph_steps == 2 and stats.graph_captures == 0 and stats.steps == 7
     msgs = [str(w.message) for w in caught if "CUDA graphs off" in str(w.message)]
     assert len(msgs) == 1 and "batch 4" in msgs[0], msgs
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "on")
+    with pytest.raises(RuntimeError, match="cuda_graphs=on: capture failed"):
+        _run(tiny, prompts, params, 2)
 
 
 def test_modes_and_buckets(monkeypatch):
@@ -112,6 +116,7 @@ def test_modes_and_buckets(monkeypatch):
     assert graphs_mode(cpu, "auto", "auto") == "off"  # torch backend on CPU
     assert graphs_mode(cpu, "auto", "triton") == "off"  # no capture without a GPU
     assert graphs_mode(cuda, "auto", "auto") == "capture"
+    assert graphs_mode(cuda, "on", "auto") == "on"
     assert graphs_mode(cuda, "auto", "torch") == "off"
     assert graphs_mode(cpu, "eager", "triton") == "eager"
     assert graphs_mode(cuda, "off", "auto") == "off"
@@ -142,5 +147,6 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback would warn
             got, stats = _run(model, prompts, params, 3, share_prefix=share, cuda_graphs="on")
-        assert stats.graph_steps == stats.steps - 1 and stats.graph_captures >= 3
+        # 9 samples for 2 steps (no capture), 6 for 3 and 3 for 3 (captured at the third step each)
+        assert stats.graph_steps == stats.steps - 1 and stats.graph_captures == 2
         _same(got, want)

@@ -12,21 +12,27 @@ Static buffers (they live as long as the rollout's cache; graphs bake in their a
          per prefix program its prefix end and its members (−1 pads);
   tables [max_batch, width] int32: the batch's block tables (width bounds every sequence of
          the rollout: longest prompt + its max_new_tokens).
+  logits [max_batch, V] fp32: every graph's output (one buffer, outside the graphs' pool).
 A batch of n sequences runs in the graph of bucket b ≥ n; rows n..b−1 are padding: token 0 at
 position 0, writing and reading one spare cache block no sequence owns (length 1), so they
 compute finite garbage nobody reads. Prefix programs are padded the same way (no members,
 prefix end 0: the program exits at once). Split counts are chosen from the static width.
 
+A bucket's graph is captured at its CAPTURE_AT-th step; its first steps run the same static
+step eagerly. So batch sizes a rollout passes through for a step or two (samples finishing
+one by one) cost no capture, and a short rollout (a judge's few tokens) stays eager.
+
 Modes (CacheConfig.cuda_graphs, $LONGRL_CUDA_GRAPHS overrides): auto — capture on CUDA when
-the decode backend is Triton; on — the same, an error elsewhere; eager — the same static step
-run eagerly, on any device with the Triton backend (how the CPU tests check everything but the
-capture itself); off — the engine's ordinary step.
+the decode backend is Triton; on — the same, an error elsewhere and when a capture fails;
+eager — the static step without capture, on any device with the Triton backend (how the CPU
+tests check everything but the capture itself); off — the engine's ordinary step.
 
 A graph is checked at capture: the warm-up run (eager, on the same inputs; it also compiles
 the Triton kernels and lets cuBLAS pick its algorithms outside the capture) must give the
-replay's logits; otherwise, or if the capture raises, the rollout goes on without graphs
-and says why once. Graphs share one memory pool: each graph's output is consumed (sampled)
-before the next replay, and its inputs live outside the pool.
+replay's logits; otherwise, or if the capture raises, the rollout goes on without graphs and
+says why once (mode on: raises). The capture is begun and ended by hand so that a failed one
+still hands the stream and the allocator back. Graphs share one memory pool: only their
+intermediates live there, and no graph reads another's.
 """
 from __future__ import annotations
 
@@ -41,11 +47,13 @@ from kernels.triton_paged import SharedPrefixPlan, members_cap, plan_items
 from .paged import PagedAttention, _decode_backend
 
 MODES = ("auto", "on", "eager", "off")
+CAPTURE_AT = 3  # a bucket's graph is captured at its third step
 _FIELDS = 6  # ids, positions, slots, lengths, suffix starts, prefix ends; then the members
 
 
 def graphs_mode(device: torch.device, configured: str, backend: str) -> str:
-    """-> "capture", "eager" or "off" for a rollout on `device` with this decode backend setting."""
+    """-> "capture" (auto), "on" (capture, failures raise), "eager" or "off" for a rollout on
+    `device` with this decode backend setting."""
     mode = os.environ.get("LONGRL_CUDA_GRAPHS") or configured
     if mode not in MODES:
         raise ValueError(f"cuda_graphs must be one of {', '.join(MODES)}, got {mode!r}")
@@ -55,10 +63,8 @@ def graphs_mode(device: torch.device, configured: str, backend: str) -> str:
     if mode in ("on", "eager") and not triton:
         raise ValueError(f"cuda_graphs={mode} runs the Triton decode kernels: decode_backend is "
                          f"{_decode_backend(device, backend)!r} on {device.type}")
-    if mode == "on":
-        if device.type != "cuda":
-            raise ValueError(f"cuda_graphs=on needs a CUDA device, the model is on {device.type}")
-        return "capture"
+    if mode == "on" and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=on needs a CUDA device, the model is on {device.type}")
     return mode
 
 
@@ -77,10 +83,10 @@ def _items_bucket(k: int, b: int) -> int:
 
 
 class DecodeGraphs:
-    """The rollout's decode step on static buffers, captured per bucket (mode "capture") or run
-    eagerly on them (mode "eager"). `step` returns None when it cannot serve a batch (larger
-    than max_batch, a table wider than the buffers, or graphs turned off after a failed check):
-    the engine then runs its ordinary step."""
+    """The rollout's decode step on static buffers, captured per bucket (modes "capture", "on")
+    or run eagerly on them (mode "eager"). `step` returns None when it cannot serve a batch
+    (larger than max_batch, a table wider than the buffers, or graphs turned off after a failed
+    capture): the engine then runs its ordinary step."""
 
     def __init__(self, model, cache, max_batch: int, max_len: int, mode: str):
         if cache.spare_block is None:
@@ -98,8 +104,11 @@ class DecodeGraphs:
         self.inputs = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
         self.tables = torch.full((self.max_batch, self.width), cache.spare_block, dtype=torch.int32,
                                  device=self.device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
+        self.logits = torch.empty(self.max_batch, model.config.vocab_size, dtype=torch.float32,
+                                  device=self.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self.uses: dict[tuple[int, int], int] = {}
+        self.pool = self.stream = None  # made at the first capture
         self.disabled: str | None = None  # why graphs were turned off for this rollout
         self.steps = 0  # steps served (tests, benches)
         self.capture_seconds = 0.0
@@ -138,18 +147,17 @@ class DecodeGraphs:
         self.steps += 1
         self.padded_rows += pad
         self.last_items = len(items)
-        if self.mode == "eager":
-            return self._forward(b, ni)[:n]
         key = (b, ni)
         if key in self.graphs:
-            graph, out = self.graphs[key]
-            graph.replay()
-        else:
-            out = self._capture(key)  # replayed once already, for its check
-        return None if out is None else out[:n]
+            self.graphs[key].replay()
+            return self.logits[:n]
+        self.uses[key] = self.uses.get(key, 0) + 1
+        if self.mode == "eager" or self.uses[key] < CAPTURE_AT:
+            return self._forward(b, ni)[:n]
+        return None if self._capture(key) is None else self.logits[:n]  # replayed once already, for its check
 
     def _forward(self, b: int, ni: int) -> torch.Tensor:
-        """The step on the first b rows and ni prefix programs of the buffers -> logits [b, V] fp32."""
+        """The step on the first b rows and ni prefix programs of the buffers -> logits[:b] (fp32)."""
         x = self.inputs[:, :b]
         plan = None
         if self.share:
@@ -158,34 +166,57 @@ class DecodeGraphs:
                                     self.max_tokens)
         ctx = PagedAttention.on_device(self.cache, x[2], self.tables[:b], x[3].to(torch.int32), plan)
         hidden = self.model(x[0], position_ids=x[1], attn=ctx)
-        return self.model.logits(hidden).float()
+        out = self.logits[:b]
+        out.copy_(self.model.logits(hidden))
+        return out
 
     # ---- capture -----------------------------------------------------------------------------------
     def _capture(self, key: tuple[int, int]) -> torch.Tensor | None:
-        """Capture the step of this bucket and replay it once -> its logits, or None (graphs off)."""
+        """Capture the step of this bucket and replay it once -> logits[:b], or None (graphs off)."""
         b, ni = key
         started = time.perf_counter()
         try:
+            if self.stream is None:
+                self.stream, self.pool = torch.cuda.Stream(self.device), torch.cuda.graph_pool_handle()
             current = torch.cuda.current_stream(self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(current)
-            with torch.cuda.stream(side):  # warm-up: compiles, picks algorithms; its logits are the check
-                want = self._forward(b, ni)
-            current.wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                out = self._forward(b, ni)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):  # warm-up: compiles, picks algorithms; its logits are the check
+                want = self._forward(b, ni).clone()
+            current.wait_stream(self.stream)
+            graph = self._record(b, ni)
             graph.replay()
-            if not torch.allclose(out, want, rtol=1e-3, atol=1e-3):
-                diff = (out - want).abs().max().item()
+            if not torch.allclose(self.logits[:b], want, rtol=1e-3, atol=1e-3):
+                diff = (self.logits[:b] - want).abs().max().item()
                 raise RuntimeError(f"the replayed step's logits differ from the eager step's by up to {diff:.3g}")
         except Exception as err:  # noqa: BLE001 - any failure: the rollout goes on eagerly
             self.capture_seconds += time.perf_counter() - started
             self.disabled = f"batch {b}, {ni} prefix programs: {type(err).__name__}: {err}"
+            self.graphs.clear()  # their pool goes back with them
+            if self.mode == "on":
+                raise RuntimeError(f"cuda_graphs=on: capture failed ({self.disabled})") from err
             warnings.warn(f"CUDA graphs off for this rollout ({self.disabled})", RuntimeWarning, stacklevel=3)
-            return None
+            return None  # the engine's ordinary step computes this step again
         self.capture_seconds += time.perf_counter() - started
-        if self.pool is None:
-            self.pool = graph.pool()
-        self.graphs[key] = (graph, out)
-        return out
+        self.graphs[key] = graph
+        return self.logits[:b]
+
+    def _record(self, b: int, ni: int) -> torch.cuda.CUDAGraph:
+        """Capture by hand (not torch.cuda.graph, whose exit leaves the capture stream current and the
+        allocator capturing when capture_end raises): the stream is restored whatever happens, and a
+        capture that cannot end still hands its pool back to the allocator."""
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin(pool=self.pool)
+            try:
+                self._forward(b, ni)
+            finally:
+                try:
+                    graph.capture_end()
+                except Exception:
+                    end_pool = getattr(torch._C, "_cuda_endAllocateToPool", None)
+                    if end_pool is not None:  # what capture_end skipped when it raised
+                        end_pool(self.device.index if self.device.index is not None else
+                                 torch.cuda.current_device(), self.pool)
+                    raise
+        return graph
