@@ -42,8 +42,8 @@ def test_causal_sdpa_with_an_offset_equals_the_dense_reference(fused_offset, tq,
 
 
 class _Model:  # what PagedKVCache reads off a model
-    def __init__(self, layers, hkv, d):
-        self.config = types.SimpleNamespace(num_layers=layers, num_kv_heads=hkv, head_dim=d)
+    def __init__(self, layers, hq, hkv, d):
+        self.config = types.SimpleNamespace(num_layers=layers, num_heads=hq, num_kv_heads=hkv, head_dim=d)
         self.embed_tokens = types.SimpleNamespace(weight=torch.zeros(1, dtype=torch.float32))
 
 
@@ -72,7 +72,7 @@ def test_paged_prefill_equals_the_dense_reference(monkeypatch, varlen):
         monkeypatch.setitem(sys.modules, "flash_attn", _fake_flash_attn(calls))
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, bs = 6, 2, 16, 8
-    cache = paged.PagedKVCache(_Model(1, hkv, d), CacheConfig(block_size=bs, num_blocks=40))
+    cache = paged.PagedKVCache(_Model(1, hq, hkv, d), CacheConfig(block_size=bs, num_blocks=40))
     cached, new = [0, 13, 32], [11, 6, 9]
     perm = torch.randperm(40, generator=g).tolist()
     tables, used = [], 0
