@@ -1,13 +1,12 @@
 """The CUDA-graph decode step (engine/rollout/graphs.py).
 
-On CPU the graph step runs eagerly on its static buffers (cuda_graphs="eager", the Triton
-kernels under the interpreter): padded batch buckets, the spare block, the packed inputs and
-the prefix programs planned on the host must give the ordinary step's tokens and log-probs.
-The capture itself needs a GPU (the last test); a capture that fails leaves the rollout
-running without graphs, which is checked here too."""
+The graph step run eagerly on its static buffers (cuda_graphs="eager"; on CPU the Triton
+kernels run under the interpreter, on a GPU machine the model moves to the GPU): padded batch
+buckets, the spare block, the packed inputs and the prefix programs planned on the host must
+give the ordinary step's tokens and log-probs. The capture itself needs a GPU (the last test);
+a capture that fails leaves the rollout running without graphs, which is checked here too."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -17,12 +16,15 @@ from engine.rollout import CacheConfig, Generator, SamplingParams
 from engine.rollout import graphs as graphs_mod
 from engine.rollout.graphs import DecodeGraphs, batch_bucket, graphs_mode
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from conftest import tiny_decoder
-    return tiny_decoder(tmp_path_factory.mktemp("ckpt") / "qwen2", num_hidden_layers=1, num_attention_heads=4,
-                        num_key_value_heads=2)
+    model = tiny_decoder(tmp_path_factory.mktemp("ckpt") / "qwen2", num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2)
+    return model.to(DEVICE)  # the Triton kernels: on the GPU where there is one, else the interpreter
 
 
 def _prompts(model, lens=(13, 6, 9), seed=5):
@@ -138,7 +140,7 @@ def test_modes_and_buckets(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
-    model = copy.deepcopy(tiny).cuda()
+    model = tiny
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
               for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
