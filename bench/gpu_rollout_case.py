@@ -187,7 +187,7 @@ def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: f
         speedups[str(plen)] = step[off] / step[on]
     shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["prompt_len"] in prompt_lens]
     # where a step goes, with and without graphs, at the first graph length
-    breakdown = [step_breakdown(model, groups, n, graph_lens[0], new, graphs=g) for g in (on, off)] if graph_lens else []
+    breakdown = [step_breakdown(model, groups, n, graph_lens[0], new, graphs=g) for g in (on, off) if graph_lens]
     for r in breakdown:
         print(json.dumps(r), file=sys.stderr, flush=True)
     return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,

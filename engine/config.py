@@ -418,8 +418,8 @@ def _coerce(value: Any, tp, key: str, source: str):
                 return _coerce(value, arm, key, source)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{source}: {key}: expected {' or '.join(_type_name(a) for a in get_args(tp))}, got {value!r}")
+        expected = " or ".join(_type_name(a) for a in get_args(tp))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {key}: expected {expected}, got {value!r}")
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{source}: {key}: expected {_type_name(tp)}, got {value!r}")

@@ -228,7 +228,8 @@ def test_docqa_rl_sample_rewards():
 def test_bad_row_names_file_row_and_field(tmp_path):
     good = {"context": "c", "question": "q", "answers": ["a"]}
     path = _write(tmp_path, "mixed.jsonl", [good, {"context": "c", "question": 3, "answers": ["a"]}, good])
-    with pytest.raises(DataError, match=r"mixed\.jsonl:2: field 'question' must be a string \(got \{'question': 'int'\}\)"):
+    with pytest.raises(DataError,
+                       match=r"mixed\.jsonl:2: field 'question' must be a string \(got \{'question': 'int'\}\)"):
         load_docqa(path)
     ds = load_docqa(path, on_error="skip")
     assert len(ds) == 2 and len(ds.skipped) == 1 and "mixed.jsonl:2" in ds.skipped[0]

@@ -48,7 +48,8 @@ def tiny_setup(tmp_path, smollm):
 
 
 def _rows(run_dir, stage="rl"):
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if json.loads(l)["stage"] == stage]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["stage"] == stage]
 
 
 class LetterTokenizer:
@@ -232,7 +233,8 @@ max_steps = 1
 batch_examples = 2
 [rl]
 data = ["synthetic:n=8,tokens=15-90,seed=4,kinds=lookup"]
-phases = [{{ name = "short", max_input_tokens = 170, steps = 1 }}, {{ name = "long", max_input_tokens = 300, steps = 1 }}]
+phases = [{{ name = "short", max_input_tokens = 170, steps = 1 }},
+          {{ name = "long", max_input_tokens = 300, steps = 1 }}]
 group_size = 2
 batch_prompts = 2
 max_new_tokens = 4

@@ -7,7 +7,8 @@ from .loaders import FORMATS, detect_format, load_docqa, load_records
 from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
 from .template import TEMPLATES, build_prompt_ids, encode_prompt, render_prompt
 
-__all__ = ["DocQARecord", "DocQADataset", "load_docqa", "load_records", "write_docqa", "detect_format", "FORMATS", "DataError",
+__all__ = ["DocQARecord", "DocQADataset", "load_docqa", "load_records", "write_docqa", "detect_format", "FORMATS",
+           "DataError",
            "read_docqa_jsonl", "TEMPLATES", "build_prompt_ids", "encode_prompt", "render_prompt",
            "prompt_lengths", "length_buckets", "record_prompt_ids", "LengthCache", "synthetic", "TASKS",
            "task_for_source"]

@@ -293,7 +293,8 @@ def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | Non
                 raise
             skipped.append(str(e))
     if not records:
-        raise DataError(f"{path}: no usable rows" + (f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""))
+        detail = f" ({len(skipped)} skipped; first: {skipped[0]})" if skipped else ""
+        raise DataError(f"{path}: no usable rows{detail}")
     return DocQADataset(records, skipped)
 
 
