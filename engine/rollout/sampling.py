@@ -193,10 +193,9 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
             width = 1 << (int(need.max()) - 1).bit_length()
     rows = torch.cat(by_bucket) if by_bucket else rows[:0]
     if rows.numel():
-        if 2 * rows.numel() > b:  # most rows: computing every row costs less than copying these out
-            thr[rows] = _nucleus_threshold(scaled, weights, z, top_p, top)[rows]
-        else:
-            thr[rows] = _nucleus_threshold(scaled[rows], weights[rows], z[rows], top_p[rows], top[rows])
+        whole, args = _select(rows, b, scaled, weights, z, top_p, top)
+        t = _nucleus_threshold(*args)
+        thr[rows] = t[rows] if whole else t
     rows = torch.cat(by_sort) if by_sort else rows[:0]
     if rows.numel():
         thr[rows] = _threshold(scaled[rows].sort(-1, descending=True).values, greedy[rows], top_k[rows], top_p[rows],
@@ -204,16 +203,20 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     rows = (~done).nonzero().squeeze(1)
     if rows.numel():  # drawn over the whole row: plain rows, and rows whose threshold came from the
         # histogram or the full sort
-        if 2 * rows.numel() > b:  # most rows: drawing in every row costs less than copying these out
-            sub, w, t, uu = scaled, weights, thr, u
-        else:
-            sub, w, t, uu = scaled[rows], weights[rows], thr[rows], u[rows]
+        whole, (sub, w, t, uu) = _select(rows, b, scaled, weights, thr, u)
         if bool((t > float("-inf")).any()):
             w = w.mul_(sub >= t[:, None])  # weights are not read again: in place (a bool factor: ~2x masked_fill_)
         drawn = _inverse_cdf(w, uu)
-        tokens[rows] = drawn[rows] if drawn.shape[0] == b else drawn
+        tokens[rows] = drawn[rows] if whole else drawn
     logprobs = scaled.gather(1, tokens[:, None]).squeeze(1) - top.squeeze(1) - z.log()
     return tokens, logprobs
+
+
+def _select(rows: torch.Tensor, b: int, *xs: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
+    """xs restricted to `rows` -> (False, [x[rows], ...]); or, when the rows are most of the batch
+    of b, (True, xs) whole: computing every row then costs less than copying these rows out."""
+    whole = 2 * rows.numel() > b
+    return whole, [x if whole else x[rows] for x in xs]
 
 
 def _threshold(vals: torch.Tensor, greedy: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
