@@ -6,7 +6,7 @@ operators of the decode steps ranked by self time (torch.profiler).
 
 The bench workload of bench/rollout_case.py (random prompt tokens, temperature 1, every
 sample exactly --new tokens). Decode steps are timed as the engine times them
-(Generator.stats); `sample_batch` is timed at every step it runs in. The profiler, when on,
+(Generator.stats); the sampler (`sampling.sample`) is timed at every step it runs in. The profiler, when on,
 starts after the second decode step (first-call costs stay out), so its table covers decode
 steps only, divided by their number. A diagnosis tool, not a bench: no target, nothing
 recorded. Prints the figures and, last, one JSON line.
@@ -34,10 +34,10 @@ def run(model_name: str, prompts: int, n: int, prompt_len: int, new: int, top_p:
     ids = torch.randint(0, model.config.vocab_size, (prompts, prompt_len), generator=g).tolist()
     gen = Generator(model, tok)
     gen.generate([ids[0][:8]], n=2, params=SamplingParams(max_new_tokens=2, seed=0, ignore_eos=True))  # warm-up
-    sampler_seconds = []  # every sample_batch call; decode_sampler: those of decode steps
+    sampler_seconds = []  # every sampler call; decode_sampler: those of decode steps
     prof = torch_profile(activities=[ProfilerActivity.CPU]) if profile else None
     profiled = {"on": False, "from_step": 0}
-    real_sample, real_step = engine_mod.sample_batch, engine_mod.Generator._step
+    real_sample, real_step = engine_mod.sample, engine_mod.Generator._step
 
     def timed_sample(*args):
         t0 = time.perf_counter()
@@ -58,12 +58,12 @@ def run(model_name: str, prompts: int, n: int, prompt_len: int, new: int, top_p:
             decode_sampler.extend(sampler_seconds[calls:])
         return out
 
-    engine_mod.sample_batch, engine_mod.Generator._step = timed_sample, step
+    engine_mod.sample, engine_mod.Generator._step = timed_sample, step
     try:
         gen.generate(ids, n=n, params=SamplingParams(max_new_tokens=new, temperature=1.0, top_p=top_p, seed=1,
                                                      ignore_eos=True))
     finally:
-        engine_mod.sample_batch, engine_mod.Generator._step = real_sample, real_step
+        engine_mod.sample, engine_mod.Generator._step = real_sample, real_step
         if profiled["on"]:
             prof.__exit__(None, None, None)
     st = gen.stats
@@ -75,7 +75,7 @@ def run(model_name: str, prompts: int, n: int, prompt_len: int, new: int, top_p:
               "decode_tokens_per_s": (st.generated_tokens - prompts * n) / max(st.decode_seconds, 1e-9)}
     print(f"decode: {steps} steps, {result['decode_ms_per_step']:.1f} ms a step, "
           f"{result['decode_tokens_per_s']:.1f} new tokens/s; "
-          f"sample_batch {result['sampler_ms_per_step']:.1f} ms a step")
+          f"sampler {result['sampler_ms_per_step']:.1f} ms a step")
     if profiled["on"]:
         covered = steps - profiled["from_step"]
         rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]

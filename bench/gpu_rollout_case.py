@@ -140,7 +140,7 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
             return out
         return wrapper
 
-    real = (Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample_batch)
+    real = (Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample)
 
     def step(self, sched, *args):
         current.clear()
@@ -154,7 +154,7 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
                           "graph_replays": "graph" in current and "forward" not in current})
 
     Generator._step, Generator._forward = step, timed(real[1], "forward")
-    DecodeGraphs.step, engine_mod.sample_batch = timed(real[2], "graph"), timed(real[3], "sampler")
+    DecodeGraphs.step, engine_mod.sample = timed(real[2], "graph"), timed(real[3], "sampler")
     try:
         gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(block_size=block_size, share_prefix=share,
                                                                     cuda_graphs=graphs))
@@ -162,7 +162,7 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
                                 stop_token_ids=[])
         gen.generate([[1] * prompt_len for _ in range(groups)], n=n, params=params)
     finally:
-        Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample_batch = real
+        Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample = real
     ms = {k: 1e3 * statistics.median(p[k] for p in parts) for k in ("step", "model", "sampler")}
     ms["rest"] = ms["step"] - ms["model"] - ms["sampler"]
     return {"prompt_len": prompt_len, "batch": groups * n, "share_prefix": share, "cuda_graphs": graphs,

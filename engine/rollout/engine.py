@@ -22,7 +22,7 @@ from . import hostmem
 from .block_manager import BlockManager
 from .graphs import DecodeGraphs, graphs_mode
 from .paged import CacheConfig, PagedAttention, PagedKVCache
-from .sampling import Completion, SamplingParams, sample_batch, sampling_tensors, sequence_seed
+from .sampling import Completion, SamplingParams, sample, sampling_tensors, sequence_seed
 from .scheduler import Scheduler, Sequence
 
 
@@ -155,7 +155,7 @@ class Generator:
                                         [s.num_generated for s in samplers], device)
             # decode steps sample every row once, in order: no [rows, vocab] copy then
             same = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
-            tokens, logprobs = sample_batch(logits if same else logits[rows], *settings)
+            tokens, logprobs = sample(logits if same else logits[rows], *settings)
             for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
                 if self._append(seq, token, logprob, sched, blocks, results):
                     cache.tables.drop(seq)

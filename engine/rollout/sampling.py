@@ -212,6 +212,30 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return tokens, logprobs
 
 
+_SAMPLERS = ("auto", "torch", "triton")
+
+
+def sampler_backend(device: torch.device) -> str:
+    """"triton" (kernels/triton_sample.py: the whole sampler in one launch) on a GPU, else
+    "torch" (sample_batch); $LONGRL_SAMPLER = torch | triton chooses (triton on CPU runs the
+    kernel under the interpreter: tests)."""
+    choice = os.environ.get("LONGRL_SAMPLER", "auto")
+    if choice not in _SAMPLERS:
+        raise ValueError(f"LONGRL_SAMPLER must be one of {', '.join(_SAMPLERS)}, got {choice!r}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return choice
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+           seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the engine calls: sample_batch's function by the backend `sampler_backend` picks."""
+    if sampler_backend(logits.device) == "triton":
+        from kernels.triton_sample import sample_rows_triton
+        return sample_rows_triton(logits, temperature, top_k, top_p, seeds, steps)
+    return sample_batch(logits, temperature, top_k, top_p, seeds, steps)
+
+
 def _select(rows: torch.Tensor, b: int, *xs: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
     """xs restricted to `rows` -> (False, [x[rows], ...]); or, when the rows are most of the batch
     of b, (True, xs) whole: computing every row then costs less than copying these rows out."""

@@ -1,0 +1,151 @@
+"""Compile every Triton kernel of kernels/ for a GPU, on a machine without one.
+
+    python -m kernels.compile_check [--arch 90] [--quiet]
+
+The interpreter (TRITON_INTERPRET=1, what the CPU tests use) runs a kernel's Python, not its
+compiler: a loop-carried value whose type changes, a construct a backend rejects, an
+accumulator too large for registers only show when the kernel is compiled. Here each launch
+helper (paged decode plain and shared-prefix in fp32 and bf16, with and without splits; the
+fused-loss row kernels; the sampler in fp32 and bf16) is called on small CPU tensors with the
+launches intercepted, and every distinct (kernel, argument types, constexprs) it would launch
+is compiled through Triton's whole pipeline (TTIR → PTX → cubin, ptxas included) for
+`cuda:<arch>` (90: H100 / H200). Needs a process without TRITON_INTERPRET (run it as a
+module); prints one line per compiled variant and exits 1 if any fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64", "bool": "i1"}
+
+
+def _arg_type(value) -> str:
+    import torch
+    if isinstance(value, torch.Tensor):
+        return "*" + _DTYPES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"compile_check: no Triton type for {type(value).__name__}")
+
+
+def capture_launches() -> list[tuple]:
+    """Run the launch helpers with JITFunction.run intercepted -> [(kernel, signature, constexprs,
+    options)], one per distinct variant."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    seen: dict[tuple, tuple] = {}
+    real_run = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+        bound = dict(zip(self.arg_names, args))
+        bound.update(kwargs)
+        constexprs = {self.arg_names[i]: bound[self.arg_names[i]] for i in self.constexprs}
+        signature = {name: "constexpr" if name in constexprs else _arg_type(bound[name]) for name in self.arg_names}
+        key = (self.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(options.items())))
+        seen.setdefault(key, (self, signature, constexprs, options))
+
+    JITFunction.run = record
+    try:
+        _call_helpers(torch)
+    finally:
+        JITFunction.run = real_run
+    return list(seen.values())
+
+
+def _call_helpers(torch) -> None:
+    from kernels.triton_paged import paged_decode_triton, shared_prefix_decode_triton
+    from kernels.triton_rows import TritonRows
+    from kernels.triton_sample import sample_rows_triton
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        # GQA 6 at head_dim 128 (Qwen2-1.5B's 12 / 2 heads) in bf16, as on a GPU; GQA 3 at 64 in both dtypes
+        for hq, hkv, d in ((12, 2, 128), (9, 3, 64)) if dtype == torch.bfloat16 else ((9, 3, 64),):
+            k = torch.randn(64, 16, hkv, d, generator=g).to(dtype)
+            q = torch.randn(4, hq, d, generator=g).to(dtype)
+            bt = torch.arange(64, dtype=torch.int32).view(4, 16)
+            bt[1, :6] = bt[0, :6]  # sequences 0 and 1 share a 90-token prompt
+            lens = torch.tensor([100, 250, 7, 256], dtype=torch.int32)
+            for splits in (1, 3):
+                paged_decode_triton(q, k, k, bt, lens, d ** -0.5, num_splits=splits)
+                shared_prefix_decode_triton(q, k, k, bt, lens, torch.tensor([90, 90, 0, 0]), torch.tensor([1, 1, 2, 3]),
+                                            d ** -0.5, num_splits=splits)
+        z = torch.randn(8, 5000, generator=g).to(dtype)  # > 4096: every row-kernel tile width applies
+        targets = torch.randint(0, 5000, (8,), generator=g)
+        lse, logp, ent = TritonRows.stats(z, targets, 1.0)
+        TritonRows.grad(z, targets, lse, ent, torch.ones(8), torch.ones(8), 1.0)
+        TritonRows.grad(z, targets, lse, None, torch.ones(8), None, 1.0)
+        b = 4
+        sample_rows_triton(z[:b], torch.ones(b), torch.zeros(b, dtype=torch.long), torch.full((b,), 0.9),
+                           torch.arange(b), torch.zeros(b, dtype=torch.long))
+
+
+def for_the_gpu(variants) -> list[tuple]:
+    """The variants a GPU launches where the CPU capture differs: the row kernels with every
+    (BLOCK_V, num_warps) candidate the on-card tuning may pick, the paged kernel without the
+    interpreter's bf16 upcast. Duplicates dropped."""
+    from kernels.triton_rows import LAUNCH_CANDIDATES
+
+    out: dict[tuple, tuple] = {}
+    for fn, signature, constexprs, options in variants:
+        choices = [(constexprs, options)]
+        if "BLOCK_V" in constexprs:
+            choices = [({**constexprs, "BLOCK_V": b}, {**options, "num_warps": w}) for b, w in LAUNCH_CANDIDATES]
+        if constexprs.get("UPCAST_BF16"):
+            choices = [({**constexprs, "UPCAST_BF16": False}, options)]
+        for c, o in choices:
+            out.setdefault((fn.fn.__name__, tuple(sorted(c.items())), tuple(sorted(o.items()))), (fn, signature, c, o))
+    return list(out.values())
+
+
+def compile_all(variants, arch: int, quiet: bool = False) -> list[str]:
+    """Compile each variant for cuda:<arch> -> the failures (empty: all compiled)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    target = GPUTarget("cuda", arch, 32)
+    failures = []
+    for fn, signature, constexprs, options in variants:
+        label = f"{fn.fn.__name__}({', '.join(f'{k}={v}' for k, v in constexprs.items())}) {options or ''}".strip()
+        t0 = time.perf_counter()
+        try:
+            kernel = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                                    options=options or None)
+            assert "cubin" in kernel.asm, "no cubin"
+            if not quiet:
+                print(f"ok    {time.perf_counter() - t0:5.1f} s  {label}", flush=True)
+        except Exception as err:  # noqa: BLE001 - every variant is tried and reported
+            failures.append(f"{label}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}")
+            print(f"FAIL  {label}: {type(err).__name__}: {err}", flush=True)
+    return failures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100 / H200)")
+    p.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    a = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
+        return 2
+    import triton
+    variants = for_the_gpu(capture_launches())
+    failures = compile_all(variants, a.arch, a.quiet)
+    print(f"triton {triton.__version__}, cuda:{a.arch}: {len(variants) - len(failures)} of {len(variants)} kernel "
+          f"variants compiled")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

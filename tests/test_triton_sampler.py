@@ -1,0 +1,88 @@
+"""The one-kernel sampler (kernels/triton_sample.py) against the torch sampler it stands in for
+(engine.rollout.sampling.sample_batch, whose support, uniforms and distribution
+tests/test_sampling.py checks): the same tokens and log-probs on rows of every kind. On the GPU
+when there is one, else under the Triton interpreter (small vocabularies: each bisection probe
+is a pass over the row)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_sampling import _mixed_rows
+
+from engine.rollout import SamplingParams
+from engine.rollout import sampling
+from engine.rollout.sampling import sample_batch, sampler_backend, sampling_tensors
+from kernels.triton_sample import sample_rows_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _both(logits, params, seeds, steps, block=1024):
+    st = sampling_tensors(params, seeds, steps, "cpu")
+    want = sample_batch(logits.clone(), *st)
+    got = sample_rows_triton(logits.to(DEVICE), *(x.to(DEVICE) for x in st), block=block)
+    return want, tuple(x.cpu() for x in got)
+
+
+@pytest.mark.parametrize("seed,block", [(0, 1024), (1, 128)])
+def test_the_kernel_draws_the_torch_samplers_tokens(seed, block):
+    """Rows of every kind (peaked, flat, bf16-rounded ties, -inf logits; greedy, top-k, top-p,
+    both, temperature 0.5-1.2; seeds of both signs, steps up to 2^20), in one block and in many
+    (block 128 over 700 tokens: the running carry, a partial last block)."""
+    logits, params, seeds, steps = _mixed_rows(v=700, seed=seed)
+    (want_t, want_lp), (got_t, got_lp) = _both(logits, params, seeds, steps, block)
+    assert got_t.tolist() == want_t.tolist()
+    assert got_t.dtype == torch.int64 and got_lp.dtype == torch.float32
+    torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=2e-6)
+
+
+def test_boundary_ties_and_steps():
+    """A tie group straddling the top-p boundary, drawn over 24 steps of one seed (the uniforms'
+    step input), and a top-k boundary inside a tie group: token for token the torch sampler's."""
+    logits = torch.tensor([0.0, 2.0, -1.0, 2.0, 3.0, 2.0, 0.5])
+    p = torch.softmax(logits.double(), -1)
+    top_p = float(p[4] + 0.5 * p[1])  # the nucleus ends half-way into the three 2.0s
+    rows = logits.expand(24, -1).contiguous()
+    for params in (SamplingParams(temperature=1.0, top_p=top_p), SamplingParams(temperature=1.0, top_k=2)):
+        (want, _), (got, _) = _both(rows, [params] * 24, [12345] * 24, list(range(24)))
+        assert got.tolist() == want.tolist()
+        assert set(got.tolist()) == {1, 3, 4, 5}  # ties kept whole, the token after them never
+
+
+def test_sampler_backend_choice(monkeypatch):
+    monkeypatch.delenv("LONGRL_SAMPLER", raising=False)
+    assert sampler_backend(torch.device("cpu")) == "torch"
+    assert sampler_backend(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("LONGRL_SAMPLER", "torch")
+    assert sampler_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setenv("LONGRL_SAMPLER", "fast")
+    with pytest.raises(ValueError, match="LONGRL_SAMPLER must be one of"):
+        sampler_backend(torch.device("cpu"))
+
+
+def test_a_rollout_with_the_kernel_sampler_equals_the_torch_one(tiny_checkpoint, monkeypatch):
+    """Through the engine (the sampler `sampling.sample` picks): the same completions, log-probs
+    within float rounding."""
+    from engine.model import load_model
+    from engine.rollout import Generator
+
+    path, _ = tiny_checkpoint("qwen2", vocab_size=97)
+    model = load_model(path, device=DEVICE, dtype="float32")[0]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=g).tolist() for n in (7, 12)]
+    params = [SamplingParams(max_new_tokens=6, temperature=0.8, top_p=0.9, seed=5, stop_token_ids=[]),
+              SamplingParams(max_new_tokens=6, temperature=1.0, top_k=7, seed=6, stop_token_ids=[])]
+    out = {}
+    calls = []
+    real = sampling.sample_batch
+    monkeypatch.setattr(sampling, "sample_batch", lambda *a: calls.append(1) or real(*a))
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("LONGRL_SAMPLER", backend)
+        calls.clear()
+        res = Generator(model).generate(prompts, n=2, params=params)
+        out[backend] = [[(c.token_ids, c.logprobs) for c in group] for group in res]
+        assert bool(calls) == (backend == "torch")  # the kernel ran instead of the torch sampler
+    for group_t, group_k in zip(out["torch"], out["triton"], strict=True):
+        for (tt, lt), (tk, lk) in zip(group_t, group_k, strict=True):
+            assert tk == tt
+            torch.testing.assert_close(torch.tensor(lk), torch.tensor(lt), rtol=0, atol=1e-5)
