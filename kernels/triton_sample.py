@@ -4,9 +4,9 @@ function (same arguments, same support, same uniforms, same draw rule), one prog
     sample_rows_triton(logits [B, V], temperature, top_k, top_p, seeds, steps) -> (tokens [B] int64,
                                                                                  log-probs [B] fp32)
 
-Why: in torch the sampler is ~270 small operators and ~10 host syncs a step, which on a GPU
-is milliseconds of launch overhead beside a decode step whose kernels take one or two; here it
-is one launch. A row's program streams its logits (from L2 on a GPU: 64 rows of a 152K
+Why: in torch a sampler step of 64 rows is 269 torch calls, 16 of them needing a device value
+on the host (`python -m bench.sampler_ops`): on a GPU, launch overhead and syncs beside a decode
+step whose kernels take a millisecond or two; here it is one launch. A row's program streams its logits (from L2 on a GPU: 64 rows of a 152K
 vocabulary are 39 MB):
 1. max, min, and Z = Σ exp(x − max) of the scaled logits x = logits / T (greedy: T = 1);
 2. the support threshold, found by bisection over the order-preserving integer key of fp32

@@ -86,3 +86,12 @@ def test_a_rollout_with_the_kernel_sampler_equals_the_torch_one(tiny_checkpoint,
         for (tt, lt), (tk, lk) in zip(group_t, group_k, strict=True):
             assert tk == tt
             torch.testing.assert_close(torch.tensor(lk), torch.tensor(lt), rtol=0, atol=1e-5)
+
+
+def test_sampler_ops_counts_the_torch_samplers_calls_and_syncs():
+    """bench/sampler_ops.py (the figure behind the kernel's reason to exist)."""
+    from bench.sampler_ops import count
+
+    r = count(rows=4, vocab=300, top_p=0.9, temperature=1.0)
+    assert r["torch_calls"] > 100 and 0 < r["host_syncs_on_gpu"] == sum(r["syncs"].values())
+    assert r["syncs"].get("nonzero", 0) >= 1
