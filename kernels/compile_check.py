@@ -76,7 +76,9 @@ def _call_helpers(torch) -> None:
             bt = torch.arange(64, dtype=torch.int32).view(4, 16)
             bt[1, :6] = bt[0, :6]  # sequences 0 and 1 share a 90-token prompt
             lens = torch.tensor([100, 250, 7, 256], dtype=torch.int32)
-            for splits in (1, 3):
+            # 64 splits: the merge's widest partial tiles (BLOCK_P 64 plain, 128 prefix + suffix), as a
+            # graph step at long context may pick them
+            for splits in (1, 3, 64):
                 paged_decode_triton(q, k, k, bt, lens, d ** -0.5, num_splits=splits)
                 shared_prefix_decode_triton(q, k, k, bt, lens, torch.tensor([90, 90, 0, 0]), torch.tensor([1, 1, 2, 3]),
                                             d ** -0.5, num_splits=splits)
