@@ -1,7 +1,7 @@
 """Rollout decode against the memory-bandwidth roofline, with and without prefix sharing.
 
     python3 -m bench.gpu_rollout_case [--prompt-lens 16384 61440 --graph-lens 1024 16384
-                                       --groups 8 --n 8 --new 16]   (run by bench/gpu_suite.py)
+                                       --groups 8 --n 8 --new 32]   (run by bench/gpu_suite.py)
 
 A Qwen2-1.5B-shaped decoder with random bf16 weights (no download needed), batch 64 = 8
 groups of 8 samples, each group sharing one long prompt, temperature 1, top-p 0.95. The
@@ -17,9 +17,11 @@ is measured beside it, against the same must-read bytes.
 
 CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
 graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and
-`graphs_speedup` is the eager step time over the graph step time. A step time here is the
-steady state: the steps that captured a graph (about three steps' work each) are left out,
-and their seconds reported as capture_seconds. Prints one JSON line.
+`graphs_speedup` is the eager step time over the graph step time. The steps that captured a
+graph (about three steps' work each) are left out of a step time and reported as
+capture_seconds; a bucket's first two steps (run before its capture, without replay) stay in,
+2 of the 31 timed steps at the default --new 32 (graph_replays says how many replayed).
+Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -104,7 +106,7 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     timed = max(steps - st.graph_captures, 1)
     seconds = st.decode_seconds - st.capture_seconds
     return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
-            "graph_captures": st.graph_captures, "capture_seconds": st.capture_seconds,
+            "graph_replays": st.graph_replays, "graph_captures": st.graph_captures, "capture_seconds": st.capture_seconds,
             "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
             "decode_steps": steps, "decode_step_s": seconds / timed,
             "decode_step_s_with_captures": st.decode_seconds / max(steps, 1),
@@ -151,7 +153,7 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
         if sched.decoding:
             model_s = current.get("graph", 0.0) + current.get("forward", 0.0)
             parts.append({"step": time.perf_counter() - t0, "model": model_s, "sampler": current.get("sampler", 0.0),
-                          "graph_replays": "graph" in current and "forward" not in current})
+                          "graph_step": "graph" in current and "forward" not in current})
 
     Generator._step, Generator._forward = step, timed(real[1], "forward")
     DecodeGraphs.step, engine_mod.sample = timed(real[2], "graph"), timed(real[3], "sampler")
@@ -166,7 +168,7 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
     ms = {k: 1e3 * statistics.median(p[k] for p in parts) for k in ("step", "model", "sampler")}
     ms["rest"] = ms["step"] - ms["model"] - ms["sampler"]
     return {"prompt_len": prompt_len, "batch": groups * n, "share_prefix": share, "cuda_graphs": graphs,
-            "decode_steps": len(parts), "graph_steps": sum(p["graph_replays"] for p in parts),
+            "decode_steps": len(parts), "graph_steps": sum(p["graph_step"] for p in parts),
             **{f"{k}_ms": v for k, v in ms.items()}}
 
 
@@ -199,7 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[16384, 61440])
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--new", type=int, default=16)
+    p.add_argument("--new", type=int, default=32)
     p.add_argument("--graph-lens", type=int, nargs="*", default=[1024, 16384],
                    help="prompt lengths at which the shared case also runs without CUDA graphs")
     a = p.parse_args(argv)

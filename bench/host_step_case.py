@@ -26,7 +26,8 @@ import tempfile
 
 def measure(groups: int, n: int, prompt_len: int, new: int, block_size: int, rounds: int,
             profile: bool = False) -> dict:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the prefill's cache writes only; no kernel runs in decode
+    # before triton is imported (for the process: run it as its own command): no kernel runs in the stubbed decode
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     from engine.model import load_model

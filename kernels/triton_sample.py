@@ -14,7 +14,8 @@ vocabulary are 39 MB):
    #{x ≥ K} ≥ k (the k-th largest value, ties kept whole); top-p's is the largest K ≥ that
    with Σ_{x ≥ K} exp(x − max) ≥ top_p · Z_k (Z_k: the top-k-truncated normaliser) — the value of
    the least likely token whose preceding mass is still < top_p, as truncate_logits defines
-   it; greedy: the max. At most 33 probes each (the key range is 2^32);
+   it; greedy: the max. At most 33 probes for each (the key range is 2^32), so a row with both
+   is read about 70 times;
 3. the uniform u of (seed, step), the same 32-bit hash as sampling.uniforms (int64
    arithmetic with the multipliers' signed twins, so it is bit for bit that function); greedy
    rows u = 0;
@@ -31,9 +32,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-_M32 = 0xFFFFFFFF
-
 
 @triton.jit
 def _mul32(x, c: tl.constexpr):
@@ -59,26 +57,28 @@ def _hash32(x):
 
 @triton.jit
 def _key(x):
-    """fp32 -> int32 whose signed order is the float order (−0 just below +0)."""
-    bits = x.to(tl.int32, bitcast=True)
+    """fp32 -> int32 whose signed order is the float order (−0 taken as +0, as comparisons do)."""
+    bits = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
 @triton.jit
-def _load(row, v0, V, inv_t, BLOCK: tl.constexpr):
+def _load(row, v0, V, temp, BLOCK: tl.constexpr):
+    """A block of the row's scaled logits: logits / temp, rounded as torch divides (div_rn: the
+    GPU's default fp32 division is approximate)."""
     offs = v0 + tl.arange(0, BLOCK)
     ok = offs < V
-    x = tl.load(row + offs, mask=ok, other=float("-inf")).to(tl.float32) / inv_t
+    x = tl.div_rn(tl.load(row + offs, mask=ok, other=float("-inf")).to(tl.float32), temp)
     return x, offs, ok
 
 
 @triton.jit
-def _above(row, V, inv_t, m, k, BLOCK: tl.constexpr):
+def _above(row, V, temp, m, k, BLOCK: tl.constexpr):
     """(#{x ≥ key k}, Σ_{x ≥ key k} exp(x − m)) over the row."""
     count = tl.zeros((), dtype=tl.int64)
     mass = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
-        x, offs, ok = _load(row, v0, V, inv_t, BLOCK)
+        x, offs, ok = _load(row, v0, V, temp, BLOCK)
         sel = ok & (_key(x) >= k)
         count += tl.sum(sel.to(tl.int64), axis=0)
         mass += tl.sum(tl.where(sel, tl.exp(x - m), 0.0), axis=0)
@@ -86,13 +86,13 @@ def _above(row, V, inv_t, m, k, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _largest_key(row, V, inv_t, m, lo, hi, need, BY_MASS: tl.constexpr, BLOCK: tl.constexpr):
+def _largest_key(row, V, temp, m, lo, hi, need, BY_MASS: tl.constexpr, BLOCK: tl.constexpr):
     """The largest key K in [lo, hi) whose count (or, BY_MASS, mass) of values >= K reaches
     `need`, by bisection (lo must qualify, hi must not; keys span 2^32: 33 probes at most)."""
     for _ in range(33):
         if hi - lo > 1:
             mid = lo + (hi - lo) // 2
-            count, mass = _above(row, V, inv_t, m, mid, BLOCK)
+            count, mass = _above(row, V, temp, m, mid, BLOCK)
             if BY_MASS:
                 ok = mass >= need
             else:
@@ -111,29 +111,29 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     row = logits_ptr + r * stride_l
     t = tl.load(temp_ptr + r)
     greedy = t <= 0
-    inv_t = tl.where(greedy, 1.0, t)  # logits / T, as sample_batch divides
+    temp = tl.where(greedy, 1.0, t)  # logits / T, as sample_batch divides
     top_k = tl.load(topk_ptr + r)
     top_p = tl.load(topp_ptr + r)
     # 1. max, min, normaliser
     m = tl.full((), float("-inf"), tl.float32)
     lo_x = tl.full((), float("inf"), tl.float32)
     for v0 in range(0, V, BLOCK):
-        x, offs, ok = _load(row, v0, V, inv_t, BLOCK)
+        x, offs, ok = _load(row, v0, V, temp, BLOCK)
         m = tl.maximum(m, tl.max(x, axis=0))
         lo_x = tl.minimum(lo_x, tl.min(tl.where(ok, x, float("inf")), axis=0))
     z = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
-        x, offs, ok = _load(row, v0, V, inv_t, BLOCK)
+        x, offs, ok = _load(row, v0, V, temp, BLOCK)
         z += tl.sum(tl.exp(x - m), axis=0)
     # 2. the support threshold (a key): every key >= thr is in
     top_key = _key(m).to(tl.int64)
     thr = _key(lo_x).to(tl.int64)  # the whole row
     zk = z
     if (t > 0) & (top_k > 0) & (top_k < V):  # #{x >= thr} = V >= k holds, #{x > max} = 0 < k
-        thr = _largest_key(row, V, inv_t, m, thr, top_key + 1, top_k, False, BLOCK)
-        count, zk = _above(row, V, inv_t, m, thr, BLOCK)
+        thr = _largest_key(row, V, temp, m, thr, top_key + 1, top_k, False, BLOCK)
+        count, zk = _above(row, V, temp, m, thr, BLOCK)
     if (t > 0) & (top_p < 1.0):  # the mass above thr is zk >= top_p * zk, above the max none
-        thr = _largest_key(row, V, inv_t, m, thr, top_key + 1, top_p * zk, True, BLOCK)
+        thr = _largest_key(row, V, temp, m, thr, top_key + 1, top_p * zk, True, BLOCK)
     if greedy:
         thr = top_key
     # 3. the uniform of (seed, step): sampling.uniforms
@@ -147,22 +147,23 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     # 4. the draw, in vocabulary order
     total = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK):
-        x, offs, ok = _load(row, v0, V, inv_t, BLOCK)
+        x, offs, ok = _load(row, v0, V, temp, BLOCK)
         total += tl.sum(tl.where(ok & (_key(x) >= thr), tl.exp(x - m), 0.0), axis=0)
     goal = tl.maximum(u * total, 1.1754943508222875e-38)  # above 0: the token found has weight
     carry = tl.zeros((), dtype=tl.float32)
     token = tl.full((), V, tl.int64)
     last = tl.full((), -1, tl.int64)  # the support's last token: where rounding leaves the goal past the end
     for v0 in range(0, V, BLOCK):
-        x, offs, ok = _load(row, v0, V, inv_t, BLOCK)
+        x, offs, ok = _load(row, v0, V, temp, BLOCK)
         w = tl.where(ok & (_key(x) >= thr), tl.exp(x - m), 0.0)
         cdf = tl.cumsum(w, axis=0) + carry
         hit = (cdf >= goal) & (w > 0)
         token = tl.minimum(token, tl.min(tl.where(hit, offs.to(tl.int64), V), axis=0))
         last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
         carry += tl.sum(w, axis=0)
-    token = tl.where(token < V, token, last)
-    x_tok = tl.load(row + token).to(tl.float32) / inv_t
+    # a row with no positive weight (all −inf, or NaN / inf logits) still gets a token in range
+    token = tl.where(token < V, token, tl.maximum(last, 0))
+    x_tok = tl.div_rn(tl.load(row + token).to(tl.float32), temp)
     tl.store(tok_ptr + r, token)
     tl.store(lp_ptr + r, x_tok - m - tl.log(z))
 

@@ -7,13 +7,13 @@ give the ordinary step's tokens and log-probs. The capture itself needs a GPU (t
 a capture that fails leaves the rollout running without graphs, which is checked here too."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
 import torch
 
 from engine.rollout import CacheConfig, Generator, SamplingParams
-from engine.rollout import graphs as graphs_mod
 from engine.rollout.graphs import DecodeGraphs, batch_bucket, graphs_mode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,7 +76,7 @@ def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
     assert {k for _, _, k in seen} == ({3, 2, 1} if share else {0})
 
 
-def test_graph_step_after_preemption(tiny, monkeypatch):
+def test_graph_step_after_preemption(tiny):
     """A cache too small for every sample: sequences are preempted, prefilled again (the ordinary
     step) and decode again from the graph buffers with rewritten tables."""
     prompts = _prompts(tiny, (10, 7))
@@ -95,7 +95,6 @@ def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkey
     prompts = _prompts(tiny, (8, 5))
     params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
     want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
-    monkeypatch.setattr(graphs_mod, "graphs_mode", lambda *a: "capture")
     monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
     if torch.cuda.is_available():  # make the capture fail on a GPU too
         monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
@@ -144,13 +143,15 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
               for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
+    params = [dataclasses.replace(p, max_new_tokens=3 * p.max_new_tokens) for p in params]
     for share in (True, False):
         want, _ = _run(model, prompts, params, 3, share_prefix=share, cuda_graphs="off")
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a fallback would warn
             got, stats = _run(model, prompts, params, 3, share_prefix=share, cuda_graphs="on")
-        # 9 samples for 2 steps (no capture), 6 for 3 and 3 for 3 (captured at the third step each)
-        assert stats.graph_steps == stats.steps - 1 and stats.graph_captures == 2
+        # 9 samples for 8 steps, 6 for 9, 3 for 9: each bucket captured at its third step, then replayed
+        # with new inputs (the static buffers reused) 5, 6 and 6 times
+        assert stats.graph_steps == stats.steps - 1 and stats.graph_captures == 3 and stats.graph_replays == 17
         _same(got, want)
 
 

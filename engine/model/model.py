@@ -189,7 +189,8 @@ class Decoder(nn.Module):
         if input_ids.dim() != 1:
             raise ValueError(f"input_ids must be packed 1-D [T], got shape {tuple(input_ids.shape)}")
         t = input_ids.shape[0]
-        if cu_seqlens is None and (position_ids is None or attn is None):  # not in a CUDA graph's decode step
+        # only when needed: a host list copied to the device would be illegal inside a CUDA graph's capture
+        if cu_seqlens is None and (position_ids is None or attn is None):
             cu_seqlens = torch.tensor([0, t], dtype=torch.int32, device=input_ids.device)
         if position_ids is None:
             position_ids = positions_from_cu_seqlens(cu_seqlens, t)

@@ -36,6 +36,7 @@ class RolloutStats:
     steps: int = 0
     graph_steps: int = 0  # decode steps replayed from a CUDA graph (or run on its static buffers: eager mode)
     graph_captures: int = 0  # graphs captured (each costs about three decode steps; included in decode_seconds)
+    graph_replays: int = 0  # decode steps served by replaying a captured graph
     capture_seconds: float = 0.0
     preemptions: int = 0
     peak_blocks: int = 0
@@ -97,7 +98,9 @@ class Generator:
                 self._step(sched, cache, blocks, results, graphs)
         finally:
             if graphs is not None:
-                self.stats.graph_captures, self.stats.capture_seconds = len(graphs.graphs), graphs.capture_seconds
+                st = self.stats
+                st.graph_captures, st.graph_replays, st.capture_seconds = (len(graphs.graphs), graphs.replays,
+                                                                           graphs.capture_seconds)
             del cache, graphs  # the memory (the cache, the graphs' pool) goes back before the update
         self.stats.preemptions = sched.preemptions
         return results  # type: ignore[return-value]

@@ -4,8 +4,9 @@ A decode step of a small model is mostly launch overhead on a GPU: 28 layers × 
 kernels each, every one launched from Python. Here the whole step — embedding, every layer
 (projections, RoPE, the K/V write, the paged attention kernels), the final norm and the
 lm_head — is captured once per bucket and replayed, so a step costs one host-to-device copy
-of its inputs, one copy of its block tables and one graph launch. Sampling stays outside
-(it is per-row host logic on small tensors).
+of its inputs, a copy of its block tables into the static buffer (and a fill of the padding
+rows' first entries) and one graph launch. Sampling stays outside, one kernel launch on a GPU
+(kernels/triton_sample.py).
 
 Static buffers (they live as long as the rollout's cache; graphs bake in their addresses):
   inputs [6 + cap, max_batch] int64: rows ids, positions, slots, lengths, suffix starts, then
@@ -110,10 +111,9 @@ class DecodeGraphs:
         self.uses: dict[tuple[int, int], int] = {}
         self.pool = self.stream = None  # made at the first capture
         self.disabled: str | None = None  # why graphs were turned off for this rollout
-        self.steps = 0  # steps served (tests, benches)
         self.capture_seconds = 0.0
-        self.last_items = 0  # prefix programs of the last step, before padding
-        self.padded_rows = 0
+        self.replays = 0  # steps served by replaying a captured graph (the capture's own check not counted)
+        self.last_items = 0  # prefix programs of the last step, before padding (tests)
 
     # ---- one step ----------------------------------------------------------------------------------
     def step(self, seqs, tables: torch.Tensor) -> torch.Tensor | None:
@@ -144,12 +144,11 @@ class DecodeGraphs:
         self.tables[:n, : tables.shape[1]].copy_(tables)
         if pad:
             self.tables[n:b, 0] = spare
-        self.steps += 1
-        self.padded_rows += pad
         self.last_items = len(items)
         key = (b, ni)
         if key in self.graphs:
             self.graphs[key].replay()
+            self.replays += 1
             return self.logits[:n]
         self.uses[key] = self.uses.get(key, 0) + 1
         if self.mode == "eager" or self.uses[key] < CAPTURE_AT:
