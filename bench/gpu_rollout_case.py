@@ -106,7 +106,8 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     timed = max(steps - st.graph_captures, 1)
     seconds = st.decode_seconds - st.capture_seconds
     return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
-            "graph_replays": st.graph_replays, "graph_captures": st.graph_captures, "capture_seconds": st.capture_seconds,
+            "graph_replays": st.graph_replays, "graph_captures": st.graph_captures,
+            "capture_seconds": st.capture_seconds,
             "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
             "decode_steps": steps, "decode_step_s": seconds / timed,
             "decode_step_s_with_captures": st.decode_seconds / max(steps, 1),

@@ -21,7 +21,6 @@ import os
 import pstats
 import statistics
 import sys
-import tempfile
 
 
 def measure(groups: int, n: int, prompt_len: int, new: int, block_size: int, rounds: int,
@@ -30,18 +29,17 @@ def measure(groups: int, n: int, prompt_len: int, new: int, block_size: int, rou
     os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
-    from engine.model import load_model
+    from engine.model import Decoder, DecoderConfig
     from engine.rollout import CacheConfig, Generator, SamplingParams
     from engine.rollout import engine as engine_mod
     from engine.rollout.graphs import DecodeGraphs
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-    from conftest import tiny_hf_model
-
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny_hf_model("qwen2", num_hidden_layers=1, num_attention_heads=12, num_key_value_heads=2, hidden_size=96,
-                      intermediate_size=32, vocab_size=1024).save_pretrained(tmp)
-        model = load_model(tmp, device="cpu", dtype="float32")[0]
+    # a tiny random decoder with Qwen2-1.5B's 12 / 2 heads: the prefill is cheap, decode never runs it
+    cfg = DecoderConfig.from_hf({"model_type": "qwen2", "vocab_size": 1024, "hidden_size": 96, "intermediate_size": 32,
+                                 "num_hidden_layers": 1, "num_attention_heads": 12, "num_key_value_heads": 2,
+                                 "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6})
+    torch.manual_seed(0)
+    model = Decoder(cfg).float()
     real = DecodeGraphs._forward, engine_mod.sample
     DecodeGraphs._forward = lambda self, b, ni: self.logits[:b]
     engine_mod.sample = lambda logits, *a: (torch.zeros(logits.shape[0], dtype=torch.long),

@@ -10,8 +10,9 @@ fused-loss row kernels; the sampler in fp32 and bf16) is called on small CPU ten
 launches intercepted, and every distinct (kernel, argument types, constexprs) it would launch
 is compiled through Triton's whole pipeline (TTIR → PTX → cubin, ptxas included) for
 `cuda:<arch>` (90: H100 / H200) — without the launch-time argument specialisations (16-byte
-divisibility, values equal to 1) the GPU's JIT adds, so the code is the general variant's. Needs a process without TRITON_INTERPRET (run it as a
-module); prints one line per compiled variant and exits 1 if any fails.
+divisibility, values equal to 1) the GPU's JIT adds, so the code is the general variant's.
+Needs a process without TRITON_INTERPRET (run it as a module); prints one line per compiled
+variant and exits 1 if any fails.
 """
 from __future__ import annotations
 

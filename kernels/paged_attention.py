@@ -47,12 +47,72 @@ prefix, not the result).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
-if TYPE_CHECKING:  # triton is imported only when a kernel runs (TRITON_INTERPRET must be set first)
-    from .triton_paged import SharedPrefixPlan
+# triton is imported only when a kernel runs (TRITON_INTERPRET must be set first): the plan and its
+# host-side pieces live here, importable without it
+MAX_ROWS = 64  # query rows per program in shared-prefix mode: bounds the [rows, D] fp32 accumulator
+
+
+@dataclass
+class SharedPrefixPlan:
+    """Work items of one decode step, built once and reusable by every layer.
+
+    members [W, M] int32: the sequences one prefix program serves (−1 pads), all of one group;
+    the first is the one whose block table the program reads. prefix_ends [W] int32: their
+    prefix length. suffix_starts [B] int32: where each sequence's own tokens begin (0 when it
+    shares nothing). max_prefix, max_suffix: host ints for the split choice."""
+    members: torch.Tensor
+    prefix_ends: torch.Tensor
+    suffix_starts: torch.Tensor
+    max_prefix: int
+    max_suffix: int
+
+    @property
+    def members_per_program(self) -> int:
+        return self.members.shape[1]
+
+
+def members_cap(gqa_group: int) -> int:
+    """Members one prefix program serves by default: as many as fit MAX_ROWS query rows, at most 16."""
+    return max(1, min(16, MAX_ROWS // gqa_group))
+
+
+def plan_items(prefix_lens: list[int], group_ids: list[int], cap: int) -> list[list[int]]:
+    """The prefix programs' members from host lists: the sequences with prefix_lens > 0 grouped
+    by group_ids (members in batch order, groups in order of first appearance), each group cut
+    into pieces of at most `cap`. Checks that a group's members agree on prefix_len; the block
+    tables are not read (the caller vouches that members share the prefix's blocks)."""
+    groups: dict[int, list[int]] = {}
+    for i, (p, g) in enumerate(zip(prefix_lens, group_ids)):
+        if p > 0:
+            groups.setdefault(g, []).append(i)
+    items = []
+    for idx in groups.values():
+        if any(prefix_lens[i] != prefix_lens[idx[0]] for i in idx):
+            raise ValueError("shared prefix: members of a group have different prefix_lens")
+        items += [idx[j:j + cap] for j in range(0, len(idx), cap)]
+    return items
+
+
+def plan_shared_prefix_from_lists(prefix_lens: list[int], group_ids: list[int], seq_lens: list[int], gqa_group: int,
+                                  device: torch.device, members_per_program: int | None = None) -> SharedPrefixPlan:
+    """plan_shared_prefix's plan from host lists: one host-to-device copy, no device sync, no check
+    of the block tables (the caller's forks share their prompt's blocks by construction; what the
+    rollout engine uses)."""
+    if any(not 0 <= p <= n for p, n in zip(prefix_lens, seq_lens)):
+        raise ValueError("shared prefix: need 0 <= prefix_lens <= seq_lens")
+    items = plan_items(prefix_lens, group_ids, members_per_program or members_cap(gqa_group))
+    width = max((len(m) for m in items), default=1)
+    flat = [i for m in items for i in m + [-1] * (width - len(m))]
+    ends = [prefix_lens[m[0]] for m in items]
+    packed = torch.tensor(flat + ends + list(prefix_lens), dtype=torch.int32).to(device)
+    n_items = len(items)
+    members = packed[: n_items * width].view(n_items, width)
+    return SharedPrefixPlan(members, packed[n_items * width: n_items * (width + 1)], packed[n_items * (width + 1):],
+                            max(ends, default=0), max((n - p for n, p in zip(seq_lens, prefix_lens)), default=0))
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -101,14 +161,6 @@ def plan_shared_prefix(block_tables: torch.Tensor, seq_lens: torch.Tensor, prefi
     """The work items of shared_prefix_decode_attention for one step (gqa_group = Hq / Hkv)."""
     from .triton_paged import plan_shared_prefix as plan
     return plan(block_tables, seq_lens, prefix_lens, group_ids, block_size, gqa_group, members_per_program)
-
-
-def plan_shared_prefix_from_lists(prefix_lens: list[int], group_ids: list[int], seq_lens: list[int], gqa_group: int,
-                                  device: torch.device, members_per_program: int | None = None) -> SharedPrefixPlan:
-    """The same plan from host lists: one host-to-device copy, no device sync, no check of the
-    block tables (the caller's forks share their prompt's blocks by construction)."""
-    from .triton_paged import plan_from_lists
-    return plan_from_lists(prefix_lens, group_ids, seq_lens, gqa_group, device, members_per_program)
 
 
 def _check_splits(num_splits: int | None) -> None:

@@ -6,8 +6,8 @@ function (same arguments, same support, same uniforms, same draw rule), one prog
 
 Why: in torch a sampler step of 64 rows is 269 torch calls, 16 of them needing a device value
 on the host (`python -m bench.sampler_ops`): on a GPU, launch overhead and syncs beside a decode
-step whose kernels take a millisecond or two; here it is one launch. A row's program streams its logits (from L2 on a GPU: 64 rows of a 152K
-vocabulary are 39 MB):
+step replayed as one CUDA graph; here it is one launch. A row's program streams its logits
+(from L2 on a GPU: 64 rows of a 152K vocabulary are 39 MB):
 1. max, min, and Z = Σ exp(x − max) of the scaled logits x = logits / T (greedy: T = 1);
 2. the support threshold, found by bisection over the order-preserving integer key of fp32
    values, each probe one pass over the row: top-k's threshold is the largest key K with
@@ -169,7 +169,8 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
 
 
 def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       seeds: torch.Tensor, steps: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                       seeds: torch.Tensor, steps: torch.Tensor,
+                       block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_batch on the logits' device in one launch (see the module docstring)."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"sampler: logits must be [B, V] with contiguous rows, got {tuple(logits.shape)}")

@@ -64,8 +64,6 @@ class BlockManager:
     def reserve(self, table: list[int], num_cached: int, new_tokens: int) -> list[tuple[int, int]]:
         """Make room for `new_tokens` after `num_cached` tokens. -> copies (src, dst) to do
         before writing. All-or-nothing: raises NoFreeBlocks and changes nothing if short."""
-        if new_tokens == 1 and num_cached % self.block_size and self.ref[table[-1]] == 1:
-            return []  # a decode step's usual case: the token goes into its own, partly filled last block
         if self.cost(table, num_cached, new_tokens) > self.num_free:
             raise NoFreeBlocks(f"need {self.cost(table, num_cached, new_tokens)} blocks, {self.num_free} free")
         copies = []

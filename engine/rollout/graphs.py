@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from kernels.triton_paged import SharedPrefixPlan, members_cap, plan_items
+from kernels.paged_attention import SharedPrefixPlan, members_cap, plan_items
 
 from .paged import PagedAttention, _decode_backend
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_shared_prefix_from_lists,
-                                     shared_prefix_decode_attention)
+from kernels.paged_attention import (paged_decode_attention, paged_decode_attention_ref, plan_items,
+                                     plan_shared_prefix_from_lists, shared_prefix_decode_attention)
 
 from ..model.attention import causal_sdpa, flash_attn_available
 
@@ -319,11 +319,8 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device, block_tables=No
     a group with fewer members), `where` [B] puts each sequence's row of the stacked result
     back (Ng·Mmax, a row of weight zero, for a sequence that shares nothing). Every sequence's
     own suffix is padded to the longest, with an additive mask."""
-    members: dict[int, list[int]] = {}
-    for i, (p, g) in enumerate(zip(prefix_lens, groups)):
-        if p > 0:
-            members.setdefault(g, []).append(i)
     b = len(tables)
+    members = plan_items(prefix_lens, groups, cap=b)  # each group whole, members in batch order
     width = max(n - p for n, p in zip(lens, prefix_lens))
     bt = _block_table(tables, torch.long) if block_tables is None else block_tables.long()
     start = torch.tensor(prefix_lens, dtype=torch.long)[:, None]
@@ -335,15 +332,15 @@ def _plan_cascade(tables, lens, prefix_lens, groups, bs, device, block_tables=No
     mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
     plan = {"suffix_slots": slots.to(device), "suffix_mask": mask[:, None, None, :].to(device), "groups": None}
     if members:
-        mmax = max(len(idx) for idx in members.values())
+        mmax = max(len(idx) for idx in members)
         rows = torch.full((len(members), mmax), b, dtype=torch.long)
         where = torch.full((b,), len(members) * mmax, dtype=torch.long)
-        for gi, idx in enumerate(members.values()):
+        for gi, idx in enumerate(members):
             rows[gi, : len(idx)] = torch.tensor(idx)
             where[idx] = gi * mmax + torch.arange(len(idx))
         # the first block id tells a group from a later one that reuses its request index
-        key = tuple((g, prefix_lens[idx[0]], tables[idx[0]][0]) for g, idx in members.items())
-        sources = [(tables[idx[0]], prefix_lens[idx[0]]) for idx in members.values()]
+        key = tuple((groups[idx[0]], prefix_lens[idx[0]], tables[idx[0]][0]) for idx in members)
+        sources = [(tables[idx[0]], prefix_lens[idx[0]]) for idx in members]
         plan["groups"] = {"key": key, "sources": sources, "rows": rows.to(device), "where": where.to(device), "bs": bs}
     return plan
 
