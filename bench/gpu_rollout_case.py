@@ -13,7 +13,10 @@ Roofline: a decode step must read every weight once, each group's prompt KV once
 sample's own suffix KV. Those bytes at the copy bandwidth measured in the same run are the
 floor; the figure is floor / measured step time (target >= 70% with sharing). The same
 workload without prefix sharing (each sample reads the prompt itself: 8x the prompt traffic)
-is measured beside it, against the same must-read bytes.
+is measured beside it, against the same must-read bytes (the samples share the prompt's cache
+blocks either way: without sharing, each reads them itself). Were the cache too small for the
+whole batch, it would decode in waves; the figure compares the time per `batch` decoded tokens
+(batch_step_s; mean_batch says how full the steps were).
 
 CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
 graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and
@@ -105,13 +108,19 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     must_read = weight_bytes + (groups * prompt_len + groups * n * mean_suffix) * kv_per_token
     timed = max(steps - st.graph_captures, 1)
     seconds = st.decode_seconds - st.capture_seconds
+    # where the cache cannot hold every sample at once (no sharing, long prompts) the batch decodes
+    # in waves: fewer rows a step, more steps. batch_step_s is the time per `batch` decoded tokens,
+    # the figure the roofline compares (the same as decode_step_s when every step is full)
+    mean_batch = st.decode_rows / max(steps, 1)
     return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
             "graph_replays": st.graph_replays, "graph_captures": st.graph_captures,
             "capture_seconds": st.capture_seconds,
-            "batch": groups * n, "prompt_len": prompt_len, "new_tokens": new,
+            "batch": groups * n, "mean_batch": mean_batch, "preemptions": st.preemptions,
+            "prompt_len": prompt_len, "new_tokens": new,
             "decode_steps": steps, "decode_step_s": seconds / timed,
+            "batch_step_s": seconds / timed * groups * n / max(mean_batch, 1e-9),
             "decode_step_s_with_captures": st.decode_seconds / max(steps, 1),
-            "decode_tokens_per_s": timed * groups * n / max(seconds, 1e-9),
+            "decode_tokens_per_s": timed * mean_batch / max(seconds, 1e-9),
             "bytes_per_step": must_read, "weight_bytes": weight_bytes,
             "prompt_kv_bytes": groups * prompt_len * kv_per_token}
 
@@ -182,11 +191,11 @@ def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: f
     runs += [(plen, True, g) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
     for plen, share, mode in runs:
         r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode)
-        r["roofline_fraction"] = r["bytes_per_step"] / bw / r["decode_step_s"]
+        r["roofline_fraction"] = r["bytes_per_step"] / bw / r["batch_step_s"]
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     for plen in graph_lens:
-        step = {r["cuda_graphs"]: r["decode_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]}
+        step = {r["cuda_graphs"]: r["batch_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]}
         speedups[str(plen)] = step[off] / step[on]
     shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["prompt_len"] in prompt_lens]
     # where a step goes, with and without graphs, at the first graph length

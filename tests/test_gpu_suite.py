@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HIDE = '''
 import sys
@@ -72,6 +74,17 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
         kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
         assert r["bytes_per_step"] == weights + (2 * 37 + 6 * 3) * kv  # mean suffix (5 + 1) / 2 = 3 tokens
         assert r["decode_step_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["mean_batch"] == 6 and r["batch_step_s"] == r["decode_step_s"]
+    # a cache too small for the whole batch: it decodes in waves, and the step figure is the time per
+    # `batch` decoded tokens (a group holds 2 shared prompt blocks + 1 block of its own per sample)
+    per_block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4
+    r = decode_case(model, groups=2, n=3, prompt_len=37, new=5, share=False, block_size=16,
+                    cache_bytes=7 * per_block)
+    assert r["mean_batch"] < 6 and r["decode_steps"] > 4
+    assert r["batch_step_s"] == pytest.approx(r["decode_step_s"] * 6 / r["mean_batch"])
+    assert r["decode_tokens_per_s"] == pytest.approx(6 / r["batch_step_s"])
+    # at most every sample's 4 decode steps (a wave's first rows may decode beside the next prefill)
+    assert 4 * 3 < round(r["mean_batch"] * r["decode_steps"]) <= 6 * 4
     # the suite's summary: graphs against eager at the graph lengths (on CPU: the graph step run eagerly)
     monkeypatch.setenv("LONGRL_PAGED_BACKEND", "triton")
     out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"))
@@ -92,3 +105,103 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     RandomPrefill(model)(torch.zeros(20, dtype=torch.long), position_ids=torch.arange(20), attn=ctx)
     flat = cache.k.view(cfg.num_layers, -1, cfg.num_kv_heads, cfg.head_dim)
     assert bool((flat[:, ctx.slots] != 0).all()) and int((flat != 0).any(-1).any(-1).sum()) == cfg.num_layers * 20
+
+
+def test_suite_stages_keep_to_the_budget(monkeypatch):
+    """A stage runs for what is left of the suite's budget (less the summary's reserve) and is
+    killed there; once the budget is spent a stage does not start and reads as skipped."""
+    import time
+
+    from bench import gpu_suite as gs
+
+    monkeypatch.setattr(gs.Budget, "RESERVE", 0.5)
+    monkeypatch.setattr(gs.Budget, "MIN_STAGE", 1.0)
+    monkeypatch.setattr(gs, "BUDGET", gs.Budget(3.0))
+    t0 = time.monotonic()
+    proc = gs.stage([sys.executable, "-c", "import time; time.sleep(60)"], timeout=100)
+    assert proc.returncode == 124 and "timed out after" in proc.stderr and time.monotonic() - t0 < 10
+    started = time.monotonic()
+    proc = gs.stage([sys.executable, "-c", "print('never')"], timeout=100)
+    assert proc.returncode == gs.SKIPPED and time.monotonic() - started < 0.5
+    assert gs._last_json(proc) == {"skipped": "not started: the suite's time budget (3 s, --budget) is spent"}
+    assert gs._not_run(gs._last_json(proc)) == "skipped" and gs._not_run({"x": 1}) is None
+
+
+def _fake_stage_output(cmd: list[str]) -> dict:
+    """What each stage's module prints last on a GPU, with made-up figures (the keys the summary reads)."""
+    module = cmd[2]
+    t = {"median": 0.2, "min": 0.19, "max": 0.21, "rounds": 3, "all": [0.19, 0.2, 0.21]}
+    if module == "bench.kernel_case":
+        return {"impl": "fused", "tokens": int(cmd[cmd.index("--tokens") + 1]),
+                "hidden": int(cmd[cmd.index("--hidden") + 1]), "seconds": 0.2, "time": t, "peak_extra_bytes": 4 << 30}
+    if module == "bench.gpu_rollout_case":
+        case = {"share_prefix": True, "cuda_graphs": "auto", "graph_steps": 31, "batch": 64, "mean_batch": 64.0,
+                "prompt_len": 16384, "batch_step_s": 0.004, "decode_tokens_per_s": 16000.0, "roofline_fraction": 0.6}
+        waves = {**case, "share_prefix": False, "mean_batch": 40.0, "batch_step_s": 0.03, "roofline_fraction": 0.08}
+        return {"batch": 64, "copy_bandwidth": 3e12, "cases": [case, waves], "graphs_speedup": {"16384": 3.5},
+                "step_breakdown": [{"prompt_len": 1024, "cuda_graphs": "auto", "step_ms": 5.0, "model_ms": 3.0,
+                                    "sampler_ms": 0.5, "rest_ms": 1.5}], "roofline_fraction": 0.6}
+    if module == "bench.decode_tables_case":
+        return {"cases": [{"prompt_len": 16384, "backend": "triton", "lists": {"median_ms": 9.0},
+                           "device": {"median_ms": 0.4}, "speedup": 22.5}]}
+    if module == "bench.train_step_case":
+        return {"time/step": 40.0, "time/rollout": 25.0, "time/reward": 0.01, "time/old_logprob": 0.0,
+                "time/ref_logprob": 0.0, "time/update": 14.0, "rollout_tokens_per_s": 600.0,
+                "update_tokens_per_s": 5000.0, "config/mini_batches": 1, "config/ref_model": False}
+    if module == "bench.update_case":
+        return {"time": t, "seconds": 0.2, "tokens": 32760, "peak_extra_bytes": 8 << 30}
+    if module == "bench.gpu_ring_case":
+        return {"world": 1, "seconds": 0.01, "rel_error": 1e-3}
+    raise AssertionError(f"unexpected stage {cmd}")
+
+
+@pytest.mark.parametrize("broken", [None, "bench.gpu_rollout_case", "bench.train_step_case"])
+def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
+    """The whole suite's flow and its summary tables on CPU, the stages faked: every table
+    prints from its figures; a stage that fails, or that the budget skips, is named in its
+    table and in the closing list, the exit status is 1, and the stages after it still run."""
+    import torch
+
+    from bench import gpu_suite as gs
+    import kernels.rows
+
+    ran = []
+
+    def fake_stage(cmd, timeout, log=None):
+        ran.append(cmd[2])
+        if cmd[2] == broken:
+            rc, out, err = ((125, "", "not started: the suite's time budget (540 s, --budget) is spent")
+                            if broken == "bench.gpu_rollout_case" else (1, "", "Traceback\nRuntimeError: boom"))
+        else:
+            rc, out, err = 0, "progress line\n" + json.dumps(_fake_stage_output(cmd)) + "\n", ""
+        if log is not None:
+            log.write_text(out + err)
+        return subprocess.CompletedProcess(cmd, rc, out, err)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(gs, "stage", fake_stage)
+    monkeypatch.setattr(gs, "run_tests", lambda out: {"returncode": 0, "summary": "3 passed in 1.0s"})
+    monkeypatch.setattr(gs, "bf16_matmul_tflops", lambda: 700.0)
+    monkeypatch.setattr(kernels.rows, "chunk_rows", lambda *a, **k: 4096)
+    rc = gs.main(["--out", str(tmp_path / "out")])
+    text = capsys.readouterr().out
+    assert ran == ["bench.gpu_rollout_case", "bench.train_step_case"] + ["bench.kernel_case"] * len(gs.CASES) \
+        + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case"]
+    report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
+    assert report["card"] == "Fake GPU" and report["budget_s"] == 540 and report["elapsed_s"] >= 0
+    assert "speed-up x1.00" in text and "W=1: fwd+bwd 10.0 ms" in text and "x22.5" in text
+    assert len(report["grpo_loss"]) == len(gs.CASES) and "targets: roofline >= 85%" in text
+    if broken is None:
+        assert rc == 0 and "failed or skipped" not in text
+        assert "4.00 ms/step" in text and "60.0% of the roofline" in text
+        assert "30.00 ms/step" in text and "(mean batch 40.0: ms per 64 tokens)" in text
+        assert "prompt 16384: x3.50" in text and "model 3.00 + sampler 0.50 + rest 1.50" in text
+        assert "40.0s: rollout 25.0s" in text and "parts add up to the step" in text
+    elif broken == "bench.gpu_rollout_case":
+        assert rc == 1 and report["rollout"] == {"skipped": "not started: the suite's time budget (540 s, --budget) "
+                                                              "is spent"}
+        assert "== rollout decode ==\nskipped: not started" in text and "failed or skipped cases: rollout" in text
+    else:
+        assert rc == 1 and report["rl_step"] == {"error": ["Traceback", "RuntimeError: boom"]}
+        assert "error: ['Traceback', 'RuntimeError: boom']" in text and "failed or skipped cases: rl_step" in text

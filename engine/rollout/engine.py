@@ -34,6 +34,7 @@ class RolloutStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     steps: int = 0
+    decode_rows: int = 0  # sequences decoded, summed over the decode steps (/ their number: the mean batch)
     graph_steps: int = 0  # decode steps replayed from a CUDA graph (or run on its static buffers: eager mode)
     graph_captures: int = 0  # graphs captured (each costs about three decode steps; included in decode_seconds)
     graph_replays: int = 0  # decode steps served by replaying a captured graph
@@ -165,6 +166,7 @@ class Generator:
         elapsed = time.perf_counter() - started
         if decode:
             self.stats.decode_seconds += elapsed
+            self.stats.decode_rows += len(batch)
             self.stats.blocks_trace.append(blocks.num_used)
         else:
             self.stats.prefill_seconds += elapsed
