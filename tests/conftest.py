@@ -14,6 +14,15 @@ import pytest
 
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LONGRL_TRITON_BOUNDS", "1") != "0":
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # no triton: nothing to check
+        pass
+    else:  # every interpreted load and store checked against the launch's tensors (tests/triton_bounds.py)
+        import triton_bounds
+        triton_bounds.install()
+
 
 @pytest.fixture(scope="session")
 def smollm():

@@ -76,6 +76,81 @@ def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
     assert {k for _, _, k in seen} == ({3, 2, 1} if share else {0})
 
 
+# what stops a CUDA-graph capture: ops that wait for the device to hand a value to the host
+# (item / bool / int, nonzero and the shapes that depend on data) and tensors made from host data
+# (an H2D copy from pageable memory). On CPU they all run; here they are caught by name.
+_CAPTURE_BREAKERS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique",
+                     "aten._unique", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim",
+                     "aten.bincount", "aten.equal", "aten.is_nonzero", "aten.lift_fresh", "aten.histc",
+                     "aten._assert_async", "aten.item"}
+
+
+def _capture_breakers(fn):
+    """Run fn; -> the capture-breaking operations it dispatched, and those of its tensors' host reads
+    (tolist / numpy / repeat_interleave without output_size / indexing by a boolean mask)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            kwargs = kwargs or {}
+            if name in _CAPTURE_BREAKERS:
+                seen.append(name)
+            elif name == "aten.repeat_interleave" and kwargs.get("output_size") is None:
+                seen.append(name + " without output_size")
+            elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
+                seen.append(name + " by a boolean mask")
+            return func(*args, **kwargs)
+
+    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def host_read(name):
+        def read(self, *a, **k):
+            seen.append(f"Tensor.{name}")
+            return real[name](self, *a, **k)
+        return read
+
+    for name in real:
+        setattr(torch.Tensor, name, host_read(name))
+    try:
+        with Spy():
+            return fn(), seen
+    finally:
+        for name, f in real.items():
+            setattr(torch.Tensor, name, f)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_the_captured_step_never_waits_for_the_device(tiny, monkeypatch, share):
+    """Everything DecodeGraphs captures (its _forward: embedding, layers with the K/V write and the
+    Triton attention kernels, lm_head) dispatches no operation that would sync with the device or
+    copy host data in: on a GPU either makes the capture fail and the rollout run without graphs."""
+    breakers = []
+    real = DecodeGraphs._forward
+
+    def forward(self, b, ni):
+        out, seen = _capture_breakers(lambda: real(self, b, ni))
+        breakers.extend(seen)
+        return out
+    monkeypatch.setattr(DecodeGraphs, "_forward", forward)
+    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[])
+    _, stats = _run(tiny, _prompts(tiny), params, 3, share_prefix=share, cuda_graphs="eager")
+    assert stats.graph_steps == 4 and breakers == []
+
+
+def test_the_capture_check_catches_a_step_that_reads_the_device():
+    """The spy above is not blind: item(), tolist(), nonzero, boolean-mask indexing, a tensor from
+    host data and repeat_interleave without output_size are all reported."""
+    x = torch.arange(6)
+    _, seen = _capture_breakers(lambda: (x.sum().item(), x.tolist(), x.nonzero(), x[x > 2], torch.tensor([1]),
+                                         x.repeat_interleave(x), x.repeat_interleave(x, output_size=15)))
+    assert seen == ["aten._local_scalar_dense", "Tensor.tolist", "aten.nonzero", "aten.index by a boolean mask",
+                    "aten.lift_fresh", "aten.repeat_interleave without output_size"]
+
+
 def test_graph_step_after_preemption(tiny):
     """A cache too small for every sample: sequences are preempted, prefilled again (the ordinary
     step) and decode again from the graph buffers with rewritten tables."""
