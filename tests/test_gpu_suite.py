@@ -25,14 +25,19 @@ sys.meta_path.insert(0, _Hide())
 '''
 
 
-def test_suite_without_cuda_pytest_or_triton_skips_every_case(tmp_path):
+@pytest.mark.parametrize("entry", ["module", "script"])
+def test_suite_without_cuda_pytest_or_triton_skips_every_case(tmp_path, entry):
+    """Through `python -m bench.gpu_suite` and through bench/gpu_suite.sh (which hands its
+    options on, --budget among them, to the machine's python3)."""
     fake = tmp_path / "site"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text(HIDE)
-    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{ROOT}", "CUDA_VISIBLE_DEVICES": "",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "bench.gpu_suite", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    cmd = ([sys.executable, "-m", "bench.gpu_suite", "--out", str(out)] if entry == "module" else
+           ["bash", "bench/gpu_suite.sh", str(out), "--budget", "300"])
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     report = json.loads((out / "gpu_suite.json").read_text())
