@@ -11,8 +11,9 @@ launches intercepted, and every distinct (kernel, argument types, constexprs) it
 is compiled through Triton's whole pipeline (TTIR → PTX → cubin, ptxas included) for
 `cuda:<arch>` (90: H100 / H200) — without the launch-time argument specialisations (16-byte
 divisibility, values equal to 1) the GPU's JIT adds, so the code is the general variant's.
-Needs a process without TRITON_INTERPRET (run it as a module); prints one line per compiled
-variant and exits 1 if any fails.
+A variant that needs more shared memory a block than the arch allows (SHARED_LIMIT) fails too:
+it would compile and then refuse to launch. Needs a process without TRITON_INTERPRET (run it as
+a module); prints one line per compiled variant (its shared memory) and exits 1 if any fails.
 """
 from __future__ import annotations
 
@@ -112,13 +113,22 @@ def for_the_gpu(variants) -> list[tuple]:
     return list(out.values())
 
 
-def compile_all(variants, arch: int, quiet: bool = False) -> list[str]:
-    """Compile each variant for cuda:<arch> -> the failures (empty: all compiled)."""
+# the most shared memory one block may use, bytes, by compute capability (CUDA C programming guide,
+# "technical specifications per compute capability": 227 KB on 9.0 and 10.0, 163 KB on 8.0, 99 KB on
+# 8.6 / 8.9). A kernel over it compiles, then fails at launch ("out of resource: shared memory").
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | None = None) -> list[str]:
+    """Compile each variant for cuda:<arch> -> the failures (empty: all compiled). A variant whose
+    shared memory exceeds what one block of that arch may have (`shared_limit`, by default
+    SHARED_LIMIT[arch]) is a failure too: it would not launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
 
     target = GPUTarget("cuda", arch, 32)
+    limit = shared_limit if shared_limit is not None else SHARED_LIMIT.get(arch)
     failures = []
     for fn, signature, constexprs, options in variants:
         label = f"{fn.fn.__name__}({', '.join(f'{k}={v}' for k, v in constexprs.items())}) {options or ''}".strip()
@@ -127,8 +137,11 @@ def compile_all(variants, arch: int, quiet: bool = False) -> list[str]:
             kernel = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
                                     options=options or None)
             assert "cubin" in kernel.asm, "no cubin"
+            shared = int(getattr(kernel.metadata, "shared", 0) or 0)
+            if limit is not None and shared > limit:
+                raise RuntimeError(f"needs {shared} bytes of shared memory a block; cuda:{arch} allows {limit}")
             if not quiet:
-                print(f"ok    {time.perf_counter() - t0:5.1f} s  {label}", flush=True)
+                print(f"ok    {time.perf_counter() - t0:5.1f} s  {shared / 1024:6.1f} KB shared  {label}", flush=True)
         except Exception as err:  # noqa: BLE001 - every variant is tried and reported
             failures.append(f"{label}: {type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}")
             print(f"FAIL  {label}: {type(err).__name__}: {err}", flush=True)

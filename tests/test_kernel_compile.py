@@ -27,7 +27,9 @@ def test_every_kernel_variant_compiles_for_cuda_90(tmp_path):
     lines = proc.stdout.strip().splitlines()
     n = int(lines[-1].split(": ")[1].split()[0])
     assert n >= 30 and lines[-1].endswith(f"{n} of {n} kernel variants compiled"), lines[-1]
-    compiled = {line.split()[3].split("(")[0] for line in lines[:-1] if line.startswith("ok")}
+    ok = [line.split() for line in lines[:-1] if line.startswith("ok")]
+    compiled = {words[6].split("(")[0] for words in ok}
+    assert all(words[4:6] == ["KB", "shared"] and 0 <= float(words[3]) <= 227 for words in ok)
     assert compiled == {"_decode_partial_kernel", "_merge_kernel", "_row_stats_kernel", "_row_grad_kernel",
                         "_sample_kernel"}
     assert any("HAS_MEMBERS=True" in line and "IEEE_DOT=False" in line for line in lines)  # bf16 shared-prefix
@@ -57,3 +59,17 @@ def test_a_kernel_the_compiler_rejects_is_reported(tmp_path):
     ''')
     proc = _run(["-c", script], tmp_path)
     assert "FAILURES 1" in proc.stdout and "FAIL  bad(BLOCK=16)" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_kernel_over_the_shared_memory_limit_is_reported(tmp_path):
+    """Compiled, but it would not launch: the decode kernel (tens of KB of shared memory) checked
+    against a 1 KB limit fails, and says how much it needs."""
+    script = textwrap.dedent('''
+        from kernels.compile_check import capture_launches, compile_all
+        variants = [v for v in capture_launches() if v[0].fn.__name__ == "_decode_partial_kernel"][:1]
+        failures = compile_all(variants, 90, quiet=True, shared_limit=1024)
+        print("FAILURES", len(failures), failures)
+    ''')
+    proc = _run(["-c", script], tmp_path)
+    assert "FAILURES 1" in proc.stdout and "bytes of shared memory a block; cuda:90 allows 1024" in proc.stdout, \
+        proc.stdout + proc.stderr
