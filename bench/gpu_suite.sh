@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 out=()
 if [[ $# -gt 0 && $1 != --* ]]; then out=(--out "$1"); shift; fi
-exec python3 -m bench.gpu_suite "${out[@]}" "$@"
+exec python3 -m bench.gpu_suite ${out[@]+"${out[@]}"} "$@"  # (the empty-array form bash < 4.4 accepts under set -u)

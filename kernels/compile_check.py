@@ -129,6 +129,8 @@ def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | No
 
     target = GPUTarget("cuda", arch, 32)
     limit = shared_limit if shared_limit is not None else SHARED_LIMIT.get(arch)
+    if limit is None:
+        print(f"compile_check: no shared-memory limit known for cuda:{arch}; that check is skipped", flush=True)
     failures = []
     for fn, signature, constexprs, options in variants:
         label = f"{fn.fn.__name__}({', '.join(f'{k}={v}' for k, v in constexprs.items())}) {options or ''}".strip()

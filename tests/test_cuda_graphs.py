@@ -105,22 +105,25 @@ def _capture_breakers(fn):
                 seen.append(name + " by a boolean mask")
             return func(*args, **kwargs)
 
-    real = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    # what dispatches nothing on CPU: reads to the host, tensors from numpy, explicit syncs
+    real = [(torch.Tensor, name) for name in ("tolist", "numpy", "cpu")]
+    real += [(torch, "from_numpy"), (torch.cuda, "synchronize")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in real]
 
-    def host_read(name):
-        def read(self, *a, **k):
-            seen.append(f"Tensor.{name}")
-            return real[name](self, *a, **k)
-        return read
+    def flagged(label, f):
+        def call(*a, **k):
+            seen.append(label)
+            return f(*a, **k)
+        return call
 
-    for name in real:
-        setattr(torch.Tensor, name, host_read(name))
+    for owner, name, f in saved:
+        setattr(owner, name, flagged(f"{'Tensor' if owner is torch.Tensor else owner.__name__}.{name}", f))
     try:
         with Spy():
             return fn(), seen
     finally:
-        for name, f in real.items():
-            setattr(torch.Tensor, name, f)
+        for owner, name, f in saved:
+            setattr(owner, name, f)
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -143,12 +146,15 @@ def test_the_captured_step_never_waits_for_the_device(tiny, monkeypatch, share):
 
 def test_the_capture_check_catches_a_step_that_reads_the_device():
     """The spy above is not blind: item(), tolist(), nonzero, boolean-mask indexing, a tensor from
-    host data and repeat_interleave without output_size are all reported."""
+    host data, repeat_interleave without output_size, reads to the host and tensors from numpy are
+    all reported."""
     x = torch.arange(6)
     _, seen = _capture_breakers(lambda: (x.sum().item(), x.tolist(), x.nonzero(), x[x > 2], torch.tensor([1]),
-                                         x.repeat_interleave(x), x.repeat_interleave(x, output_size=15)))
+                                         x.repeat_interleave(x), x.repeat_interleave(x, output_size=15), x.cpu(),
+                                         torch.from_numpy(x.numpy())))
     assert seen == ["aten._local_scalar_dense", "Tensor.tolist", "aten.nonzero", "aten.index by a boolean mask",
-                    "aten.lift_fresh", "aten.repeat_interleave without output_size"]
+                    "aten.lift_fresh", "aten.repeat_interleave without output_size", "Tensor.cpu", "Tensor.numpy",
+                    "torch.from_numpy", "aten.lift_fresh"]
 
 
 def test_graph_step_after_preemption(tiny):

@@ -123,11 +123,18 @@ def test_suite_stages_keep_to_the_budget(monkeypatch):
     monkeypatch.setattr(gs.Budget, "MIN_STAGE", 1.0)
     monkeypatch.setattr(gs, "BUDGET", gs.Budget(3.0))
     t0 = time.monotonic()
-    proc = gs.stage([sys.executable, "-c", "import time; time.sleep(60)"], timeout=100)
+    # a stage that started a process of its own: on the timeout both are killed (one process group)
+    spawn = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(60)']); print(p.pid, flush=True); time.sleep(60)")
+    proc = gs.stage([sys.executable, "-c", spawn], timeout=100)
     assert proc.returncode == 124 and "timed out after" in proc.stderr and time.monotonic() - t0 < 10
+    grandchild = int(proc.stdout.split()[0])
+    time.sleep(0.2)
+    status = Path(f"/proc/{grandchild}/status")
+    assert not status.exists() or "\tZ" in status.read_text().split("State:")[1].splitlines()[0]  # gone, or a zombie
     started = time.monotonic()
     proc = gs.stage([sys.executable, "-c", "print('never')"], timeout=100)
-    assert proc.returncode == gs.SKIPPED and time.monotonic() - started < 0.5
+    assert getattr(proc, "skipped", False) and proc.stdout == "" and time.monotonic() - started < 0.5
     assert gs._last_json(proc) == {"skipped": "not started: the suite's time budget (3 s, --budget) is spent"}
     assert gs._not_run(gs._last_json(proc)) == "skipped" and gs._not_run({"x": 1}) is None
 
@@ -160,7 +167,8 @@ def _fake_stage_output(cmd: list[str]) -> dict:
     raise AssertionError(f"unexpected stage {cmd}")
 
 
-@pytest.mark.parametrize("broken", [None, "bench.gpu_rollout_case", "bench.train_step_case"])
+@pytest.mark.parametrize("broken", [None, "bench.gpu_rollout_case", "bench.train_step_case", "no pytest",
+                                    "tests timed out"])
 def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     """The whole suite's flow and its summary tables on CPU, the stages faked: every table
     prints from its figures; a stage that fails, or that the budget skips, is named in its
@@ -174,19 +182,30 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
 
     def fake_stage(cmd, timeout, log=None):
         ran.append(cmd[2])
-        if cmd[2] == broken:
-            rc, out, err = ((125, "", "not started: the suite's time budget (540 s, --budget) is spent")
-                            if broken == "bench.gpu_rollout_case" else (1, "", "Traceback\nRuntimeError: boom"))
+        skipped = cmd[2] == broken == "bench.gpu_rollout_case"
+        if skipped:
+            rc, out, err = 0, "", "not started: the suite's time budget (540 s, --budget) is spent"
+        elif cmd[2] == broken:
+            rc, out, err = 1, "", "Traceback\nRuntimeError: boom"
         else:
             rc, out, err = 0, "progress line\n" + json.dumps(_fake_stage_output(cmd)) + "\n", ""
         if log is not None:
             log.write_text(out + err)
-        return subprocess.CompletedProcess(cmd, rc, out, err)
+        proc = subprocess.CompletedProcess(cmd, rc, out, err)
+        proc.skipped = skipped
+        return proc
+
+    tests = {"returncode": 0, "summary": "3 passed in 1.0s"}
+    if broken == "no pytest":  # the pytest-free check passed: the tests count as passed
+        tests = {"returncode": 0, "skipped": "pytest not installed", "summary": "pytest not installed: kernel tests "
+                 "skipped; pytest-free fused-loss check 4/4 passed"}
+    elif broken == "tests timed out":
+        tests = {"returncode": 124, "summary": "timed out after 150 s"}
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(gs, "stage", fake_stage)
-    monkeypatch.setattr(gs, "run_tests", lambda out: {"returncode": 0, "summary": "3 passed in 1.0s"})
+    monkeypatch.setattr(gs, "run_tests", lambda out: tests)
     monkeypatch.setattr(gs, "bf16_matmul_tflops", lambda: 700.0)
     monkeypatch.setattr(kernels.rows, "chunk_rows", lambda *a, **k: 4096)
     rc = gs.main(["--out", str(tmp_path / "out")])
@@ -197,8 +216,10 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     assert report["card"] == "Fake GPU" and report["budget_s"] == 540 and report["elapsed_s"] >= 0
     assert "speed-up x1.00" in text and "W=1: fwd+bwd 10.0 ms" in text and "x22.5" in text
     assert len(report["grpo_loss"]) == len(gs.CASES) and "targets: roofline >= 85%" in text
-    if broken is None:
-        assert rc == 0 and "failed or skipped" not in text
+    if broken == "tests timed out":
+        assert rc == 1 and "failed or skipped cases: tests (" in text and "tests on CUDA: timed out" in text
+    elif broken in (None, "no pytest"):
+        assert rc == 0 and "failed or skipped" not in text and f"tests on CUDA: {tests['summary']}" in text
         assert "4.00 ms/step" in text and "60.0% of the roofline" in text
         assert "30.00 ms/step" in text and "(mean batch 40.0: ms per 64 tokens)" in text
         assert "prompt 16384: x3.50" in text and "model 3.00 + sampler 0.50 + rest 1.50" in text

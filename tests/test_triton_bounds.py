@@ -81,5 +81,23 @@ def test_view_span_of_strided_views():
     assert triton_bounds.view_span(col) == (col.data_ptr(), col.data_ptr() + (3 * 6 + 1) * 4)
     t = x.t()
     assert triton_bounds.view_span(t) == (x.data_ptr(), x.data_ptr() + 24 * 4)
+    flipped = torch.zeros(2, 3).as_strided((2, 3), (3, 1), 0)
+    assert triton_bounds.view_span(flipped) == (flipped.data_ptr(), flipped.data_ptr() + 6 * 4)
+
+    class Mixed:  # strides torch never makes (it refuses negative ones), the arithmetic all the same
+        shape, element_size = (2, 3), staticmethod(lambda: 4)
+
+        def __init__(self, base):
+            self.base = base
+
+        def stride(self):
+            return (3, -1)
+
+        def numel(self):
+            return 6
+
+        def data_ptr(self):
+            return self.base
+    assert triton_bounds.view_span(Mixed(1000)) == (1000 - 2 * 4, 1000 + (3 + 1) * 4)
     lo, hi = triton_bounds.view_span(x[:0])
     assert lo == hi  # an empty view admits no address

@@ -5,7 +5,9 @@ CUDA context (every later launch in the process fails); in the interpreter the s
 or writes whatever host memory lies there and the test usually still passes. `install()` makes
 every interpreted load and store check that each address its mask lets through lies inside one
 of the launch's tensor arguments (the bytes its view spans), and raise `OutOfBounds` naming the
-kernel, the operation and the first stray address otherwise.
+kernel, the operation and the first stray address otherwise (the interpreter hands it on
+wrapped in its InterpreterError). Atomics are not wrapped (no kernel here uses them); kernels
+run in a child process (spawned ranks) are checked only if that process installs it too.
 
 Installed for the whole test session by tests/conftest.py when the kernels run in the
 interpreter ($LONGRL_TRITON_BOUNDS=0 turns it off).
@@ -31,9 +33,9 @@ def view_span(t: torch.Tensor) -> tuple[int, int]:
     """[start, end) bytes that tensor view `t` can address (its first element to one past its last)."""
     if t.numel() == 0:
         return t.data_ptr(), t.data_ptr()
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
-    lo = t.data_ptr() + min(0, sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if s < 0)) * t.element_size()
-    return lo, t.data_ptr() + (max(last, 0) + 1) * t.element_size()
+    steps = [(n - 1) * s for n, s in zip(t.shape, t.stride())]
+    below, above = sum(x for x in steps if x < 0), sum(x for x in steps if x > 0)  # furthest back, forward
+    return t.data_ptr() + below * t.element_size(), t.data_ptr() + (above + 1) * t.element_size()
 
 
 def _regions(args, kwargs) -> list[tuple[int, int, str]]:
