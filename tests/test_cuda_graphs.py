@@ -157,6 +157,82 @@ def test_the_capture_check_catches_a_step_that_reads_the_device():
                     "torch.from_numpy", "aten.lift_fresh"]
 
 
+def _launch_record(graphs, args, kwargs, grid, local: set[int]) -> tuple:
+    """What a captured graph bakes into one kernel launch: the grid, every scalar argument, each
+    tensor's shape, strides, dtype and -- for a tensor the graph does not make itself -- which
+    static buffer it is (an address a replay reads again)."""
+    buffers = [("inputs", graphs.inputs), ("tables", graphs.tables), ("logits", graphs.logits),
+               ("cache.k", graphs.cache.k), ("cache.v", graphs.cache.v), *graphs.model.named_parameters(),
+               *graphs.model.named_buffers()]
+    static = {t.untyped_storage().data_ptr(): name for name, t in buffers}
+
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            ptr = a.untyped_storage().data_ptr()
+            where = static.get(ptr) or ("made in the step" if ptr in local else "EXTERNAL: neither static nor made "
+                                                                                "in the step")
+            return ("tensor", tuple(a.shape), a.stride(), str(a.dtype), where,
+                    a.data_ptr() - ptr if ptr in static else None)
+        return ("value", a)
+    return (grid if not callable(grid) else "callable", tuple(one(a) for a in args),
+            tuple(sorted((k, one(v)) for k, v in kwargs.items())))
+
+
+def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
+    """A captured graph replays its kernel launches as recorded: the grid, every scalar argument and
+    every input address are fixed at capture. Run eagerly, every step of a bucket must therefore
+    launch the same kernels with the same grids and scalars, reading tensors the step makes itself
+    or the static buffers (inputs, tables, logits, cache, weights) at the same offsets -- a value
+    that varies by step outside those buffers would be replayed stale on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    launches: dict[tuple, list[list]] = {}
+    current: dict = {}
+
+    def storages(xs):
+        flat = torch.utils._pytree.tree_leaves(xs)
+        return {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+
+    class Made(TorchDispatchMode):  # the storages of the tensors the step makes (not views, not no-ops)
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            current["local"].update(storages(out) - storages((args, kwargs)))
+            return out
+
+    real_forward, real_run = DecodeGraphs._forward, interpreter.InterpretedFunction.run
+
+    def forward(self, b, ni):
+        current.update(graphs=self, local=set(), launches=[])
+        with Made():
+            out = real_forward(self, b, ni)
+        launches.setdefault((b, ni), []).append(current.pop("launches"))
+        return out
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if "launches" in current:
+            current["launches"].append((self.fn.__name__, _launch_record(current["graphs"], args, kwargs, grid,
+                                                                         current["local"])))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", forward)
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    # a prompt of 444 tokens: its samples grow past 448 = 7 tiles of 64, where a split count chosen from
+    # the step's own lengths would change from 1 to 2 (kernels.triton_paged.pick_num_splits)
+    prompts = _prompts(tiny, lens=(13, 6, 9, 444))
+    params = SamplingParams(max_new_tokens=7, temperature=1.0, seed=3, stop_token_ids=[])
+    for share in (True, False):
+        launches.clear()
+        _run(tiny, prompts, params, 2, share_prefix=share, cuda_graphs="eager")
+        assert launches and all(len(steps) >= 3 for steps in launches.values())
+        for key, steps in launches.items():
+            first = steps[0]
+            assert first and all(name in ("_decode_partial_kernel", "_merge_kernel") for name, _ in first)
+            assert not [r for _, r in first if "EXTERNAL" in repr(r)], (key, first)
+            for later in steps[1:]:
+                assert later == first, (key, share)
+
+
 def test_graph_step_after_preemption(tiny):
     """A cache too small for every sample: sequences are preempted, prefilled again (the ordinary
     step) and decode again from the graph buffers with rewritten tables."""
