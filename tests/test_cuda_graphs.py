@@ -207,7 +207,8 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
                 current["ops"].append((str(func), _baked((args, tuple(sorted(kwargs.items()))), current["static"],
                                                          current["local"])))
             out = func(*args, **kwargs)
-            if "ops" in current and not current.get("in_kernel"):  # new storages only: views and no-ops share their input's
+            if "ops" in current and not current.get("in_kernel"):
+                # new storages only: views and no-ops share their input's
                 current["local"].update(storages(out) - storages((args, kwargs)))
             return out
 
