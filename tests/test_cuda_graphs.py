@@ -190,9 +190,13 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
     shapes, reading tensors the step makes itself or the static buffers (inputs, tables, logits,
     cache, weights, RoPE tables) at the same offsets -- a value that varies by step outside those
     buffers would be replayed stale on a GPU."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from triton.runtime import interpreter
+    import os
 
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter, jit
+
+    # the launches: the interpreter's functions here, compiled ones on a GPU (the suite runs this file there)
+    launcher = interpreter.InterpretedFunction if os.environ.get("TRITON_INTERPRET") == "1" else jit.JITFunction
     steps_of: dict[tuple, list[list]] = {}
     current: dict = {}
 
@@ -212,7 +216,7 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
                 current["local"].update(storages(out) - storages((args, kwargs)))
             return out
 
-    real_forward, real_run = DecodeGraphs._forward, interpreter.InterpretedFunction.run
+    real_forward, real_run = DecodeGraphs._forward, launcher.run
 
     def forward(self, b, ni):
         current.update(static=_static_buffers(self), local=set(), ops=[])
@@ -232,7 +236,7 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
             current["in_kernel"] = False
 
     monkeypatch.setattr(DecodeGraphs, "_forward", forward)
-    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    monkeypatch.setattr(launcher, "run", run)
     # a prompt of 444 tokens: its samples grow past 448 = 7 tiles of 64, where a split count chosen from
     # the step's own lengths would change from 1 to 2 (kernels.triton_paged.pick_num_splits)
     prompts = _prompts(tiny, lens=(13, 6, 9, 444))
