@@ -290,7 +290,7 @@ def main(argv=None) -> int:
     else:
         print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
 
-    # the open acceptance figures first (rollout, the RL step), then the rest
+    # the figures not yet measured on a card first (rollout decode, the RL step), then the rest
     report["rollout"] = _last_json(stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"],
                                          out / "rollout.log"))
     print(json.dumps(report["rollout"]), flush=True)
