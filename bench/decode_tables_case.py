@@ -40,8 +40,9 @@ def _case(groups: int, n: int, prompt_len: int, bs: int, steps: int, device: str
             own = -(-(prompt_len + generated) // bs) - len(prompt)
             seqs.append(_Seq(prompt + list(range(next_block, next_block + own)), prompt_len + generated, g))
             next_block += own
+    # what PagedAttention reads of a cache; gqa_group 6: the 1.5B shape's 12 query heads over 2 KV heads
     cache = SimpleNamespace(block_size=bs, k=torch.zeros(1, 1, bs, 1, 1, device=device), decode_backend=backend,
-                            share_prefix=True, prefix_store={})
+                            share_prefix=True, prefix_store={}, gqa_group=6)
     tables = DecodeTables(device)
     tables.gather(seqs)  # the rows start out written (the first decode step writes them once)
     times = {"lists": [], "device": []}

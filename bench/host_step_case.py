@@ -25,8 +25,6 @@ import sys
 
 def measure(groups: int, n: int, prompt_len: int, new: int, block_size: int, rounds: int,
             profile: bool = False) -> dict:
-    # before triton is imported (for the process: run it as its own command): no kernel runs in the stubbed decode
-    os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     from engine.model import Decoder, DecoderConfig
@@ -87,4 +85,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # before triton is imported (a process of its own, so nothing else is affected): no kernel runs in the
+    # stubbed decode, and on a machine without a GPU importing the Triton paths needs the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     sys.exit(main())

@@ -5,7 +5,8 @@ in the shared-prefix layout or the repeated one, with its time and peak memory.
     python3 -m bench.update_case --gpu --layout shared --prompt 16384 --response 2048 --group 8
 
 CPU: the embedded SmolLM2-135M, fp32, token budget 4,096. --gpu: a Qwen2-1.5B-shaped model
-with random bf16 weights, every layer checkpointed, token budget 32,768. The trainer's own
+with random fp32 master weights computing in bf16 (train.precision bf16-mixed), every layer
+checkpointed, token budget 32,768. The trainer's own
 _update runs (micro-batches, fused loss, behaviour log-probs); the optimizer step is left
 out (gradients are zeroed instead), so the figure is the update's forward + backward.
 Prints one JSON line: time (median of --repeats rounds, with min–max), tokens through the
@@ -37,7 +38,13 @@ def trainer_for(gpu: bool, layout: str, group: int, response: int):
     from engine.train.rl import GRPOTrainer
     rl = RLConfig(group_size=group, batch_prompts=1, max_new_tokens=response, temperature=1.0,
                   shared_prefix=layout == "shared")
-    trainer = GRPOTrainer(build(gpu), ByteTokenizer(), [], rl, TrainConfig(lr=0.0, token_budget=budget_for(gpu)))
+    import torch
+
+    from engine.train.loop import Precision
+    # the GPU's training precision: bf16 compute over fp32 master weights (as bench/train_step_case.py)
+    precision = Precision(torch.bfloat16 if gpu else None, "cuda" if gpu else "cpu")
+    trainer = GRPOTrainer(build(gpu), ByteTokenizer(), [], rl, TrainConfig(lr=0.0, token_budget=budget_for(gpu)),
+                          precision=precision)
     adv = [(-1.0) ** i for i in range(group)]
     trainer._advantages = lambda b: (adv, [True] * len(adv), {})
 

@@ -231,3 +231,28 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     else:
         assert rc == 1 and report["rl_step"] == {"error": ["Traceback", "RuntimeError: boom"]}
         assert "error: ['Traceback', 'RuntimeError: boom']" in text and "failed or skipped cases: rl_step" in text
+
+
+def test_decode_tables_case_runs_on_cpu(capsys):
+    """The suite's decode-tables stage (bench/decode_tables_case.py) at a tiny size, both backends:
+    its stand-in cache must carry what PagedAttention reads of a cache."""
+    from bench.decode_tables_case import main
+
+    assert main(["--prompt-len", "40", "--steps", "3", "--groups", "2", "--n", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["backend"] for c in out["cases"]] == ["torch", "triton"]
+    assert all(c["lists"]["median_ms"] > 0 and c["device"]["median_ms"] > 0 for c in out["cases"])
+
+
+def test_update_case_trains_in_bf16_mixed_on_the_gpu(tmp_path, monkeypatch):
+    """The suite's update stage computes as training on a GPU does (bf16 over fp32 master weights),
+    not in fp32: checked on the trainer it builds, with a tiny CPU model standing in."""
+    import torch
+
+    import bench.update_case as uc
+    from conftest import tiny_decoder
+
+    model = tiny_decoder(tmp_path / "tiny", "qwen2", num_hidden_layers=1)
+    monkeypatch.setattr(uc, "build", lambda gpu: model)
+    assert uc.trainer_for(True, "shared", 2, 4).precision.compute == torch.bfloat16
+    assert uc.trainer_for(False, "shared", 2, 4).precision.compute is None

@@ -109,12 +109,17 @@ def test_logprob_without_entropy_and_no_grad(backend):
     _close(lp, naive_logprob(hidden.float(), weight.float(), targets)[0], ref, torch.float32, "logprob")
 
 
-def test_logprob_bf16_torch_backend():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprob_bf16(backend):
+    """bf16 hidden states and lm_head, as training on a GPU hands them over (the Triton rows keep the
+    chunk's logits in bf16): within bf16's error of the fp64 reference, as naive bf16 is."""
+    backend, device = _split(backend)
     hidden, weight, targets, _ = _inputs(t=40, h=64, v=300)
     ref, _ = naive_logprob(hidden, weight, targets)
     same, _ = naive_logprob(hidden.bfloat16(), weight.bfloat16(), targets)
-    ours, _ = linear_logprob(hidden.bfloat16(), weight.bfloat16(), targets, backend="torch", chunk_tokens=16)
-    _close(ours, same.float(), ref, torch.bfloat16, "bf16 logprob")
+    ours, _ = linear_logprob(hidden.bfloat16().to(device), weight.bfloat16().to(device), targets.to(device),
+                             backend=backend, chunk_tokens=16)
+    _close(ours.cpu(), same.float(), ref, torch.bfloat16, "bf16 logprob")
 
 
 def test_logprob_long_sequence_torch_backend():
@@ -266,22 +271,24 @@ def test_micro_batched_sum_equals_whole_batch_loss(mode, backend):
     torch.testing.assert_close(whole.double(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_grpo_loss_torch_backend():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_grpo_loss(backend):
+    backend, device = _split(backend)
     cfg = GRPOLossConfig(kl_coef=0.1)
     hidden, weight, targets, g = _inputs(t=33, h=64, v=200, seed=4)
     adv, old, ref = _policy_case(33, g, naive_logprob(hidden, weight, targets)[0].detach())
     tw = torch.full((33,), 1 / 33, dtype=torch.float64)
 
-    def loss_with(fn, dtype, **kw):
+    def loss_with(fn, dtype, dev="cpu", **kw):
         def f(h, w):
-            out = fn(h, w, targets, advantages=adv.to(dtype), token_weight=tw.to(dtype), old_logprob=old.to(dtype),
-                     ref_logprob=ref.to(dtype), cfg=cfg, **kw)
+            out = fn(h, w, targets.to(dev), advantages=adv.to(dev, dtype), token_weight=tw.to(dev, dtype),
+                     old_logprob=old.to(dev, dtype), ref_logprob=ref.to(dev, dtype), cfg=cfg, **kw)
             return out[0] if isinstance(out, tuple) else out
-        return _grads(f, hidden, weight, dtype)
+        return _grads(f, hidden, weight, dtype, dev)
 
     ref_out = loss_with(naive_grpo_loss, torch.float64)
     same = loss_with(naive_grpo_loss, torch.bfloat16)
-    ours = loss_with(linear_grpo_loss, torch.bfloat16, backend="torch", chunk_tokens=8)
+    ours = loss_with(linear_grpo_loss, torch.bfloat16, device, backend=backend, chunk_tokens=8)
     assert ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.bfloat16
     for what, o, n, r in zip(("loss", "d hidden", "d weight"), ours, same, ref_out):
         _close(o.float(), n.float(), r, torch.bfloat16, what)

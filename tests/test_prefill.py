@@ -41,6 +41,25 @@ def test_causal_sdpa_with_an_offset_equals_the_dense_reference(fused_offset, tq,
             causal_sdpa(q, k, v, 0.25, q_offset=tk - tq - 1, fused_offset=True)
 
 
+@pytest.mark.parametrize("fused_offset", [False, True])
+@pytest.mark.parametrize("tq,tk", [(5, 12), (7, 7), (1, 9)])
+def test_causal_sdpa_with_expanded_kv_heads_equals_the_dense_reference(monkeypatch, fused_offset, tq, tk):
+    """fp32 on a GPU, SDPA gets the K/V heads expanded instead of enable_gqa (no fused kernel takes
+    GQA in fp32 there): the same attention, each branch (causal, one token, offset)."""
+    from engine.model import attention
+
+    assert attention.expand_kv_for_sdpa("cuda", torch.float32) and not attention.expand_kv_for_sdpa("cuda",
+                                                                                                 torch.bfloat16)
+    assert not attention.expand_kv_for_sdpa("cpu", torch.float32)
+    expanded = []
+    monkeypatch.setattr(attention, "expand_kv_for_sdpa", lambda *a: expanded.append(a) or True)
+    g = torch.Generator().manual_seed(tq * 100 + tk)
+    q, k, v = (torch.randn(t, h, 16, generator=g) for t, h in ((tq, 6), (tk, 2), (tk, 2)))
+    out = causal_sdpa(q, k, v, 0.25, q_offset=tk - tq, fused_offset=fused_offset)
+    assert expanded == [("cpu", torch.float32)]
+    torch.testing.assert_close(out.double(), _dense(q, k, v, 0.25, tk - tq), rtol=1e-5, atol=1e-5)
+
+
 class _Model:  # what PagedKVCache reads off a model
     def __init__(self, layers, hq, hkv, d):
         self.config = types.SimpleNamespace(num_layers=layers, num_heads=hq, num_kv_heads=hkv, head_dim=d)

@@ -47,6 +47,14 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
+def expand_kv_for_sdpa(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA should get K/V with their heads expanded rather than `enable_gqa`: fp32 (or
+    fp64) on a GPU, where no fused kernel takes GQA (flash and cuDNN need half precision, the
+    memory-efficient kernel rejects enable_gqa), so SDPA would fall back to its math kernel and
+    materialise [Hq, Tq, Tk] scores. Expanded heads cost [Hq, Tk, D] and keep a fused kernel."""
+    return device_type == "cuda" and dtype not in (torch.float16, torch.bfloat16)
+
+
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 q_offset: int = 0, fused_offset: bool | None = None) -> torch.Tensor:
     """One sequence: q [Tq, Hq, D] attends causally to k, v [Tk, Hkv, D].
@@ -64,6 +72,9 @@ def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     # 4-D [1, H, T, D]: with 3-D inputs torch's CPU sdpa takes its unfused math path (~6x slower)
     qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[1]
+    if gqa and expand_kv_for_sdpa(q.device.type, q.dtype):
+        rep = q.shape[1] // k.shape[1]
+        kh, vh, gqa = kh.repeat_interleave(rep, dim=1), vh.repeat_interleave(rep, dim=1), False
     if q_offset == 0 and tq == tk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     elif tq == 1:  # one new token sees every key: no mask

@@ -52,14 +52,18 @@ class OptimizerStep:
 
 
 def grad_norm(params) -> float:
-    """The global L2 norm of the parameters' gradients, summed in float64 (an fp32 norm of a
-    large embedding's gradient drifts by ~1e-4 relative). Under FSDP2 each gradient is a
-    sharded DTensor: its squared sum is reduced over the ranks, so every rank gets the norm."""
-    total = 0.0
+    """The global L2 norm of the parameters' gradients, accumulated in float64 (an fp32 norm of a
+    large embedding's gradient drifts by ~1e-4 relative) without a float64 copy of any gradient
+    (the reduction casts as it reads), summed on the gradients' device and read once. Under FSDP2
+    each gradient is a sharded DTensor: its norm is reduced over the ranks, so every rank gets
+    the global norm."""
+    total = None
     for p in params:
-        sq = (p.grad.to(torch.float64) ** 2).sum()
-        total += float(sq.full_tensor() if hasattr(sq, "full_tensor") else sq)
-    return math.sqrt(total)
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float64)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        total = norm * norm if total is None else total + norm * norm
+    return 0.0 if total is None else math.sqrt(float(total))
 
 
 class Precision:
