@@ -108,9 +108,9 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     must_read = weight_bytes + (groups * prompt_len + groups * n * mean_suffix) * kv_per_token
     timed = max(steps - st.graph_captures, 1)
     seconds = st.decode_seconds - st.capture_seconds
-    # where the cache cannot hold every sample at once (no sharing, long prompts) the batch decodes
-    # in waves: fewer rows a step, more steps. batch_step_s is the time per `batch` decoded tokens,
-    # the figure the roofline compares (the same as decode_step_s when every step is full)
+    # where the cache cannot hold every sample at once (a cache smaller than the batch needs) the batch
+    # decodes in waves: fewer rows a step, more steps. batch_step_s is the time per `batch` decoded
+    # tokens, the figure the roofline compares (the same as decode_step_s when every step is full)
     mean_batch = st.decode_rows / max(steps, 1)
     return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
             "graph_replays": st.graph_replays, "graph_captures": st.graph_captures,

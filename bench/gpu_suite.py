@@ -218,10 +218,18 @@ def stage(cmd: list[str], timeout: float, log: Path | None = None) -> subprocess
     return proc
 
 
+def run_module(out: Path, log: str, limit: str, module: str, *args: str) -> dict:
+    """`python -m module args` as a stage (its timeout STAGE_TIMEOUT[limit], its output in
+    OUT/<log>.log) -> its result line, printed."""
+    result = _last_json(stage([sys.executable, "-m", module, *args], STAGE_TIMEOUT[limit], out / f"{log}.log"))
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def run_case(tokens: int, hidden: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "bench.kernel_case", "--impl", "fused", "--tokens", str(tokens), "--hidden",
-           str(hidden), "--vocab", str(VOCAB), "--dtype", "bfloat16", "--device", "cuda", "--repeats", "3"]
-    result = _last_json(stage(cmd, STAGE_TIMEOUT["kernel_case"], out / f"grpo_loss-{tokens}-{hidden}.log"))
+    result = run_module(out, f"grpo_loss-{tokens}-{hidden}", "kernel_case", "bench.kernel_case", "--impl", "fused",
+                        "--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(VOCAB), "--dtype",
+                        "bfloat16", "--device", "cuda", "--repeats", "3")
     return {"tokens": tokens, "hidden": hidden, **result} if _not_run(result) else result
 
 
@@ -291,15 +299,11 @@ def main(argv=None) -> int:
         print(f"bf16 matmul: {rate:.0f} TFLOP/s (8192^3, measured now)", flush=True)
 
     # the figures not yet measured on a card first (rollout decode, the RL step), then the rest
-    report["rollout"] = _last_json(stage([sys.executable, "-m", "bench.gpu_rollout_case"], STAGE_TIMEOUT["rollout"],
-                                         out / "rollout.log"))
-    print(json.dumps(report["rollout"]), flush=True)
+    report["rollout"] = run_module(out, "rollout", "rollout", "bench.gpu_rollout_case")
     save()
-    report["rl_step"] = _last_json(stage([sys.executable, "-m", "bench.train_step_case", "--gpu"],
-                                         STAGE_TIMEOUT["rl_step"], out / "rl_step.log"))
+    report["rl_step"] = run_module(out, "rl_step", "rl_step", "bench.train_step_case", "--gpu")
     if not _not_run(report["rl_step"]):
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
-    print(json.dumps(report["rl_step"]), flush=True)
     save()
     rows = report["grpo_loss"] = []
     for tokens, hidden in CASES:
@@ -313,22 +317,17 @@ def main(argv=None) -> int:
             r["memory_vs_budget"] = r["peak_extra_bytes"] / budget
             r["chunk_tokens"] = chunk
         rows.append(r)
-        print(json.dumps(r), flush=True)
         save()
-    report["decode_tables"] = _last_json(stage([sys.executable, "-m", "bench.decode_tables_case", "--device", "cuda",
-                                                "--steps", "32"], STAGE_TIMEOUT["decode_tables"],
-                                               out / "decode_tables.log"))
-    print(json.dumps(report["decode_tables"]), flush=True)
+    report["decode_tables"] = run_module(out, "decode_tables", "decode_tables", "bench.decode_tables_case",
+                                         "--device", "cuda", "--steps", "32")
     save()
     report["update"] = {}
     for layout in ("shared", "repeated"):
-        cmd = [sys.executable, "-m", "bench.update_case", "--gpu", "--layout", layout, "--repeats", "2",
-               *[x for k, val in UPDATE.items() for x in (f"--{k}", str(val))]]
-        report["update"][layout] = _last_json(stage(cmd, STAGE_TIMEOUT["update"], out / f"update-{layout}.log"))
-        print(json.dumps(report["update"][layout]), flush=True)
+        report["update"][layout] = run_module(out, f"update-{layout}", "update", "bench.update_case", "--gpu",
+                                              "--layout", layout, "--repeats", "2",
+                                              *[x for k, val in UPDATE.items() for x in (f"--{k}", str(val))])
         save()
-    report["ring"] = _last_json(stage([sys.executable, "-m", "bench.gpu_ring_case"], STAGE_TIMEOUT["ring"],
-                                      out / "ring.log"))
+    report["ring"] = run_module(out, "ring", "ring", "bench.gpu_ring_case")
     save()
     summary(report, rows, out)
     # the tests by their return code (without pytest the pytest-free check's result stands for them)

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         train = TrainConfig(lr=1e-6, token_budget=4096)
         max_input = 1024
     from engine.train.loop import Precision
-    precision = Precision(torch.bfloat16 if a.gpu else None, "cuda" if a.gpu else "cpu")
+    precision = Precision.named("auto", "cuda" if a.gpu else "cpu")  # as a run picks it: bf16-mixed on a GPU
     trainer = GRPOTrainer(model, tok, records, rl, train, reward=ToyReward(), total_steps=2, precision=precision)
     sampler = PhaseSampler([r.id for r in records], seed=0)
     row = trainer.step(sampler, max_input=max_input)

@@ -38,11 +38,8 @@ def trainer_for(gpu: bool, layout: str, group: int, response: int):
     from engine.train.rl import GRPOTrainer
     rl = RLConfig(group_size=group, batch_prompts=1, max_new_tokens=response, temperature=1.0,
                   shared_prefix=layout == "shared")
-    import torch
-
     from engine.train.loop import Precision
-    # the GPU's training precision: bf16 compute over fp32 master weights (as bench/train_step_case.py)
-    precision = Precision(torch.bfloat16 if gpu else None, "cuda" if gpu else "cpu")
+    precision = Precision.named("auto", "cuda" if gpu else "cpu")  # as a run picks it: bf16-mixed on a GPU
     trainer = GRPOTrainer(build(gpu), ByteTokenizer(), [], rl, TrainConfig(lr=0.0, token_budget=budget_for(gpu)),
                           precision=precision)
     adv = [(-1.0) ** i for i in range(group)]

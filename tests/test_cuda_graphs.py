@@ -126,28 +126,10 @@ def _capture_breakers(fn):
             setattr(owner, name, f)
 
 
-@pytest.mark.parametrize("share", [True, False])
-def test_the_captured_step_never_waits_for_the_device(tiny, monkeypatch, share):
-    """Everything DecodeGraphs captures (its _forward: embedding, layers with the K/V write and the
-    Triton attention kernels, lm_head) dispatches no operation that would sync with the device or
-    copy host data in: on a GPU either makes the capture fail and the rollout run without graphs."""
-    breakers = []
-    real = DecodeGraphs._forward
-
-    def forward(self, b, ni):
-        out, seen = _capture_breakers(lambda: real(self, b, ni))
-        breakers.extend(seen)
-        return out
-    monkeypatch.setattr(DecodeGraphs, "_forward", forward)
-    params = SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[])
-    _, stats = _run(tiny, _prompts(tiny), params, 3, share_prefix=share, cuda_graphs="eager")
-    assert stats.graph_steps == 4 and breakers == []
-
-
 def test_the_capture_check_catches_a_step_that_reads_the_device():
-    """The spy above is not blind: item(), tolist(), nonzero, boolean-mask indexing, a tensor from
-    host data, repeat_interleave without output_size, reads to the host and tensors from numpy are
-    all reported."""
+    """The capture spy (run on every graph step by the test below) is not blind: item(), tolist(),
+    nonzero, boolean-mask indexing, a tensor from host data, repeat_interleave without output_size,
+    reads to the host and tensors from numpy are all reported."""
     x = torch.arange(6)
     _, seen = _capture_breakers(lambda: (x.sum().item(), x.tolist(), x.nonzero(), x[x > 2], torch.tensor([1]),
                                          x.repeat_interleave(x), x.repeat_interleave(x, output_size=15), x.cpu(),
@@ -189,8 +171,11 @@ def _baked(x, step: dict):
     return ("value", x if not callable(x) else "callable")
 
 
-def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
-    """A captured graph replays what it recorded: every operator with its scalar arguments, every
+def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, monkeypatch):
+    """Everything DecodeGraphs captures (its _forward: embedding, layers with the K/V write and the
+    Triton attention kernels, lm_head) must be capturable: no operation that syncs with the device
+    or copies host data in (either makes the capture fail and the rollout run without graphs).
+    And a captured graph replays what it recorded: every operator with its scalar arguments, every
     kernel launch with its grid, and every input address. Run eagerly, every step of a bucket must
     therefore run the same torch operators and Triton launches with the same scalars, grids and
     shapes, reading the static buffers (inputs, tables, logits, cache, weights, RoPE tables) at the
@@ -224,10 +209,13 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
 
     real_forward, real_run = DecodeGraphs._forward, launcher.run
 
+    breakers = []
+
     def forward(self, b, ni):
         current.update(static=_static_buffers(self), device=self.device, made={}, keep=[], ops=[])
         with Record():
-            out = real_forward(self, b, ni)
+            out, seen = _capture_breakers(lambda: real_forward(self, b, ni))
+        breakers.extend(seen)
         steps_of.setdefault((b, ni), []).append(current.pop("ops"))
         current.pop("keep")
         return out
@@ -251,6 +239,7 @@ def test_what_a_graph_bakes_in_is_the_same_at_every_step(tiny, monkeypatch):
     for share in (True, False):
         steps_of.clear()
         _run(tiny, prompts, params, 2, share_prefix=share, cuda_graphs="eager")
+        assert breakers == []
         assert steps_of and all(len(steps) >= 3 for steps in steps_of.values())
         for key, steps in steps_of.items():
             first = steps[0]

@@ -83,6 +83,7 @@ def test_pure_bf16_training_is_refused(letters):
     assert Precision.of(cfg, "cpu").name == "bf16-mixed"
     assert Precision.of(load_config(None, []), "cpu").name == "fp32"
     assert Precision.of(load_config(None, []), "cuda").name == "bf16-mixed"
+    assert Precision.named("fp32", "cuda").name == "fp32" and Precision.named("bf16-mixed", "cpu").name == "bf16-mixed"
 
 
 def test_rl_rollout_uses_a_bf16_copy_refreshed_each_step(letters):

@@ -78,8 +78,12 @@ class Precision:
 
     @classmethod
     def of(cls, cfg: Config, device) -> "Precision":
+        return cls.named(cfg.train.precision, device)
+
+    @classmethod
+    def named(cls, mode: str, device) -> "Precision":
+        """train.precision's value on `device`: auto is bf16-mixed on CUDA, fp32 elsewhere."""
         device = torch.device(device)
-        mode = cfg.train.precision
         if mode == "auto":
             mode = "bf16-mixed" if device.type == "cuda" else "fp32"
         return cls(torch.bfloat16 if mode == "bf16-mixed" else None, device.type)
