@@ -289,6 +289,76 @@ def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkey
         _run(tiny, prompts, params, 2)
 
 
+def _fake_capture(monkeypatch, replay_offset=0.0):
+    """Capture mode on any device: the CUDA stream calls do nothing, and `_record` returns a stand-in
+    graph whose replay runs the captured step (its own batch and prefix-program buckets) on the
+    buffers as they are then, which is what a faithful replay computes, plus `replay_offset` on
+    the logits (a replay that went wrong). -> [(captured key, the step's key)] of every replay."""
+    import contextlib
+
+    from engine.rollout.graphs import _items_bucket
+
+    class Stream:
+        def __init__(self, *args):
+            pass
+
+        def wait_stream(self, other):
+            pass
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *args: "capture")
+    replays = []
+
+    def record(graphs, b, ni):
+        class Graph:
+            def replay(self):
+                replays.append(((b, ni), (b, _items_bucket(graphs.last_items, b))))
+                graphs._forward(b, ni)
+                graphs.logits[:b] += replay_offset
+        return Graph()
+    monkeypatch.setattr(DecodeGraphs, "_record", record)
+    return replays
+
+
+def test_each_graph_replays_only_for_its_own_buckets(tiny, monkeypatch):
+    """Five prompts × 3 samples (batch bucket 16, 5 prefix programs → bucket 8); the first prompt's
+    samples stop at their 7th token, and the other 12 go on in bucket 16 with 4 programs: that step
+    needs a graph of its own, not the one captured for 8 programs. Every replay is of the step's own
+    (batch, prefix-program) buckets, and the tokens are the ordinary step's."""
+    prompts = _prompts(tiny, (13, 6, 9, 7, 11))
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[138])
+    want, _ = _run(tiny, prompts, params, 3, cuda_graphs="off")
+    assert [len(group[0][0]) for group in want] == [7, 12, 12, 12, 12]  # the workload the test is about
+    replays = _fake_capture(monkeypatch)
+    got, stats = _run(tiny, prompts, params, 3)
+    _same(got, want)
+    assert {captured for captured, _ in replays} == {(16, 8), (16, 4)}
+    assert all(captured == step for captured, step in replays), replays
+    assert stats.graph_captures == 2
+
+
+def test_a_replay_that_differs_from_the_eager_step_turns_graphs_off(tiny, monkeypatch):
+    """The capture replays its graph once and compares the logits with the eager step's: a replay
+    that differs turns graphs off for the rollout with one warning saying by how much (mode on
+    raises), and the rollout's tokens are the ordinary step's."""
+    prompts = _prompts(tiny, (8, 5))
+    params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
+    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
+    _fake_capture(monkeypatch, replay_offset=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, stats = _run(tiny, prompts, params, 2)
+    _same(got, want)
+    assert stats.graph_captures == 0
+    msgs = [str(w.message) for w in caught if "CUDA graphs off" in str(w.message)]
+    assert len(msgs) == 1 and "differ from the eager step's by up to 0.5" in msgs[0], msgs
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *args: "on")
+    with pytest.raises(RuntimeError, match="capture failed"):
+        _run(tiny, prompts, params, 2)
+
+
 def test_modes_and_buckets(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("LONGRL_CUDA_GRAPHS", raising=False)

@@ -108,6 +108,41 @@ def test_large_logits_stay_finite():
                                rtol=1e-5, atol=1e-5)
 
 
+def test_an_empty_sequence_attends_to_nothing():
+    """A length-0 row (a plain sequence's prefix part, read alone) gives 0, not 0/0, whether its one
+    partial is the output or its partials are merged; the rows beside it are unaffected."""
+    g = torch.Generator().manual_seed(11)
+    hq, hkv, d, bs = 4, 2, 64, 16
+    k_cache, v_cache = _cache(8, bs, hkv, d, g)
+    q = torch.randn(3, hq, d, generator=g)
+    lens = [0, 5, 40]
+    tables = _tables(lens, bs, 8, g)
+    lens = torch.tensor(lens, dtype=torch.int32)
+    ref = _ref(q[1:], k_cache, v_cache, tables[1:], lens[1:], d ** -0.5)
+    for splits in (1, 3):
+        ours = _on_device(paged_decode_attention, q, k_cache, v_cache, tables, lens, d ** -0.5, num_splits=splits,
+                          block_n=16)
+        assert torch.equal(ours[0], torch.zeros(hq, d)), splits
+        torch.testing.assert_close(ours[1:].double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dominant_first_tile_stays_finite():
+    """One split walking 25 tiles whose first tile scores ~350 (base 2) above the rest: each tile is
+    exponentiated against the running maximum, so the rescale of what came before is exp2(≤ 0); a
+    tile's own maximum would give exp2(+350) = inf and a NaN output. The softmax is the first block's."""
+    g = torch.Generator().manual_seed(12)
+    hq, hkv, d, bs, n = 2, 1, 64, 16, 400
+    k_cache, v_cache = _cache(n // bs, bs, hkv, d, g)
+    tables = torch.arange(n // bs, dtype=torch.int32)[None]
+    k_cache[0] = 30.0  # the first tile's keys: scores 64 * 30 / 8 = 240 nats above ~N(0, 1)
+    q = torch.ones(1, hq, d)
+    lens = torch.tensor([n], dtype=torch.int32)
+    ours = _on_device(paged_decode_attention, q, k_cache, v_cache, tables, lens, d ** -0.5, num_splits=1, block_n=16)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), _ref(q, k_cache, v_cache, tables, lens, d ** -0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_split_heuristic():
     from kernels.triton_paged import pick_num_splits
     cpu = torch.device("cpu")  # stands in for an H100: 132 SMs
@@ -254,6 +289,21 @@ def test_shared_prefix_all_plain_and_all_shared():
     whole = _on_device(shared_prefix_decode_attention, q, k_cache, v_cache, tables, lens, lens.long(), torch.arange(3),
                        d ** -0.5, num_splits=2)
     torch.testing.assert_close(whole.double(), ref, rtol=1e-5, atol=1e-5)
+    # the same from the engine's host planner, which must take prefix_len == seq_len as the device one does
+    host = plan_shared_prefix_from_lists(lens.tolist(), [0, 1, 2], lens.tolist(), hq // hkv, torch.device(DEVICE))
+    assert host.max_suffix == 0 and host.prefix_ends.tolist() == lens.tolist()
+    whole = _on_device(shared_prefix_decode_attention, q, k_cache, v_cache, tables, lens, None, None, d ** -0.5,
+                       num_splits=2, plan=host)
+    torch.testing.assert_close(whole.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefix_program_holds_at_most_max_rows_query_rows():
+    """members × GQA group ≤ MAX_ROWS (the [rows, D] fp32 accumulator a program keeps in registers),
+    but always one member, whatever the group."""
+    from kernels.paged_attention import MAX_ROWS, members_cap
+    for group in range(1, 2 * MAX_ROWS + 2):
+        cap = members_cap(group)
+        assert cap >= 1 and (cap == 1 or cap * group <= MAX_ROWS), (group, cap)
 
 
 def test_shared_prefix_bf16():

@@ -59,9 +59,35 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
     bad[0] = float("-inf")
     bad[1, 7] = float("inf")
     bad[2, 3] = float("nan")
-    st = sampling_tensors([SamplingParams(temperature=1.0, top_p=0.9)] * 3, [1, 2, 3], [0, 0, 0], DEVICE)
-    tokens, _ = sample_rows_triton(bad.to(DEVICE), *st)
-    assert all(0 <= t < 50 for t in tokens.tolist()), tokens
+    for params in (SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)):
+        st = sampling_tensors([params] * 3, [1, 2, 3], [0, 0, 0], DEVICE)
+        tokens, _ = sample_rows_triton(bad.to(DEVICE), *st)
+        assert all(0 <= t < 50 for t in tokens.tolist()), tokens
+        tokens, _ = sample_batch(bad.clone(), *(x.cpu() for x in st))  # the torch sampler as well
+        assert all(0 <= t < 50 for t in tokens.tolist()), tokens
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # ±3e38 − 3e38 in the interpreter: −inf, exp 0
+def test_adjacent_floats_at_a_top_k_boundary():
+    """A value and the next float below it on either side of a top-k = 1 boundary, positive and
+    negative, with −inf in the row (so the keys span their whole range): the bisection over the
+    float keys must end on the value itself, not one ulp off, and keep exactly the maximum, as
+    torch's comparison does (the rows of 3e38 tie it with v − 5 and v − 6: ties are kept whole).
+    8 steps of each row in one call."""
+    import numpy as np
+
+    def below(x):
+        return float(np.nextafter(np.float32(x), np.float32(-np.inf)))
+    inf = float("inf")
+    rows = []
+    for v in (1.0, -1.0, -3.0, 1e-30, 3e38):
+        rows += [[-inf, v, below(v), v - 5, v - 6], [v, below(v), v / 2 - 1, -inf, -abs(v) - 7]]
+    logits = torch.tensor(rows).repeat(8, 1)
+    steps = [s for s in range(8) for _ in rows]
+    (want, _), (got, _) = _both(logits, [SamplingParams(temperature=1.0, top_k=1)] * len(logits), [11] * len(logits),
+                                steps)
+    assert got.tolist() == want.tolist()
+    assert torch.equal(logits.gather(1, got[:, None]).squeeze(1), logits.max(-1).values)
 
 
 def test_sampler_backend_choice(monkeypatch):
