@@ -297,6 +297,38 @@ def test_shared_prefix_all_plain_and_all_shared():
     torch.testing.assert_close(whole.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_long_prompt_is_split_and_short_suffixes_are_not(monkeypatch):
+    """Four samples of a 2,000-token prompt, each 1–4 tokens past it: the prompt's one program per KV
+    head is split over the sequence (to fill the GPU), the suffixes are each one split (no merge
+    work for a few tokens); each count from its own part's length, in tokens. One such sequence
+    decoded plainly is split as the prompt is. The outputs are the reference's."""
+    from kernels import triton_paged
+    launches = []
+    real = triton_paged._launch_partial
+
+    def spy(*args):
+        starts, members = args[4], args[6]
+        launches.append(("prefix" if members is not None else "suffix" if starts is not None else "plain", args[11]))
+        return real(*args)
+    monkeypatch.setattr(triton_paged, "_launch_partial", spy)
+    g = torch.Generator().manual_seed(13)
+    hq, hkv, d, bs, p = 2, 1, 64, 16, 2000
+    nb = p // bs + 4
+    k_cache, v_cache = _cache(nb, bs, hkv, d, g)
+    lens = torch.tensor([p + 1, p + 2, p + 3, p + 4], dtype=torch.int32)
+    tables = torch.cat([torch.arange(p // bs).expand(4, -1), (p // bs + torch.arange(4))[:, None]], 1).to(torch.int32)
+    q = torch.randn(4, hq, d, generator=g)
+    prefix = torch.full((4,), p, dtype=torch.long)
+    ours = _on_device(shared_prefix_decode_attention, q, k_cache, v_cache, tables, lens, prefix, torch.zeros(4),
+                      d ** -0.5)
+    plain = _on_device(paged_decode_attention, q[:1], k_cache, v_cache, tables[:1], lens[:1], d ** -0.5)
+    if DEVICE == "cpu":  # the split counts of an H100 (pick_num_splits stands in for one without a GPU)
+        assert launches == [("prefix", 8), ("suffix", 1), ("plain", 8)], launches
+    ref = _ref(q, k_cache, v_cache, tables, lens, d ** -0.5)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain.double(), ref[:1], rtol=1e-5, atol=1e-5)
+
+
 def test_a_prefix_program_holds_at_most_max_rows_query_rows():
     """members × GQA group ≤ MAX_ROWS (the [rows, D] fp32 accumulator a program keeps in registers),
     but always one member, whatever the group."""
