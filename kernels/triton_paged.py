@@ -8,7 +8,7 @@ import triton.language as tl
 from .paged_attention import SharedPrefixPlan, members_cap
 
 LOG2E = 1.4426950408889634
-MIN_ROWS = 16  # tl.dot needs M, N, K >= 16 (tensor-core tiles)
+MIN_ROWS = 16  # rows per program: the MMA tile's M (Triton 3.6 and 3.9 also compile tl.dot on fewer rows, padded)
 MIN_TILES_PER_SPLIT = 4  # a split must read enough KV to pay for its partial's write and merge
 MAX_SPLITS = 64
 
