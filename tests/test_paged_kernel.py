@@ -4,6 +4,8 @@ Inputs are built on the CPU; the kernels run on CUDA when there is one, else und
 Triton interpreter."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -307,8 +309,9 @@ def test_a_long_prompt_is_split_and_short_suffixes_are_not(monkeypatch):
     real = triton_paged._launch_partial
 
     def spy(*args):
-        starts, members = args[4], args[6]
-        launches.append(("prefix" if members is not None else "suffix" if starts is not None else "plain", args[11]))
+        a = inspect.signature(real).bind(*args).arguments
+        kind = "prefix" if a["members"] is not None else "suffix" if a["starts"] is not None else "plain"
+        launches.append((kind, a["num_splits"]))
         return real(*args)
     monkeypatch.setattr(triton_paged, "_launch_partial", spy)
     g = torch.Generator().manual_seed(13)
