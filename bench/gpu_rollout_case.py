@@ -2,6 +2,7 @@
 
     python3 -m bench.gpu_rollout_case [--prompt-lens 16384 61440 --graph-lens 1024 16384
                                        --groups 8 --n 8 --new 32]   (run by bench/gpu_suite.py)
+    python3 -m bench.gpu_rollout_case --profile 1024 61440      (where an eager step's device time goes)
 
 A Qwen2-1.5B-shaped decoder with random bf16 weights (no download needed), batch 64 = 8
 groups of 8 samples, each group sharing one long prompt, temperature 1, top-p 0.95. The
@@ -83,10 +84,12 @@ class RandomPrefill(torch.nn.Module):
 
 
 def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bool, block_size: int = 16,
-                cache_bytes: int | None = None, graphs: str = "auto") -> dict:
+                cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True) -> dict:
     """Decode `groups` x `n` samples of `new` tokens after random-KV prompts; time per decode step
     (without the steps that captured a CUDA graph) and the bytes a step must read (weights + each
-    prompt's KV once + each sample's suffix)."""
+    prompt's KV once + each sample's suffix). With `warmup` the same rollout runs once untimed first:
+    a Triton kernel compiles on the first launch of each of its variants (about a second each), and
+    the first H100 run showed that alone adding up to 50 ms to the mean step of a 31-step case."""
     from engine.rollout import Generator, SamplingParams
     from engine.rollout.paged import CacheConfig
 
@@ -97,6 +100,8 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
                             stop_token_ids=[])
     prompts = [[1] * prompt_len for _ in range(groups)]
     sync = torch.cuda.synchronize if model.embed_tokens.weight.is_cuda else (lambda: None)
+    if warmup:  # the same rollout once untimed: every kernel variant it launches is compiled before the timing
+        gen.generate(prompts, n=n, params=params)
     sync()
     gen.generate(prompts, n=n, params=params)
     sync()
@@ -182,6 +187,70 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
             **{f"{k}_ms": v for k, v in ms.items()}}
 
 
+def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share: bool = True,
+                   block_size: int = 16, top: int = 15) -> dict:
+    """Where an eager decode step's device time goes: the case run once to compile, then again
+    under torch.profiler from its third decode step on; the kernels (CPU operators where there is
+    no GPU) ranked by self time, in ms per profiled step. A diagnosis, not a figure to target."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.rollout import Generator, SamplingParams
+    from engine.rollout.paged import CacheConfig
+
+    cuda = model.embed_tokens.weight.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(block_size=block_size, share_prefix=share,
+                                                                cuda_graphs="off"))
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
+                            stop_token_ids=[])
+    prompts = [[1] * prompt_len for _ in range(groups)]
+    gen.generate(prompts, n=n, params=params)  # compiles every variant the rollout launches
+    prof = profile(activities=activities)
+    state = {"from": None}
+    real = Generator._step
+
+    def step(self, *args):
+        if state["from"] is None and len(self.stats.blocks_trace) == 2:
+            if cuda:
+                torch.cuda.synchronize()
+            prof.__enter__()
+            state["from"] = 2
+        return real(self, *args)
+
+    Generator._step = step
+    try:
+        gen.generate(prompts, n=n, params=params)
+        if cuda:
+            torch.cuda.synchronize()
+    finally:
+        Generator._step = real
+        if state["from"] is not None:
+            prof.__exit__(None, None, None)
+    if state["from"] is None:
+        raise ValueError(f"kernel_profile: {new} new tokens make under 3 decode steps; the profile starts at the third")
+    steps = max(len(gen.stats.blocks_trace) - state["from"], 1)
+
+    def self_us(e):
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    if cuda:  # kernels only: the operators' device time is the sum of theirs
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    events.sort(key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events) / 1e3 / steps
+    kernels = {e.key[:120]: round(self_us(e) / 1e3 / steps, 4) for e in events[:top]}
+    wall = gen.stats.decode_seconds / max(len(gen.stats.blocks_trace), 1) * 1e3  # profiler on for most steps
+    r = {"prompt_len": prompt_len, "share_prefix": share, "batch": groups * n, "profiled_steps": steps,
+         "device_ms_per_step": total, "wall_ms_per_step": wall, "top_ms_per_step": kernels}
+    print(f"prompt {prompt_len} {'shared' if share else 'not shared'}: {total:.2f} ms a step on the "
+          f"{'device' if cuda else 'CPU'}; top:", file=sys.stderr)
+    for name, ms in kernels.items():
+        print(f"  {ms:8.3f} ms  {name}", file=sys.stderr)
+    return r
+
+
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
             block_size: int = 16) -> dict:
     """Every case; the shared case at graph_lens also with graphs[1] (off) -> the summary dict."""
@@ -214,6 +283,10 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--graph-lens", type=int, nargs="*", default=[1024, 16384],
                    help="prompt lengths at which the shared case also runs without CUDA graphs")
+    p.add_argument("--profile", type=int, nargs="*", default=[],
+                   help="instead of the measurement: at these prompt lengths, shared and not, the kernels of "
+                        "the eager decode steps ranked by device time per step (torch.profiler)")
+    p.add_argument("--top", type=int, default=15, help="kernels listed by --profile")
     a = p.parse_args(argv)
 
     from engine.model import Decoder, DecoderConfig
@@ -225,8 +298,10 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.02)
-    decode_case(model, 1, 2, 64, 4, True)  # warm-up: kernels compiled outside the timings
-    decode_case(model, 1, 2, 64, 4, False)
+    if a.profile:
+        print(json.dumps([kernel_profile(model, a.groups, a.n, plen, a.new, share, top=a.top)
+                          for plen in a.profile for share in (True, False)]))
+        return 0
     print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
                              graphs=("auto", "off"))))
     return 0

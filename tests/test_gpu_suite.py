@@ -256,3 +256,29 @@ def test_update_case_trains_in_bf16_mixed_on_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(uc, "build", lambda gpu: model)
     assert uc.trainer_for(True, "shared", 2, 4).precision.compute == torch.bfloat16
     assert uc.trainer_for(False, "shared", 2, 4).precision.compute is None
+
+
+def test_sampler_case_and_kernel_profile_run_on_cpu(tmp_path, capsys):
+    """bench/gpu_sampler_case.py times every launch candidate, the default launch and the torch
+    sampler (here under the interpreter, a check of the code path, not a figure); the rollout
+    case's --profile ranks a decode step's operators per profiled step."""
+    import json
+
+    from bench import gpu_sampler_case
+    from bench.gpu_rollout_case import kernel_profile
+    from conftest import tiny_hf_model
+    from engine.model import load_model
+    from kernels.triton_rows import LAUNCH_CANDIDATES
+
+    assert gpu_sampler_case.main(["--device", "cpu", "--rows", "2", "--vocab", "40", "--repeats", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [c["setting"] for c in out["cases"]] == ["top_p 0.95", "top_k 50 + top_p 0.95", "greedy"]
+    for case in out["cases"]:
+        assert set(case["ms"]) == {f"{b}x{w}" for b, w in LAUNCH_CANDIDATES} | {"default launch", "torch sampler"}
+        assert all(isinstance(v, float) and v > 0 for v in case["ms"].values()), case
+    path = tmp_path / "tiny"
+    tiny_hf_model("qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(path))
+    model = load_model(path, device="cpu", dtype="float32")[0]
+    r = kernel_profile(model, groups=2, n=2, prompt_len=21, new=6, share=True, top=4)
+    assert r["profiled_steps"] == 3 and r["batch"] == 4 and len(r["top_ms_per_step"]) == 4  # 5 decode steps, from the 3rd
+    assert all(v > 0 for v in r["top_ms_per_step"].values()) and r["device_ms_per_step"] >= max(r["top_ms_per_step"].values())

@@ -24,11 +24,12 @@ def _both(logits, params, seeds, steps, block=1024):
     return want, tuple(x.cpu() for x in got)
 
 
-@pytest.mark.parametrize("seed,block", [(0, 1024), (1, 128)])
+@pytest.mark.parametrize("seed,block", [(0, 1024), (1, 128), (2, None)])
 def test_the_kernel_draws_the_torch_samplers_tokens(seed, block):
     """Rows of every kind (peaked, flat, bf16-rounded ties, -inf logits; greedy, top-k, top-p,
     both, temperature 0.5-1.2; seeds of both signs, steps up to 2^20), in one block and in many
-    (block 128 over 700 tokens: the running carry, a partial last block)."""
+    (block 128 over 700 tokens: the running carry, a partial last block), and with the launch
+    the engine uses (None: the tile width and warps tuned on a GPU)."""
     logits, params, seeds, steps = _mixed_rows(v=700, seed=seed)
     (want_t, want_lp), (got_t, got_lp) = _both(logits, params, seeds, steps, block)
     assert got_t.tolist() == want_t.tolist()
