@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     settings = {"top_p 0.95": SamplingParams(temperature=1.0, top_p=0.95),
                 "top_k 50 + top_p 0.95": SamplingParams(temperature=1.0, top_k=50, top_p=0.95),
                 "greedy": SamplingParams(temperature=0.0)}
-    out = {"rows": a.rows, "vocab": a.vocab, "module": a.module, "card": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "cases": []}
+    card = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    out = {"rows": a.rows, "vocab": a.vocab, "module": a.module, "card": card, "cases": []}
     for name, params in settings.items():
         st = sampling_tensors([params] * a.rows, list(range(a.rows)), [3] * a.rows, dev)
         case = {"setting": name, "ms": {}}

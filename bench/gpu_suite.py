@@ -11,7 +11,8 @@ promised there, so nothing here imports pytest:
   2. the bf16 matmul rate of this card, measured now (the roofline's denominator);
   3. rollout decode at batch 64 (8 groups of 8 sharing 16K- and 60K-token prompts) against the
      memory-bandwidth roofline, with and without prefix sharing, CUDA graphs against eager
-     steps, and where a step's time goes (bench/gpu_rollout_case.py);
+     steps, and where a step's time goes (bench/gpu_rollout_case.py); then the sampler kernel
+     at 64 rows of a 152K vocabulary beside the torch sampler (bench/gpu_sampler_case.py);
   4. one full RL step at a GPU size, with its time split and whether the parts add up
      to the step (bench/train_step_case.py --gpu);
   5. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
@@ -131,12 +132,13 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "decode_tables": 60, "rl_step": 240, "update": 120,
-                 "ring": 120}
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "sampler": 60, "decode_tables": 60, "rl_step": 240,
+                 "update": 120, "ring": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 
 
-CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "decode_tables", "rl_step", "update", "ring"]
+CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tables", "rl_step", "update",
+              "ring"]
 
 
 def _version(module: str) -> str | None:
@@ -301,6 +303,8 @@ def main(argv=None) -> int:
     # the figures not yet measured on a card first (rollout decode, the RL step), then the rest
     report["rollout"] = run_module(out, "rollout", "rollout", "bench.gpu_rollout_case")
     save()
+    report["sampler"] = run_module(out, "sampler", "sampler", "bench.gpu_sampler_case")
+    save()
     report["rl_step"] = run_module(out, "rl_step", "rl_step", "bench.train_step_case", "--gpu")
     if not _not_run(report["rl_step"]):
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
@@ -375,6 +379,15 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
             print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "
                   f"{c['step_ms']:.2f} ms = model {c['model_ms']:.2f} + sampler {c['sampler_ms']:.2f} "
                   f"+ rest {c['rest_ms']:.2f}")
+    sa = report["sampler"]
+    print("\n== sampler kernel, 64 rows x 151,936 tokens (median of 20 launches) ==")
+    if _not_run(sa):
+        print(_why(sa))
+    else:
+        for c in sa["cases"]:
+            ms = c["ms"]
+            print(f"{c['setting']:22s}  kernel {ms['default launch']:6.3f} ms  "
+                  f"torch sampler {ms['torch sampler']:6.3f} ms")
     dt = report["decode_tables"]
     print("\n== decode block tables + context, host work per step (8 x 8 sequences, block 16) ==")
     if _not_run(dt):
@@ -406,7 +419,7 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
                                f"{fmt(u['time'])}, {u['tokens']} tokens, peak {u['peak_extra_bytes'] / gb:.1f} GB"))
     if not any(_not_run(u) for u in up.values()):
         speedup = up["repeated"]["seconds"] / up["shared"]["seconds"]
-        print(f"speed-up x{speedup:.2f} (target >= x{target:.2f})")
+        print(f"speed-up x{speedup:.3f} (target >= x{target:.3f}: {'met' if speedup >= target else 'not met'})")
     if "tests" in report:
         print(f"tests on CUDA: {report['tests'].get('summary') or _why(report['tests'])}")
     print(f"full figures: {out / 'gpu_suite.json'}")

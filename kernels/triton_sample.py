@@ -10,15 +10,17 @@ step replayed as one CUDA graph; here it is one launch. A row's program streams 
 twice and then its own scratch (8 bytes a logit, [B, V] int32 + fp32, allocated per call):
 1. max, min, and each scaled logit x = logits / T (greedy: T = 1)'s order-preserving integer key,
    stored; then each weight exp(x − max), stored, and their sum Z;
-2. the support threshold, found by bisection over the keys, each probe one pass over the
+2. the support threshold, found by a search over the keys, each pass one read of the
    row's keys (and weights): top-k's threshold is the largest key K with #{x ≥ K} ≥ k (the
    k-th largest value, ties kept whole); top-p's is the largest K ≥ that with
    Σ_{x ≥ K} exp(x − max) ≥ top_p · Z_k (Z_k: the top-k-truncated normaliser) — the value of
    the least likely token whose preceding mass is still < top_p, as truncate_logits defines
    it; greedy: the max. A four-way search, three keys measured in each pass: at most 17
-   passes for each (the key range is 2^32), so a row with both is read about 40 times. The version before the scratch, which recomputed x / T and the exp
-   of every logit in every probe (4 warps, tiles of 1,024), took 4.6 ms of device time a decode
-   step for 64 rows of a 152K vocabulary at top-p 0.95 on an H200 (torch.profiler, 2026-11-26);
+   passes for each (the key range is 2^32), so a row with both is read about 40 times. The
+   version before the scratch, a bisection that recomputed x / T and the exp of every logit
+   in every probe (4 warps, tiles of 1,024), took 4.6 ms of device time a decode step for 64
+   rows of a 152K vocabulary at top-p 0.95 on an H200 (torch.profiler, 2026-11-26); this one
+   1.1 ms on an H100, the earlier 4.7 ms in the same run (bench/gpu_sampler_case.py);
 3. the uniform u of (seed, step), the same 32-bit hash as sampling.uniforms (int64
    arithmetic with the multipliers' signed twins, so it is bit for bit that function); greedy
    rows u = 0;
@@ -98,7 +100,8 @@ def _largest_key(keys, weights, V, lo, hi, need, BY_MASS: tl.constexpr, BLOCK_V:
     """The largest key K in [lo, hi) whose count (or, BY_MASS, mass) of values >= K reaches
     `need` (lo must qualify, hi must not), by a four-way search: each pass over the row measures
     three keys at once (the quarter points) and keeps the quarter where the answer lies; a span
-    of at most 2^32 keys needs 16 passes (one more kept as a margin). The sums of a key are _above's, in the same order."""
+    of at most 2^32 keys needs 16 passes (one more kept as a margin). The sums of a key are
+    _above's, in the same order."""
     for _ in range(17):
         if hi - lo > 1:
             span = hi - lo
@@ -220,7 +223,8 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     keys = torch.empty(b, vocab, dtype=torch.int32, device=dev)  # each row's scratch (8 bytes a logit)
     weights = torch.empty(b, vocab, dtype=torch.float32, device=dev)
     args = (temperature.to(device=dev, dtype=torch.float32).contiguous(),
-            top_k.to(device=dev, dtype=torch.int64).contiguous(), top_p.to(device=dev, dtype=torch.float32).contiguous(),
+            top_k.to(device=dev, dtype=torch.int64).contiguous(),
+            top_p.to(device=dev, dtype=torch.float32).contiguous(),
             seeds.to(device=dev, dtype=torch.int64).contiguous(), steps.to(device=dev, dtype=torch.int64).contiguous(),
             tokens, logprobs, keys, weights, vocab)
 

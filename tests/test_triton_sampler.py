@@ -1,8 +1,8 @@
 """The one-kernel sampler (kernels/triton_sample.py) against the torch sampler it stands in for
 (engine.rollout.sampling.sample_batch, whose support, uniforms and distribution
 tests/test_sampling.py checks): the same tokens and log-probs on rows of every kind. On the GPU
-when there is one, else under the Triton interpreter (small vocabularies: each bisection probe
-is a pass over the row)."""
+when there is one, else under the Triton interpreter (small vocabularies: each search pass reads
+the whole row)."""
 from __future__ import annotations
 
 import pytest
@@ -71,7 +71,7 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # ±3e38 − 3e38 in the interpreter: −inf, exp 0
 def test_adjacent_floats_at_a_top_k_boundary():
     """A value and the next float below it on either side of a top-k = 1 boundary, positive and
-    negative, with −inf in the row (so the keys span their whole range): the bisection over the
+    negative, with −inf in the row (so the keys span their whole range): the search over the
     float keys must end on the value itself, not one ulp off, and keep exactly the maximum, as
     torch's comparison does (the rows of 3e38 tie it with v − 5 and v − 6: ties are kept whole).
     8 steps of each row in one call."""
