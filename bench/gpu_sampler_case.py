@@ -15,29 +15,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
-import time
 
 import torch
 
-
-def _time_ms(fn, device: str, repeats: int = 20) -> float:
-    fn()  # compile (and tune) outside the timing
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from bench.spread import median_ms
 
 
 def main(argv=None) -> int:
@@ -78,11 +60,11 @@ def main(argv=None) -> int:
                                             st[3].contiguous(), st[4].contiguous(), tok, lp, keys, weights, v,
                                             BLOCK_V=block, num_warps=warps)
             try:
-                case["ms"][f"{block}x{warps}"] = _time_ms(run, dev, a.repeats)
+                case["ms"][f"{block}x{warps}"] = median_ms(run, dev, a.repeats)
             except Exception as err:  # noqa: BLE001 - a module whose kernel takes other arguments (an older copy)
                 case["ms"][f"{block}x{warps}"] = f"not timed: {err}"[:200]
-        case["ms"]["default launch"] = _time_ms(lambda: kernel.sample_rows_triton(logits, *st), dev, a.repeats)
-        case["ms"]["torch sampler"] = _time_ms(lambda: sample_batch(logits.clone(), *st), dev, a.repeats)
+        case["ms"]["default launch"] = median_ms(lambda: kernel.sample_rows_triton(logits, *st), dev, a.repeats)
+        case["ms"]["torch sampler"] = median_ms(lambda: sample_batch(logits.clone(), *st), dev, a.repeats)
         out["cases"].append(case)
         print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}"
                                       for k, v in case["ms"].items()), file=sys.stderr, flush=True)

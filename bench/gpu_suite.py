@@ -12,7 +12,8 @@ promised there, so nothing here imports pytest:
   3. rollout decode at batch 64 (8 groups of 8 sharing 16K- and 60K-token prompts) against the
      memory-bandwidth roofline, with and without prefix sharing, CUDA graphs against eager
      steps, and where a step's time goes (bench/gpu_rollout_case.py); then the sampler kernel
-     at 64 rows of a 152K vocabulary beside the torch sampler (bench/gpu_sampler_case.py);
+     at 64 rows of a 152K vocabulary beside the torch sampler (bench/gpu_sampler_case.py), and
+     the paged decode kernels alone at a few launch settings (bench/gpu_decode_tune.py);
   4. one full RL step at a GPU size, with its time split and whether the parts add up
      to the step (bench/train_step_case.py --gpu);
   5. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
@@ -132,13 +133,15 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "sampler": 60, "decode_tables": 60, "rl_step": 240,
-                 "update": 120, "ring": 120}
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "sampler": 60, "decode_tune": 90, "decode_tables": 60,
+                 "rl_step": 240, "update": 120, "ring": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
+# the decode kernels' launch settings tried by the suite (bench/gpu_decode_tune.py has the wider grid)
+DECODE_TUNE = ("--waves", "2", "4", "8", "--warps", "4", "8", "--stages", "3", "--block-n", "0")
 
 
-CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tables", "rl_step", "update",
-              "ring"]
+CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tune", "decode_tables",
+              "rl_step", "update", "ring"]
 
 
 def _version(module: str) -> str | None:
@@ -305,6 +308,8 @@ def main(argv=None) -> int:
     save()
     report["sampler"] = run_module(out, "sampler", "sampler", "bench.gpu_sampler_case")
     save()
+    report["decode_tune"] = run_module(out, "decode_tune", "decode_tune", "bench.gpu_decode_tune", *DECODE_TUNE)
+    save()
     report["rl_step"] = run_module(out, "rl_step", "rl_step", "bench.train_step_case", "--gpu")
     if not _not_run(report["rl_step"]):
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
@@ -388,6 +393,22 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
             ms = c["ms"]
             print(f"{c['setting']:22s}  kernel {ms['default launch']:6.3f} ms  "
                   f"torch sampler {ms['torch sampler']:6.3f} ms")
+    tu = report["decode_tune"]
+    print("\n== paged decode kernels alone, one layer, 8 groups x 8 sharing a prompt: launch settings ==")
+    if _not_run(tu):
+        print(_why(tu))
+    else:
+        d = tu["default"]
+        for length in tu["lengths"]:
+            rows = {(r["waves"], r["num_warps"], r["num_stages"], r["block_n"]): r for r in length["settings"]}
+            mine = rows.get((d["waves"], d["num_warps"], d["num_stages"], d["block_n"]), {})
+            best = length["best"] or {}
+            nan = float("nan")
+            print(f"prompt {length['prompt_len']:>6}: default {mine.get('shared_ms', nan):.3f} ms "
+                  f"({mine.get('roofline_fraction') or 0:.1%} of the roofline); best {best.get('shared_ms', nan):.3f} "
+                  f"ms ({best.get('roofline_fraction') or 0:.1%}) at waves {best.get('waves')}, warps "
+                  f"{best.get('num_warps')}, stages {best.get('num_stages')}, block_n {best.get('block_n')}")
+        print("apply a setting: LONGRL_DECODE_LAUNCH=waves=4,num_warps=8 (kernels/triton_paged.py LAUNCH)")
     dt = report["decode_tables"]
     print("\n== decode block tables + context, host work per step (8 x 8 sequences, block 16) ==")
     if _not_run(dt):

@@ -34,3 +34,27 @@ def fmt(s: dict, scale: float = 1.0, unit: str = "s", digits: int = 4) -> str:
     if s["rounds"] == 1:
         return f"{num(s['median'])}{unit} [1 round]"
     return f"{num(s['median'])}{unit} [{num(s['min'])}–{num(s['max'])}]"
+
+
+def median_ms(fn, device: str, repeats: int) -> float:
+    """fn's median time in ms over `repeats` calls after one untimed call (compiles, tunes): CUDA
+    events around each call on a GPU, the wall clock elsewhere."""
+    import time
+
+    import torch
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)

@@ -1,6 +1,8 @@
 """Triton kernels of kernels.paged_attention (see there for the functions they compute and the launch plan)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -11,6 +13,30 @@ LOG2E = 1.4426950408889634
 MIN_ROWS = 16  # rows per program: the MMA tile's M (Triton 3.6 and 3.9 also compile tl.dot on fewer rows, padded)
 MIN_TILES_PER_SPLIT = 4  # a split must read enough KV to pay for its partial's write and merge
 MAX_SPLITS = 64
+# the decode launches' settings: programs × splits ≈ waves × the SMs, the partial kernel's warps and
+# pipeline stages, its K/V tile (block_n; 0: 64 rows at head_dim <= 128, else 32). `python3 -m
+# bench.gpu_decode_tune` times the alternatives on a card; $LONGRL_DECODE_LAUNCH overrides them
+# ("waves=4,num_warps=8"). The defaults are Triton's own warps and stages and two waves: none has
+# been tuned on a GPU yet.
+LAUNCH = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 0}
+
+
+def launch_overrides(text: str) -> dict[str, int]:
+    """$LONGRL_DECODE_LAUNCH's "key=value,..." -> the LAUNCH entries it sets (unknown keys and
+    values that are not positive integers raise, naming them)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in LAUNCH:
+            raise ValueError(f"LONGRL_DECODE_LAUNCH: unknown setting {key!r} (known: {', '.join(LAUNCH)})")
+        if not value.strip().isdigit() or (int(value) < 1 and key != "block_n"):
+            raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} needs a positive integer, got {value.strip()!r}")
+        out[key] = int(value)
+    return out
+
+
+LAUNCH.update(launch_overrides(os.environ.get("LONGRL_DECODE_LAUNCH", "")))
 
 
 @triton.jit
@@ -141,7 +167,7 @@ def _check(q, k_cache, v_cache):
 
 
 def _block_n(d: int, block_n: int | None) -> int:
-    block_n = block_n or (64 if d <= 128 else 32)
+    block_n = block_n or LAUNCH["block_n"] or (64 if d <= 128 else 32)
     if block_n < 16 or block_n & (block_n - 1):
         raise ValueError(f"paged attention: block_n must be a power of two >= 16, got {block_n}")
     return block_n
@@ -154,11 +180,11 @@ def _num_sms(device: torch.device) -> int:
 
 
 def pick_num_splits(max_len: int, programs: int, block_n: int, device: torch.device) -> int:
-    """Splits per item so that programs × splits is about two waves of the GPU's SMs (one
-    program per SM leaves HBM bandwidth unused), each split still reading ≥ MIN_TILES_PER_SPLIT
-    tiles. Short contexts get 1 split, so no merge pass."""
+    """Splits per item so that programs × splits is about LAUNCH["waves"] waves of the GPU's SMs
+    (one program per SM leaves HBM bandwidth unused), each split still reading ≥
+    MIN_TILES_PER_SPLIT tiles. Short contexts get 1 split, so no merge pass."""
     tiles = -(-max(max_len, 1) // block_n)
-    want = -(-2 * _num_sms(device) // max(programs, 1))
+    want = -(-LAUNCH["waves"] * _num_sms(device) // max(programs, 1))
     return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
@@ -179,7 +205,8 @@ def _launch_partial(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot
         BLOCK_M=max(MIN_ROWS, triton.next_power_of_2(members_per_program * group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_MEMBERS=members is not None,
         HAS_START=starts is not None, STORE_LSE=lse is not None,
-        IEEE_DOT=k_cache.dtype == torch.float32, UPCAST_BF16=k_cache.dtype == torch.bfloat16 and not q.is_cuda)
+        IEEE_DOT=k_cache.dtype == torch.float32, UPCAST_BF16=k_cache.dtype == torch.bfloat16 and not q.is_cuda,
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
 
 
 def _merge(o, lse, out):

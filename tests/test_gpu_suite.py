@@ -156,6 +156,11 @@ def _fake_stage_output(cmd: list[str]) -> dict:
     if module == "bench.gpu_sampler_case":
         return {"cases": [{"setting": "top_p 0.95", "ms": {"4096x16": 1.25, "default launch": 1.25,
                                                           "torch sampler": 4.5}}]}
+    if module == "bench.gpu_decode_tune":
+        default = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 64}
+        mine = {**default, "shared_ms": 2.0, "roofline_fraction": 0.25}
+        best = {**default, "waves": 8, "shared_ms": 1.0, "roofline_fraction": 0.5}
+        return {"default": default, "lengths": [{"prompt_len": 61440, "settings": [mine, best], "best": best}]}
     if module == "bench.decode_tables_case":
         return {"cases": [{"prompt_len": 16384, "backend": "triton", "lists": {"median_ms": 9.0},
                            "device": {"median_ms": 0.4}, "speedup": 22.5}]}
@@ -213,13 +218,15 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     monkeypatch.setattr(kernels.rows, "chunk_rows", lambda *a, **k: 4096)
     rc = gs.main(["--out", str(tmp_path / "out")])
     text = capsys.readouterr().out
-    assert ran == ["bench.gpu_rollout_case", "bench.gpu_sampler_case", "bench.train_step_case"] \
+    assert ran == ["bench.gpu_rollout_case", "bench.gpu_sampler_case", "bench.gpu_decode_tune",
+                   "bench.train_step_case"] \
         + ["bench.kernel_case"] * len(gs.CASES) \
         + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case"]
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert report["card"] == "Fake GPU" and report["budget_s"] == 540 and report["elapsed_s"] >= 0
     assert "speed-up x1.000 (target >= x3.150: not met)" in text and "W=1: fwd+bwd 10.0 ms" in text and "x22.5" in text
     assert "top_p 0.95              kernel  1.250 ms  torch sampler  4.500 ms" in text
+    assert "prompt  61440: default 2.000 ms (25.0% of the roofline); best 1.000 ms (50.0%) at waves 8" in text
     assert len(report["grpo_loss"]) == len(gs.CASES) and "targets: roofline >= 85%" in text
     if broken == "tests timed out":
         assert rc == 1 and "failed or skipped cases: tests (" in text and "tests on CUDA: timed out" in text
@@ -289,3 +296,49 @@ def test_sampler_case_and_kernel_profile_run_on_cpu(tmp_path, capsys):
     assert r["profiled_steps"] == 3 and r["batch"] == 4 and len(r["top_ms_per_step"]) == 4
     top = r["top_ms_per_step"].values()
     assert all(v > 0 for v in top) and r["device_ms_per_step"] >= max(top)
+
+
+def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
+    """bench/gpu_decode_tune.py at a tiny size under the interpreter: every setting computes the
+    default's output and is timed, the best is one of them, LAUNCH is restored after; the splits
+    follow LAUNCH["waves"]; $LONGRL_DECODE_LAUNCH's settings are read and checked."""
+    import torch
+
+    from bench.gpu_decode_tune import tune
+    from kernels import triton_paged as tp
+
+    before = dict(tp.LAUNCH)
+    grid = [(2, 4, 3, 16), (8, 4, 3, 32)]
+    r = tune([40], groups=2, n=2, suffix=3, grid=grid, device="cpu", repeats=1, hq=4, hkv=2, d=16)
+    assert tp.LAUNCH == before and r["copy_bandwidth"] is None
+    (length,) = r["lengths"]
+    assert [(s["waves"], s["block_n"]) for s in length["settings"]] == [(2, 16), (8, 32)]
+    assert all(s["max_abs_diff"] < 1e-5 and s["shared_ms"] > 0 and s["plain_ms"] > 0 for s in length["settings"])
+    assert length["best"] in length["settings"]
+    assert length["must_read_bytes"] == (2 * 40 + 4 * 3) * 2 * 16 * 2 * 4  # fp32 K and V of 2 heads of 16
+    # the splits follow the waves: 12 programs on 132 SMs want 11 splits at 1 wave, 33 at 3
+    monkeypatch.setitem(tp.LAUNCH, "waves", 1)
+    assert tp.pick_num_splits(1 << 20, 12, 64, torch.device("cpu")) == 11
+    monkeypatch.setitem(tp.LAUNCH, "waves", 3)
+    assert tp.pick_num_splits(1 << 20, 12, 64, torch.device("cpu")) == 33
+    assert tp.launch_overrides(" waves=4, num_warps=8 ,") == {"waves": 4, "num_warps": 8}
+    assert tp.launch_overrides("block_n=0") == {"block_n": 0} and tp.launch_overrides("") == {}
+    for bad, words in (("wave=4", "unknown setting 'wave'"), ("num_warps=x", "num_warps needs a positive integer"),
+                       ("num_stages=0", "num_stages needs a positive integer")):
+        with pytest.raises(ValueError, match=words):
+            tp.launch_overrides(bad)
+    # the launch passes LAUNCH's warps, stages and tile on (the interpreter ignores warps and stages)
+    from bench.gpu_decode_tune import workload
+
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(kwargs)
+
+    monkeypatch.setattr(tp, "_decode_partial_kernel", Spy())
+    for key, value in (("num_warps", 8), ("num_stages", 2), ("block_n", 32)):
+        monkeypatch.setitem(tp.LAUNCH, key, value)
+    q, k, v, bt, lens, prefix, gid = workload(1, 2, 40, 3, 4, 2, 16, 16, "cpu", torch.float32)
+    tp.paged_decode_triton(q, k, v, bt, lens, 0.25, num_splits=2)
+    assert [(s["num_warps"], s["num_stages"], s["BLOCK_N"]) for s in seen] == [(8, 2, 32)]
