@@ -177,8 +177,14 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     h = _hash32((seed & 0xFFFFFFFF) ^ h)
     u = (h >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
     u = tl.where(greedy, 0.0, u)
-    # 4. the draw, in vocabulary order
-    total = _above(keys, weights, V, thr, True, BLOCK_V)
+    # 4. the draw, in vocabulary order; the total summed block by block as the draw's carry is, so
+    # that u < 1 leaves the goal below the carry's last value
+    total = tl.zeros((), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        offs = v0 + tl.arange(0, BLOCK_V)
+        ok = offs < V
+        sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= thr)
+        total += tl.sum(tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0), axis=0)
     goal = tl.maximum(u * total, 1.1754943508222875e-38)  # above 0: the token found has weight
     carry = tl.zeros((), dtype=tl.float32)
     token = tl.full((), V, tl.int64)
