@@ -75,8 +75,8 @@ def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py",
            "tests/test_rollout.py", "tests/test_attention_block.py", "tests/test_paged_kernel.py",
            "tests/test_decode_paths.py", "tests/test_cuda_graphs.py", "tests/test_triton_sampler.py",
-           "tests/test_prefill.py", "tests/test_shared_prefix.py", "-k",
-           "cuda or gpu or test_paged_kernel or test_decode_paths or test_triton_sampler",
+           "tests/test_prefill.py", "tests/test_shared_prefix.py", "tests/test_triton_norm.py", "-k",
+           "cuda or gpu or test_paged_kernel or test_decode_paths or test_triton_sampler or test_triton_norm",
            "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     proc = stage(cmd, STAGE_TIMEOUT["tests"])

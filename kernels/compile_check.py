@@ -68,6 +68,7 @@ def capture_launches() -> list[tuple]:
 def _call_helpers(torch) -> None:
     from kernels.triton_paged import paged_decode_triton, shared_prefix_decode_triton
     from kernels.triton_rows import TritonRows
+    from kernels.triton_norm import rms_norm_triton
     from kernels.triton_sample import sample_rows_triton
 
     g = torch.Generator().manual_seed(0)
@@ -90,6 +91,8 @@ def _call_helpers(torch) -> None:
         lse, logp, ent = TritonRows.stats(z, targets, 1.0)
         TritonRows.grad(z, targets, lse, ent, torch.ones(8), torch.ones(8), 1.0)
         TritonRows.grad(z, targets, lse, None, torch.ones(8), None, 1.0)
+        for h in (1536, 5120):  # Qwen2-1.5B's and a 32B's hidden size: 4 and 8 warps
+            rms_norm_triton(torch.randn(3, h, generator=g).to(dtype), torch.ones(h, dtype=dtype), 1e-6)
         b = 4
         sample_rows_triton(z[:b], torch.ones(b), torch.zeros(b, dtype=torch.long), torch.full((b,), 0.9),
                            torch.arange(b), torch.zeros(b, dtype=torch.long))
@@ -109,7 +112,9 @@ def for_the_gpu(variants) -> list[tuple]:
         if constexprs.get("UPCAST_BF16"):
             choices = [({**constexprs, "UPCAST_BF16": False}, options)]
         for c, o in choices:
-            out.setdefault((fn.fn.__name__, tuple(sorted(c.items())), tuple(sorted(o.items()))), (fn, signature, c, o))
+            # the signature in the key: an fp32 and a bf16 launch with the same constexprs are two variants
+            key = (fn.fn.__name__, tuple(sorted(signature.items())), tuple(sorted(c.items())), tuple(sorted(o.items())))
+            out.setdefault(key, (fn, signature, c, o))
     return list(out.values())
 
 
@@ -133,7 +138,9 @@ def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | No
         print(f"compile_check: no shared-memory limit known for cuda:{arch}; that check is skipped", flush=True)
     failures = []
     for fn, signature, constexprs, options in variants:
-        label = f"{fn.fn.__name__}({', '.join(f'{k}={v}' for k, v in constexprs.items())}) {options or ''}".strip()
+        dtype = next((t[1:] for t in signature.values() if t.startswith("*")), "")  # the first tensor's element type
+        label = (f"{fn.fn.__name__}({', '.join(f'{k}={v}' for k, v in constexprs.items())}) [{dtype}] "
+                 f"{options or ''}").strip()
         t0 = time.perf_counter()
         try:
             kernel = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,

@@ -10,6 +10,9 @@ so a reader who knows those checkpoints knows these modules.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Iterable
 
 import torch
@@ -60,6 +63,22 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def fused_norm(x: torch.Tensor) -> bool:
+    """Whether RMSNorm runs as kernels/triton_norm.py's one kernel: with autograd off (the rollout;
+    the trainer needs the backward), on CUDA, unless $LONGRL_NORM = torch."""
+    if torch.is_grad_enabled() or not x.is_cuda or not _has_triton():
+        return False
+    choice = os.environ.get("LONGRL_NORM", "triton")
+    if choice not in ("triton", "torch"):
+        raise ValueError(f"LONGRL_NORM must be triton or torch, got {choice!r}")
+    return choice == "triton"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -67,6 +86,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_norm(x):  # inference on a GPU: one kernel instead of eight
+            from kernels.triton_norm import rms_norm_triton
+            return rms_norm_triton(x, self.weight, self.eps)
         # statistics in fp32 whatever the activation dtype; scale after casting back
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)

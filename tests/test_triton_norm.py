@@ -1,0 +1,92 @@
+"""The one-kernel RMSNorm (kernels/triton_norm.py) against the model's torch RMSNorm, and the
+rule that picks it (inference on CUDA only). Under the Triton interpreter on CPU; on the GPU
+when there is one."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from engine.model import model as model_mod
+from engine.model.model import RMSNorm, fused_norm
+from kernels.triton_norm import rms_norm_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reference(x, weight, eps):
+    """The model's own RMSNorm on its torch path (autograd on, so never the kernel)."""
+    norm = RMSNorm(x.shape[-1], eps)
+    norm.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    with torch.enable_grad():
+        return norm(x).detach()
+
+
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(5, 576), (3, 100), (4, 3, 64), (0, 32)])
+def test_the_kernel_computes_the_models_rms_norm(dtype, wdtype, shape):
+    """Rows of a hidden size not a power of two (100, 576), the per-head shape of q / k norms,
+    no rows; bf16 activations with bf16 and with fp32 weights (torch's promotion decides the
+    output dtype); values far from 1 so the scale matters."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 7 + 1).to(dtype).to(DEVICE)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(wdtype).to(DEVICE)
+    want = _reference(x, w, 1e-6)
+    got = rms_norm_triton(x, w, 1e-6)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    else:  # the mean's summation order may move a value across a bf16 rounding boundary: one ulp at most
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+        assert got.numel() == 0 or (got != want).float().mean() < 0.02
+
+
+def test_a_strided_input_and_bad_shapes():
+    """A column slice of a wider tensor (its rows' stride is not H), and the checks."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(6, 80, generator=g).to(DEVICE)
+    x, w = wide[:, :48], torch.rand(48, generator=g).to(DEVICE)
+    torch.testing.assert_close(rms_norm_triton(x, w, 1e-5), _reference(x, w, 1e-5), rtol=2e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="does not match the hidden size 48"):
+        rms_norm_triton(x, w[:40], 1e-5)
+    with pytest.raises(ValueError, match="more than one program's registers hold"):
+        rms_norm_triton(torch.zeros(1, 16385, device=DEVICE), torch.ones(16385, device=DEVICE), 1e-5)
+
+
+def test_the_fused_norm_runs_only_for_inference_on_cuda(monkeypatch):
+    on_gpu, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(2)
+    monkeypatch.delenv("LONGRL_NORM", raising=False)
+    assert not fused_norm(on_gpu)  # autograd on: the trainer's forward needs the backward
+    with torch.no_grad():
+        assert fused_norm(on_gpu) and not fused_norm(on_cpu)
+        monkeypatch.setenv("LONGRL_NORM", "torch")
+        assert not fused_norm(on_gpu)
+        monkeypatch.setenv("LONGRL_NORM", "fast")
+        with pytest.raises(ValueError, match="LONGRL_NORM must be triton or torch, got 'fast'"):
+            fused_norm(on_gpu)
+    with torch.inference_mode():
+        monkeypatch.setenv("LONGRL_NORM", "triton")
+        assert fused_norm(on_gpu)
+
+
+def test_a_model_with_the_fused_norm_computes_the_same_hidden_states(tmp_path, monkeypatch):
+    """Every norm of a Qwen3 model (the layers', q / k per head, the final one) through the kernel
+    (the CUDA-only rule stood in for on CPU): the forward's hidden states as with torch's norm."""
+    from conftest import tiny_decoder
+
+    model = tiny_decoder(tmp_path / "q3", "qwen3", num_hidden_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)
+        calls = []
+
+        def spy(x):
+            calls.append(x.shape)
+            return not torch.is_grad_enabled()
+
+        monkeypatch.setattr(model_mod, "fused_norm", spy)
+        got = model(ids)
+    assert len(calls) == 2 * 2 + 2 * 2 + 1  # per layer: 2 norms + q_norm + k_norm; the final norm
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
