@@ -400,6 +400,9 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
     else:
         d = tu["default"]
         for length in tu["lengths"]:
+            if "error" in length:
+                print(f"prompt {length['prompt_len']:>6}: {length['error']}")
+                continue
             rows = {(r["waves"], r["num_warps"], r["num_stages"], r["block_n"]): r for r in length["settings"]}
             mine = rows.get((d["waves"], d["num_warps"], d["num_stages"], d["block_n"]), {})
             best = length["best"] or {}

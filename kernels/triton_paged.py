@@ -22,17 +22,27 @@ LAUNCH = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 0}
 
 
 def launch_overrides(text: str) -> dict[str, int]:
-    """$LONGRL_DECODE_LAUNCH's "key=value,..." -> the LAUNCH entries it sets (unknown keys and
-    values that are not positive integers raise, naming them)."""
-    out = {}
+    """$LONGRL_DECODE_LAUNCH's "key=value,..." -> the LAUNCH entries it sets. Refused, naming the
+    setting: an unknown or repeated key, a value that is not a decimal integer, waves or
+    num_stages below 1, num_warps not a power of two, block_n neither 0 nor a power of two >= 16."""
+    out: dict[str, int] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
-        key, _, value = item.partition("=")
-        key = key.strip()
+        key, _, raw = (part.strip() for part in item.partition("="))
         if key not in LAUNCH:
             raise ValueError(f"LONGRL_DECODE_LAUNCH: unknown setting {key!r} (known: {', '.join(LAUNCH)})")
-        if not value.strip().isdigit() or (int(value) < 1 and key != "block_n"):
-            raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} needs a positive integer, got {value.strip()!r}")
-        out[key] = int(value)
+        if key in out:
+            raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} given twice")
+        if not raw.isascii() or not raw.isdigit():
+            raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} needs a non-negative integer, got {raw!r}")
+        value = int(raw)
+        power_of_two = value > 0 and value & (value - 1) == 0
+        ok = {"waves": value >= 1, "num_stages": value >= 1, "num_warps": power_of_two,
+              "block_n": value == 0 or (power_of_two and value >= 16)}[key]
+        if not ok:
+            want = {"waves": "at least 1", "num_stages": "at least 1", "num_warps": "a power of two",
+                    "block_n": "0 or a power of two >= 16"}[key]
+            raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} must be {want}, got {value}")
+        out[key] = value
     return out
 
 

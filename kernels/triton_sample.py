@@ -133,6 +133,18 @@ def _largest_key(keys, weights, V, lo, hi, need, BY_MASS: tl.constexpr, BLOCK_V:
 
 
 @triton.jit
+def _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V: tl.constexpr):
+    """A block's support weights (keys >= thr) and the running sum at its end: the last value of
+    its cumsum on the carry."""
+    offs = v0 + tl.arange(0, BLOCK_V)
+    ok = offs < V
+    sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= thr)
+    w = tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0)
+    cdf = tl.cumsum(w, axis=0) + carry
+    return offs, w, tl.sum(tl.where(tl.arange(0, BLOCK_V) == BLOCK_V - 1, cdf, 0.0), axis=0)
+
+
+@triton.jit
 def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr, tok_ptr, lp_ptr,
                    keys_ptr, weights_ptr, V, BLOCK_V: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -177,30 +189,26 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     h = _hash32((seed & 0xFFFFFFFF) ^ h)
     u = (h >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
     u = tl.where(greedy, 0.0, u)
-    # 4. the draw, in vocabulary order; the total summed block by block as the draw's carry is, so
-    # that u < 1 leaves the goal below the carry's last value
+    # 4. the draw, in vocabulary order. The total is the draw's own running sum (each block's cumsum
+    # on the carry, the carry its last value), the same operations in the same order: the last
+    # positive weight's cumulative value is the total bit for bit, so u < 1 always finds a token
     total = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        ok = offs < V
-        sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= thr)
-        total += tl.sum(tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0), axis=0)
+        offs, w, total = _block_cdf(keys, weights, v0, V, thr, total, BLOCK_V)
     goal = tl.maximum(u * total, 1.1754943508222875e-38)  # above 0: the token found has weight
     carry = tl.zeros((), dtype=tl.float32)
     token = tl.full((), V, tl.int64)
-    last = tl.full((), -1, tl.int64)  # the support's last token: where rounding leaves the goal past the end
+    last = tl.full((), -1, tl.int64)  # the support's last token
     for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        ok = offs < V
-        sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= thr)
-        w = tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0)
+        offs, w, cdf_end = _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V)
         cdf = tl.cumsum(w, axis=0) + carry
         hit = (cdf >= goal) & (w > 0)
         token = tl.minimum(token, tl.min(tl.where(hit, offs.to(tl.int64), V), axis=0))
         last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
-        carry += tl.sum(w, axis=0)
-    # a row with no positive weight (all −inf, or NaN / inf logits) still gets a token in range
-    token = tl.where(token < V, token, tl.maximum(last, 0))
+        carry = cdf_end
+    # a row with no positive weight (all −inf, or NaN / inf logits) gets the last token, as the
+    # torch sampler's clamped search gives it; rounding never leaves a weighted row without one
+    token = tl.where(token < V, token, tl.where(last >= 0, last, V - 1))
     x_tok = tl.load(row + token).to(tl.float32)
     if temp != 1.0:
         x_tok = tl.div_rn(x_tok, temp)

@@ -323,8 +323,12 @@ def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
     assert tp.pick_num_splits(1 << 20, 12, 64, torch.device("cpu")) == 33
     assert tp.launch_overrides(" waves=4, num_warps=8 ,") == {"waves": 4, "num_warps": 8}
     assert tp.launch_overrides("block_n=0") == {"block_n": 0} and tp.launch_overrides("") == {}
-    for bad, words in (("wave=4", "unknown setting 'wave'"), ("num_warps=x", "num_warps needs a positive integer"),
-                       ("num_stages=0", "num_stages needs a positive integer")):
+    refused = (("wave=4", "unknown setting 'wave'"), ("num_warps=x", "num_warps needs a non-negative integer"),
+               ("waves=\u00b2", "waves needs a non-negative integer"),
+               ("num_stages=0", "num_stages must be at least 1"),
+               ("num_warps=3", "num_warps must be a power of two"), ("block_n=24", "block_n must be 0 or a power"),
+               ("block_n=8", "block_n must be 0 or a power"), ("waves=2,waves=4", "waves given twice"))
+    for bad, words in refused:
         with pytest.raises(ValueError, match=words):
             tp.launch_overrides(bad)
     # the launch passes LAUNCH's warps, stages and tile on (the interpreter ignores warps and stages)

@@ -64,8 +64,26 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
         st = sampling_tensors([params] * 3, [1, 2, 3], [0, 0, 0], DEVICE)
         tokens, _ = sample_rows_triton(bad.to(DEVICE), *st)
         assert all(0 <= t < 50 for t in tokens.tolist()), tokens
-        tokens, _ = sample_batch(bad.clone(), *(x.cpu() for x in st))  # the torch sampler as well
-        assert all(0 <= t < 50 for t in tokens.tolist()), tokens
+        torch_tokens, _ = sample_batch(bad.clone(), *(x.cpu() for x in st))  # the torch sampler as well
+        assert all(0 <= t < 50 for t in torch_tokens.tolist()), torch_tokens
+        assert tokens[0] == torch_tokens[0] == 49  # no finite weight at all: the last token, in both
+
+
+def test_a_uniform_next_to_one_finds_its_token_without_the_fallback():
+    """u within a few ulps of 1 (steps chosen for it) on one dominant logit and 127 tiny ones:
+    the goal u · total must not pass the running sum the draw compares, or no token is found
+    and the row falls back to its last token (127). Summed as the draw sums (each block's cumsum
+    on the carry), it cannot. Which tiny token is drawn is a matter of rounding (torch's CPU
+    cumsum accumulates in fp64), so only the fallback is checked."""
+    logits = torch.full((3, 128), -17.5)
+    logits[:, 0] = 0.0
+    steps = [269717, 443457, 1164063]
+    st = sampling_tensors([SamplingParams(temperature=1.0)] * 3, [0, 0, 0], steps, DEVICE)
+    assert bool((sampling.uniforms(st[3].cpu(), st[4].cpu()) > 1 - 1e-5).all())  # the case: u near 1
+    for block in (None, 32):
+        tokens, logprobs = sample_rows_triton(logits.to(DEVICE), *st, block=block)
+        assert all(t < 127 for t in tokens.tolist()), (block, tokens)
+        assert bool(torch.isfinite(logprobs).all())
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # ±3e38 − 3e38 in the interpreter: −inf, exp 0
