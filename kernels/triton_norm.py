@@ -9,8 +9,9 @@ eight kernels (the fp32 copy, the square, the mean, + eps, rsqrt, the product, t
 the weight); in a batch-64 decode step of a 28-layer model, 57 norms are ~450 launches. Here
 it is one launch a norm: one program per row, the row held in registers (H up to 16,384).
 Only the mean's summation order differs from torch's. No backward: the trainer, which needs
-gradients, keeps the torch module (engine.model.model.RMSNorm takes this path only with
-autograd off, on CUDA, and where $LONGRL_NORM is not "torch"). Runs on CPU under
+gradients, keeps the torch module (engine.model.model.RMSNorm takes this path only in
+inference mode, on CUDA, and where $LONGRL_NORM is not "torch": the trainer's no-grad old and
+reference log-probs keep the update's own norm, so the first ratio stays exactly 1). Runs on CPU under
 TRITON_INTERPRET=1 for the tests.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _round(v, dtype: tl.constexpr):
     if dtype == tl.bfloat16:
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536  # -65536: the mask 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        # a NaN stays one: a GPU's NaN is 0x7FFFFFFF, which the rounding would carry into -0.0
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     return v.to(dtype)
 
 

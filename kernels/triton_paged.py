@@ -24,7 +24,8 @@ LAUNCH = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 0}
 def launch_overrides(text: str) -> dict[str, int]:
     """$LONGRL_DECODE_LAUNCH's "key=value,..." -> the LAUNCH entries it sets. Refused, naming the
     setting: an unknown or repeated key, a value that is not a decimal integer, waves or
-    num_stages below 1, num_warps not a power of two, block_n neither 0 nor a power of two >= 16."""
+    num_stages below 1, num_warps not a power of two up to 32, block_n neither 0 nor a power of
+    two >= 16."""
     out: dict[str, int] = {}
     for item in filter(None, (x.strip() for x in text.split(","))):
         key, _, raw = (part.strip() for part in item.partition("="))
@@ -36,10 +37,10 @@ def launch_overrides(text: str) -> dict[str, int]:
             raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} needs a non-negative integer, got {raw!r}")
         value = int(raw)
         power_of_two = value > 0 and value & (value - 1) == 0
-        ok = {"waves": value >= 1, "num_stages": value >= 1, "num_warps": power_of_two,
+        ok = {"waves": value >= 1, "num_stages": value >= 1, "num_warps": power_of_two and value <= 32,
               "block_n": value == 0 or (power_of_two and value >= 16)}[key]
         if not ok:
-            want = {"waves": "at least 1", "num_stages": "at least 1", "num_warps": "a power of two",
+            want = {"waves": "at least 1", "num_stages": "at least 1", "num_warps": "a power of two up to 32",
                     "block_n": "0 or a power of two >= 16"}[key]
             raise ValueError(f"LONGRL_DECODE_LAUNCH: {key} must be {want}, got {value}")
         out[key] = value

@@ -190,8 +190,9 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     u = (h >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
     u = tl.where(greedy, 0.0, u)
     # 4. the draw, in vocabulary order. The total is the draw's own running sum (each block's cumsum
-    # on the carry, the carry its last value), the same operations in the same order: the last
-    # positive weight's cumulative value is the total bit for bit, so u < 1 always finds a token
+    # on the carry, the carry its last value), so u < 1 keeps the goal below the value the draw
+    # reaches at the support's end (a sequential scan: the last weighted token's value is the total
+    # bit for bit; a GPU's tree scan may round it below, and the fallback then takes that token)
     total = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         offs, w, total = _block_cdf(keys, weights, v0, V, thr, total, BLOCK_V)
@@ -207,7 +208,8 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
         last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
         carry = cdf_end
     # a row with no positive weight (all −inf, or NaN / inf logits) gets the last token, as the
-    # torch sampler's clamped search gives it; rounding never leaves a weighted row without one
+    # torch sampler's clamped search gives it; a weighted row whose goal rounding left past its
+    # cumulative values gets its last weighted token, the draw's own answer
     token = tl.where(token < V, token, tl.where(last >= 0, last, V - 1))
     x_tok = tl.load(row + token).to(tl.float32)
     if temp != 1.0:

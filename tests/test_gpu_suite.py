@@ -326,7 +326,7 @@ def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
     refused = (("wave=4", "unknown setting 'wave'"), ("num_warps=x", "num_warps needs a non-negative integer"),
                ("waves=\u00b2", "waves needs a non-negative integer"),
                ("num_stages=0", "num_stages must be at least 1"),
-               ("num_warps=3", "num_warps must be a power of two"), ("block_n=24", "block_n must be 0 or a power"),
+               ("num_warps=3", "num_warps must be a power of two"), ("num_warps=64", "up to 32"), ("block_n=24", "block_n must be 0 or a power"),
                ("block_n=8", "block_n must be 0 or a power"), ("waves=2,waves=4", "waves given twice"))
     for bad, words in refused:
         with pytest.raises(ValueError, match=words):

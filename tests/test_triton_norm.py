@@ -7,10 +7,12 @@ import types
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from engine.model import model as model_mod
 from engine.model.model import RMSNorm, fused_norm
-from kernels.triton_norm import rms_norm_triton
+from kernels.triton_norm import _round, rms_norm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -55,20 +57,21 @@ def test_a_strided_input_and_bad_shapes():
         rms_norm_triton(torch.zeros(1, 16385, device=DEVICE), torch.ones(16385, device=DEVICE), 1e-5)
 
 
-def test_the_fused_norm_runs_only_for_inference_on_cuda(monkeypatch):
+def test_the_fused_norm_runs_only_in_inference_mode_on_cuda(monkeypatch):
+    """The rollout runs in inference mode; the trainer's forwards, the no-grad old / reference
+    log-probs included, keep the torch norm (their values must equal the update's exactly)."""
     on_gpu, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(2)
     monkeypatch.delenv("LONGRL_NORM", raising=False)
-    assert not fused_norm(on_gpu)  # autograd on: the trainer's forward needs the backward
+    assert not fused_norm(on_gpu)  # autograd on: the update's forward
     with torch.no_grad():
+        assert not fused_norm(on_gpu)  # the old / reference log-probs
+    with torch.inference_mode():
         assert fused_norm(on_gpu) and not fused_norm(on_cpu)
         monkeypatch.setenv("LONGRL_NORM", "torch")
         assert not fused_norm(on_gpu)
         monkeypatch.setenv("LONGRL_NORM", "fast")
         with pytest.raises(ValueError, match="LONGRL_NORM must be triton or torch, got 'fast'"):
             fused_norm(on_gpu)
-    with torch.inference_mode():
-        monkeypatch.setenv("LONGRL_NORM", "triton")
-        assert fused_norm(on_gpu)
 
 
 def test_a_model_with_the_fused_norm_computes_the_same_hidden_states(tmp_path, monkeypatch):
@@ -78,15 +81,37 @@ def test_a_model_with_the_fused_norm_computes_the_same_hidden_states(tmp_path, m
 
     model = tiny_decoder(tmp_path / "q3", "qwen3", num_hidden_layers=2)
     ids = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.inference_mode():
         want = model(ids)
         calls = []
 
         def spy(x):
             calls.append(x.shape)
-            return not torch.is_grad_enabled()
+            return torch.is_inference_mode_enabled()
 
         monkeypatch.setattr(model_mod, "fused_norm", spy)
         got = model(ids)
     assert len(calls) == 2 * 2 + 2 * 2 + 1  # per layer: 2 norms + q_norm + k_norm; the final norm
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@triton.jit
+def _to_bf16(x_ptr, o_ptr, N: tl.constexpr):
+    c = tl.arange(0, N)
+    tl.store(o_ptr + c, _round(tl.load(x_ptr + c), tl.bfloat16))
+
+
+def test_nan_and_inf_survive_the_bf16_rounding():
+    """The hand rounding to bf16 on the bit patterns a GPU produces: its NaN is 0x7FFFFFFF (an
+    add of 0x7FFF would carry it into the sign bit: −0.0), ±inf and the largest floats (which
+    round to ±inf) and −0.0 kept."""
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7F800000, -8388608, 0x7F7FFFFF, -2147483648, 0x3F808000, 0x3F818000],
+                        dtype=torch.int32)  # NaN, −NaN (0xFFFFFFFF), inf, −inf, max float, −0.0, two ties
+    x = bits.view(torch.float32).to(DEVICE)
+    out = torch.empty(8, dtype=torch.bfloat16, device=DEVICE)
+    _to_bf16[(1,)](x, out, N=8)
+    got = out.float().cpu()
+    assert bool(got[:2].isnan().all()), got
+    assert got[2:5].tolist() == [float("inf"), float("-inf"), float("inf")]
+    assert got[5].item() == 0.0 and torch.signbit(got[5])
+    assert got[6:].tolist() == x[6:].cpu().to(torch.bfloat16).float().tolist() == [1.0, 1.015625]  # to even

@@ -69,9 +69,10 @@ def _has_triton() -> bool:
 
 
 def fused_norm(x: torch.Tensor) -> bool:
-    """Whether RMSNorm runs as kernels/triton_norm.py's one kernel: with autograd off (the rollout;
-    the trainer needs the backward), on CUDA, unless $LONGRL_NORM = torch."""
-    if torch.is_grad_enabled() or not x.is_cuda or not _has_triton():
+    """Whether RMSNorm runs as kernels/triton_norm.py's one kernel: in inference mode (the rollout
+    and generation; not the trainer's no-grad old / reference log-probs, which must equal the
+    update's forward exactly), on CUDA, unless $LONGRL_NORM = torch."""
+    if not torch.is_inference_mode_enabled() or not x.is_cuda or not _has_triton():
         return False
     choice = os.environ.get("LONGRL_NORM", "triton")
     if choice not in ("triton", "torch"):
@@ -86,7 +87,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # inference on a GPU: one kernel instead of eight (a sharded DTensor weight keeps the torch path)
+        # inference mode on a GPU: one kernel instead of eight (a sharded DTensor weight keeps the torch path)
         if fused_norm(x) and type(self.weight.data) is torch.Tensor:
             from kernels.triton_norm import rms_norm_triton
             return rms_norm_triton(x, self.weight, self.eps)
