@@ -252,14 +252,15 @@ def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share:
 
 
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
-            block_size: int = 16) -> dict:
-    """Every case; the shared case at graph_lens also with graphs[1] (off) -> the summary dict."""
+            block_size: int = 16, warmup: bool = True) -> dict:
+    """Every case (each warmed up first, decode_case's `warmup`); the shared case at graph_lens also
+    with graphs[1] (off) -> the summary dict."""
     rows, speedups = [], {}
     on, off = graphs
     runs = [(plen, share, on) for plen in prompt_lens for share in (True, False)]
     runs += [(plen, True, g) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
     for plen, share, mode in runs:
-        r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode)
+        r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode, warmup=warmup)
         r["roofline_fraction"] = r["bytes_per_step"] / bw / r["batch_step_s"]
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)

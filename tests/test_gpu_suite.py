@@ -73,7 +73,8 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     model = load_model(path, device="cpu", dtype="float32")[0]
     cfg = model.config
     for share in (True, False):
-        r = decode_case(model, groups=2, n=3, prompt_len=37, new=5, share=share, block_size=16)
+        # warmed up once (the same rollout untimed first: the figures are the second's), then not
+        r = decode_case(model, groups=2, n=3, prompt_len=37, new=5, share=share, block_size=16, warmup=share)
         assert r["decode_steps"] == 4 and r["batch"] == 6 and r["share_prefix"] is share
         weights = sum(p.numel() * 4 for p in model.parameters())
         kv = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 4
@@ -84,7 +85,7 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     # `batch` decoded tokens (a group holds 2 shared prompt blocks + 1 block of its own per sample)
     per_block = cfg.num_layers * 2 * 16 * cfg.num_kv_heads * cfg.head_dim * 4
     r = decode_case(model, groups=2, n=3, prompt_len=37, new=5, share=False, block_size=16,
-                    cache_bytes=7 * per_block)
+                    cache_bytes=7 * per_block, warmup=False)
     assert r["mean_batch"] < 6 and r["decode_steps"] > 4
     assert r["batch_step_s"] == pytest.approx(r["decode_step_s"] * 6 / r["mean_batch"])
     assert r["decode_tokens_per_s"] == pytest.approx(6 / r["batch_step_s"])
@@ -92,7 +93,7 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     assert 4 * 3 < round(r["mean_batch"] * r["decode_steps"]) <= 6 * 4
     # the suite's summary: graphs against eager at the graph lengths (on CPU: the graph step run eagerly)
     monkeypatch.setenv("LONGRL_PAGED_BACKEND", "triton")
-    out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"))
+    out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"), warmup=False)
     assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"]) for c in out["cases"]] == \
         [(21, True, "eager"), (21, False, "eager"), (21, True, "off"), (9, True, "eager"), (9, True, "off")]
     assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0]
