@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from bench.gpu_rollout_case import copy_bandwidth
 from bench.spread import median_ms
 
 
@@ -54,21 +55,12 @@ def workload(groups: int, n: int, prompt_len: int, suffix: int, hq: int, hkv: in
     return q, k, v, tables.to(device), lens.to(device), prefix.to(device), group_ids.to(device)
 
 
-def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
-    if device != "cuda":
-        return None
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, 10)
-    return 2 * nbytes / (ms / 1e3)  # read + write
-
-
 def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12, hkv=2, d=128, block=16) -> dict:
     from kernels import triton_paged as tp
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     default = dict(tp.LAUNCH)
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth() if device == "cuda" else None  # bench.gpu_rollout_case's, 2 GiB copied
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "copy_bandwidth": bw,
            "default": {**default, "block_n": tp._block_n(d, None)}, "lengths": []}
     default_n = tp._block_n(d, None)

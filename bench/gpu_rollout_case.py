@@ -83,6 +83,17 @@ class RandomPrefill(torch.nn.Module):
         return self.inner.logits(hidden)
 
 
+def _rollout(model, groups: int, prompt_len: int, new: int, **cache):
+    """The case's generator (random-KV prefill, `cache` -> CacheConfig), prompts and sampling."""
+    from engine.rollout import Generator, SamplingParams
+    from engine.rollout.paged import CacheConfig
+
+    gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(**cache))
+    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
+                            stop_token_ids=[])
+    return gen, [[1] * prompt_len for _ in range(groups)], params
+
+
 def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bool, block_size: int = 16,
                 cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True) -> dict:
     """Decode `groups` x `n` samples of `new` tokens after random-KV prompts; time per decode step
@@ -90,15 +101,9 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     prompt's KV once + each sample's suffix). With `warmup` the same rollout runs once untimed first:
     a Triton kernel compiles on the first launch of each of its variants (about a second each), and
     the first H100 run showed that alone adding up to 50 ms to the mean step of a 31-step case."""
-    from engine.rollout import Generator, SamplingParams
-    from engine.rollout.paged import CacheConfig
-
     cfg = model.config
-    cache = CacheConfig(block_size=block_size, share_prefix=share, max_bytes=cache_bytes, cuda_graphs=graphs)
-    gen = Generator(RandomPrefill(model), cache_cfg=cache)
-    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
-                            stop_token_ids=[])
-    prompts = [[1] * prompt_len for _ in range(groups)]
+    gen, prompts, params = _rollout(model, groups, prompt_len, new, block_size=block_size, share_prefix=share,
+                                    max_bytes=cache_bytes, cuda_graphs=graphs)
     sync = torch.cuda.synchronize if model.embed_tokens.weight.is_cuda else (lambda: None)
     if warmup:  # the same rollout once untimed: every kernel variant it launches is compiled before the timing
         gen.generate(prompts, n=n, params=params)
@@ -138,10 +143,9 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
     to a step slower than an unsynchronised one: this says where to look, decode_case says how fast."""
     import statistics
 
-    from engine.rollout import Generator, SamplingParams
+    from engine.rollout import Generator
     from engine.rollout import engine as engine_mod
     from engine.rollout.graphs import DecodeGraphs
-    from engine.rollout.paged import CacheConfig
 
     sync = torch.cuda.synchronize if model.embed_tokens.weight.is_cuda else (lambda: None)
     parts: list[dict] = []
@@ -173,11 +177,9 @@ def step_breakdown(model, groups: int, n: int, prompt_len: int, new: int, share:
     Generator._step, Generator._forward = step, timed(real[1], "forward")
     DecodeGraphs.step, engine_mod.sample = timed(real[2], "graph"), timed(real[3], "sampler")
     try:
-        gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(block_size=block_size, share_prefix=share,
-                                                                    cuda_graphs=graphs))
-        params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
-                                stop_token_ids=[])
-        gen.generate([[1] * prompt_len for _ in range(groups)], n=n, params=params)
+        gen, prompts, params = _rollout(model, groups, prompt_len, new, block_size=block_size, share_prefix=share,
+                                        cuda_graphs=graphs)
+        gen.generate(prompts, n=n, params=params)
     finally:
         Generator._step, Generator._forward, DecodeGraphs.step, engine_mod.sample = real
     ms = {k: 1e3 * statistics.median(p[k] for p in parts) for k in ("step", "model", "sampler")}
@@ -194,16 +196,12 @@ def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share:
     no GPU) ranked by self time, in ms per profiled step. A diagnosis, not a figure to target."""
     from torch.profiler import ProfilerActivity, profile
 
-    from engine.rollout import Generator, SamplingParams
-    from engine.rollout.paged import CacheConfig
+    from engine.rollout import Generator
 
     cuda = model.embed_tokens.weight.is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    gen = Generator(RandomPrefill(model), cache_cfg=CacheConfig(block_size=block_size, share_prefix=share,
-                                                                cuda_graphs="off"))
-    params = SamplingParams(max_new_tokens=new, temperature=1.0, top_p=0.95, seed=0, ignore_eos=True,
-                            stop_token_ids=[])
-    prompts = [[1] * prompt_len for _ in range(groups)]
+    gen, prompts, params = _rollout(model, groups, prompt_len, new, block_size=block_size, share_prefix=share,
+                                    cuda_graphs="off")
     gen.generate(prompts, n=n, params=params)  # compiles every variant the rollout launches
     prof = profile(activities=activities)
     state = {"from": None}

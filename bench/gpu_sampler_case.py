@@ -49,19 +49,10 @@ def main(argv=None) -> int:
         st = sampling_tensors([params] * a.rows, list(range(a.rows)), [3] * a.rows, dev)
         case = {"setting": name, "ms": {}}
         for block, warps in LAUNCH_CANDIDATES:
-            def run(block=block, warps=warps):
-                # the kernel launched directly with this setting (the helper's own choice is timed below)
-                b, v = logits.shape
-                keys = torch.empty(b, v, dtype=torch.int32, device=dev)
-                weights = torch.empty(b, v, dtype=torch.float32, device=dev)
-                tok = torch.empty(b, dtype=torch.int64, device=dev)
-                lp = torch.empty(b, dtype=torch.float32, device=dev)
-                kernel._sample_kernel[(b,)](logits, logits.stride(0), *(x.contiguous() for x in st[:3]),
-                                            st[3].contiguous(), st[4].contiguous(), tok, lp, keys, weights, v,
-                                            BLOCK_V=block, num_warps=warps)
             try:
-                case["ms"][f"{block}x{warps}"] = median_ms(run, dev, a.repeats)
-            except Exception as err:  # noqa: BLE001 - a module whose kernel takes other arguments (an older copy)
+                case["ms"][f"{block}x{warps}"] = median_ms(
+                    lambda: kernel.sample_rows_triton(logits, *st, block=block, num_warps=warps), dev, a.repeats)
+            except TypeError as err:  # a module whose launch takes no such setting (an older copy)
                 case["ms"][f"{block}x{warps}"] = f"not timed: {err}"[:200]
         case["ms"]["default launch"] = median_ms(lambda: kernel.sample_rows_triton(logits, *st), dev, a.repeats)
         case["ms"]["torch sampler"] = median_ms(lambda: sample_batch(logits.clone(), *st), dev, a.repeats)

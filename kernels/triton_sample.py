@@ -80,18 +80,27 @@ def _load(row, v0, V, temp, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _block(keys, weights, v0, V, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A block of the row's scratch: (offsets, in range, keys, weights; BY_MASS False: weight 1,
+    for counts)."""
+    offs = v0 + tl.arange(0, BLOCK_V)
+    ok = offs < V
+    key = tl.load(keys + offs, mask=ok, other=0)
+    if BY_MASS:
+        w = tl.load(weights + offs, mask=ok, other=0.0)
+    else:
+        w = tl.full((BLOCK_V,), 1.0, tl.float32)
+    return offs, ok, key, w
+
+
+@triton.jit
 def _above(keys, weights, V, k, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
     """#{x ≥ key k} or (BY_MASS) Σ_{x ≥ key k} exp(x − m) over the row, from its keys and weights
     (a count in fp32: exact below 2^24 tokens). Per-lane sums, reduced once at the end."""
     acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs = v0 + tl.arange(0, BLOCK_V)
-        ok = offs < V
-        sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= k)
-        if BY_MASS:
-            acc += tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0)
-        else:
-            acc += sel.to(tl.float32)
+        offs, ok, key, w = _block(keys, weights, v0, V, BY_MASS, BLOCK_V)
+        acc += tl.where(ok & (key >= k), w, 0.0)
     return tl.sum(acc, axis=0)
 
 
@@ -112,13 +121,7 @@ def _largest_key(keys, weights, V, lo, hi, need, BY_MASS: tl.constexpr, BLOCK_V:
             a2 = tl.zeros((BLOCK_V,), dtype=tl.float32)
             a3 = tl.zeros((BLOCK_V,), dtype=tl.float32)
             for v0 in range(0, V, BLOCK_V):
-                offs = v0 + tl.arange(0, BLOCK_V)
-                ok = offs < V
-                key = tl.load(keys + offs, mask=ok, other=0)
-                if BY_MASS:
-                    w = tl.load(weights + offs, mask=ok, other=0.0)
-                else:
-                    w = tl.full((BLOCK_V,), 1.0, tl.float32)
+                offs, ok, key, w = _block(keys, weights, v0, V, BY_MASS, BLOCK_V)
                 a1 += tl.where(ok & (key >= k1), w, 0.0)
                 a2 += tl.where(ok & (key >= k2), w, 0.0)
                 a3 += tl.where(ok & (key >= k3), w, 0.0)
@@ -134,14 +137,12 @@ def _largest_key(keys, weights, V, lo, hi, need, BY_MASS: tl.constexpr, BLOCK_V:
 
 @triton.jit
 def _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V: tl.constexpr):
-    """A block's support weights (keys >= thr) and the running sum at its end: the last value of
-    its cumsum on the carry."""
-    offs = v0 + tl.arange(0, BLOCK_V)
-    ok = offs < V
-    sel = ok & (tl.load(keys + offs, mask=ok, other=0) >= thr)
-    w = tl.where(sel, tl.load(weights + offs, mask=ok, other=0.0), 0.0)
+    """A block's support weights (keys >= thr), their cumsum on the carry, and its last value
+    (the next block's carry)."""
+    offs, ok, key, w = _block(keys, weights, v0, V, True, BLOCK_V)
+    w = tl.where(ok & (key >= thr), w, 0.0)
     cdf = tl.cumsum(w, axis=0) + carry
-    return offs, w, tl.sum(tl.where(tl.arange(0, BLOCK_V) == BLOCK_V - 1, cdf, 0.0), axis=0)
+    return offs, w, cdf, tl.sum(tl.where(tl.arange(0, BLOCK_V) == BLOCK_V - 1, cdf, 0.0), axis=0)
 
 
 @triton.jit
@@ -195,14 +196,13 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     # bit for bit; a GPU's tree scan may round it below, and the fallback then takes that token)
     total = tl.zeros((), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        offs, w, total = _block_cdf(keys, weights, v0, V, thr, total, BLOCK_V)
+        offs, w, cdf, total = _block_cdf(keys, weights, v0, V, thr, total, BLOCK_V)
     goal = tl.maximum(u * total, 1.1754943508222875e-38)  # above 0: the token found has weight
     carry = tl.zeros((), dtype=tl.float32)
     token = tl.full((), V, tl.int64)
     last = tl.full((), -1, tl.int64)  # the support's last token
     for v0 in range(0, V, BLOCK_V):
-        offs, w, cdf_end = _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V)
-        cdf = tl.cumsum(w, axis=0) + carry
+        offs, w, cdf, cdf_end = _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V)
         hit = (cdf >= goal) & (w > 0)
         token = tl.minimum(token, tl.min(tl.where(hit, offs.to(tl.int64), V), axis=0))
         last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
@@ -220,10 +220,10 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
 
 def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                        seeds: torch.Tensor, steps: torch.Tensor,
-                       block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       block: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """sample_batch on the logits' device in one launch (see the module docstring). The tile
     width and warps are the row kernels' (kernels.triton_rows.launch_config: timed once per
-    vocabulary size, dtype and card on a GPU); `block` forces a width (4 warps)."""
+    vocabulary size, dtype and card on a GPU); `block` forces a width (with `num_warps`)."""
     from kernels.triton_rows import launch_config
 
     if logits.dim() != 2 or logits.stride(1) != 1:
@@ -247,6 +247,7 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     def launch(rows, block_v, warps):  # rows: the first rows of the logits (the tuning times a few)
         _sample_kernel[(rows.shape[0],)](rows, rows.stride(0), *args, BLOCK_V=block_v, num_warps=warps)
 
-    config = (min(block, triton.next_power_of_2(vocab)), 4) if block else launch_config("sample", logits, launch)
+    config = (min(block, triton.next_power_of_2(vocab)), num_warps) if block else \
+        launch_config("sample", logits, launch)
     launch(logits, *config)
     return tokens, logprobs
