@@ -19,6 +19,11 @@ blocks either way: without sharing, each reads them itself). Were the cache too 
 whole batch, it would decode in waves; the figure compares the time per `batch` decoded tokens
 (batch_step_s; mean_batch says how full the steps were).
 
+Fused kernels: every case runs with the rollout's default on a GPU (engine.model.model.fused_kernels:
+each RMSNorm with its residual add, RoPE with the K/V write, silu * up as one kernel each); at
+--fused-lens the shared graph case runs again with $LONGRL_FUSED=torch, and `fused_speedup` is
+that step time over the fused one.
+
 CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
 graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and
 `graphs_speedup` is the eager step time over the graph step time. The steps that captured a
@@ -30,7 +35,9 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 
@@ -95,12 +102,33 @@ def _rollout(model, groups: int, prompt_len: int, new: int, **cache):
 
 
 def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bool, block_size: int = 16,
-                cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True) -> dict:
+                cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True, fused: bool = True) -> dict:
     """Decode `groups` x `n` samples of `new` tokens after random-KV prompts; time per decode step
     (without the steps that captured a CUDA graph) and the bytes a step must read (weights + each
     prompt's KV once + each sample's suffix). With `warmup` the same rollout runs once untimed first:
     a Triton kernel compiles on the first launch of each of its variants (about a second each), and
-    the first H100 run showed that alone adding up to 50 ms to the mean step of a 31-step case."""
+    the first H100 run showed that alone adding up to 50 ms to the mean step of a 31-step case.
+    fused = False runs the case with $LONGRL_FUSED=torch (torch's ops for the norms, RoPE, the K/V
+    write and silu * up instead of the fused kernels; the graphs are captured afresh per rollout)."""
+    with _fused_env(fused):
+        return _decode_case(model, groups, n, prompt_len, new, share, block_size, cache_bytes, graphs, warmup, fused)
+
+
+@contextlib.contextmanager
+def _fused_env(fused: bool):
+    """$LONGRL_FUSED for one case: unset (the default, fused) or "torch"; restored after."""
+    saved = os.environ.pop("LONGRL_FUSED", None)
+    if not fused:
+        os.environ["LONGRL_FUSED"] = "torch"
+    try:
+        yield
+    finally:
+        os.environ.pop("LONGRL_FUSED", None)
+        if saved is not None:
+            os.environ["LONGRL_FUSED"] = saved
+
+
+def _decode_case(model, groups, n, prompt_len, new, share, block_size, cache_bytes, graphs, warmup, fused) -> dict:
     cfg = model.config
     gen, prompts, params = _rollout(model, groups, prompt_len, new, block_size=block_size, share_prefix=share,
                                     max_bytes=cache_bytes, cuda_graphs=graphs)
@@ -122,7 +150,7 @@ def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bo
     # decodes in waves: fewer rows a step, more steps. batch_step_s is the time per `batch` decoded
     # tokens, the figure the roofline compares (the same as decode_step_s when every step is full)
     mean_batch = st.decode_rows / max(steps, 1)
-    return {"share_prefix": share, "cuda_graphs": graphs, "graph_steps": st.graph_steps,
+    return {"share_prefix": share, "cuda_graphs": graphs, "fused": fused, "graph_steps": st.graph_steps,
             "graph_replays": st.graph_replays, "graph_captures": st.graph_captures,
             "capture_seconds": st.capture_seconds,
             "batch": groups * n, "mean_batch": mean_batch, "preemptions": st.preemptions,
@@ -250,28 +278,39 @@ def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share:
 
 
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
-            block_size: int = 16, warmup: bool = True) -> dict:
+            block_size: int = 16, warmup: bool = True, fused_lens=()) -> dict:
     """Every case (each warmed up first, decode_case's `warmup`); the shared case at graph_lens also
-    with graphs[1] (off) -> the summary dict."""
-    rows, speedups = [], {}
+    with graphs[1] (off), at fused_lens also with torch's ops for what the fused kernels do
+    (`fused_speedup`: that step time over the fused one) -> the summary dict."""
+    rows, speedups, fused_speedups = [], {}, {}
     on, off = graphs
-    runs = [(plen, share, on) for plen in prompt_lens for share in (True, False)]
-    runs += [(plen, True, g) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
-    for plen, share, mode in runs:
-        r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode, warmup=warmup)
+    runs = [(plen, share, on, True) for plen in prompt_lens for share in (True, False)]
+    runs += [(plen, True, g, True) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
+    runs += [(plen, True, on, True) for plen in fused_lens if plen not in prompt_lens and plen not in graph_lens]
+    runs += [(plen, True, on, False) for plen in fused_lens]
+    for plen, share, mode, fused in runs:
+        r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode, warmup=warmup,
+                        fused=fused)
         r["roofline_fraction"] = r["bytes_per_step"] / bw / r["batch_step_s"]
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
+
+    def step_s(plen, mode, fused):
+        return next(r["batch_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]
+                    and r["cuda_graphs"] == mode and r["fused"] == fused)
+
     for plen in graph_lens:
-        step = {r["cuda_graphs"]: r["batch_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]}
-        speedups[str(plen)] = step[off] / step[on]
-    shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["prompt_len"] in prompt_lens]
+        speedups[str(plen)] = step_s(plen, off, True) / step_s(plen, on, True)
+    for plen in fused_lens:
+        fused_speedups[str(plen)] = step_s(plen, on, False) / step_s(plen, on, True)
+    shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["fused"]
+              and r["prompt_len"] in prompt_lens]
     # where a step goes, with and without graphs, at the first graph length
     breakdown = [step_breakdown(model, groups, n, graph_lens[0], new, graphs=g) for g in (on, off) if graph_lens]
     for r in breakdown:
         print(json.dumps(r), file=sys.stderr, flush=True)
     return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,
-            "step_breakdown": breakdown, "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
+            "fused_speedup": fused_speedups, "step_breakdown": breakdown, "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
 
 
 def main(argv=None) -> int:
@@ -282,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--graph-lens", type=int, nargs="*", default=[1024, 16384],
                    help="prompt lengths at which the shared case also runs without CUDA graphs")
+    p.add_argument("--fused-lens", type=int, nargs="*", default=[1024, 16384],
+                   help="prompt lengths at which the shared graph case also runs with $LONGRL_FUSED=torch")
     p.add_argument("--profile", type=int, nargs="*", default=[],
                    help="instead of the measurement: at these prompt lengths, shared and not, the kernels of "
                         "the eager decode steps ranked by device time per step (torch.profiler)")
@@ -302,7 +343,7 @@ def main(argv=None) -> int:
                           for plen in a.profile for share in (True, False)]))
         return 0
     print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
-                             graphs=("auto", "off"))))
+                             graphs=("auto", "off"), fused_lens=a.fused_lens)))
     return 0
 
 

@@ -75,8 +75,9 @@ def run_tests(out: Path) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "tests/test_kernels.py", "tests/test_model.py",
            "tests/test_rollout.py", "tests/test_attention_block.py", "tests/test_paged_kernel.py",
            "tests/test_decode_paths.py", "tests/test_cuda_graphs.py", "tests/test_triton_sampler.py",
-           "tests/test_prefill.py", "tests/test_shared_prefix.py", "tests/test_triton_norm.py", "-k",
-           "cuda or gpu or test_paged_kernel or test_decode_paths or test_triton_sampler or test_triton_norm",
+           "tests/test_prefill.py", "tests/test_shared_prefix.py", "tests/test_triton_norm.py",
+           "tests/test_triton_pointwise.py", "-k", "cuda or gpu or test_paged_kernel or test_decode_paths or "
+           "test_triton_sampler or test_triton_norm or test_triton_pointwise or fused",
            "-p", "no:cacheprovider"]
     t0 = time.perf_counter()
     proc = stage(cmd, STAGE_TIMEOUT["tests"])
@@ -375,11 +376,15 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
             graphs = "graphs" if c.get("graph_steps") else "eager"
             waves = f"  (mean batch {c['mean_batch']:.1f}: ms per {c['batch']} tokens)" \
                 if c["mean_batch"] < c["batch"] - 0.5 else ""
-            print(f"prompt {c['prompt_len']:>6}  {'shared' if c['share_prefix'] else 'not shared':>10}  {graphs:6s}  "
+            graphs += "" if c.get("fused", True) else ", torch ops"
+            print(f"prompt {c['prompt_len']:>6}  {'shared' if c['share_prefix'] else 'not shared':>10}  {graphs:17s}  "
                   f"{c['batch_step_s'] * 1e3:7.2f} ms/step  {c['decode_tokens_per_s']:8.0f} tok/s  "
                   f"{c['roofline_fraction']:6.1%} of the roofline{waves}")
         print("target: >= 70% with sharing; CUDA graphs vs eager step (same case): "
               + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro.get("graphs_speedup", {}).items()))
+        if ro.get("fused_speedup"):
+            print("fused norm / RoPE + K/V write / silu * up vs torch's ops (graph step, same case): "
+                  + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro["fused_speedup"].items()))
         for c in ro.get("step_breakdown", []):
             print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "
                   f"{c['step_ms']:.2f} ms = model {c['model_ms']:.2f} + sampler {c['sampler_ms']:.2f} "

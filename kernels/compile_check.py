@@ -6,7 +6,7 @@ The interpreter (TRITON_INTERPRET=1, what the CPU tests use) runs a kernel's Pyt
 compiler: a loop-carried value whose type changes, a construct a backend rejects, an
 accumulator too large for registers only show when the kernel is compiled. Here each launch
 helper (paged decode plain and shared-prefix in fp32 and bf16, with and without splits; the
-fused-loss row kernels; the sampler in fp32 and bf16) is called on small CPU tensors with the
+fused-loss row kernels; the sampler; RMSNorm, RoPE and silu * up, in fp32 and bf16) is called on small CPU tensors with the
 launches intercepted, and every distinct (kernel, argument types, constexprs) it would launch
 is compiled through Triton's whole pipeline (TTIR → PTX → cubin, ptxas included) for
 `cuda:<arch>` (90: H100 / H200) — without the launch-time argument specialisations (16-byte
@@ -68,7 +68,8 @@ def capture_launches() -> list[tuple]:
 def _call_helpers(torch) -> None:
     from kernels.triton_paged import paged_decode_triton, shared_prefix_decode_triton
     from kernels.triton_rows import TritonRows
-    from kernels.triton_norm import rms_norm_triton
+    from kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from kernels.triton_pointwise import rope_store_triton, silu_mul_triton
     from kernels.triton_sample import sample_rows_triton
 
     g = torch.Generator().manual_seed(0)
@@ -91,8 +92,20 @@ def _call_helpers(torch) -> None:
         lse, logp, ent = TritonRows.stats(z, targets, 1.0)
         TritonRows.grad(z, targets, lse, ent, torch.ones(8), torch.ones(8), 1.0)
         TritonRows.grad(z, targets, lse, None, torch.ones(8), None, 1.0)
-        for h in (1536, 5120):  # Qwen2-1.5B's and a 32B's hidden size: 4 and 8 warps
-            rms_norm_triton(torch.randn(3, h, generator=g).to(dtype), torch.ones(h, dtype=dtype), 1e-6)
+        for h in (1536, 5120):  # Qwen2-1.5B's and a 32B's hidden size: 4 and 8 warps; with the residual add
+            x = torch.randn(3, h, generator=g).to(dtype)
+            rms_norm_triton(x, torch.ones(h, dtype=dtype), 1e-6)
+            add_rms_norm_triton(x, x, torch.ones(h, dtype=dtype), 1e-6)
+        # RoPE with and without the cache write: Qwen2-1.5B's 12 / 2 heads of 128, a 32B's 40 / 8; fp32 cos too
+        for hq, hkv, d in ((12, 2, 128), (40, 8, 128)):
+            q, kv = torch.randn(4, hq, d, generator=g).to(dtype), torch.randn(4, hkv, d, generator=g).to(dtype)
+            cos = torch.randn(4, d, generator=g).to(dtype)
+            cache = torch.zeros(16, hkv, d, dtype=dtype)
+            rope_store_triton(q, kv, kv, cos, cos, cache, cache, torch.arange(4))
+            if hq == 12:
+                rope_store_triton(q, kv, kv, cos, cos)
+                rope_store_triton(q, kv, kv, cos.float(), cos.float())
+        silu_mul_triton(z, z)
         b = 4
         sample_rows_triton(z[:b], torch.ones(b), torch.zeros(b, dtype=torch.long), torch.full((b,), 0.9),
                            torch.arange(b), torch.zeros(b, dtype=torch.long))

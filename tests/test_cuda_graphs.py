@@ -45,6 +45,14 @@ def _same(got, want):
             torch.testing.assert_close(torch.tensor(gl), torch.tensor(wl), rtol=1e-4, atol=1e-4)
 
 
+def _fuse(monkeypatch):
+    """The GPU's inference kernels on CPU (under the interpreter): the model's CUDA-only rule
+    (engine.model.model.fused_kernels) stood in for, and F.linear for the CPU's weight-major products."""
+    from engine.model import model as model_mod
+    monkeypatch.setattr(model_mod, "fused_kernels", lambda x: torch.is_inference_mode_enabled())
+    monkeypatch.setattr(model_mod, "weight_major", lambda x, w: False)
+
+
 def _spy_steps(monkeypatch):
     """Record (batch, bucket, prefix programs) of every graph step."""
     seen = []
@@ -74,6 +82,29 @@ def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
     assert {b for _, b, _ in seen} == {16, 8, 4} and {n for n, _, _ in seen} == {9, 6, 3}
     # with sharing every group's samples are one prefix program (3 programs, padded to 4); without, none
     assert {k for _, _, k in seen} == ({3, 2, 1} if share else {0})
+
+
+def test_the_fused_kernels_give_the_ordinary_steps_tokens(tiny, monkeypatch):
+    """The GPU's inference kernels (each norm with the residual add before it, RoPE with the K/V
+    cache write, silu * up) in the prefill and in the graph step, prefixes shared: the tokens and
+    log-probs of torch's ops in the ordinary step. The cache is written only by the fused kernel."""
+    from engine.rollout.paged import PagedAttention
+
+    prompts = _prompts(tiny)
+    params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
+              for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
+    want, _ = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="off")
+    used = {"attend": 0, "attend_rotating": 0}
+    for name in used:
+        def spy(self, *args, _real=getattr(PagedAttention, name), _name=name):
+            used[_name] += 1
+            return _real(self, *args)
+        monkeypatch.setattr(PagedAttention, name, spy)
+    _fuse(monkeypatch)
+    got, stats = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="eager")
+    _same(got, want)
+    assert stats.graph_steps > 0 and used["attend"] == 0
+    assert used["attend_rotating"] == stats.steps * tiny.config.num_layers
 
 
 # what stops a CUDA-graph capture: ops that wait for the device to hand a value to the host
@@ -171,7 +202,8 @@ def _baked(x, step: dict):
     return ("value", x if not callable(x) else "callable")
 
 
-def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "torch-ops"])
+def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, monkeypatch, fused):
     """Everything DecodeGraphs captures (its _forward: embedding, layers with the K/V write and the
     Triton attention kernels, lm_head) must be capturable: no operation that syncs with the device
     or copies host data in (either makes the capture fail and the rollout run without graphs).
@@ -180,7 +212,8 @@ def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, mo
     therefore run the same torch operators and Triton launches with the same scalars, grids and
     shapes, reading the static buffers (inputs, tables, logits, cache, weights, RoPE tables) at the
     same addresses and otherwise only tensors the step made, in the same order -- a value that
-    varies by step outside those would be replayed stale on a GPU."""
+    varies by step outside those would be replayed stale on a GPU. With the GPU's inference
+    kernels (a GPU's default) and with torch's ops ($LONGRL_FUSED=torch)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from kernels import triton_paged
@@ -232,6 +265,13 @@ def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, mo
 
     monkeypatch.setattr(DecodeGraphs, "_forward", forward)
     monkeypatch.setattr(launcher, "run", run)
+    if fused:  # in the graph steps (what is captured); the prefill of a 444-token prompt interpreted would be slow
+        from engine.model import model as model_mod
+        monkeypatch.setattr(model_mod, "fused_kernels", lambda x: "ops" in current)
+        monkeypatch.setattr(model_mod, "weight_major", lambda x, w: False)
+    else:
+        monkeypatch.setenv("LONGRL_FUSED", "torch")
+    pointwise = {"triton _rms_norm_kernel", "triton _rope_store_kernel", "triton _silu_mul_kernel"}
     # a prompt of 444 tokens: its samples grow past 448 = 7 tiles of 64, where a split count chosen from
     # the step's own lengths would change from 1 to 2 (kernels.triton_paged.pick_num_splits)
     prompts = _prompts(tiny, lens=(13, 6, 9, 444))
@@ -244,10 +284,11 @@ def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, mo
         for key, steps in steps_of.items():
             first = steps[0]
             kernels = {name for name, _ in first if name.startswith("triton")}
-            assert kernels == {"triton _decode_partial_kernel", "triton _merge_kernel"} or \
-                kernels == {"triton _decode_partial_kernel"}, kernels
+            assert kernels & pointwise == (pointwise if fused else set()), kernels
+            assert kernels - pointwise in ({"triton _decode_partial_kernel", "triton _merge_kernel"},
+                                           {"triton _decode_partial_kernel"}), kernels
             # the projections: mm on the CPU decode path; on CUDA, under inference mode, linear stays whole
-            assert any(name.split(".")[1] in ("mm", "addmm", "linear", "matmul") for name, _ in first)
+            assert any(name.startswith(("aten.mm.", "aten.addmm.", "aten.linear.", "aten.matmul.")) for name, _ in first)
             marked = [(name, r) for name, r in first if "EXTERNAL" in repr(r) or "HOST TENSOR" in repr(r)]
             assert not marked, (key, marked[:3])
             for later in steps[1:]:
@@ -411,3 +452,21 @@ def test_host_step_case_times_the_graph_steps_host_work():
 
     r = measure(groups=2, n=3, prompt_len=20, new=5, block_size=16, rounds=2)
     assert r["batch"] == 6 and len(r["rounds_ms"]) == 2 and r["host_ms_per_step"] > 0
+
+
+def test_the_fused_graph_step_launches_fewer_kernels():
+    """bench/launch_count.py on one layer: with the fused kernels each norm (the residual add with
+    it), the rotation with the K/V write and silu * up are one launch each, and none of torch's ops
+    for them is left; torch's path has the rotation's negations and the cache's index_puts. The
+    counter sees casts that copy (`to` under inference mode) and not views."""
+    from bench.launch_count import measure
+
+    r = measure(layers=1, groups=1, n=2)
+    fused, plain = r["fused"]["by_name"], r["torch"]["by_name"]
+    assert (fused["_rms_norm_kernel"], fused["_rope_store_kernel"], fused["_silu_mul_kernel"]) == (3, 1, 1)
+    gone = {"aten.neg", "aten.index_put_", "aten.pow", "aten.mean", "aten.rsqrt", "aten.silu", "aten.add"}
+    assert not gone & fused.keys() and gone <= plain.keys()
+    assert (plain["aten.index_put_"], plain["aten.neg"], plain["aten.rsqrt"]) == (2, 2, 3)
+    assert fused["aten.linear"] == plain["aten.linear"] == 8  # 7 projections and the lm_head
+    assert plain["aten.to"] > fused["aten.to"] > 0 and "aten.view" not in plain and "aten.t" not in plain
+    assert r["saved"] == r["torch"]["launches"] - r["fused"]["launches"] >= 30

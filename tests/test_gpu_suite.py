@@ -92,12 +92,25 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     # at most every sample's 4 decode steps (a wave's first rows may decode beside the next prefill)
     assert 4 * 3 < round(r["mean_batch"] * r["decode_steps"]) <= 6 * 4
     # the suite's summary: graphs against eager at the graph lengths (on CPU: the graph step run eagerly)
+    # and the fused kernels against torch's ops ($LONGRL_FUSED=torch for that case only, restored after)
+    from bench import gpu_rollout_case
     monkeypatch.setenv("LONGRL_PAGED_BACKEND", "triton")
-    out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"), warmup=False)
-    assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"]) for c in out["cases"]] == \
-        [(21, True, "eager"), (21, False, "eager"), (21, True, "off"), (9, True, "eager"), (9, True, "off")]
-    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0]
+    monkeypatch.setenv("LONGRL_FUSED", "triton")
+    seen_env, real_case = [], gpu_rollout_case._decode_case
+
+    def spy(*args):
+        seen_env.append(os.environ.get("LONGRL_FUSED"))
+        return real_case(*args)
+    monkeypatch.setattr(gpu_rollout_case, "_decode_case", spy)
+    out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"), warmup=False,
+                  fused_lens=[9, 5])
+    assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"], c["fused"]) for c in out["cases"]] == \
+        [(21, True, "eager", True), (21, False, "eager", True), (21, True, "off", True), (9, True, "eager", True),
+         (9, True, "off", True), (5, True, "eager", True), (9, True, "eager", False), (5, True, "eager", False)]
+    assert seen_env == [None] * 6 + ["torch"] * 2 and os.environ["LONGRL_FUSED"] == "triton"
+    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0, 2, 2, 2]
     assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
+    assert set(out["fused_speedup"]) == {"9", "5"} and all(v > 0 for v in out["fused_speedup"].values())
     assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
     eager_graph, off = out["step_breakdown"]
     assert (eager_graph["cuda_graphs"], off["cuda_graphs"]) == ("eager", "off")
@@ -151,7 +164,9 @@ def _fake_stage_output(cmd: list[str]) -> dict:
         case = {"share_prefix": True, "cuda_graphs": "auto", "graph_steps": 31, "batch": 64, "mean_batch": 64.0,
                 "prompt_len": 16384, "batch_step_s": 0.004, "decode_tokens_per_s": 16000.0, "roofline_fraction": 0.6}
         waves = {**case, "share_prefix": False, "mean_batch": 40.0, "batch_step_s": 0.03, "roofline_fraction": 0.08}
-        return {"batch": 64, "copy_bandwidth": 3e12, "cases": [case, waves], "graphs_speedup": {"16384": 3.5},
+        unfused = {**case, "fused": False, "batch_step_s": 0.005, "roofline_fraction": 0.48}
+        return {"batch": 64, "copy_bandwidth": 3e12, "cases": [case, waves, unfused], "graphs_speedup": {"16384": 3.5},
+                "fused_speedup": {"16384": 1.25},
                 "step_breakdown": [{"prompt_len": 1024, "cuda_graphs": "auto", "step_ms": 5.0, "model_ms": 3.0,
                                     "sampler_ms": 0.5, "rest_ms": 1.5}], "roofline_fraction": 0.6}
     if module == "bench.gpu_sampler_case":
@@ -236,6 +251,8 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
         assert "4.00 ms/step" in text and "60.0% of the roofline" in text
         assert "30.00 ms/step" in text and "(mean batch 40.0: ms per 64 tokens)" in text
         assert "prompt 16384: x3.50" in text and "model 3.00 + sampler 0.50 + rest 1.50" in text
+        assert "graphs, torch ops     5.00 ms/step" in text and "vs torch's ops (graph step, same case): prompt " \
+            "16384: x1.25" in text
         assert "40.0s: rollout 25.0s" in text and "parts add up to the step" in text
     elif broken == "bench.gpu_rollout_case":
         assert rc == 1 and report["rollout"] == {"skipped": "not started: the suite's time budget (540 s, --budget) "

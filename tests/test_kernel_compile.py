@@ -31,9 +31,9 @@ def test_every_kernel_variant_compiles_for_cuda_90(tmp_path):
     compiled = {words[6].split("(")[0] for words in ok}
     assert all(words[4:6] == ["KB", "shared"] and 0 <= float(words[3]) <= 227 for words in ok)
     assert compiled == {"_decode_partial_kernel", "_merge_kernel", "_row_stats_kernel", "_row_grad_kernel",
-                        "_sample_kernel", "_rms_norm_kernel"}
+                        "_sample_kernel", "_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel"}
     # an fp32 and a bf16 launch with the same constexprs are two variants, both compiled
-    for kernel in ("_sample_kernel(BLOCK_V=4096)", "_row_stats_kernel(BLOCK_V=4096)", "_rms_norm_kernel(BLOCK_H=2048)"):
+    for kernel in ("_sample_kernel(BLOCK_V=4096)", "_row_stats_kernel(BLOCK_V=4096)", "_silu_mul_kernel(BLOCK=1024)"):
         assert {words[7] for words in ok if words[6] == kernel} == {"[fp32]", "[bf16]"}, kernel
     assert any("HAS_MEMBERS=True" in line and "IEEE_DOT=False" in line for line in lines)  # bf16 shared-prefix
 

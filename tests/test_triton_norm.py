@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 
 from engine.model import model as model_mod
-from engine.model.model import RMSNorm, fused_norm
-from kernels.triton_norm import _round, rms_norm_triton
+from engine.model.model import RMSNorm, fused_kernels
+from kernels.triton_norm import _round, add_rms_norm_triton, rms_norm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -57,41 +57,77 @@ def test_a_strided_input_and_bad_shapes():
         rms_norm_triton(torch.zeros(1, 16385, device=DEVICE), torch.ones(16385, device=DEVICE), 1e-5)
 
 
-def test_the_fused_norm_runs_only_in_inference_mode_on_cuda(monkeypatch):
+@pytest.mark.parametrize("dtype,ddtype,wdtype", [(torch.float32, torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32, torch.float32)])
+@pytest.mark.parametrize("shape", [(5, 576), (3, 100), (0, 32)])
+def test_the_residual_add_and_the_norm_in_one_kernel(dtype, ddtype, wdtype, shape):
+    """(x + delta, norm(x + delta)) as torch computes them: the sum rounded once to the promoted dtype
+    (bf16 + bf16 -> bf16, exactly torch's), the norm read from that rounded sum; a residual in bf16
+    with an fp32 delta sums in fp32."""
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (torch.randn(shape, generator=g) * 7 + 1).to(dtype).to(DEVICE)
+    delta = (torch.randn(shape, generator=g) * 3).to(ddtype).to(DEVICE)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(wdtype).to(DEVICE)
+    want_sum = x + delta
+    want = _reference(want_sum, w, 1e-6)
+    got_sum, got = add_rms_norm_triton(x, delta, w, 1e-6)
+    assert got_sum.dtype == want_sum.dtype and got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got_sum, want_sum)
+    if want.dtype == torch.float32 and dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+        assert got.numel() == 0 or (got != want).float().mean() < 0.02
+    with pytest.raises(ValueError, match=r"delta \(2, 8\) does not match x \(2, 4\)"):
+        add_rms_norm_triton(torch.zeros(2, 4, device=DEVICE), torch.zeros(2, 8, device=DEVICE),
+                            torch.ones(4, device=DEVICE), 1e-6)
+
+
+def test_the_fused_kernels_run_only_in_inference_mode_on_cuda(monkeypatch):
     """The rollout runs in inference mode; the trainer's forwards, the no-grad old / reference
-    log-probs included, keep the torch norm (their values must equal the update's exactly)."""
+    log-probs included, keep torch's ops (their values must equal the update's exactly)."""
     on_gpu, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(2)
-    monkeypatch.delenv("LONGRL_NORM", raising=False)
-    assert not fused_norm(on_gpu)  # autograd on: the update's forward
+    monkeypatch.delenv("LONGRL_FUSED", raising=False)
+    assert not fused_kernels(on_gpu)  # autograd on: the update's forward
     with torch.no_grad():
-        assert not fused_norm(on_gpu)  # the old / reference log-probs
+        assert not fused_kernels(on_gpu)  # the old / reference log-probs
     with torch.inference_mode():
-        assert fused_norm(on_gpu) and not fused_norm(on_cpu)
-        monkeypatch.setenv("LONGRL_NORM", "torch")
-        assert not fused_norm(on_gpu)
-        monkeypatch.setenv("LONGRL_NORM", "fast")
-        with pytest.raises(ValueError, match="LONGRL_NORM must be triton or torch, got 'fast'"):
-            fused_norm(on_gpu)
+        assert fused_kernels(on_gpu) and not fused_kernels(on_cpu)
+        monkeypatch.setenv("LONGRL_FUSED", "torch")
+        assert not fused_kernels(on_gpu)
+        monkeypatch.setenv("LONGRL_FUSED", "fast")
+        with pytest.raises(ValueError, match="LONGRL_FUSED must be triton or torch, got 'fast'"):
+            fused_kernels(on_gpu)
 
 
-def test_a_model_with_the_fused_norm_computes_the_same_hidden_states(tmp_path, monkeypatch):
-    """Every norm of a Qwen3 model (the layers', q / k per head, the final one) through the kernel
-    (the CUDA-only rule stood in for on CPU): the forward's hidden states as with torch's norm."""
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_a_model_with_the_fused_kernels_computes_the_same_hidden_states(tmp_path, monkeypatch, kind):
+    """Every fused path of a model (the CUDA-only rule stood in for on CPU): the first norm, each
+    residual add with the norm after it, RoPE on q and k (no cache here: VarlenAttention), the
+    MLP's silu * up; Qwen2's q / k / v biases, Qwen3's q / k norms per head. The forward's hidden
+    states equal torch's ops' (fp32 here: up to the norms' summation order)."""
     from conftest import tiny_decoder
+    from kernels import triton_norm, triton_pointwise
 
-    model = tiny_decoder(tmp_path / "q3", "qwen3", num_hidden_layers=2)
+    model = tiny_decoder(tmp_path / kind, kind, num_hidden_layers=2)
     ids = torch.randint(0, model.config.vocab_size, (11,), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         want = model(ids)
         calls = []
-
-        def spy(x):
-            calls.append(x.shape)
-            return torch.is_inference_mode_enabled()
-
-        monkeypatch.setattr(model_mod, "fused_norm", spy)
+        for mod, name in ((triton_norm, "rms_norm_triton"), (triton_norm, "add_rms_norm_triton"),
+                          (triton_pointwise, "rope_store_triton"), (triton_pointwise, "silu_mul_triton")):
+            def spy(*args, _real=getattr(mod, name), _name=name, **kwargs):
+                calls.append(_name)
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(mod, name, spy)
+        monkeypatch.setattr(model_mod, "fused_kernels", lambda x: torch.is_inference_mode_enabled())
+        monkeypatch.setattr(model_mod, "weight_major", lambda x, w: False)  # a GPU's products: F.linear
         got = model(ids)
-    assert len(calls) == 2 * 2 + 2 * 2 + 1  # per layer: 2 norms + q_norm + k_norm; the final norm
+    layers = model.config.num_layers
+    qk = 2 * layers if kind == "qwen3" else 0  # q_norm and k_norm per layer
+    assert sorted(calls) == sorted(["rms_norm_triton"] * (1 + qk) + ["add_rms_norm_triton"] * 2 * layers
+                                   + ["rope_store_triton"] * layers + ["silu_mul_triton"] * layers)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -68,15 +68,17 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def fused_norm(x: torch.Tensor) -> bool:
-    """Whether RMSNorm runs as kernels/triton_norm.py's one kernel: in inference mode (the rollout
-    and generation; not the trainer's no-grad old / reference log-probs, which must equal the
-    update's forward exactly), on CUDA, unless $LONGRL_NORM = torch."""
+def fused_kernels(x: torch.Tensor) -> bool:
+    """Whether the layers run their inference kernels (kernels/triton_norm.py, triton_pointwise.py):
+    each RMSNorm, with the residual add before it, as one launch; RoPE on q and k with the paged
+    cache's K/V write as one; silu(gate) * up as one. In inference mode (the rollout and
+    generation; not the trainer's no-grad old / reference log-probs, which must equal the
+    update's forward exactly), on CUDA, unless $LONGRL_FUSED = torch."""
     if not torch.is_inference_mode_enabled() or not x.is_cuda or not _has_triton():
         return False
-    choice = os.environ.get("LONGRL_NORM", "triton")
+    choice = os.environ.get("LONGRL_FUSED", "triton")
     if choice not in ("triton", "torch"):
-        raise ValueError(f"LONGRL_NORM must be triton or torch, got {choice!r}")
+        raise ValueError(f"LONGRL_FUSED must be triton or torch, got {choice!r}")
     return choice == "triton"
 
 
@@ -86,15 +88,26 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
+    def _fused(self, x: torch.Tensor) -> bool:
+        # a sharded DTensor weight keeps the torch path
+        return fused_kernels(x) and type(self.weight.data) is torch.Tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # inference mode on a GPU: one kernel instead of eight (a sharded DTensor weight keeps the torch path)
-        if fused_norm(x) and type(self.weight.data) is torch.Tensor:
+        if self._fused(x):  # inference on a GPU: one kernel instead of eight
             from kernels.triton_norm import rms_norm_triton
             return rms_norm_triton(x, self.weight, self.eps)
         # statistics in fp32 whatever the activation dtype; scale after casting back
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h + delta, this norm of it): a residual add and the norm after it, one launch when fused."""
+        if self._fused(h):
+            from kernels.triton_norm import add_rms_norm_triton
+            return add_rms_norm_triton(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
 
 
 class Attention(nn.Module):
@@ -117,6 +130,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if fused_kernels(q):  # inference on a GPU: the rotation in one launch, with the K/V cache write if any
+            rotating = getattr(attn, "attend_rotating", None)
+            if rotating is not None:
+                out = rotating(layer, q, k, v, cos, sin)
+            else:
+                from kernels.triton_pointwise import rope_store_triton
+                q, k = rope_store_triton(q, k, v, cos, sin)
+                out = attn.attend(layer, q, k, v)
+            return self.o_proj(out.reshape(t, -1))
         # back to the projections' dtype: under autocast they are bf16 while cos / sin are fp32
         q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
         out = attn.attend(layer, q, k, v)  # [T, Hq, D]
@@ -138,6 +160,9 @@ class MLP(nn.Module):
             xt = x.t()
             h = F.silu(torch.mm(wg, xt)).mul_(torch.mm(wu, xt))
             return torch.mm(wd, h).t().contiguous()
+        if fused_kernels(x):
+            from kernels.triton_pointwise import silu_mul_triton
+            return self.down_proj(silu_mul_triton(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -154,6 +179,14 @@ class DecoderLayer(nn.Module):
                 attn: AttentionContext) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, attn, self.index)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def forward_normed(self, h: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attn: AttentionContext, next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer for a caller that has already applied input_layernorm (x = norm(h)) and wants
+        next_norm of the result with it: (h', next_norm(h')). Each residual add goes with the norm
+        after it (RMSNorm.add_forward): one launch each when the kernels are fused."""
+        h, x = self.post_attention_layernorm.add_forward(h, self.self_attn(x, cos, sin, attn, self.index))
+        return next_norm.add_forward(h, self.mlp(x))
 
 
 class Decoder(nn.Module):
@@ -223,6 +256,11 @@ class Decoder(nn.Module):
             attn = VarlenAttention(cu_seqlens, resolve_backend(self.attn_backend, w.device, w.dtype))
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
+        if fused_kernels(h) and len(self.layers):  # inference on a GPU: each residual add fused into the next norm
+            x = self.layers[0].input_layernorm(h)
+            for layer, nxt in zip(self.layers, [*(l.input_layernorm for l in self.layers[1:]), self.norm]):
+                h, x = layer.forward_normed(h, x, cos, sin, attn, nxt)
+            return x
         grad = torch.is_grad_enabled()
         for layer in self.layers:
             if grad and layer.index in self._checkpointed:

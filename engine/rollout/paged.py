@@ -261,6 +261,24 @@ class PagedAttention:
         hkv, d = kc.shape[2], kc.shape[3]
         kc.view(-1, hkv, d)[self.slots] = k
         vc.view(-1, hkv, d)[self.slots] = v
+        return self._attend_stored(layer, q, k, v)
+
+    def attend_rotating(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> torch.Tensor:
+        """`attend` for q and k not yet rotated: the rotation and this step's K/V write are one
+        launch (kernels.triton_pointwise.rope_store_triton; the model calls this on a GPU in
+        inference mode)."""
+        from kernels.triton_pointwise import rope_store_triton
+
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        hkv, d = kc.shape[2], kc.shape[3]
+        q, k = rope_store_triton(q, k, v, cos, sin, kc.view(-1, hkv, d), vc.view(-1, hkv, d), self.slots)
+        return self._attend_stored(layer, q, k, v)
+
+    def _attend_stored(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention once this step's k, v are in the cache."""
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        hkv, d = kc.shape[2], kc.shape[3]
         scale = q.shape[-1] ** -0.5
         if self.cascade is not None:
             return _cascade_decode(q, kc.view(-1, hkv, d), vc.view(-1, hkv, d), self.cascade, scale,
