@@ -1,6 +1,6 @@
 """How many kernels a decode step launches: with the GPU's fused inference kernels and with torch's ops.
 
-    python -m bench.launch_count [--layers 28 --groups 8 --n 8]
+    python -m bench.launch_count [--layers 28 --groups 2 --n 2]
 
 On a GPU a CUDA-graph decode step of a small model costs, per kernel, a few microseconds of
 device time whatever the kernel's size (the H200 profile in the README: ~2 ms a step in small
@@ -14,10 +14,14 @@ is the step's structure, not its time.
 
 The model is Qwen2-1.5B-shaped in everything but its widths (28 layers of 12 query / 2 K/V
 heads, biases on q / k / v, tied embeddings, bf16), batch `groups` × `n` with each group's
-samples sharing a 32-token prompt (the shared-prefix decode kernels). "fused" is a GPU's
+samples sharing a 32-token prompt (the shared-prefix decode kernels). A launch serves the whole
+batch, so the count does not grow with it; the default batch of 4 keeps the interpreter quick
+(a batch of 64 takes it many minutes). "fused" is a GPU's
 default in inference mode (engine.model.model.fused_kernels: each RMSNorm with the residual
-add before it, RoPE with the K/V cache write, silu * up as one kernel each), stood in for on
-CPU; "torch" is $LONGRL_FUSED=torch. Prints one JSON line.
+add before it, RoPE with the K/V cache write, silu * up as one kernel each; q / k / v and gate /
+up one product each, the model's projections stacked as the trainer's rollout copy has them,
+engine.model.model.fuse_projections), stood in for on CPU; "torch" is $LONGRL_FUSED=torch.
+Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -104,17 +108,19 @@ def count_step(model, groups: int, n: int, fused: bool, prompt_len: int = 32, ne
     return dict(step)
 
 
-def measure(layers: int = 28, groups: int = 8, n: int = 8) -> dict:
+def measure(layers: int = 28, groups: int = 2, n: int = 2) -> dict:
     import torch
 
     from engine.model import Decoder, DecoderConfig
+    from engine.model.model import fuse_projections
 
     cfg = DecoderConfig.from_hf({"model_type": "qwen2", "vocab_size": 512, "hidden_size": 96, "intermediate_size": 64,
                                  "num_hidden_layers": layers, "num_attention_heads": 12, "num_key_value_heads": 2,
                                  "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
                                  "tie_word_embeddings": True})
     torch.manual_seed(0)
-    model = Decoder(cfg).to(torch.bfloat16)
+    # the trainer's rollout copy: bf16, projections stacked (the "torch" path, $LONGRL_FUSED=torch, ignores that)
+    model = fuse_projections(Decoder(cfg).to(torch.bfloat16))
     out = {"layers": layers, "batch": groups * n}
     for label, fused in (("fused", True), ("torch", False)):
         step = count_step(model, groups, n, fused)
@@ -130,8 +136,8 @@ def measure(layers: int = 28, groups: int = 8, n: int = 8) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=28)
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--n", type=int, default=8, help="samples per group (batch = groups × n)")
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--n", type=int, default=2, help="samples per group (batch = groups × n)")
     a = p.parse_args(argv)
     print(json.dumps(measure(a.layers, a.groups, a.n)))
     return 0

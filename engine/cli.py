@@ -221,12 +221,14 @@ def cmd_generate(args, cfg: Config) -> int:
     from .data.jsonl import read_docqa_jsonl
     from .data.template import build_prompt_ids, encode_prompt
     from .model import load_model
+    from .model.model import fuse_projections
     from .rollout import Generator, SamplingParams
 
     model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
+    fuse_projections(model.requires_grad_(False))  # it only generates: q / k / v, gate / up one product each
     gen = cfg.generate
     limit = cfg.data.max_input_tokens or max(1, model.config.max_position_embeddings - gen.max_new_tokens)
 

@@ -143,25 +143,33 @@ def rope_store_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: to
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, N, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+    """Program (row, block): BLOCK columns of one row (gate and up may be column slices of one tensor)."""
+    r = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = i < N
-    g = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + i, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + r * stride_g + i, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + r * stride_u + i, mask=ok, other=0.0).to(tl.float32)
     s = g / (1.0 + tl.exp(-g))
     if ROUND:  # F.silu's result is rounded to gate's dtype before the product
         s = _round(s, g_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(o_ptr + i, _round(s * u, o_ptr.dtype.element_ty), mask=ok)
+    tl.store(o_ptr + r * N + i, _round(s * u, o_ptr.dtype.element_ty), mask=ok)
+
+
+def _row_major(x: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up in one launch (the output in torch's promotion of the two dtypes)."""
+    """F.silu(gate) * up in one launch (the output in torch's promotion of the two dtypes). gate and
+    up may be column slices of one [T, 2·I] product (rows strided), as fuse_projections' MLP has them."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    g, u = gate.contiguous(), up.contiguous()
-    out = torch.empty(g.shape, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
-    n = g.numel()
-    if n:
-        _silu_mul_kernel[(triton.cdiv(n, SILU_BLOCK),)](g, u, out, n, BLOCK=SILU_BLOCK,
-                                                         ROUND=g.dtype in (torch.bfloat16, torch.float16))
-    return out
+    g, u = _row_major(gate), _row_major(up)
+    rows, n = g.shape
+    out = torch.empty(rows, n, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
+    if rows and n:
+        _silu_mul_kernel[(rows, triton.cdiv(n, SILU_BLOCK))](g, u, out, g.stride(0), u.stride(0), n, BLOCK=SILU_BLOCK,
+                                                              ROUND=g.dtype in (torch.bfloat16, torch.float16))
+    return out.view(gate.shape)

@@ -86,10 +86,15 @@ def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
 
 def test_the_fused_kernels_give_the_ordinary_steps_tokens(tiny, monkeypatch):
     """The GPU's inference kernels (each norm with the residual add before it, RoPE with the K/V
-    cache write, silu * up) in the prefill and in the graph step, prefixes shared: the tokens and
+    cache write, silu * up) and the stacked projections of the trainer's rollout copy
+    (fuse_projections) in the prefill and in the graph step, prefixes shared: the tokens and
     log-probs of torch's ops in the ordinary step. The cache is written only by the fused kernel."""
+    import copy
+
+    from engine.model.model import fuse_projections
     from engine.rollout.paged import PagedAttention
 
+    stacked = fuse_projections(copy.deepcopy(tiny))  # as the trainer's rollout copy has them
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
               for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
@@ -101,7 +106,7 @@ def test_the_fused_kernels_give_the_ordinary_steps_tokens(tiny, monkeypatch):
             return _real(self, *args)
         monkeypatch.setattr(PagedAttention, name, spy)
     _fuse(monkeypatch)
-    got, stats = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="eager")
+    got, stats = _run(stacked, prompts, params, 3, share_prefix=True, cuda_graphs="eager")
     _same(got, want)
     assert stats.graph_steps > 0 and used["attend"] == 0
     assert used["attend_rotating"] == stats.steps * tiny.config.num_layers
@@ -457,7 +462,8 @@ def test_host_step_case_times_the_graph_steps_host_work():
 def test_the_fused_graph_step_launches_fewer_kernels():
     """bench/launch_count.py on one layer: with the fused kernels each norm (the residual add with
     it), the rotation with the K/V write and silu * up are one launch each, and none of torch's ops
-    for them is left; torch's path has the rotation's negations and the cache's index_puts. The
+    for them is left; torch's path has the rotation's negations and the cache's index_puts; the
+    projections stacked by fuse_projections are two products where torch's path runs five. The
     counter sees casts that copy (`to` under inference mode) and not views."""
     from bench.launch_count import measure
 
@@ -467,6 +473,7 @@ def test_the_fused_graph_step_launches_fewer_kernels():
     gone = {"aten.neg", "aten.index_put_", "aten.pow", "aten.mean", "aten.rsqrt", "aten.silu", "aten.add"}
     assert not gone & fused.keys() and gone <= plain.keys()
     assert (plain["aten.index_put_"], plain["aten.neg"], plain["aten.rsqrt"]) == (2, 2, 3)
-    assert fused["aten.linear"] == plain["aten.linear"] == 8  # 7 projections and the lm_head
+    # 7 projections and the lm_head; stacked (fuse_projections): q / k / v and gate / up one product each
+    assert (fused["aten.linear"], plain["aten.linear"]) == (5, 8)
     assert plain["aten.to"] > fused["aten.to"] > 0 and "aten.view" not in plain and "aten.t" not in plain
     assert r["saved"] == r["torch"]["launches"] - r["fused"]["launches"] >= 30

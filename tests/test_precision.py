@@ -117,6 +117,10 @@ def test_rl_rollout_uses_a_bf16_copy_refreshed_each_step(letters):
     stale = copy.deepcopy(copy_.state_dict())
     trainer._sync_rollout_weights()
     assert all(torch.equal(copy_.state_dict()[n], model.state_dict()[n].to(torch.bfloat16)) for n in stale)
+    # its projections are stacked (one product for q / k / v, one for gate / up), and the syncs kept them so
+    from engine.model.model import _fused_linears
+    stacks = [m for m in copy_.modules() if hasattr(m, "FUSED")]
+    assert len(stacks) == 2 * model.config.num_layers and all(_fused_linears(m, m.FUSED) for m in stacks)
 
 
 def _fsdp_rank(rank, world, path):

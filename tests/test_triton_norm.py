@@ -105,8 +105,9 @@ def test_the_fused_kernels_run_only_in_inference_mode_on_cuda(monkeypatch):
 def test_a_model_with_the_fused_kernels_computes_the_same_hidden_states(tmp_path, monkeypatch, kind):
     """Every fused path of a model (the CUDA-only rule stood in for on CPU): the first norm, each
     residual add with the norm after it, RoPE on q and k (no cache here: VarlenAttention), the
-    MLP's silu * up; Qwen2's q / k / v biases, Qwen3's q / k norms per head. The forward's hidden
-    states equal torch's ops' (fp32 here: up to the norms' summation order)."""
+    MLP's silu * up; Qwen2's q / k / v biases, Qwen3's q / k norms per head; then with the
+    projections stacked (fuse_projections: q, k, v and gate, up as column slices of one product).
+    The forward's hidden states equal torch's ops' (fp32 here: up to the norms' summation order)."""
     from conftest import tiny_decoder
     from kernels import triton_norm, triton_pointwise
 
@@ -124,11 +125,17 @@ def test_a_model_with_the_fused_kernels_computes_the_same_hidden_states(tmp_path
         monkeypatch.setattr(model_mod, "fused_kernels", lambda x: torch.is_inference_mode_enabled())
         monkeypatch.setattr(model_mod, "weight_major", lambda x, w: False)  # a GPU's products: F.linear
         got = model(ids)
+        each = sorted(calls)
+        calls.clear()
+        model_mod.fuse_projections(model)  # and with q / k / v, gate / up as one product each
+        stacked = model(ids)
     layers = model.config.num_layers
     qk = 2 * layers if kind == "qwen3" else 0  # q_norm and k_norm per layer
-    assert sorted(calls) == sorted(["rms_norm_triton"] * (1 + qk) + ["add_rms_norm_triton"] * 2 * layers
-                                   + ["rope_store_triton"] * layers + ["silu_mul_triton"] * layers)
+    assert each == sorted(calls) == sorted(["rms_norm_triton"] * (1 + qk) + ["add_rms_norm_triton"] * 2 * layers
+                                           + ["rope_store_triton"] * layers + ["silu_mul_triton"] * layers)
+    assert all(model_mod._fused_linears(m, m.FUSED) is not None for m in model.modules() if hasattr(m, "FUSED"))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stacked, want, rtol=1e-5, atol=1e-5)
 
 
 @triton.jit

@@ -112,3 +112,64 @@ def test_silu_mul_equals_torch(dtype, shape):
         assert got.numel() == 0 or (got != want).float().mean() < 0.01
     with pytest.raises(ValueError, match=r"gate \(2, 3\) and up \(3, 2\) differ"):
         silu_mul_triton(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_silu_mul_of_one_products_two_halves():
+    """gate and up as the column halves of one [T, 2·I] product (fuse_projections' MLP): strided rows,
+    read in place."""
+    g = torch.Generator().manual_seed(9)
+    both = (torch.randn(5, 2 * 1100, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    gate, up = both.split([1100, 1100], dim=-1)
+    assert gate.stride(0) == 2200
+    torch.testing.assert_close(silu_mul_triton(gate, up).float(), (F.silu(gate) * up).float(), rtol=2 ** -7, atol=1e-6)
+
+
+def _tiny(tmp_path, kind):
+    from conftest import tiny_decoder
+    return tiny_decoder(tmp_path / kind, kind, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_fuse_projections_keeps_the_parameters_and_follows_a_weight_sync(tmp_path, kind):
+    """After fuse_projections the state dict has the same keys, shapes and values (q / k / v with
+    Qwen2's biases, gate / up, as views of one tensor each); loading new weights (the trainer's sync)
+    writes through the views into the stacked tensors; after a .to() the views are new tensors:
+    the layer no longer reports a fusion, and the stale stacked tensor is dropped."""
+    from engine.model.model import MLP, Attention, _fused_linears, fuse_projections
+
+    model = _tiny(tmp_path, kind)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fuse_projections(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    w, b, sizes = _fused_linears(attn, Attention.FUSED)
+    cfg = model.config
+    assert sizes == [cfg.q_size, cfg.kv_size, cfg.kv_size] and w.shape == (cfg.q_size + 2 * cfg.kv_size, cfg.hidden_size)
+    assert (b is not None) == (kind == "qwen2")
+    assert torch.equal(w[cfg.q_size:cfg.q_size + cfg.kv_size], attn.k_proj.weight)
+    new = {k: torch.randn_like(v) for k, v in before.items()}
+    model.load_state_dict(new)
+    w, b, _ = _fused_linears(attn, Attention.FUSED)
+    assert torch.equal(w[-cfg.kv_size:], new["layers.0.self_attn.v_proj.weight"])
+    if b is not None:
+        assert torch.equal(b[:cfg.q_size], new["layers.0.self_attn.q_proj.bias"])
+    gate_up = _fused_linears(mlp, MLP.FUSED)[0]
+    assert torch.equal(gate_up[cfg.intermediate_size:], new["layers.0.mlp.up_proj.weight"])
+    if kind == "qwen2":  # a bias replaced (not loaded into the view): the stack no longer holds it
+        other = model.layers[1].self_attn
+        other.k_proj.bias = torch.nn.Parameter(other.k_proj.bias.clone())
+        assert _fused_linears(other, Attention.FUSED) is None and other._fused is None
+    model.to(torch.float64)
+    assert _fused_linears(attn, Attention.FUSED) is None and attn._fused is None
+    assert _fused_linears(mlp, MLP.FUSED) is None and mlp._fused is None
+
+
+def test_fuse_projections_leaves_a_partly_biased_stack_alone(tmp_path):
+    from engine.model.model import Attention, _fused_linears, fuse_projections
+
+    model = _tiny(tmp_path, "qwen2")
+    model.layers[0].self_attn.v_proj.bias = None  # q and k biased, v not: one product cannot serve them
+    fuse_projections(model)
+    assert _fused_linears(model.layers[0].self_attn, Attention.FUSED) is None
+    assert _fused_linears(model.layers[1].self_attn, Attention.FUSED) is not None

@@ -110,9 +110,68 @@ class RMSNorm(nn.Module):
         return h, self(h)
 
 
+def _fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
+    """Make the weights (and biases) of module's linear layers `names` views of one tensor each,
+    stacked along the output dimension; kept as module._fused = (weight, bias or None, sizes)."""
+    linears = [getattr(module, n) for n in names]
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    with_bias = [lin.bias is not None for lin in linears]
+    if any(with_bias) and not all(with_bias):
+        return  # a bias on some but not all: the products stay separate
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(with_bias) else None
+    sizes, start = [], 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        sizes.append(n)
+        start += n
+    module._fused = (weight, bias, sizes)
+
+
+def _fused_linears(module: nn.Module, names: tuple[str, ...]):
+    """module._fused's (weight, bias, sizes) while every layer's weight and bias are still views of it
+    in order, else None (after a .to() or a parameter replaced: then dropped, and its memory with it)."""
+    fused = getattr(module, "_fused", None)
+    if fused is None:
+        return None
+    weight, bias, sizes = fused
+    row = weight.stride(0) * weight.element_size()
+    brow = bias.element_size() if bias is not None else 0
+    start = 0
+    for name, n in zip(names, sizes):
+        lin = getattr(module, name)
+        if lin.weight.data_ptr() != weight.data_ptr() + start * row or lin.weight.shape != (n, weight.shape[1]) \
+                or (bias is not None and (lin.bias is None or lin.bias.data_ptr() != bias.data_ptr() + start * brow)):
+            module._fused = None
+            return None
+        start += n
+    return fused
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """For a model that only generates (the trainer's rollout copy, an evaluation's model): each
+    layer's q / k / v weights and biases become views of one [q + 2·kv, H] tensor, gate / up of
+    one [2·I, H]. In inference mode on a GPU (`fused_kernels`) the layer then runs one product for
+    q, k and v and one for gate and up, instead of five small ones. Nothing else changes: the same
+    parameters, state-dict keys and shapes; load_state_dict copies into the views, so a weight
+    sync keeps the fusion; after a .to() the views are new tensors and the layer falls back to
+    its separate products. Call it after moving the model to its device and dtype. -> model."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            _fuse_linears(module, Attention.FUSED)
+        elif isinstance(module, MLP):
+            _fuse_linears(module, MLP.FUSED)
+    return model
+
+
 class Attention(nn.Module):
+    FUSED = ("q_proj", "k_proj", "v_proj")  # what fuse_projections stacks
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
+        self._fused = None
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
@@ -125,12 +184,19 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionContext, layer: int) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        fused = fused_kernels(x)
+        qkv = _fused_linears(self, self.FUSED) if fused else None
+        if qkv is not None:  # one product; q, k, v are column slices of it (the kernels take their strides)
+            q, k, v = F.linear(x, qkv[0], qkv[1]).split(qkv[2], dim=-1)
+            q = q.view(t, self.num_heads, self.head_dim)
+            k, v = k.view(t, self.num_kv_heads, self.head_dim), v.view(t, self.num_kv_heads, self.head_dim)
+        else:
+            q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if fused_kernels(q):  # inference on a GPU: the rotation in one launch, with the K/V cache write if any
+        if fused:  # inference on a GPU: the rotation in one launch, with the K/V cache write if any
             rotating = getattr(attn, "attend_rotating", None)
             if rotating is not None:
                 out = rotating(layer, q, k, v, cos, sin)
@@ -146,8 +212,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    FUSED = ("gate_proj", "up_proj")  # what fuse_projections stacks
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
+        self._fused = None
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -162,6 +231,10 @@ class MLP(nn.Module):
             return torch.mm(wd, h).t().contiguous()
         if fused_kernels(x):
             from kernels.triton_pointwise import silu_mul_triton
+            gate_up = _fused_linears(self, self.FUSED)
+            if gate_up is not None:  # one product; gate and up are its two column halves
+                gate, up = F.linear(x, gate_up[0]).split(gate_up[2], dim=-1)
+                return self.down_proj(silu_mul_triton(gate, up))
             return self.down_proj(silu_mul_triton(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

@@ -104,13 +104,14 @@ def local_judge_generate(cfg: Config):
     greedy, batched, stopping by the judge's own stop rule, within judge_max_tokens."""
     from ..data.template import encode_messages
     from ..model import load_model
+    from ..model.model import fuse_projections
     from ..rollout import Generator, SamplingParams
 
     model, tokenizer = load_model(cfg.reward.judge_path, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"reward.judge_path {cfg.reward.judge_path}: the judge needs its tokenizer files")
-    model.requires_grad_(False).eval()
+    fuse_projections(model.requires_grad_(False).eval())  # it only generates: q / k / v, gate / up one product each
     generator = Generator(model, tokenizer, cfg.rollout.cache_config())
     params = SamplingParams(max_new_tokens=cfg.reward.judge_max_tokens, temperature=0.0)  # the judge's stop rule
 
@@ -307,8 +308,10 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
         holdout_eval(cfg, model, tokenizer, label, step, log, parallel=par)
 
     def evaluate_dir(path, label):
+        from ..model.model import fuse_projections
         model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype,
                                       attn_backend=cfg.model.attn_backend)
+        fuse_projections(model)  # evaluated only: q / k / v, gate / up one product each
         evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval") if main else NullLog())
 
     if latest is None:

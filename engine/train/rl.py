@@ -51,7 +51,9 @@ class _Micro:
 def rollout_copy(model, precision):
     """A frozen copy of (unsharded) `model` in the compute dtype, for the rollout to generate
     with; GRPOTrainer refreshes its weights once per step."""
-    return copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32)
+    from ..model.model import fuse_projections
+    # q / k / v and gate / up stacked: one product each in the rollout's decode steps on a GPU
+    return fuse_projections(copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32))
 
 
 @dataclass
