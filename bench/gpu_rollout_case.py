@@ -305,8 +305,9 @@ def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: f
         fused_speedups[str(plen)] = step_s(plen, on, False) / step_s(plen, on, True)
     shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["fused"]
               and r["prompt_len"] in prompt_lens]
-    # where a step goes, with and without graphs, at the first graph length
-    breakdown = [step_breakdown(model, groups, n, graph_lens[0], new, graphs=g) for g in (on, off) if graph_lens]
+    # where a step goes: with and without graphs at the first graph length, with graphs at the others
+    breakdown = [step_breakdown(model, groups, n, plen, new, graphs=g)
+                 for i, plen in enumerate(graph_lens) for g in ((on, off) if i == 0 else (on,))]
     for r in breakdown:
         print(json.dumps(r), file=sys.stderr, flush=True)
     return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,
@@ -330,6 +331,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
 
     from engine.model import Decoder, DecoderConfig
+    from engine.model.model import fuse_projections
 
     cfg = DecoderConfig.from_hf(QWEN2_1P5B)
     torch.manual_seed(0)
@@ -338,6 +340,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0, 0.02)
+    fuse_projections(model)  # as the trainer's rollout copy: q / k / v and gate / up one product each
     if a.profile:
         print(json.dumps([kernel_profile(model, a.groups, a.n, plen, a.new, share, top=a.top)
                           for plen in a.profile for share in (True, False)]))

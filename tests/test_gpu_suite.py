@@ -112,8 +112,10 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
     assert set(out["fused_speedup"]) == {"9", "5"} and all(v > 0 for v in out["fused_speedup"].values())
     assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
-    eager_graph, off = out["step_breakdown"]
+    eager_graph, off, second = out["step_breakdown"]  # with and without graphs at 21, with graphs at 9
     assert (eager_graph["cuda_graphs"], off["cuda_graphs"]) == ("eager", "off")
+    assert (eager_graph["prompt_len"], off["prompt_len"], second["prompt_len"], second["cuda_graphs"]) == \
+        (21, 21, 9, "eager")
     assert eager_graph["decode_steps"] == eager_graph["graph_steps"] == 2 and off["graph_steps"] == 0
     for r in (eager_graph, off):
         assert 0 < r["model_ms"] < r["step_ms"] and 0 < r["sampler_ms"] < r["step_ms"] and r["rest_ms"] > 0
