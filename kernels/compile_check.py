@@ -1,6 +1,6 @@
 """Compile every Triton kernel of kernels/ for a GPU, on a machine without one.
 
-    python -m kernels.compile_check [--arch 90] [--quiet]
+    python -m kernels.compile_check [--arch 90] [--quiet] [--jobs N]
 
 The interpreter (TRITON_INTERPRET=1, what the CPU tests use) runs a kernel's Python, not its
 compiler: a loop-carried value whose type changes, a construct a backend rejects, an
@@ -14,11 +14,14 @@ divisibility, values equal to 1) the GPU's JIT adds, so the code is the general 
 A variant that needs more shared memory a block than the arch allows (SHARED_LIMIT) fails too:
 it would compile and then refuse to launch. Needs a process without TRITON_INTERPRET (run it as
 a module); prints one line per compiled variant (its shared memory) and exits 1 if any fails.
+The variants are shared among --jobs processes (default: one per core), each compiling every
+jobs-th one.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -170,19 +173,60 @@ def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | No
     return failures
 
 
+def _summary(version: str, arch: int, compiled: int, total: int) -> str:
+    return f"triton {version}, cuda:{arch}: {compiled} of {total} kernel variants compiled"
+
+
+def _in_processes(jobs: int, arch: int, quiet: bool) -> int:
+    """Compile in `jobs` processes, process k taking variants k, k + jobs, ... (`--shard k/jobs`);
+    their lines printed as each ends, then one summary over all (a process that died counts its
+    variants as not compiled)."""
+    import triton
+
+    total = len(for_the_gpu(capture_launches()))
+    cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", str(arch), "--jobs", "1", *(["--quiet"] * quiet)]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{k}/{jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for k in range(jobs)]
+    compiled, died = 0, 0
+    for k, proc in enumerate(procs):
+        out, err = proc.communicate()
+        lines = out.strip().splitlines()
+        last = lines[-1] if lines else ""
+        head = _summary(triton.__version__, arch, 0, 0).split(":")[0]
+        if proc.returncode not in (0, 1) or not last.startswith(head):
+            print(f"FAIL  process {k} of {jobs} exited {proc.returncode}: {(err.strip() or out.strip())[-2000:]}",
+                  flush=True)
+            died += 1
+            continue
+        if len(lines) > 1:
+            print("\n".join(lines[:-1]), flush=True)
+        compiled += int(last.rsplit(": ", 1)[1].split(" of ")[0])
+    print(_summary(triton.__version__, arch, compiled, total) + (f" ({died} of {jobs} processes died)" if died else ""))
+    return 1 if died or compiled != total else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100 / H200)")
     p.add_argument("--quiet", action="store_true", help="print failures and the summary only")
+    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
+                   help="compile in this many processes (default: one per CPU core, at most 8)")
+    p.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": compile variants k, k + n, ... (what --jobs runs)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
+    if a.jobs < 1:
+        p.error(f"--jobs must be at least 1, got {a.jobs}")
+    if a.jobs > 1 and not a.shard:
+        return _in_processes(a.jobs, a.arch, a.quiet)
     import triton
     variants = for_the_gpu(capture_launches())
+    if a.shard:
+        k, n = (int(x) for x in a.shard.split("/"))
+        variants = variants[k::n]
     failures = compile_all(variants, a.arch, a.quiet)
-    print(f"triton {triton.__version__}, cuda:{a.arch}: {len(variants) - len(failures)} of {len(variants)} kernel "
-          f"variants compiled")
+    print(_summary(triton.__version__, a.arch, len(variants) - len(failures), len(variants)))
     return 1 if failures else 0
 
 

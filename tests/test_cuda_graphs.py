@@ -97,7 +97,7 @@ def test_the_fused_kernels_give_the_ordinary_steps_tokens(tiny, monkeypatch):
     stacked = fuse_projections(copy.deepcopy(tiny))  # as the trainer's rollout copy has them
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
-              for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
+              for k, t in ((2, 1.0), (4, 0.0), (5, 1.0))]
     want, _ = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="off")
     used = {"attend": 0, "attend_rotating": 0}
     for name in used:
@@ -281,7 +281,7 @@ def test_what_a_graph_captures_is_capturable_and_the_same_at_every_step(tiny, mo
     # the step's own lengths would change from 1 to 2 (kernels.triton_paged.pick_num_splits)
     prompts = _prompts(tiny, lens=(13, 6, 9, 444))
     params = SamplingParams(max_new_tokens=7, temperature=1.0, seed=3, stop_token_ids=[])
-    for share in (True, False):
+    for share in (True, False) if not fused else (True,):  # the fused kernels do not depend on sharing
         steps_of.clear()
         _run(tiny, prompts, params, 2, share_prefix=share, cuda_graphs="eager")
         assert breakers == []

@@ -103,14 +103,14 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
         return real_case(*args)
     monkeypatch.setattr(gpu_rollout_case, "_decode_case", spy)
     out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"), warmup=False,
-                  fused_lens=[9, 5])
+                  fused_lens=[9])
     assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"], c["fused"]) for c in out["cases"]] == \
         [(21, True, "eager", True), (21, False, "eager", True), (21, True, "off", True), (9, True, "eager", True),
-         (9, True, "off", True), (5, True, "eager", True), (9, True, "eager", False), (5, True, "eager", False)]
-    assert seen_env == [None] * 6 + ["torch"] * 2 and os.environ["LONGRL_FUSED"] == "triton"
-    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0, 2, 2, 2]
+         (9, True, "off", True), (9, True, "eager", False)]
+    assert seen_env == [None] * 5 + ["torch"] and os.environ["LONGRL_FUSED"] == "triton"
+    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0, 2]
     assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
-    assert set(out["fused_speedup"]) == {"9", "5"} and all(v > 0 for v in out["fused_speedup"].values())
+    assert set(out["fused_speedup"]) == {"9"} and out["fused_speedup"]["9"] > 0
     assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
     eager_graph, off, second = out["step_breakdown"]  # with and without graphs at 21, with graphs at 9
     assert (eager_graph["cuda_graphs"], off["cuda_graphs"]) == ("eager", "off")

@@ -5,6 +5,7 @@ so a kernel that only fails in the compiler would otherwise first fail on the ca
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,13 +29,18 @@ def test_every_kernel_variant_compiles_for_cuda_90(tmp_path):
     n = int(lines[-1].split(": ")[1].split()[0])
     assert n >= 30 and lines[-1].endswith(f"{n} of {n} kernel variants compiled"), lines[-1]
     ok = [line.split() for line in lines[:-1] if line.startswith("ok")]
-    compiled = {words[6].split("(")[0] for words in ok}
+    # "ok  <s> s  <KB> KB shared  <kernel>(<constexprs>) [<dtype>] <options>"
+    labels = [re.match(r"ok +\S+ s +\S+ KB shared  (\S+\(.*?\)) \[(\w+)\]", line).groups()
+              for line in lines[:-1] if line.startswith("ok")]
+    assert len(labels) == len(ok) == n, "every variant reported once, whichever process compiled it"
+    compiled = {label.split("(")[0] for label, _ in labels}
     assert all(words[4:6] == ["KB", "shared"] and 0 <= float(words[3]) <= 227 for words in ok)
     assert compiled == {"_decode_partial_kernel", "_merge_kernel", "_row_stats_kernel", "_row_grad_kernel",
                         "_sample_kernel", "_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel"}
     # an fp32 and a bf16 launch with the same constexprs are two variants, both compiled
-    for kernel in ("_sample_kernel(BLOCK_V=4096)", "_row_stats_kernel(BLOCK_V=4096)", "_silu_mul_kernel(BLOCK=1024)"):
-        assert {words[7] for words in ok if words[6] == kernel} == {"[fp32]", "[bf16]"}, kernel
+    for kernel in ("_sample_kernel(BLOCK_V=4096)", "_row_stats_kernel(BLOCK_V=4096)",
+                   "_rms_norm_kernel(BLOCK_H=2048, RESIDUAL=True)"):
+        assert {dtype for label, dtype in labels if label == kernel} == {"fp32", "bf16"}, kernel
     assert any("HAS_MEMBERS=True" in line and "IEEE_DOT=False" in line for line in lines)  # bf16 shared-prefix
 
 
@@ -76,3 +82,15 @@ def test_a_kernel_over_the_shared_memory_limit_is_reported(tmp_path):
     proc = _run(["-c", script], tmp_path)
     assert "FAILURES 1" in proc.stdout and "bytes of shared memory a block; cuda:90 allows 1024" in proc.stdout, \
         proc.stdout + proc.stderr
+
+
+def test_a_compiling_process_that_dies_is_reported(tmp_path):
+    """The variants shared among processes: for an architecture LLVM cannot target each process
+    aborts (no summary line of its own); each is reported with its exit status, the summary counts
+    their variants as not compiled, and the exit status is 1."""
+    proc = _run(["-m", "kernels.compile_check", "--arch", "12", "--jobs", "2", "--quiet"], tmp_path)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sum(line.startswith("FAIL  process ") for line in lines) == 2, lines
+    n = int(lines[-1].split(": ")[1].split()[2])
+    assert n >= 30 and lines[-1].endswith(f"cuda:12: 0 of {n} kernel variants compiled (2 of 2 processes died)")
