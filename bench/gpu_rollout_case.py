@@ -20,9 +20,10 @@ whole batch, it would decode in waves; the figure compares the time per `batch` 
 (batch_step_s; mean_batch says how full the steps were).
 
 Fused kernels: every case runs with the rollout's default on a GPU (engine.model.model.fused_kernels:
-each RMSNorm with its residual add, RoPE with the K/V write, silu * up as one kernel each); at
---fused-lens the shared graph case runs again with $LONGRL_FUSED=torch, and `fused_speedup` is
-that step time over the fused one.
+each RMSNorm with its residual add, RoPE with the K/V write, silu * up as one kernel each, and
+the stacked q / k / v and gate / up as one product each); at --fused-lens the shared graph case
+runs again with $LONGRL_FUSED=torch (all of that as torch's ops and five products), and
+`fused_speedup` is that step time over the fused one.
 
 CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
 graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and

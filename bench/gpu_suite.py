@@ -383,7 +383,7 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
         print("target: >= 70% with sharing; CUDA graphs vs eager step (same case): "
               + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro.get("graphs_speedup", {}).items()))
         if ro.get("fused_speedup"):
-            print("fused norm / RoPE + K/V write / silu * up vs torch's ops (graph step, same case): "
+            print("fused kernels and stacked projections vs torch's ops (graph step, same case): "
                   + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro["fused_speedup"].items()))
         for c in ro.get("step_breakdown", []):
             print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "

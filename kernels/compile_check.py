@@ -14,8 +14,8 @@ divisibility, values equal to 1) the GPU's JIT adds, so the code is the general 
 A variant that needs more shared memory a block than the arch allows (SHARED_LIMIT) fails too:
 it would compile and then refuse to launch. Needs a process without TRITON_INTERPRET (run it as
 a module); prints one line per compiled variant (its shared memory) and exits 1 if any fails.
-The variants are shared among --jobs processes (default: one per core), each compiling every
-jobs-th one.
+The variants are shared among --jobs processes (default: one per core it may use, at most 4),
+each compiling every jobs-th one.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int32": "i32", "int64": "i64", "bool": "i1"}
@@ -179,22 +180,32 @@ def _summary(version: str, arch: int, compiled: int, total: int) -> str:
 
 def _in_processes(jobs: int, arch: int, quiet: bool) -> int:
     """Compile in `jobs` processes, process k taking variants k, k + jobs, ... (`--shard k/jobs`);
-    their lines printed as each ends, then one summary over all (a process that died counts its
-    variants as not compiled)."""
+    their lines printed in process order once all have ended, then one summary over all (a process
+    that died counts its variants as not compiled)."""
     import triton
 
     total = len(for_the_gpu(capture_launches()))
     cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", str(arch), "--jobs", "1", *(["--quiet"] * quiet)]
-    procs = [subprocess.Popen([*cmd, "--shard", f"{k}/{jobs}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for k in range(jobs)]
     compiled, died = 0, 0
-    for k, proc in enumerate(procs):
-        out, err = proc.communicate()
+    with tempfile.TemporaryDirectory() as tmp:  # files, not pipes: no process waits for the parent to read it
+        logs = [(open(os.path.join(tmp, f"{k}.out"), "w+"), open(os.path.join(tmp, f"{k}.err"), "w+"))
+                for k in range(jobs)]
+        procs = [subprocess.Popen([*cmd, "--shard", f"{k}/{jobs}"], stdout=out, stderr=err)
+                 for k, (out, err) in enumerate(logs)]
+        results = []
+        for proc, (out, err) in zip(procs, logs):
+            proc.wait()
+            out.seek(0)
+            err.seek(0)
+            results.append((proc.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    for k, (returncode, out, err) in enumerate(results):
         lines = out.strip().splitlines()
         last = lines[-1] if lines else ""
         head = _summary(triton.__version__, arch, 0, 0).split(":")[0]
-        if proc.returncode not in (0, 1) or not last.startswith(head):
-            print(f"FAIL  process {k} of {jobs} exited {proc.returncode}: {(err.strip() or out.strip())[-2000:]}",
+        if returncode not in (0, 1) or not last.startswith(head):
+            print(f"FAIL  process {k} of {jobs} exited {returncode}: {(err.strip() or out.strip())[-2000:]}",
                   flush=True)
             died += 1
             continue
@@ -209,8 +220,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100 / H200)")
     p.add_argument("--quiet", action="store_true", help="print failures and the summary only")
-    p.add_argument("--jobs", type=int, default=min(os.cpu_count() or 1, 8),
-                   help="compile in this many processes (default: one per CPU core, at most 8)")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    p.add_argument("--jobs", type=int, default=min(usable, 4),
+                   help="compile in this many processes (default: one per core this process may use, at most 4)")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": compile variants k, k + n, ... (what --jobs runs)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":

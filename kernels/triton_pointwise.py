@@ -11,12 +11,14 @@ one. In a batch-64 decode step of a 28-layer model that is 336 launches fewer, e
 at a few microseconds of device time whatever its size, costs more than its bytes
 (`python -m bench.launch_count` counts a step's launches).
 
-Both equal torch's ops rounding for rounding: where torch computes in bf16 (or fp16), every
-intermediate it rounds is rounded here too, to nearest even (kernels.triton_norm._round), so
-only the exponential inside SiLU may differ, by the last bit of its fp32 value. The rotation
-computes in torch's promotion of q's and cos's dtypes (bf16 cos with bf16 q: bf16 products and
-sum; fp32 cos: fp32) and its results take v's dtype, as the model's `apply_rope(...).to(v.dtype)`
-does. The cache write stores k rotated and v at each token's slot of the flat cache views
+Where torch computes in bf16 (or fp16), every intermediate it rounds is rounded here too, to
+nearest even (kernels.triton_norm._round): the rotation of bf16 q with bf16 cos / sin (a bf16
+model's) equals torch's bit for bit. The rotation computes in torch's promotion of q's and cos's
+dtypes (fp32 cos, as under autocast: in fp32) and its results take v's dtype, as the model's
+`apply_rope(...).to(v.dtype)` does; in fp32 a GPU may fuse a product and the sum into one
+rounding (Triton contracts them), so a result may differ from torch's in its last fp32 bit, and
+rarely then in its bf16 rounding. SiLU's exponential and division are the GPU's fast
+approximations: the same last-bits difference. The cache write stores k rotated and v at each token's slot of the flat cache views
 [slots, Hkv, D] (PagedAttention's own write, done here instead).
 
 engine.model.model takes these paths in inference mode on CUDA unless $LONGRL_FUSED is

@@ -253,7 +253,7 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
         assert "4.00 ms/step" in text and "60.0% of the roofline" in text
         assert "30.00 ms/step" in text and "(mean batch 40.0: ms per 64 tokens)" in text
         assert "prompt 16384: x3.50" in text and "model 3.00 + sampler 0.50 + rest 1.50" in text
-        assert "graphs, torch ops     5.00 ms/step" in text and "vs torch's ops (graph step, same case): prompt " \
+        assert "graphs, torch ops     5.00 ms/step" in text and "stacked projections vs torch's ops (graph step, same case): prompt " \
             "16384: x1.25" in text
         assert "40.0s: rollout 25.0s" in text and "parts add up to the step" in text
     elif broken == "bench.gpu_rollout_case":

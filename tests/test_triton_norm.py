@@ -158,3 +158,32 @@ def test_nan_and_inf_survive_the_bf16_rounding():
     assert got[2:5].tolist() == [float("inf"), float("-inf"), float("inf")]
     assert got[5].item() == 0.0 and torch.signbit(got[5])
     assert got[6:].tolist() == x[6:].cpu().to(torch.bfloat16).float().tolist() == [1.0, 1.015625]  # to even
+
+
+def test_the_fused_path_keeps_hooks_and_falls_back_for_shapes_it_cannot_take(tmp_path, monkeypatch):
+    """A layer with a forward hook (FSDP2 unshards a layer's weights in one) runs through its own
+    __call__, not the fused loop; a model with more query heads or a wider hidden size than one
+    program holds keeps torch's rotation and norm. Either way the hidden states are torch's."""
+    from conftest import tiny_decoder
+    from kernels import triton_norm, triton_pointwise
+
+    model = tiny_decoder(tmp_path / "q2", "qwen2", num_hidden_layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids)
+        monkeypatch.setattr(model_mod, "fused_kernels", lambda x: torch.is_inference_mode_enabled())
+        monkeypatch.setattr(model_mod, "weight_major", lambda x, w: False)
+        fired = []
+        handle = model.layers[1].register_forward_pre_hook(lambda mod, args: fired.append(mod.index))
+        hooked = model(ids)
+        handle.remove()
+        calls = []
+        for mod, name in ((triton_norm, "rms_norm_triton"), (triton_norm, "add_rms_norm_triton"),
+                          (triton_pointwise, "rope_store_triton")):
+            monkeypatch.setattr(mod, name, lambda *a, _name=name, **k: calls.append(_name))
+        monkeypatch.setattr(triton_pointwise, "MAX_HEADS", model.config.num_heads - 1)
+        monkeypatch.setattr(triton_norm, "MAX_HIDDEN", model.config.hidden_size - 1)
+        narrow = model(ids)
+    assert fired == [1] and calls == []
+    torch.testing.assert_close(hooked, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(narrow, want, rtol=1e-5, atol=1e-5)

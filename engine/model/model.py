@@ -63,6 +63,12 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def rope_store_fits(q_heads: int, head_dim: int) -> bool:
+    """Whether kernels/triton_pointwise.py's rotation takes this shape (else the torch rotation)."""
+    from kernels.triton_pointwise import MAX_HEAD_DIM, MAX_HEADS
+    return head_dim % 2 == 0 and head_dim <= MAX_HEAD_DIM and q_heads <= MAX_HEADS
+
+
 @functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -89,8 +95,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def _fused(self, x: torch.Tensor) -> bool:
-        # a sharded DTensor weight keeps the torch path
-        return fused_kernels(x) and type(self.weight.data) is torch.Tensor
+        # a sharded DTensor weight, or a row wider than the kernel's registers hold, keeps the torch path
+        if not fused_kernels(x) or type(self.weight.data) is not torch.Tensor:
+            return False
+        from kernels.triton_norm import MAX_HIDDEN
+        return x.shape[-1] <= MAX_HIDDEN
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused(x):  # inference on a GPU: one kernel instead of eight
@@ -111,13 +120,13 @@ class RMSNorm(nn.Module):
 
 
 def _fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
-    """Make the weights (and biases) of module's linear layers `names` views of one tensor each,
-    stacked along the output dimension; kept as module._fused = (weight, bias or None, sizes)."""
+    """Make the weights (and biases) of module's linear layers `names` consecutive rows of one tensor
+    each (stacked along the output dimension); module._stacked keeps only their row counts."""
     linears = [getattr(module, n) for n in names]
-    weight = torch.cat([lin.weight.detach() for lin in linears])
     with_bias = [lin.bias is not None for lin in linears]
     if any(with_bias) and not all(with_bias):
         return  # a bias on some but not all: the products stay separate
+    weight = torch.cat([lin.weight.detach() for lin in linears])
     bias = torch.cat([lin.bias.detach() for lin in linears]) if all(with_bias) else None
     sizes, start = [], 0
     for lin in linears:
@@ -127,37 +136,58 @@ def _fuse_linears(module: nn.Module, names: tuple[str, ...]) -> None:
             lin.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
         sizes.append(n)
         start += n
-    module._fused = (weight, bias, sizes)
+    module._stacked = sizes
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose consecutive rows `tensors` are (a view from the first one's storage), or None
+    when they are not laid out so (after a .to(), a deepcopy, a replaced parameter)."""
+    first = tensors[0]
+    if not first.is_contiguous():
+        return None
+    at, size = first.data_ptr(), first.element_size()
+    for t in tensors:
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.data_ptr() != at
+                or not t.is_contiguous() or t.dtype != first.dtype or t.shape[1:] != first.shape[1:]):
+            return None
+        at += t.numel() * size
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def _fused_linears(module: nn.Module, names: tuple[str, ...]):
-    """module._fused's (weight, bias, sizes) while every layer's weight and bias are still views of it
-    in order, else None (after a .to() or a parameter replaced: then dropped, and its memory with it)."""
-    fused = getattr(module, "_fused", None)
-    if fused is None:
+    """(weight, bias or None, sizes) of module's stacked linear layers `names` (fuse_projections), the
+    weight and bias views over all of them; None when they were never stacked or no longer are. Holds
+    no memory of its own: the stack is wherever the layers' own parameters are."""
+    sizes = getattr(module, "_stacked", None)
+    if sizes is None:
         return None
-    weight, bias, sizes = fused
-    row = weight.stride(0) * weight.element_size()
-    brow = bias.element_size() if bias is not None else 0
-    start = 0
-    for name, n in zip(names, sizes):
-        lin = getattr(module, name)
-        if lin.weight.data_ptr() != weight.data_ptr() + start * row or lin.weight.shape != (n, weight.shape[1]) \
-                or (bias is not None and (lin.bias is None or lin.bias.data_ptr() != bias.data_ptr() + start * brow)):
-            module._fused = None
+    linears = [getattr(module, n) for n in names]
+    weight = _stack([lin.weight for lin in linears])
+    if weight is None:
+        return None
+    bias = None
+    if linears[0].bias is not None:
+        if any(lin.bias is None for lin in linears):
             return None
-        start += n
-    return fused
+        bias = _stack([lin.bias for lin in linears])
+        if bias is None:
+            return None
+    elif any(lin.bias is not None for lin in linears):
+        return None
+    return weight, bias, sizes
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:
     """For a model that only generates (the trainer's rollout copy, an evaluation's model): each
-    layer's q / k / v weights and biases become views of one [q + 2·kv, H] tensor, gate / up of
-    one [2·I, H]. In inference mode on a GPU (`fused_kernels`) the layer then runs one product for
-    q, k and v and one for gate and up, instead of five small ones. Nothing else changes: the same
-    parameters, state-dict keys and shapes; load_state_dict copies into the views, so a weight
-    sync keeps the fusion; after a .to() the views are new tensors and the layer falls back to
-    its separate products. Call it after moving the model to its device and dtype. -> model."""
+    layer's q / k / v weights and biases become consecutive rows of one [q + 2·kv, H] tensor, gate /
+    up of one [2·I, H] (the parameters are views into it, frozen). In inference mode on a GPU
+    (`fused_kernels`) the layer then runs one product for q, k and v and one for gate and up,
+    instead of five small ones. Nothing else changes: the same parameters, state-dict keys and
+    shapes; load_state_dict copies into the views, so a weight sync keeps the stack. Nothing but
+    the row counts is kept beside the parameters: after a .to() or a deepcopy, which give each
+    parameter memory of its own, the layer runs its separate products (call this again to stack
+    them). Call it after moving the model to its device and dtype. -> model."""
     for module in model.modules():
         if isinstance(module, Attention):
             _fuse_linears(module, Attention.FUSED)
@@ -171,7 +201,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self._fused = None
+        self._stacked: list[int] | None = None  # fuse_projections: the stacked layers' row counts
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, cfg.q_size, bias=cfg.qkv_bias)
         self.k_proj = Linear(cfg.hidden_size, cfg.kv_size, bias=cfg.qkv_bias)
@@ -196,7 +226,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        if fused:  # inference on a GPU: the rotation in one launch, with the K/V cache write if any
+        if fused and rope_store_fits(self.num_heads, self.head_dim):  # one launch: rotation and K/V cache write
             rotating = getattr(attn, "attend_rotating", None)
             if rotating is not None:
                 out = rotating(layer, q, k, v, cos, sin)
@@ -216,7 +246,7 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self._fused = None
+        self._stacked: list[int] | None = None  # fuse_projections: the stacked layers' row counts
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
@@ -309,6 +339,12 @@ class Decoder(nn.Module):
         inv_freq, scaling = self._rope_cache[dev]
         return rope_cos_sin(inv_freq, scaling, positions, dtype)
 
+    def _plain_layers(self) -> bool:
+        """Whether the fused loop may call the layers directly (DecoderLayer.forward_normed, bypassing
+        their __call__): no layer has forward hooks (FSDP2's unshard hooks, a user's) to skip."""
+        return len(self.layers) > 0 and not any(layer._forward_pre_hooks or layer._forward_hooks
+                                                for layer in self.layers)
+
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None,
                 attn: AttentionContext | None = None) -> torch.Tensor:
@@ -329,7 +365,7 @@ class Decoder(nn.Module):
             attn = VarlenAttention(cu_seqlens, resolve_backend(self.attn_backend, w.device, w.dtype))
         h = self.embed_tokens(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        if fused_kernels(h) and len(self.layers):  # inference on a GPU: each residual add fused into the next norm
+        if fused_kernels(h) and self._plain_layers():  # inference on a GPU: each residual add fused into the next norm
             x = self.layers[0].input_layernorm(h)
             for layer, nxt in zip(self.layers, [*(l.input_layernorm for l in self.layers[1:]), self.norm]):
                 h, x = layer.forward_normed(h, x, cos, sin, attn, nxt)

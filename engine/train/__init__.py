@@ -311,7 +311,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
         from ..model.model import fuse_projections
         model, tokenizer = load_model(path, device=cfg.model.device, dtype=cfg.model.dtype,
                                       attn_backend=cfg.model.attn_backend)
-        fuse_projections(model)  # evaluated only: q / k / v, gate / up one product each
+        fuse_projections(model.requires_grad_(False).eval())  # evaluated only: q / k / v, gate / up one product each
         evaluate(model, tokenizer, label, 0, MetricsLog(run_dir, "eval") if main else NullLog())
 
     if latest is None:
