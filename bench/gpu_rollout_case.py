@@ -343,8 +343,8 @@ def main(argv=None) -> int:
             param.normal_(0, 0.02)
     fuse_projections(model)  # as the trainer's rollout copy: q / k / v and gate / up one product each
     if a.profile:
-        print(json.dumps([kernel_profile(model, a.groups, a.n, plen, a.new, share, top=a.top)
-                          for plen in a.profile for share in (True, False)]))
+        print(json.dumps({"cases": [kernel_profile(model, a.groups, a.n, plen, a.new, share, top=a.top)
+                                    for plen in a.profile for share in (True, False)]}))
         return 0
     print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
                              graphs=("auto", "off"), fused_lens=a.fused_lens)))

@@ -13,7 +13,8 @@ promised there, so nothing here imports pytest:
      memory-bandwidth roofline, with and without prefix sharing, CUDA graphs against eager
      steps, and where a step's time goes (bench/gpu_rollout_case.py); then the sampler kernel
      at 64 rows of a 152K vocabulary beside the torch sampler (bench/gpu_sampler_case.py), and
-     the paged decode kernels alone at a few launch settings (bench/gpu_decode_tune.py);
+     the paged decode kernels alone at a few launch settings (bench/gpu_decode_tune.py), and an
+     eager 16K step's kernels ranked by device time (bench/gpu_rollout_case.py --profile);
   4. one full RL step at a GPU size, with its time split and whether the parts add up
      to the step (bench/train_step_case.py --gpu);
   5. fused GRPO loss forward+backward at T up to 64K, H 4096 / 5120, V 151,936, bf16:
@@ -134,15 +135,17 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "sampler": 60, "decode_tune": 90, "decode_tables": 60,
-                 "rl_step": 240, "update": 120, "ring": 120}
+STAGE_TIMEOUT = {"tests": 150, "kernel_case": 60, "rollout": 180, "sampler": 60, "decode_tune": 90,
+                 "decode_profile": 60, "decode_tables": 60, "rl_step": 240, "update": 120, "ring": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 # the decode kernels' launch settings tried by the suite (bench/gpu_decode_tune.py has the wider grid)
 DECODE_TUNE = ("--waves", "2", "4", "8", "--warps", "4", "8", "--stages", "3", "--block-n", "0")
+# where an eager decode step's device time goes, kernel by kernel (bench/gpu_rollout_case.py --profile)
+DECODE_PROFILE = ("--profile", "16384", "--new", "16", "--top", "12")
 
 
-CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tune", "decode_tables",
-              "rl_step", "update", "ring"]
+CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tune", "decode_profile",
+              "decode_tables", "rl_step", "update", "ring"]
 
 
 def _version(module: str) -> str | None:
@@ -311,6 +314,9 @@ def main(argv=None) -> int:
     save()
     report["decode_tune"] = run_module(out, "decode_tune", "decode_tune", "bench.gpu_decode_tune", *DECODE_TUNE)
     save()
+    report["decode_profile"] = run_module(out, "decode_profile", "decode_profile", "bench.gpu_rollout_case",
+                                          *DECODE_PROFILE)
+    save()
     report["rl_step"] = run_module(out, "rl_step", "rl_step", "bench.train_step_case", "--gpu")
     if not _not_run(report["rl_step"]):
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
@@ -417,6 +423,15 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
                   f"ms ({best.get('roofline_fraction') or 0:.1%}) at waves {best.get('waves')}, warps "
                   f"{best.get('num_warps')}, stages {best.get('num_stages')}, block_n {best.get('block_n')}")
         print("apply a setting: LONGRL_DECODE_LAUNCH=waves=4,num_warps=8 (kernels/triton_paged.py LAUNCH)")
+    pr = report["decode_profile"]
+    print("\n== an eager decode step's kernels, batch 64 (8 x 8), by device time a step (torch.profiler) ==")
+    if _not_run(pr):
+        print(_why(pr))
+    else:
+        for c in pr["cases"]:
+            print(f"prompt {c['prompt_len']:>6} {'shared' if c['share_prefix'] else 'not shared':>10}: "
+                  f"{c['device_ms_per_step']:.2f} ms on the device a step; "
+                  + ", ".join(f"{name.split('(')[0][:48]} {ms:.3f}" for name, ms in c["top_ms_per_step"].items()))
     dt = report["decode_tables"]
     print("\n== decode block tables + context, host work per step (8 x 8 sequences, block 16) ==")
     if _not_run(dt):

@@ -162,7 +162,7 @@ def _fake_stage_output(cmd: list[str]) -> dict:
     if module == "bench.kernel_case":
         return {"impl": "fused", "tokens": int(cmd[cmd.index("--tokens") + 1]),
                 "hidden": int(cmd[cmd.index("--hidden") + 1]), "seconds": 0.2, "time": t, "peak_extra_bytes": 4 << 30}
-    if module == "bench.gpu_rollout_case":
+    if module == "bench.gpu_rollout_case" and "--profile" not in cmd:
         case = {"share_prefix": True, "cuda_graphs": "auto", "graph_steps": 31, "batch": 64, "mean_batch": 64.0,
                 "prompt_len": 16384, "batch_step_s": 0.004, "decode_tokens_per_s": 16000.0, "roofline_fraction": 0.6}
         waves = {**case, "share_prefix": False, "mean_batch": 40.0, "batch_step_s": 0.03, "roofline_fraction": 0.08}
@@ -174,6 +174,9 @@ def _fake_stage_output(cmd: list[str]) -> dict:
     if module == "bench.gpu_sampler_case":
         return {"cases": [{"setting": "top_p 0.95", "ms": {"4096x16": 1.25, "default launch": 1.25,
                                                           "torch sampler": 4.5}}]}
+    if module == "bench.gpu_rollout_case" and "--profile" in cmd:
+        return {"cases": [{"prompt_len": 16384, "share_prefix": True, "device_ms_per_step": 6.5,
+                           "top_ms_per_step": {"_decode_partial_kernel": 1.25, "nvjet_sm90_tst_88x64(...)": 0.5}}]}
     if module == "bench.gpu_decode_tune":
         default = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 64}
         mine = {**default, "shared_ms": 2.0, "roofline_fraction": 0.25}
@@ -237,7 +240,7 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     rc = gs.main(["--out", str(tmp_path / "out")])
     text = capsys.readouterr().out
     assert ran == ["bench.gpu_rollout_case", "bench.gpu_sampler_case", "bench.gpu_decode_tune",
-                   "bench.train_step_case"] \
+                   "bench.gpu_rollout_case", "bench.train_step_case"] \
         + ["bench.kernel_case"] * len(gs.CASES) \
         + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case"]
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
@@ -253,6 +256,8 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
         assert "4.00 ms/step" in text and "60.0% of the roofline" in text
         assert "30.00 ms/step" in text and "(mean batch 40.0: ms per 64 tokens)" in text
         assert "prompt 16384: x3.50" in text and "model 3.00 + sampler 0.50 + rest 1.50" in text
+        assert "prompt  16384     shared: 6.50 ms on the device a step; _decode_partial_kernel 1.250, " \
+            "nvjet_sm90_tst_88x64 0.500" in text
         assert "graphs, torch ops     5.00 ms/step" in text and "stacked projections vs torch's ops (graph step, same case): prompt " \
             "16384: x1.25" in text
         assert "40.0s: rollout 25.0s" in text and "parts add up to the step" in text
