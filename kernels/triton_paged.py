@@ -143,16 +143,22 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, memb
 
 
 @triton.jit
-def _merge_kernel(o_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
-                  stride_xb, stride_xh, num_parts, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
-    """Program (sequence, query head): out = Σ_p 2^(lse_p − m) o_p / Σ_p 2^(lse_p − m)."""
+def _merge_kernel(o_ptr, lse_ptr, out_ptr, start_ptr, stride_ob, stride_oh, stride_op, stride_lb, stride_lh,
+                  stride_xb, stride_xh, num_parts, num_prefix, HEAD_DIM: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_D: tl.constexpr, HAS_PREFIX: tl.constexpr):
+    """Program (sequence, query head): out = Σ_p 2^(lse_p − m) o_p / Σ_p 2^(lse_p − m). With
+    HAS_PREFIX, parts [0, num_prefix) are the shared-prefix partials, written only for a sequence
+    with a shared prefix (its suffix start > 0): for any other they are never read, so they need
+    no −inf fill beforehand."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     parts = tl.arange(0, BLOCK_P)
     dims = tl.arange(0, BLOCK_D)
     dmask = dims < HEAD_DIM
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + parts, mask=parts < num_parts, other=float("-inf"))
+    ok = parts < num_parts
+    if HAS_PREFIX:  # the first part to read: 0 with a shared prefix, else the first suffix part
+        ok = ok & (parts >= tl.where(tl.load(start_ptr + b) > 0, 0, num_prefix))
+    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + parts, mask=ok, other=float("-inf"))
     live = lse > float("-inf")
     m = tl.max(lse, axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)  # all empty (seq_len 0): weights 0, output 0, no NaN
@@ -220,12 +226,30 @@ def _launch_partial(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
 
 
-def _merge(o, lse, out):
+def _merge(o, lse, out, suffix_starts=None, num_prefix: int = 0):
+    """Merge o's partials into out; suffix_starts [B] and num_prefix: the shared-prefix launch's
+    layout (its first num_prefix parts read only where suffix_starts > 0)."""
     b, hq, parts, d = o.shape
-    _merge_kernel[(b, hq)](o, lse, out, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-                           out.stride(0), out.stride(1), parts, HEAD_DIM=d,
-                           BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=triton.next_power_of_2(d))
+    prefix = suffix_starts is not None and num_prefix > 0
+    _merge_kernel[(b, hq)](o, lse, out, suffix_starts if prefix else lse, o.stride(0), o.stride(1), o.stride(2),
+                           lse.stride(0), lse.stride(1), out.stride(0), out.stride(1), parts, num_prefix, HEAD_DIM=d,
+                           BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=triton.next_power_of_2(d),
+                           HAS_PREFIX=prefix)
     return out
+
+
+# the tests set this (tests/conftest.py): partials' scratch filled so that a read of a slot nobody wrote shows
+POISON_SCRATCH = False
+
+
+def _scratch(shape, device) -> torch.Tensor:
+    """Partials' memory, not initialised: every slot the merge reads is written first. With
+    POISON_SCRATCH it is filled with values that would show in the output were an unwritten slot
+    read: 1e30 for outputs, a log-sum-exp far above any real one (finite: a test that compares a
+    step's operators with the next step's compares these fills too)."""
+    if POISON_SCRATCH:
+        return torch.full(shape, 1e30 if len(shape) == 4 else 1e4, dtype=torch.float32, device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n):
@@ -247,8 +271,8 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_
     if num_splits == 1:  # one partial per row: it is the output
         _launch_partial(q, k_cache, v_cache, bt, None, lens, None, out, None, 0, b, 1, scale, 1, block_n)
         return out
-    o = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    o = _scratch((b, hq, num_splits, d), q.device)
+    lse = _scratch((b, hq, num_splits), q.device)
     _launch_partial(q, k_cache, v_cache, bt, None, lens, None, o, lse, 0, b, num_splits, scale, 1, block_n)
     return _merge(o, lse, out)
 
@@ -306,10 +330,12 @@ def shared_prefix_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, pre
     ss = num_splits or pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device)
     sp = sp if items else 0
     # slots [0, sp): the group's prefix partials; [sp, sp + ss): the sequence's own suffix
-    o = torch.empty(b, hq, sp + ss, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, sp + ss), float("-inf"), dtype=torch.float32, device=q.device)
+    # every sequence's suffix slots are written; its prefix slots only when it has a shared prefix, and
+    # then by every one of the sp splits (an empty one writes −inf): the merge reads no other slot
+    o = _scratch((b, hq, sp + ss, d), q.device)
+    lse = _scratch((b, hq, sp + ss), q.device)
     if items:
         _launch_partial(q, k_cache, v_cache, bt, None, plan.prefix_ends, plan.members, o, lse, 0, items, sp, scale,
                         plan.members_per_program, block_n)
     _launch_partial(q, k_cache, v_cache, bt, plan.suffix_starts, lens, None, o, lse, sp, b, ss, scale, 1, block_n)
-    return _merge(o, lse, torch.empty_like(q))
+    return _merge(o, lse, torch.empty_like(q), plan.suffix_starts, sp)

@@ -23,6 +23,13 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LONGRL_TRITON_B
         import triton_bounds
         triton_bounds.install()
 
+try:  # the decode kernels' partials filled with values that show if a slot nobody wrote is read
+    import kernels.triton_paged
+except ImportError:  # no triton
+    pass
+else:
+    kernels.triton_paged.POISON_SCRATCH = True
+
 
 @pytest.fixture(scope="session")
 def smollm():
