@@ -63,7 +63,9 @@ class SharedPrefixPlan:
     members [W, M] int32: the sequences one prefix program serves (−1 pads), all of one group;
     the first is the one whose block table the program reads. prefix_ends [W] int32: their
     prefix length. suffix_starts [B] int32: where each sequence's own tokens begin (0 when it
-    shares nothing). max_prefix, max_suffix: host ints for the split choice."""
+    shares nothing). max_prefix, max_suffix: host ints for the split choice. A sequence with
+    suffix_starts > 0 must be a member of some program: the decode reads its prefix partials
+    without having cleared them (kernels/triton_paged.py _merge_kernel)."""
     members: torch.Tensor
     prefix_ends: torch.Tensor
     suffix_starts: torch.Tensor

@@ -163,7 +163,7 @@ def _merge_kernel(o_ptr, lse_ptr, out_ptr, start_ptr, stride_ob, stride_oh, stri
     m = tl.max(lse, axis=0)
     m = tl.where(m > float("-inf"), m, 0.0)  # all empty (seq_len 0): weights 0, output 0, no NaN
     wgt = tl.where(live, tl.exp2(lse - m), 0.0)
-    # slots nobody wrote (a plain sequence's prefix slots) may hold garbage: never read them
+    # only live slots' outputs are read (an empty split's output is never needed)
     o = tl.load(o_ptr + b * stride_ob + h * stride_oh + parts[:, None] * stride_op + dims[None, :],
                 mask=live[:, None] & dmask[None, :], other=0.0)
     den = tl.sum(wgt, axis=0)

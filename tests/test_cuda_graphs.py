@@ -3,7 +3,8 @@
 The graph step run eagerly on its static buffers (cuda_graphs="eager"; on CPU the Triton
 kernels run under the interpreter, on a GPU machine the model moves to the GPU): padded batch
 buckets, the spare block, the packed inputs and the prefix programs planned on the host must
-give the ordinary step's tokens and log-probs. The capture itself needs a GPU (the last test);
+give the ordinary step's tokens and log-probs (the reference runs the torch decode path, which
+tests/test_decode_paths.py holds to the Triton path's tokens: quicker under the interpreter). The capture itself needs a GPU (the last test);
 a capture that fails leaves the rollout running without graphs, which is checked here too."""
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def _prompts(model, lens=(13, 6, 9), seed=5):
 
 
 def _run(model, prompts, params, n, **cache):
-    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, decode_backend="triton", **cache))
+    cache.setdefault("decode_backend", "triton")
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, **cache))
     out = gen.generate(prompts, n=n, params=params)
     return [[(c.token_ids, c.logprobs, c.finish_reason) for c in group] for group in out], gen.stats
 
@@ -74,7 +76,7 @@ def test_graph_step_gives_the_ordinary_steps_tokens(tiny, monkeypatch, share):
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
               for k, t in ((3, 1.0), (6, 0.0), (9, 1.0))]
-    want, plain = _run(tiny, prompts, params, 3, share_prefix=share, cuda_graphs="off")
+    want, plain = _run(tiny, prompts, params, 3, share_prefix=share, cuda_graphs="off", decode_backend="torch")
     seen = _spy_steps(monkeypatch)
     got, stats = _run(tiny, prompts, params, 3, share_prefix=share, cuda_graphs="eager")
     _same(got, want)
@@ -98,7 +100,7 @@ def test_the_fused_kernels_give_the_ordinary_steps_tokens(tiny, monkeypatch):
     prompts = _prompts(tiny)
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=[])
               for k, t in ((2, 1.0), (4, 0.0), (5, 1.0))]
-    want, _ = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="off")
+    want, _ = _run(tiny, prompts, params, 3, share_prefix=True, cuda_graphs="off", decode_backend="torch")
     used = {"attend": 0, "attend_rotating": 0}
     for name in used:
         def spy(self, *args, _real=getattr(PagedAttention, name), _name=name):
@@ -308,7 +310,7 @@ def test_graph_step_after_preemption(tiny):
     step) and decode again from the graph buffers with rewritten tables."""
     prompts = _prompts(tiny, (10, 7))
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=[])
-    want, plain = _run(tiny, prompts, params, 3, num_blocks=14, cuda_graphs="off")
+    want, plain = _run(tiny, prompts, params, 3, num_blocks=14, cuda_graphs="off", decode_backend="torch")
     got, stats = _run(tiny, prompts, params, 3, num_blocks=14, cuda_graphs="eager")
     assert plain.preemptions > 0 and stats.preemptions == plain.preemptions
     assert stats.graph_steps > 0
@@ -321,7 +323,7 @@ def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkey
     why, and the rollout continues with the ordinary step and gives its tokens. Mode on raises."""
     prompts = _prompts(tiny, (8, 5))
     params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
-    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
+    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off", decode_backend="torch")
     monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
     if torch.cuda.is_available():  # make the capture fail on a GPU too
         monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
@@ -377,7 +379,7 @@ def test_each_graph_replays_only_for_its_own_buckets(tiny, monkeypatch):
     (batch, prefix-program) buckets, and the tokens are the ordinary step's."""
     prompts = _prompts(tiny, (13, 6, 9, 7, 11))
     params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=[138])  # 3 steps after the 7th
-    want, _ = _run(tiny, prompts, params, 3, cuda_graphs="off")
+    want, _ = _run(tiny, prompts, params, 3, cuda_graphs="off", decode_backend="torch")
     assert [len(group[0][0]) for group in want] == [7, 10, 10, 10, 10]  # the workload the test is about
     replays = _fake_capture(monkeypatch)
     got, stats = _run(tiny, prompts, params, 3)
@@ -393,7 +395,7 @@ def test_a_replay_that_differs_from_the_eager_step_turns_graphs_off(tiny, monkey
     raises), and the rollout's tokens are the ordinary step's."""
     prompts = _prompts(tiny, (8, 5))
     params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
-    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off")
+    want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off", decode_backend="torch")
     _fake_capture(monkeypatch, replay_offset=0.5)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
