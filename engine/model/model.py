@@ -77,7 +77,8 @@ def _has_triton() -> bool:
 def fused_kernels(x: torch.Tensor) -> bool:
     """Whether the layers run their inference kernels (kernels/triton_norm.py, triton_pointwise.py):
     each RMSNorm, with the residual add before it, as one launch; RoPE on q and k with the paged
-    cache's K/V write as one; silu(gate) * up as one. In inference mode (the rollout and
+    cache's K/V write as one; silu(gate) * up as one; where fuse_projections stacked them, one
+    product for q / k / v and one for gate / up. In inference mode (the rollout and
     generation; not the trainer's no-grad old / reference log-probs, which must equal the
     update's forward exactly), on CUDA, unless $LONGRL_FUSED = torch."""
     if not torch.is_inference_mode_enabled() or not x.is_cuda or not _has_triton():
