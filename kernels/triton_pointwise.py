@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_norm import _round
+from kernels.triton_norm import _round, _rows
 
 MAX_HEAD_DIM = 512
 MAX_HEADS = 256  # query heads a program holds
@@ -158,17 +158,12 @@ def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, stride_g, stride_u, N, BLOCK: tl.const
     tl.store(o_ptr + r * N + i, _round(s * u, o_ptr.dtype.element_ty), mask=ok)
 
 
-def _row_major(x: torch.Tensor) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
 def silu_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """F.silu(gate) * up in one launch (the output in torch's promotion of the two dtypes). gate and
     up may be column slices of one [T, 2·I] product (rows strided), as fuse_projections' MLP has them."""
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
-    g, u = _row_major(gate), _row_major(up)
+    g, u = _rows(gate, gate.shape[-1]), _rows(up, up.shape[-1])
     rows, n = g.shape
     out = torch.empty(rows, n, dtype=torch.promote_types(g.dtype, u.dtype), device=g.device)
     if rows and n:
