@@ -39,9 +39,9 @@ def run(model_name: str, prompts: int, n: int, prompt_len: int, new: int, top_p:
     profiled = {"on": False, "from_step": 0}
     real_sample, real_step = engine_mod.sample, engine_mod.Generator._step
 
-    def timed_sample(*args):
+    def timed_sample(*args, **kwargs):
         t0 = time.perf_counter()
-        out = real_sample(*args)
+        out = real_sample(*args, **kwargs)
         sampler_seconds.append(time.perf_counter() - t0)
         return out
 

@@ -1,14 +1,17 @@
-"""The one-kernel sampler's time on a GPU, for each launch setting the on-card tuning may pick.
+"""The Triton sampler's time on a GPU, for each chunk length and warp count.
 
     python3 -m bench.gpu_sampler_case [--rows 64 --vocab 151936] [--module kernels.triton_sample]
+                                      [--chunks 4096,8192,262144 --warps 4,8]
 
 Random fp32 logits (scale 2) of a decode step: `rows` samples over the vocabulary, at
 temperature 1 with top-p 0.95 (the RL recipes' setting), with top-k 50 and top-p 0.95, and
-greedy. Each (tile width, warps) candidate of kernels.triton_rows.LAUNCH_CANDIDATES is timed
-(CUDA events, the median of 20 launches after one to compile), then the default launch, which
-tunes once and picks one, and the torch sampler (engine.rollout.sampling.sample_batch) beside
-them. `--module` times another copy of the kernel with the same launch function (a baseline
-in the same run). Prints one JSON line; needs CUDA.
+greedy. Each (chunk, warps) of --chunks x --warps is timed (CUDA events, the median of 20 calls after one
+to compile; a call is all of the sampler's launches), the largest chunk being one program a row
+(the search's work without the split), then the default (kernels.triton_sample.CHUNK, 4 warps),
+and the torch sampler (engine.rollout.sampling.sample_batch) beside them. The engine tells the
+kernel which searches a batch needs; so does this case. `--module` times another copy of the
+kernel with the same launch function (a baseline in the same run). Prints one JSON line; needs
+CUDA.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ import torch
 
 from bench.spread import median_ms
 
+def label(chunk: int, warps: int) -> str:
+    return f"chunk {chunk} x {warps} warps"
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,13 +35,15 @@ def main(argv=None) -> int:
     p.add_argument("--module", default="kernels.triton_sample")
     p.add_argument("--device", default="cuda", help="cpu: the same under TRITON_INTERPRET=1 (a check, not a figure)")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--chunks", default="4096,8192,262144", help="chunk lengths to time (powers of two)")
+    p.add_argument("--warps", default="4,8", help="warps a program to time")
     a = p.parse_args(argv)
+    grid = [(int(c), int(w)) for c in a.chunks.split(",") for w in a.warps.split(",")]
     dev = a.device
     if dev == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"skipped": "needs CUDA"}))
         return 2
-    from engine.rollout.sampling import SamplingParams, sample_batch, sampling_tensors
-    from kernels.triton_rows import LAUNCH_CANDIDATES
+    from engine.rollout.sampling import SamplingParams, sample_batch, sampling_tensors, searches
 
     kernel = importlib.import_module(a.module)
     g = torch.Generator(device=dev).manual_seed(0)
@@ -47,14 +55,17 @@ def main(argv=None) -> int:
     out = {"rows": a.rows, "vocab": a.vocab, "module": a.module, "card": card, "cases": []}
     for name, params in settings.items():
         st = sampling_tensors([params] * a.rows, list(range(a.rows)), [3] * a.rows, dev)
+        uses = searches([params])
         case = {"setting": name, "ms": {}}
-        for block, warps in LAUNCH_CANDIDATES:
+        for chunk, warps in grid:
             try:
-                case["ms"][f"{block}x{warps}"] = median_ms(
-                    lambda: kernel.sample_rows_triton(logits, *st, block=block, num_warps=warps), dev, a.repeats)
+                case["ms"][label(chunk, warps)] = median_ms(
+                    lambda: kernel.sample_rows_triton(logits, *st, uses=uses, chunk=chunk, num_warps=warps), dev,
+                    a.repeats)
             except TypeError as err:  # a module whose launch takes no such setting (an older copy)
-                case["ms"][f"{block}x{warps}"] = f"not timed: {err}"[:200]
-        case["ms"]["default launch"] = median_ms(lambda: kernel.sample_rows_triton(logits, *st), dev, a.repeats)
+                case["ms"][label(chunk, warps)] = f"not timed: {err}"[:200]
+        case["ms"]["default launch"] = median_ms(lambda: kernel.sample_rows_triton(logits, *st, uses=uses), dev,
+                                                 a.repeats)
         case["ms"]["torch sampler"] = median_ms(lambda: sample_batch(logits.clone(), *st), dev, a.repeats)
         out["cases"].append(case)
         print(f"{name}: " + ", ".join(f"{k} {v:.3f} ms" if isinstance(v, float) else f"{k} {v}"

@@ -40,8 +40,8 @@ def measure(groups: int, n: int, prompt_len: int, new: int, block_size: int, rou
     model = Decoder(cfg).float()
     real = DecodeGraphs._forward, engine_mod.sample
     DecodeGraphs._forward = lambda self, b, ni: self.logits[:b]
-    engine_mod.sample = lambda logits, *a: (torch.zeros(logits.shape[0], dtype=torch.long),
-                                            torch.zeros(logits.shape[0]))
+    engine_mod.sample = lambda logits, *a, **kw: (torch.zeros(logits.shape[0], dtype=torch.long),
+                                                  torch.zeros(logits.shape[0]))
     try:
         gen = Generator(model, cache_cfg=CacheConfig(block_size=block_size, decode_backend="triton",
                                                      cuda_graphs="eager"))

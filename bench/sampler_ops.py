@@ -1,5 +1,5 @@
 """How many torch calls one torch-sampler step makes, and how many of them need a device value
-on the host (a sync on a GPU): the reason the GPU samples with one Triton kernel instead.
+on the host (a sync on a GPU): the reason the GPU samples with Triton kernels instead.
 
     python -m bench.sampler_ops [--rows 64 --vocab 49152 --top-p 0.95 --temperature 1.0]
 

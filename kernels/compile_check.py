@@ -110,9 +110,10 @@ def _call_helpers(torch) -> None:
                 rope_store_triton(q, kv, kv, cos, cos)
                 rope_store_triton(q, kv, kv, cos.float(), cos.float())
         silu_mul_triton(z, z)
-        b = 4
-        sample_rows_triton(z[:b], torch.ones(b), torch.zeros(b, dtype=torch.long), torch.full((b,), 0.9),
-                           torch.arange(b), torch.zeros(b, dtype=torch.long))
+        b = 4  # the sampler with both searches, top-p's alone, none (greedy); 20 chunks: a 152K vocabulary's 19
+        for uses, chunk in (((True, True), 8192), ((True, True), 256), ((False, True), 8192), ((False, False), 8192)):
+            sample_rows_triton(z[:b], torch.ones(b), torch.full((b,), 50), torch.full((b,), 0.9),
+                               torch.arange(b), torch.zeros(b, dtype=torch.long), uses=uses, chunk=chunk)
 
 
 def for_the_gpu(variants) -> list[tuple]:

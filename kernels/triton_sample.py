@@ -1,42 +1,56 @@
-"""The rollout's batched sampler as one Triton kernel: engine.rollout.sampling.sample_batch's
-function (same arguments, same support, same uniforms, same draw rule), one program per row.
+"""The rollout's batched sampler in Triton: engine.rollout.sampling.sample_batch's function (same
+arguments, same support, same uniforms, same draw rule), each row split over programs.
 
     sample_rows_triton(logits [B, V], temperature, top_k, top_p, seeds, steps) -> (tokens [B] int64,
                                                                                  log-probs [B] fp32)
 
-Why: in torch a sampler step of 64 rows is 269 torch calls, 16 of them needing a device value
-on the host (`python -m bench.sampler_ops`): on a GPU, launch overhead and syncs beside a decode
-step replayed as one CUDA graph; here it is one launch. A row's program streams its logits
-twice and then its own scratch (8 bytes a logit, [B, V] int32 + fp32, allocated per call):
-1. max, min, and each scaled logit x = logits / T (greedy: T = 1)'s order-preserving integer key,
-   stored; then each weight exp(x − max), stored, and their sum Z;
-2. the support threshold, found by a search over the keys, each pass one read of the
-   row's keys (and weights): top-k's threshold is the largest key K with #{x ≥ K} ≥ k (the
-   k-th largest value, ties kept whole); top-p's is the largest K ≥ that with
-   Σ_{x ≥ K} exp(x − max) ≥ top_p · Z_k (Z_k: the top-k-truncated normaliser) — the value of
-   the least likely token whose preceding mass is still < top_p, as truncate_logits defines
-   it; greedy: the max. A four-way search, three keys measured in each pass: at most 17
-   passes for each (the key range is 2^32), so a row with both is read about 40 times. The
-   version before the scratch, a bisection that recomputed x / T and the exp of every logit
-   in every probe (4 warps, tiles of 1,024), took 4.6 ms of device time a decode step for 64
-   rows of a 152K vocabulary at top-p 0.95 on an H200 (torch.profiler, 2026-11-26); this one
-   1.1 ms on an H100, the earlier 4.7 ms in the same run (bench/gpu_sampler_case.py);
-3. the uniform u of (seed, step), the same 32-bit hash as sampling.uniforms (int64
-   arithmetic with the multipliers' signed twins, so it is bit for bit that function); greedy
-   rows u = 0;
-4. the draw: the first token in vocabulary order whose cumulative support weight reaches
-   u · total (above 0), in blocks with a running carry.
-Sums run in a fixed order per row (no atomics): a row's token depends on its seed, step and
-logits only. Rounding differs from the torch sampler's (block sums, not a sorted cumsum), so a
-token can differ where a probe's mass or the draw's target lies within float rounding of a
-boundary; the tests check equality on rows of every kind. Runs on CUDA, or on CPU under
-TRITON_INTERPRET=1.
+Why: in torch a sampler step of 64 rows is 269 torch calls, 16 of them needing a device value on
+the host (`python -m bench.sampler_ops`); here it is a dozen launches and no sync. The version
+before this one ran one program per row (64 programs on a 132-SM H100) and read an 8-byte scratch
+a logit in each of up to 17 search passes: 1.07 ms a step for 64 rows of a 152K vocabulary at
+top-p 0.95 on an H100 (bench/gpu_sampler_case.py, 2026-11-26). Here each row is cut into chunks
+of CHUNK logits, one program per (row, chunk), and every pass reads 4 bytes a logit:
+1. `_keys_kernel`: each scaled logit x = logits / T (greedy: T = 1) as an order-preserving int32
+   key, stored; the chunk's max and min.
+2. The support threshold (a key: every token whose key is >= it is in), by a 16-way search over
+   the keys, one launch a pass (`_pass_kernel`): each program measures, for its chunk, the count
+   (top-k) or the mass Σ exp(x − max) (top-p: the weight recomputed from the key, so no weight
+   scratch) of the keys at or above 16 probes, the lower ends of the 16 equal parts of the row's
+   interval [lo, hi); the next pass's programs sum the chunks' figures (in one fixed order) and
+   keep the part where the answer lies. Top-k's threshold is the largest key K with
+   #{x >= K} >= k (the k-th largest value, ties kept whole); top-p's the largest K >= that with
+   Σ_{x >= K} exp(x − max) >= top_p · Z_k (Z_k: the top-k-truncated normaliser, the first pass's
+   sum at lo) — the value of the least likely token whose preceding mass is still < top_p, as
+   truncate_logits defines it; greedy: the max. An interval of at most 2^32 keys is one key wide
+   after 8 decisions: PASSES = 9 launches a search. A batch without top-k rows (or without top-p
+   rows) skips that search when the caller says so (`uses`).
+3. `_totals_kernel`: each chunk's support weight, as the draw's running sum reaches it at the
+   chunk's end (block cumsums on a carry), its full normaliser part, its last weighted token.
+4. `_draw_kernel`: the uniform u of (seed, step) (sampling.uniforms' 32-bit hash, bit for bit;
+   greedy rows u = 0); the goal u · total, with the chunks' prefix sums in fp64; the one chunk
+   whose prefix interval holds the goal scans its logits for the first token whose running
+   support weight reaches the rest of the goal (at most the chunk's total, which that scan reaches
+   bit for bit: it always finds a weighted token). A row with no positive weight (all −inf, or NaN
+   / inf logits) gets its last weighted token, else the vocabulary's last, as the torch sampler's
+   clamped search gives it.
+Every sum runs in an order fixed by the row's length and CHUNK alone (no atomics, no dependence on
+the batch): a row's token depends on its seed, step and logits only. Rounding differs from the
+torch sampler's (per-lane and per-chunk sums, not a sorted cumsum), so a token can differ where a
+probe's mass or the draw's goal lies within float rounding of a boundary; the tests check equality
+on rows of every kind. Runs on CUDA, or on CPU under TRITON_INTERPRET=1.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+CHUNK = 8192  # logits a program covers: fixed, so that a row's sums never depend on the batch or the card
+BLOCK = 1024  # tile of the streaming kernels (keys, totals, the draw)
+PASS_BLOCK = 256  # tile of the search passes, by PROBES probes
+PROBES = 16  # keys measured a pass: the search keeps one of 16 parts
+PASSES = 9  # a 16-way search over at most 2^32 keys: 8 decisions narrow it to one key, after the first pass
+
 
 @triton.jit
 def _mul32(x, c: tl.constexpr):
@@ -68,121 +82,184 @@ def _key(x):
 
 
 @triton.jit
-def _load(row, v0, V, temp, BLOCK_V: tl.constexpr):
-    """A block of the row's scaled logits: logits / temp, rounded as torch divides (div_rn: the
-    GPU's default fp32 division is approximate); at T = 1 the logits as they are (x / 1 == x)."""
-    offs = v0 + tl.arange(0, BLOCK_V)
-    ok = offs < V
-    raw = tl.load(row + offs, mask=ok, other=float("-inf")).to(tl.float32)
-    if temp != 1.0:
-        raw = tl.div_rn(raw, temp)
-    return raw, offs, ok
-
-
-@triton.jit
-def _block(keys, weights, v0, V, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """A block of the row's scratch: (offsets, in range, keys, weights; BY_MASS False: weight 1,
-    for counts)."""
-    offs = v0 + tl.arange(0, BLOCK_V)
-    ok = offs < V
-    key = tl.load(keys + offs, mask=ok, other=0)
-    if BY_MASS:
-        w = tl.load(weights + offs, mask=ok, other=0.0)
-    else:
-        w = tl.full((BLOCK_V,), 1.0, tl.float32)
-    return offs, ok, key, w
-
-
-@triton.jit
-def _above(keys, weights, V, k, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """#{x ≥ key k} or (BY_MASS) Σ_{x ≥ key k} exp(x − m) over the row, from its keys and weights
-    (a count in fp32: exact below 2^24 tokens). Per-lane sums, reduced once at the end."""
-    acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs, ok, key, w = _block(keys, weights, v0, V, BY_MASS, BLOCK_V)
-        acc += tl.where(ok & (key >= k), w, 0.0)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _largest_key(keys, weights, V, lo, hi, need, BY_MASS: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The largest key K in [lo, hi) whose count (or, BY_MASS, mass) of values >= K reaches
-    `need` (lo must qualify, hi must not), by a four-way search: each pass over the row measures
-    three keys at once (the quarter points) and keeps the quarter where the answer lies; a span
-    of at most 2^32 keys needs 16 passes (one more kept as a margin). The sums of a key are
-    _above's, in the same order."""
-    for _ in range(17):
-        if hi - lo > 1:
-            span = hi - lo
-            k1 = lo + span // 4
-            k2 = lo + span // 2
-            k3 = lo + (span * 3) // 4
-            a1 = tl.zeros((BLOCK_V,), dtype=tl.float32)
-            a2 = tl.zeros((BLOCK_V,), dtype=tl.float32)
-            a3 = tl.zeros((BLOCK_V,), dtype=tl.float32)
-            for v0 in range(0, V, BLOCK_V):
-                offs, ok, key, w = _block(keys, weights, v0, V, BY_MASS, BLOCK_V)
-                a1 += tl.where(ok & (key >= k1), w, 0.0)
-                a2 += tl.where(ok & (key >= k2), w, 0.0)
-                a3 += tl.where(ok & (key >= k3), w, 0.0)
-            # the qualifying keys are a prefix of k1 <= k2 <= k3 (the sums fall as the key rises)
-            q1 = tl.sum(a1, axis=0) >= need
-            q2 = tl.sum(a2, axis=0) >= need
-            q3 = tl.sum(a3, axis=0) >= need
-            new_lo = tl.where(q3, k3, tl.where(q2, k2, tl.where(q1, k1, lo)))
-            hi = tl.where(q1, tl.where(q2, tl.where(q3, hi, k3), k2), k1)
-            lo = new_lo
-    return lo
-
-
-@triton.jit
-def _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V: tl.constexpr):
-    """A block's support weights (keys >= thr), their cumsum on the carry, and its last value
-    (the next block's carry)."""
-    offs, ok, key, w = _block(keys, weights, v0, V, True, BLOCK_V)
-    w = tl.where(ok & (key >= thr), w, 0.0)
-    cdf = tl.cumsum(w, axis=0) + carry
-    return offs, w, cdf, tl.sum(tl.where(tl.arange(0, BLOCK_V) == BLOCK_V - 1, cdf, 0.0), axis=0)
-
-
-@triton.jit
-def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr, step_ptr, tok_ptr, lp_ptr,
-                   keys_ptr, weights_ptr, V, BLOCK_V: tl.constexpr):
-    r = tl.program_id(0).to(tl.int64)
-    row = logits_ptr + r * stride_l
-    keys = keys_ptr + r * V  # the row's scratch: each scaled logit's key, and its weight exp(x − max)
-    weights = weights_ptr + r * V
+def _temperature(temp_ptr, r):
+    """(T as the logits are divided by, greedy): greedy rows (T <= 0) divide by 1, as sample_batch."""
     t = tl.load(temp_ptr + r)
-    greedy = t <= 0
-    temp = tl.where(greedy, 1.0, t)  # logits / T, as sample_batch divides
-    top_k = tl.load(topk_ptr + r)
-    top_p = tl.load(topp_ptr + r)
-    # 1. max, min, the keys; then the weights and their sum, the normaliser
+    return tl.where(t <= 0, 1.0, t), t <= 0
+
+
+@triton.jit
+def _chunk(r, c, V, CHUNK: tl.constexpr):
+    """(the row's keys offset, this chunk's first and end logit)."""
+    start = c * CHUNK
+    return r * V, start, tl.minimum(start + CHUNK, V)
+
+
+@triton.jit
+def _row_range(pmax_ptr, pmin_ptr, r, S, S_P2: tl.constexpr):
+    """The row's max and min scaled logit, from its chunks' (every program of a row gets the same)."""
+    s = tl.arange(0, S_P2)
+    ok = s < S
+    m = tl.max(tl.load(pmax_ptr + r * S + s, mask=ok, other=float("-inf")), axis=0)
+    lo = tl.min(tl.load(pmin_ptr + r * S + s, mask=ok, other=float("inf")), axis=0)
+    return m, lo
+
+
+@triton.jit
+def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, V, S,
+                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    row = logits_ptr + r * stride_l
+    base, start, end = _chunk(r, c, V, CHUNK)
+    temp, greedy = _temperature(temp_ptr, r)
     m = tl.full((), float("-inf"), tl.float32)
-    lo_x = tl.full((), float("inf"), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        x, offs, ok = _load(row, v0, V, temp, BLOCK_V)
+    mn = tl.full((), float("inf"), tl.float32)
+    for v0 in range(start, end, BLOCK):  # helpers inlined in loops: the interpreter pays for each call
+        offs = v0 + tl.arange(0, BLOCK)
+        ok = offs < end
+        x = tl.load(row + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        if temp != 1.0:
+            x = tl.div_rn(x, temp)  # rounded as torch divides (the GPU's default fp32 division is approximate)
         m = tl.maximum(m, tl.max(x, axis=0))
-        lo_x = tl.minimum(lo_x, tl.min(tl.where(ok, x, float("inf")), axis=0))
-        tl.store(keys + offs, _key(x), mask=ok)
-    z = tl.zeros((), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        x, offs, ok = _load(row, v0, V, temp, BLOCK_V)
-        w = tl.exp(x - m)
-        z += tl.sum(w, axis=0)
-        tl.store(weights + offs, w, mask=ok)
-    # 2. the support threshold (a key): every key >= thr is in
-    top_key = _key(m).to(tl.int64)
-    thr = _key(lo_x).to(tl.int64)  # the whole row
-    zk = z
-    if (t > 0) & (top_k > 0) & (top_k < V):  # #{x >= thr} = V >= k holds, #{x > max} = 0 < k
-        thr = _largest_key(keys, weights, V, thr, top_key + 1, top_k, False, BLOCK_V)
-        zk = _above(keys, weights, V, thr, True, BLOCK_V)
-    if (t > 0) & (top_p < 1.0):  # the mass above thr is zk >= top_p * zk, above the max none
-        thr = _largest_key(keys, weights, V, thr, top_key + 1, top_p * zk, True, BLOCK_V)
-    if greedy:
-        thr = top_key
-    # 3. the uniform of (seed, step): sampling.uniforms
+        mn = tl.minimum(mn, tl.min(tl.where(ok, x, float("inf")), axis=0))
+        bits = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # _key
+        tl.store(keys_ptr + base + offs, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), mask=ok)
+    tl.store(pmax_ptr + r * S + c, m)
+    tl.store(pmin_ptr + r * S + c, mn)
+
+
+@triton.jit
+def _pass_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, topk_ptr, topp_ptr, lo_ptr, hi_ptr, need_ptr, part_ptr,
+                 B, V, S, i, FIRST: tl.constexpr, SECOND: tl.constexpr, BY_MASS: tl.constexpr,
+                 AFTER_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, S_P2: tl.constexpr,
+                 PROBES: tl.constexpr):
+    """Pass i of the launch sequence (state and partial sums alternate between two slots by i's
+    parity: a pass reads slot 1 − i % 2 and writes slot i % 2, so no program reads what another of
+    its launch writes). The row's interval [lo, hi): lo qualifies, hi does not; `need` the count or
+    mass a key must reach."""
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cur = i % 2
+    prev = 1 - cur
+    t = tl.load(temp_ptr + r)
+    j = tl.arange(0, PROBES)
+    m = tl.zeros((), tl.float32)
+    if FIRST or BY_MASS:
+        m, mn = _row_range(pmax_ptr, pmin_ptr, r, S, S_P2)
+    if FIRST:
+        if BY_MASS:
+            active = (t > 0) & (tl.load(topp_ptr + r) < 1.0)
+            if AFTER_K:  # the top-k threshold, the search before this one
+                lo = tl.load(lo_ptr + prev * B + r)
+            else:
+                lo = _key(mn).to(tl.int64)
+            need = tl.zeros((), tl.float32)  # top_p · (the mass at lo, measured by this pass)
+        else:
+            top_k = tl.load(topk_ptr + r)
+            active = (t > 0) & (top_k > 0) & (top_k < V)
+            lo = _key(mn).to(tl.int64)
+            need = top_k.to(tl.float32)  # a count in fp32: exact below 2^24 tokens
+        hi = tl.where(active, _key(m).to(tl.int64) + 1, lo + 1)
+    else:
+        lo = tl.load(lo_ptr + prev * B + r)
+        hi = tl.load(hi_ptr + prev * B + r)
+        need = tl.load(need_ptr + prev * B + r)
+        span = hi - lo
+        if span > 1:  # the last pass measured this row's probes: keep the part where the answer lies
+            s = tl.arange(0, S_P2)
+            parts = tl.load(part_ptr + ((prev * B + r) * S + s[:, None]) * PROBES + j[None, :],
+                            mask=(s < S)[:, None], other=0.0)
+            sums = tl.sum(parts, axis=0)
+            if SECOND:
+                if BY_MASS:
+                    need = tl.load(topp_ptr + r) * tl.sum(tl.where(j == 0, sums, 0.0), axis=0)
+            probes = lo + (span * j) // PROBES
+            # the qualifying probes are a prefix (the sums fall as the key rises); probe 0 is lo itself
+            q = (sums >= need) | (j == 0)
+            new_lo = tl.max(tl.where(q, probes, lo), axis=0)
+            hi = tl.min(tl.where(q, hi, probes), axis=0)
+            lo = new_lo
+    if c == 0:
+        tl.store(lo_ptr + cur * B + r, lo)
+        tl.store(hi_ptr + cur * B + r, hi)
+        tl.store(need_ptr + cur * B + r, need)
+    span = hi - lo
+    if span > 1:
+        probes = (lo + (span * j) // PROBES).to(tl.int32)  # in [lo, hi): within int32's range
+        start = c * CHUNK
+        end = tl.minimum(start + CHUNK, V)
+        acc = tl.zeros((BLOCK, PROBES), dtype=tl.float32)  # per-lane sums, reduced once at the end
+        for v0 in range(start, end, BLOCK):
+            offs = v0 + tl.arange(0, BLOCK)
+            ok = offs < end
+            key = tl.load(keys_ptr + r * V + offs, mask=ok, other=0)
+            if BY_MASS:
+                x = tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # the key's float
+                w = tl.exp(x - m)
+            else:
+                w = tl.full((BLOCK,), 1.0, tl.float32)
+            acc += tl.where(ok[:, None] & (key[:, None] >= probes[None, :]), w[:, None], 0.0)
+        tl.store(part_ptr + ((cur * B + r) * S + c) * PROBES + j, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _scan(keys_ptr, base, start, end, thr, m, rest, BLOCK: tl.constexpr):
+    """A chunk's support weights (key >= thr) summed as the draw runs over them: each block's cumsum
+    on a carry, the carry its last value. -> (the sum at the chunk's end, the sum of all its weights
+    exp(x − max), its last weighted token or −1, the first weighted token whose running sum reaches
+    `rest` (fp64) or `end`). The totals and the draw both call it: the same sums, bit for bit."""
+    carry = tl.zeros((), tl.float32)
+    z = tl.zeros((), tl.float32)
+    last = tl.full((), -1, tl.int64)
+    token = end.to(tl.int64)
+    for v0 in range(start, end, BLOCK):
+        offs = v0 + tl.arange(0, BLOCK)
+        ok = offs < end
+        key = tl.load(keys_ptr + base + offs, mask=ok, other=0)
+        x = tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)  # the key's float (−0 as +0)
+        w_all = tl.where(ok, tl.exp(x - m), 0.0)
+        w = tl.where(key >= thr, w_all, 0.0)
+        cdf = tl.cumsum(w, axis=0) + carry
+        hit = (cdf.to(tl.float64) >= rest) & (w > 0)
+        token = tl.minimum(token, tl.min(tl.where(hit, offs.to(tl.int64), end), axis=0))
+        last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
+        carry = tl.sum(tl.where(tl.arange(0, BLOCK) == BLOCK - 1, cdf, 0.0), axis=0)
+        z += tl.sum(w_all, axis=0)
+    return carry, z, last, token
+
+
+@triton.jit
+def _totals_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, lo_ptr, thr_ptr, tot_ptr, z_ptr, last_ptr,
+                   B, V, S, final, SEARCHED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                   S_P2: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    m, mn = _row_range(pmax_ptr, pmin_ptr, r, S, S_P2)
+    if SEARCHED:
+        thr = tl.load(lo_ptr + final * B + r)
+    else:
+        thr = _key(mn).to(tl.int64)  # the whole row
+    _, greedy = _temperature(temp_ptr, r)
+    thr = tl.where(greedy, _key(m).to(tl.int64), thr)
+    if c == 0:
+        tl.store(thr_ptr + r, thr)
+    base, start, end = _chunk(r, c, V, CHUNK)
+    carry, z, last, _ = _scan(keys_ptr, base, start, end, thr, m, float("inf"), BLOCK)
+    tl.store(tot_ptr + r * S + c, carry)
+    tl.store(z_ptr + r * S + c, z)
+    tl.store(last_ptr + r * S + c, last)
+
+
+@triton.jit
+def _draw_kernel(logits_ptr, stride_l, keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, seed_ptr, step_ptr, thr_ptr,
+                 tot_ptr, z_ptr, last_ptr, tok_ptr, lp_ptr, V, S, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 S_P2: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    m, mn = _row_range(pmax_ptr, pmin_ptr, r, S, S_P2)
+    temp, greedy = _temperature(temp_ptr, r)
+    # the uniform of (seed, step): sampling.uniforms
     seed = tl.load(seed_ptr + r)
     step = tl.load(step_ptr + r)
     h = _hash32((step & 0xFFFFFFFF) ^ 0x9E3779B9)
@@ -190,44 +267,51 @@ def _sample_kernel(logits_ptr, stride_l, temp_ptr, topk_ptr, topp_ptr, seed_ptr,
     h = _hash32((seed & 0xFFFFFFFF) ^ h)
     u = (h >> 8).to(tl.float32) * 5.960464477539063e-08  # 2^-24
     u = tl.where(greedy, 0.0, u)
-    # 4. the draw, in vocabulary order. The total is the draw's own running sum (each block's cumsum
-    # on the carry, the carry its last value), so u < 1 keeps the goal below the value the draw
-    # reaches at the support's end (a sequential scan: the last weighted token's value is the total
-    # bit for bit; a GPU's tree scan may round it below, and the fallback then takes that token)
-    total = tl.zeros((), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        offs, w, cdf, total = _block_cdf(keys, weights, v0, V, thr, total, BLOCK_V)
-    goal = tl.maximum(u * total, 1.1754943508222875e-38)  # above 0: the token found has weight
-    carry = tl.zeros((), dtype=tl.float32)
+    # the chunks' support totals and their prefix sums, in fp64, computed alike in every program of
+    # the row (the same masked sums), so that exactly one chunk's interval (before, through] holds
+    # the goal when the total is positive; the goal is above 0, so the token found has weight
+    s = tl.arange(0, S_P2)
+    tot = tl.load(tot_ptr + r * S + s, mask=s < S, other=0.0).to(tl.float64)
+    total = tl.sum(tot, axis=0)
+    before = tl.sum(tl.where(s < c, tot, 0.0), axis=0)
+    through = tl.sum(tl.where(s <= c, tot, 0.0), axis=0)
+    goal = tl.maximum(u.to(tl.float64) * total, 1e-300)
+    last = tl.max(tl.load(last_ptr + r * S + s, mask=s < S, other=-1), axis=0)
     token = tl.full((), V, tl.int64)
-    last = tl.full((), -1, tl.int64)  # the support's last token
-    for v0 in range(0, V, BLOCK_V):
-        offs, w, cdf, cdf_end = _block_cdf(keys, weights, v0, V, thr, carry, BLOCK_V)
-        hit = (cdf >= goal) & (w > 0)
-        token = tl.minimum(token, tl.min(tl.where(hit, offs.to(tl.int64), V), axis=0))
-        last = tl.maximum(last, tl.max(tl.where(w > 0, offs.to(tl.int64), -1), axis=0))
-        carry = cdf_end
-    # a row with no positive weight (all −inf, or NaN / inf logits) gets the last token, as the
-    # torch sampler's clamped search gives it; a weighted row whose goal rounding left past its
-    # cumulative values gets its last weighted token, the draw's own answer
-    token = tl.where(token < V, token, tl.where(last >= 0, last, V - 1))
-    x_tok = tl.load(row + token).to(tl.float32)
-    if temp != 1.0:
-        x_tok = tl.div_rn(x_tok, temp)
-    tl.store(tok_ptr + r, token)
-    tl.store(lp_ptr + r, x_tok - m - tl.log(z))
+    owner = (before < goal) & (goal <= through)
+    if owner:
+        mine = tl.sum(tl.where(s == c, tot, 0.0), axis=0)
+        rest = tl.minimum(goal - before, mine)  # <= the chunk's total, which its running sum reaches
+        thr = tl.load(thr_ptr + r)
+        base, start, end = _chunk(r, c, V, CHUNK)
+        _, _, mine_last, token = _scan(keys_ptr, base, start, end, thr, m, rest, BLOCK)
+        token = tl.where(token < end, token, mine_last)  # not reached: the chunk's last weighted token
+    # no chunk holds the goal (no positive weight, or NaN): the row's last weighted token, else V − 1,
+    # written by the first chunk's program
+    write = owner | ((c == 0) & ~(goal <= total))
+    if write:
+        token = tl.where(owner, token, tl.where(last >= 0, last, V - 1))
+        zs = tl.load(z_ptr + r * S + s, mask=s < S, other=0.0)
+        z = tl.sum(zs, axis=0)
+        x_tok = tl.load(logits_ptr + r * stride_l + token).to(tl.float32)
+        if temp != 1.0:
+            x_tok = tl.div_rn(x_tok, temp)
+        tl.store(tok_ptr + r, token)
+        tl.store(lp_ptr + r, x_tok - m - tl.log(z))
 
 
 def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                       seeds: torch.Tensor, steps: torch.Tensor,
-                       block: int | None = None, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """sample_batch on the logits' device in one launch (see the module docstring). The tile
-    width and warps are the row kernels' (kernels.triton_rows.launch_config: timed once per
-    vocabulary size, dtype and card on a GPU); `block` forces a width (with `num_warps`)."""
-    from kernels.triton_rows import launch_config
-
+                       seeds: torch.Tensor, steps: torch.Tensor, uses: tuple[bool, bool] | None = None,
+                       chunk: int = CHUNK, num_warps: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_batch on the logits' device (see the module docstring). `uses` = (some row has
+    top-k, some row has top-p): a search no row needs is not launched. None: read from top_k and
+    top_p when they are on the CPU, else both searches run (no host sync; rows without that
+    setting leave at once). `chunk` (a power of two >= 16) sets the logits a program covers: a
+    row's rounding depends on it, so the engine keeps CHUNK; tests and benches vary it."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"sampler: logits must be [B, V] with contiguous rows, got {tuple(logits.shape)}")
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"sampler: chunk must be a power of two >= 16, got {chunk}")
     b, vocab = logits.shape
     if vocab >= 1 << 24:
         raise ValueError(f"sampler: a vocabulary of {vocab} tokens; the kernel counts in fp32, exact below 2^24")
@@ -236,18 +320,39 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     logprobs = torch.empty(b, dtype=torch.float32, device=dev)
     if b == 0:
         return tokens, logprobs
-    keys = torch.empty(b, vocab, dtype=torch.int32, device=dev)  # each row's scratch (8 bytes a logit)
-    weights = torch.empty(b, vocab, dtype=torch.float32, device=dev)
-    args = (temperature.to(device=dev, dtype=torch.float32).contiguous(),
-            top_k.to(device=dev, dtype=torch.int64).contiguous(),
-            top_p.to(device=dev, dtype=torch.float32).contiguous(),
-            seeds.to(device=dev, dtype=torch.int64).contiguous(), steps.to(device=dev, dtype=torch.int64).contiguous(),
-            tokens, logprobs, keys, weights, vocab)
-
-    def launch(rows, block_v, warps):  # rows: the first rows of the logits (the tuning times a few)
-        _sample_kernel[(rows.shape[0],)](rows, rows.stride(0), *args, BLOCK_V=block_v, num_warps=warps)
-
-    config = (min(block, triton.next_power_of_2(vocab)), num_warps) if block else \
-        launch_config("sample", logits, launch)
-    launch(logits, *config)
+    if uses is None:
+        uses = (bool((top_k > 0).any()) if top_k.device.type == "cpu" else True,
+                bool((top_p < 1).any()) if top_p.device.type == "cpu" else True)
+    temp = temperature.to(device=dev, dtype=torch.float32).contiguous()
+    top_k = top_k.to(device=dev, dtype=torch.int64).contiguous()
+    top_p = top_p.to(device=dev, dtype=torch.float32).contiguous()
+    seeds = seeds.to(device=dev, dtype=torch.int64).contiguous()
+    steps = steps.to(device=dev, dtype=torch.int64).contiguous()
+    s = triton.cdiv(vocab, chunk)
+    grid = (b, s)
+    block, pass_block = min(BLOCK, chunk), min(PASS_BLOCK, chunk)
+    sizes = dict(CHUNK=chunk, S_P2=triton.next_power_of_2(s))
+    keys = torch.empty(b, vocab, dtype=torch.int32, device=dev)  # the scratch: 4 bytes a logit
+    pmax, pmin, tot, z = (torch.empty(b, s, dtype=torch.float32, device=dev) for _ in range(4))
+    last = torch.empty(b, s, dtype=torch.int64, device=dev)
+    lo, hi = (torch.empty(2, b, dtype=torch.int64, device=dev) for _ in range(2))
+    need = torch.empty(2, b, dtype=torch.float32, device=dev)
+    part = torch.empty(2, b, s, PROBES, dtype=torch.float32, device=dev)
+    thr = torch.empty(b, dtype=torch.int64, device=dev)
+    _keys_kernel[grid](logits, logits.stride(0), temp, keys, pmax, pmin, vocab, s, BLOCK=block,
+                       num_warps=num_warps, **sizes)
+    i = 0
+    for by_mass, used in ((False, uses[0]), (True, uses[1])):
+        if not used:
+            continue
+        for p in range(PASSES):
+            _pass_kernel[grid](keys, pmax, pmin, temp, top_k, top_p, lo, hi, need, part, b, vocab, s, i,
+                               FIRST=p == 0, SECOND=by_mass and p == 1, BY_MASS=by_mass,
+                               AFTER_K=by_mass and p == 0 and uses[0],
+                               BLOCK=pass_block, PROBES=PROBES, num_warps=num_warps, **sizes)
+            i += 1
+    _totals_kernel[grid](keys, pmax, pmin, temp, lo, thr, tot, z, last, b, vocab, s, (i - 1) % 2,
+                         SEARCHED=i > 0, BLOCK=block, num_warps=num_warps, **sizes)
+    _draw_kernel[grid](logits, logits.stride(0), keys, pmax, pmin, temp, seeds, steps, thr, tot, z, last,
+                       tokens, logprobs, vocab, s, BLOCK=block, num_warps=num_warps, **sizes)
     return tokens, logprobs

@@ -36,12 +36,20 @@ def test_every_kernel_variant_compiles_for_cuda_90(tmp_path):
     compiled = {label.split("(")[0] for label, _ in labels}
     assert all(words[4:6] == ["KB", "shared"] and 0 <= float(words[3]) <= 227 for words in ok)
     assert compiled == {"_decode_partial_kernel", "_merge_kernel", "_row_stats_kernel", "_row_grad_kernel",
-                        "_sample_kernel", "_rms_norm_kernel", "_rope_store_kernel", "_silu_mul_kernel"}
+                        "_keys_kernel", "_pass_kernel", "_totals_kernel", "_draw_kernel", "_rms_norm_kernel",
+                        "_rope_store_kernel", "_silu_mul_kernel"}
     # an fp32 and a bf16 launch with the same constexprs are two variants, both compiled
-    for kernel in ("_sample_kernel(BLOCK_V=4096)", "_row_stats_kernel(BLOCK_V=4096)",
+    for kernel in ("_keys_kernel(CHUNK=8192, BLOCK=1024)", "_row_stats_kernel(BLOCK_V=4096)",
                    "_rms_norm_kernel(BLOCK_H=2048, RESIDUAL=True)"):
         assert {dtype for label, dtype in labels if label == kernel} == {"fp32", "bf16"}, kernel
     assert any("HAS_MEMBERS=True" in line and "IEEE_DOT=False" in line for line in lines)  # bf16 shared-prefix
+    # the sampler's searches in every form the launches take: top-k's, top-p's after it and alone, S_P2 = 32
+    passes = {label for label, _ in labels if label.startswith("_pass_kernel")}
+    for form in ("FIRST=True, SECOND=False, BY_MASS=False, AFTER_K=False", "FIRST=True, SECOND=False, BY_MASS=True, "
+                 "AFTER_K=True", "FIRST=True, SECOND=False, BY_MASS=True, AFTER_K=False",
+                 "FIRST=False, SECOND=True, BY_MASS=True", "FIRST=False, SECOND=False, BY_MASS=False"):
+        assert any(form in label for label in passes), form
+    assert any("S_P2=32" in label for label in passes)
 
 
 def test_a_kernel_the_compiler_rejects_is_reported(tmp_path):

@@ -1,8 +1,8 @@
-"""The one-kernel sampler (kernels/triton_sample.py) against the torch sampler it stands in for
+"""The Triton sampler (kernels/triton_sample.py) against the torch sampler it stands in for
 (engine.rollout.sampling.sample_batch, whose support, uniforms and distribution
-tests/test_sampling.py checks): the same tokens and log-probs on rows of every kind. On the GPU
-when there is one, else under the Triton interpreter (small vocabularies: each search pass reads
-the whole row)."""
+tests/test_sampling.py checks): the same tokens and log-probs on rows of every kind, each row in
+one chunk and in several. On the GPU when there is one, else under the Triton interpreter (small
+vocabularies and few rows: the interpreter runs each (row, chunk) program of each pass in turn)."""
 from __future__ import annotations
 
 import pytest
@@ -12,29 +12,56 @@ from test_sampling import _mixed_rows
 from engine.rollout import SamplingParams
 from engine.rollout import sampling
 from engine.rollout.sampling import sample_batch, sampler_backend, sampling_tensors
-from kernels.triton_sample import sample_rows_triton
+from kernels.triton_sample import CHUNK, sample_rows_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _both(logits, params, seeds, steps, block=1024):
+def _both(logits, params, seeds, steps, chunk=CHUNK, uses=None):
     st = sampling_tensors(params, seeds, steps, "cpu")
     want = sample_batch(logits.clone(), *st)
-    got = sample_rows_triton(logits.to(DEVICE), *(x.to(DEVICE) for x in st), block=block)
+    got = sample_rows_triton(logits.to(DEVICE), *(x.to(DEVICE) for x in st), chunk=chunk, uses=uses)
     return want, tuple(x.cpu() for x in got)
 
 
-@pytest.mark.parametrize("seed,block", [(0, 1024), (1, 128), (2, None)])
-def test_the_kernel_draws_the_torch_samplers_tokens(seed, block):
+@pytest.mark.parametrize("seed,chunk,blocks", [(0, CHUNK, None), (1, 256, (64, 32))])
+def test_the_kernel_draws_the_torch_samplers_tokens(seed, chunk, blocks, monkeypatch):
     """Rows of every kind (peaked, flat, bf16-rounded ties, -inf logits; greedy, top-k, top-p,
-    both, temperature 0.5-1.2; seeds of both signs, steps up to 2^20), in one block and in many
-    (block 128 over 700 tokens: the running carry, a partial last block), and with the launch
-    the engine uses (None: the tile width and warps tuned on a GPU)."""
+    both, temperature 0.5-1.2; seeds of both signs, steps up to 2^20) over 700 tokens: in one
+    chunk; in three chunks of 256 (a partial last one; the goal's chunk found among them), each
+    read in tiles of 64 (the draw's carry from block to block) and searched in tiles of 32."""
+    import kernels.triton_sample as ts
+
+    if blocks:
+        monkeypatch.setattr(ts, "BLOCK", blocks[0])
+        monkeypatch.setattr(ts, "PASS_BLOCK", blocks[1])
     logits, params, seeds, steps = _mixed_rows(v=700, seed=seed)
-    (want_t, want_lp), (got_t, got_lp) = _both(logits, params, seeds, steps, block)
+    (want_t, want_lp), (got_t, got_lp) = _both(logits, params, seeds, steps, chunk)
     assert got_t.tolist() == want_t.tolist()
     assert got_t.dtype == torch.int64 and got_lp.dtype == torch.float32
     torch.testing.assert_close(got_lp, want_lp, rtol=0, atol=1e-5)  # a GPU's exp is approximate
+
+
+def test_a_row_draws_the_same_token_whatever_the_batch_and_the_searches_launched():
+    """A row alone and inside a batch of other rows (other settings): the same token and
+    log-prob bit for bit (nothing a row sums depends on its neighbours). A search no row needs may
+    run or not (`uses`: on a GPU without the hint both run, and rows without that setting leave)."""
+    logits, params, seeds, steps = _mixed_rows(v=300, seed=4)
+    pick = [1, 4, 3, 5]  # top-p, top-k + top-p, greedy, top-k
+    st = sampling_tensors([params[i] for i in pick], [seeds[i] for i in pick], [steps[i] for i in pick], DEVICE)
+    rows = logits[pick].to(DEVICE)
+    batch = sample_rows_triton(rows, *st, chunk=128)
+    for r in (0, 2):
+        alone = sample_rows_triton(rows[r:r + 1].contiguous(), *(x[r:r + 1] for x in st), chunk=128)
+        assert alone[0].item() == batch[0][r].item() and alone[1].item() == batch[1][r].item()
+    top_p_only = [0, 0]
+    both = sample_rows_triton(rows[top_p_only].contiguous(), *(x[top_p_only] for x in st), chunk=128,
+                              uses=(True, True))
+    assert both[0].tolist() == batch[0][top_p_only].tolist() and torch.equal(both[1], batch[1][top_p_only])
+    greedy = sample_rows_triton(rows[2:3].contiguous(), *(x[2:3] for x in st), chunk=128, uses=(False, False))
+    assert greedy[0].item() == batch[0][2].item() == int(rows[2].argmax())
+    with pytest.raises(ValueError, match="power of two"):
+        sample_rows_triton(rows, *st, chunk=100)
 
 
 def test_boundary_ties_and_steps():
@@ -72,17 +99,18 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
 def test_a_uniform_next_to_one_finds_its_token_without_the_fallback():
     """u within a few ulps of 1 (steps chosen for it) on one dominant logit and 127 tiny ones:
     the goal u · total must not pass the running sum the draw compares, or no token is found
-    and the row falls back to its last token (127). Summed as the draw sums (each block's cumsum
-    on the carry), it cannot. Which tiny token is drawn is a matter of rounding (torch's CPU
+    and the row falls back to its last token (127). The draw compares the part of the goal left
+    in its chunk, at most that chunk's total, which the chunk's running sum reaches bit for bit;
+    in one chunk and in four. Which tiny token is drawn is a matter of rounding (torch's CPU
     cumsum accumulates in fp64), so only the fallback is checked."""
     logits = torch.full((3, 128), -17.5)
     logits[:, 0] = 0.0
     steps = [269717, 443457, 1164063]
     st = sampling_tensors([SamplingParams(temperature=1.0)] * 3, [0, 0, 0], steps, DEVICE)
     assert bool((sampling.uniforms(st[3].cpu(), st[4].cpu()) > 1 - 1e-5).all())  # the case: u near 1
-    for block in (None, 32):
-        tokens, logprobs = sample_rows_triton(logits.to(DEVICE), *st, block=block)
-        assert all(t < 127 for t in tokens.tolist()), (block, tokens)
+    for chunk in (CHUNK, 32):
+        tokens, logprobs = sample_rows_triton(logits.to(DEVICE), *st, chunk=chunk)
+        assert all(t < 127 for t in tokens.tolist()), (chunk, tokens)
         assert bool(torch.isfinite(logprobs).all())
 
 

@@ -155,11 +155,11 @@ class Generator:
                         sched.running.append(seq)
                     samplers.append(seq)
                     rows.append(r)
-            settings = sampling_tensors([s.params for s in samplers], [s.seed for s in samplers],
-                                        [s.num_generated for s in samplers], device)
+            params = [s.params for s in samplers]
+            settings = sampling_tensors(params, [s.seed for s in samplers], [s.num_generated for s in samplers], device)
             # decode steps sample every row once, in order: no [rows, vocab] copy then
             same = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
-            tokens, logprobs = sample(logits if same else logits[rows], *settings)
+            tokens, logprobs = sample(logits if same else logits[rows], *settings, params=params)
             for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
                 if self._append(seq, token, logprob, sched, blocks, results):
                     cache.tables.drop(seq)

@@ -5,7 +5,7 @@ kernels each, every one launched from Python. Here the whole step — embedding,
 (projections, RoPE, the K/V write, the paged attention kernels), the final norm and the
 lm_head — is captured once per bucket and replayed, so a step costs one host-to-device copy
 of its inputs, a copy of its block tables into the static buffer (and a fill of the padding
-rows' first entries) and one graph launch. Sampling stays outside, one kernel launch on a GPU
+rows' first entries) and one graph launch. Sampling stays outside, in Triton kernels on a GPU
 (kernels/triton_sample.py).
 
 Static buffers (they live as long as the rollout's cache; graphs bake in their addresses):

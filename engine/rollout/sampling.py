@@ -216,7 +216,7 @@ _SAMPLERS = ("auto", "torch", "triton")
 
 
 def sampler_backend(device: torch.device) -> str:
-    """"triton" (kernels/triton_sample.py: the whole sampler in one launch) on a GPU, else
+    """"triton" (kernels/triton_sample.py: the whole sampler in Triton, no host sync) on a GPU, else
     "torch" (sample_batch); $LONGRL_SAMPLER = torch | triton chooses (triton on CPU runs the
     kernel under the interpreter: tests)."""
     choice = os.environ.get("LONGRL_SAMPLER", "auto")
@@ -228,12 +228,22 @@ def sampler_backend(device: torch.device) -> str:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-           seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the engine calls: sample_batch's function by the backend `sampler_backend` picks."""
+           seeds: torch.Tensor, steps: torch.Tensor,
+           params: list[SamplingParams] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the engine calls: sample_batch's function by the backend `sampler_backend` picks.
+    `params` (the rows' settings, as sampling_tensors took them) lets the kernel skip a search no
+    row needs without reading the device tensors."""
     if sampler_backend(logits.device) == "triton":
         from kernels.triton_sample import sample_rows_triton
-        return sample_rows_triton(logits, temperature, top_k, top_p, seeds, steps)
+        uses = None if params is None else searches(params)
+        return sample_rows_triton(logits, temperature, top_k, top_p, seeds, steps, uses=uses)
     return sample_batch(logits, temperature, top_k, top_p, seeds, steps)
+
+
+def searches(params: list[SamplingParams]) -> tuple[bool, bool]:
+    """(some sampled row has top-k, some has top-p): the threshold searches a batch needs."""
+    drawn = [p for p in params if p.temperature > 0]
+    return any(p.top_k > 0 for p in drawn), any(p.top_p < 1 for p in drawn)
 
 
 def _select(rows: torch.Tensor, b: int, *xs: torch.Tensor) -> tuple[bool, list[torch.Tensor]]:
