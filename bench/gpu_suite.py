@@ -404,7 +404,9 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
             ms = c["ms"]
             timed = {k: v for k, v in ms.items() if k.startswith("chunk") and isinstance(v, float)}
             best = min(timed, key=timed.get) if timed else None
+            host = c.get("host_ms", {}).get("default launch")
             print(f"{c['setting']:22s}  kernel {ms['default launch']:6.3f} ms  "
+                  + (f"(host {host:.3f} ms to issue)  " if host is not None else "")
                   + (f"best {best} {timed[best]:6.3f} ms  " if best else "")
                   + f"torch sampler {ms['torch sampler']:6.3f} ms")
     tu = report["decode_tune"]

@@ -28,11 +28,13 @@ of CHUNK logits, one program per (row, chunk), and every pass reads 4 bytes a lo
    chunk's end (block cumsums on a carry), its full normaliser part, its last weighted token.
 4. `_draw_kernel`: the uniform u of (seed, step) (sampling.uniforms' 32-bit hash, bit for bit;
    greedy rows u = 0); the goal u · total, with the chunks' prefix sums in fp64; the one chunk
-   whose prefix interval holds the goal scans its logits for the first token whose running
-   support weight reaches the rest of the goal (at most the chunk's total, which that scan reaches
-   bit for bit: it always finds a weighted token). A row with no positive weight (all −inf, or NaN
-   / inf logits) gets its last weighted token, else the vocabulary's last, as the torch sampler's
-   clamped search gives it.
+   whose prefix interval holds the goal scans its keys for the first weighted token whose running
+   support weight reaches the rest of the goal (at most the chunk's total: the same scan's last
+   value). A GPU's tree scan may leave the last weighted token's running sum an ulp below that
+   total (the zero weights after it summed in another grouping); a goal in that ulp gets the
+   chunk's last weighted token, the one it lies past every other of. A row with no positive
+   weight (all −inf, or NaN / inf logits) gets its last weighted token, else the vocabulary's
+   last, as the torch sampler's clamped search gives it.
 Every sum runs in an order fixed by the row's length and CHUNK alone (no atomics, no dependence on
 the batch): a row's token depends on its seed, step and logits only. Rounding differs from the
 torch sampler's (per-lane and per-chunk sums, not a sorted cumsum), so a token can differ where a
@@ -50,6 +52,7 @@ BLOCK = 1024  # tile of the streaming kernels (keys, totals, the draw)
 PASS_BLOCK = 256  # tile of the search passes, by PROBES probes
 PROBES = 16  # keys measured a pass: the search keeps one of 16 parts
 PASSES = 9  # a 16-way search over at most 2^32 keys: 8 decisions narrow it to one key, after the first pass
+MAX_CHUNKS = 256
 
 
 @triton.jit
@@ -106,7 +109,7 @@ def _row_range(pmax_ptr, pmin_ptr, r, S, S_P2: tl.constexpr):
 
 
 @triton.jit
-def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, V, S,
+def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, kmax_ptr, V, S,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -115,6 +118,7 @@ def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, V
     temp, greedy = _temperature(temp_ptr, r)
     m = tl.full((), float("-inf"), tl.float32)
     mn = tl.full((), float("inf"), tl.float32)
+    kmax = tl.full((), -2147483648, tl.int32)  # the chunk's largest key (NaN's too: the passes skip by it)
     for v0 in range(start, end, BLOCK):  # helpers inlined in loops: the interpreter pays for each call
         offs = v0 + tl.arange(0, BLOCK)
         ok = offs < end
@@ -124,20 +128,24 @@ def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, V
         m = tl.maximum(m, tl.max(x, axis=0))
         mn = tl.minimum(mn, tl.min(tl.where(ok, x, float("inf")), axis=0))
         bits = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # _key
-        tl.store(keys_ptr + base + offs, tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF), mask=ok)
+        key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+        kmax = tl.maximum(kmax, tl.max(tl.where(ok, key, -2147483648), axis=0))
+        tl.store(keys_ptr + base + offs, key, mask=ok)
     tl.store(pmax_ptr + r * S + c, m)
     tl.store(pmin_ptr + r * S + c, mn)
+    tl.store(kmax_ptr + r * S + c, kmax)
 
 
-@triton.jit
-def _pass_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, topk_ptr, topp_ptr, lo_ptr, hi_ptr, need_ptr, part_ptr,
-                 B, V, S, i, FIRST: tl.constexpr, SECOND: tl.constexpr, BY_MASS: tl.constexpr,
+@triton.jit(do_not_specialize=["i"])
+def _pass_kernel(keys_ptr, pmax_ptr, pmin_ptr, kmax_ptr, temp_ptr, topk_ptr, topp_ptr, lo_ptr, hi_ptr, need_ptr,
+                 part_ptr, B, V, S, i, FIRST: tl.constexpr, SECOND: tl.constexpr, BY_MASS: tl.constexpr,
                  AFTER_K: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, S_P2: tl.constexpr,
                  PROBES: tl.constexpr):
     """Pass i of the launch sequence (state and partial sums alternate between two slots by i's
     parity: a pass reads slot 1 − i % 2 and writes slot i % 2, so no program reads what another of
     its launch writes). The row's interval [lo, hi): lo qualifies, hi does not; `need` the count or
-    mass a key must reach."""
+    mass a key must reach. A chunk whose keys are all below lo adds 0 to every probe: it stores
+    zeros without reading its keys (peaked rows leave most chunks behind after a pass or two)."""
     r = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cur = i % 2
@@ -188,8 +196,10 @@ def _pass_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, topk_ptr, topp_ptr, lo_
     if span > 1:
         probes = (lo + (span * j) // PROBES).to(tl.int32)  # in [lo, hi): within int32's range
         start = c * CHUNK
-        end = tl.minimum(start + CHUNK, V)
-        acc = tl.zeros((BLOCK, PROBES), dtype=tl.float32)  # per-lane sums, reduced once at the end
+        end = tl.where(tl.load(kmax_ptr + r * S + c) >= lo, tl.minimum(start + CHUNK, V), start)
+        # probes by keys: each lane keeps its keys' sums at every probe, reduced once at the end (a
+        # [keys, probes] tile would shuffle every key through shared memory to lanes of probes)
+        acc = tl.zeros((PROBES, BLOCK), dtype=tl.float32)
         for v0 in range(start, end, BLOCK):
             offs = v0 + tl.arange(0, BLOCK)
             ok = offs < end
@@ -199,8 +209,8 @@ def _pass_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, topk_ptr, topp_ptr, lo_
                 w = tl.exp(x - m)
             else:
                 w = tl.full((BLOCK,), 1.0, tl.float32)
-            acc += tl.where(ok[:, None] & (key[:, None] >= probes[None, :]), w[:, None], 0.0)
-        tl.store(part_ptr + ((cur * B + r) * S + c) * PROBES + j, tl.sum(acc, axis=0))
+            acc += tl.where(ok[None, :] & (key[None, :] >= probes[:, None]), w[None, :], 0.0)
+        tl.store(part_ptr + ((cur * B + r) * S + c) * PROBES + j, tl.sum(acc, axis=1))
 
 
 @triton.jit
@@ -213,6 +223,7 @@ def _scan(keys_ptr, base, start, end, thr, m, rest, BLOCK: tl.constexpr):
     z = tl.zeros((), tl.float32)
     last = tl.full((), -1, tl.int64)
     token = end.to(tl.int64)
+    thr = thr.to(tl.int32)  # a key: int32 compares
     for v0 in range(start, end, BLOCK):
         offs = v0 + tl.arange(0, BLOCK)
         ok = offs < end
@@ -229,7 +240,7 @@ def _scan(keys_ptr, base, start, end, thr, m, rest, BLOCK: tl.constexpr):
     return carry, z, last, token
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["final"])
 def _totals_kernel(keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, lo_ptr, thr_ptr, tot_ptr, z_ptr, last_ptr,
                    B, V, S, final, SEARCHED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                    S_P2: tl.constexpr):
@@ -278,17 +289,18 @@ def _draw_kernel(logits_ptr, stride_l, keys_ptr, pmax_ptr, pmin_ptr, temp_ptr, s
     goal = tl.maximum(u.to(tl.float64) * total, 1e-300)
     last = tl.max(tl.load(last_ptr + r * S + s, mask=s < S, other=-1), axis=0)
     token = tl.full((), V, tl.int64)
-    owner = (before < goal) & (goal <= through)
+    weighted = total > 0  # false for a NaN total: no chunk owns the goal then
+    owner = weighted & (before < goal) & (goal <= through)
     if owner:
         mine = tl.sum(tl.where(s == c, tot, 0.0), axis=0)
-        rest = tl.minimum(goal - before, mine)  # <= the chunk's total, which its running sum reaches
+        rest = tl.minimum(goal - before, mine)  # <= the chunk's total, its running sum's last value
         thr = tl.load(thr_ptr + r)
         base, start, end = _chunk(r, c, V, CHUNK)
         _, _, mine_last, token = _scan(keys_ptr, base, start, end, thr, m, rest, BLOCK)
-        token = tl.where(token < end, token, mine_last)  # not reached: the chunk's last weighted token
+        token = tl.where(token < end, token, mine_last)  # not reached (a tree scan's ulp): its last weighted
     # no chunk holds the goal (no positive weight, or NaN): the row's last weighted token, else V − 1,
     # written by the first chunk's program
-    write = owner | ((c == 0) & ~(goal <= total))
+    write = owner | ((c == 0) & ~weighted)
     if write:
         token = tl.where(owner, token, tl.where(last >= 0, last, V - 1))
         zs = tl.load(z_ptr + r * S + s, mask=s < S, other=0.0)
@@ -329,24 +341,28 @@ def sample_rows_triton(logits: torch.Tensor, temperature: torch.Tensor, top_k: t
     seeds = seeds.to(device=dev, dtype=torch.int64).contiguous()
     steps = steps.to(device=dev, dtype=torch.int64).contiguous()
     s = triton.cdiv(vocab, chunk)
+    if s > MAX_CHUNKS:
+        raise ValueError(f"sampler: chunks of {chunk} cut a {vocab}-token vocabulary into {s} (at most {MAX_CHUNKS}: "
+                         f"every program reads all its row's chunk sums)")
     grid = (b, s)
     block, pass_block = min(BLOCK, chunk), min(PASS_BLOCK, chunk)
     sizes = dict(CHUNK=chunk, S_P2=triton.next_power_of_2(s))
     keys = torch.empty(b, vocab, dtype=torch.int32, device=dev)  # the scratch: 4 bytes a logit
     pmax, pmin, tot, z = (torch.empty(b, s, dtype=torch.float32, device=dev) for _ in range(4))
+    kmax = torch.empty(b, s, dtype=torch.int32, device=dev)
     last = torch.empty(b, s, dtype=torch.int64, device=dev)
     lo, hi = (torch.empty(2, b, dtype=torch.int64, device=dev) for _ in range(2))
     need = torch.empty(2, b, dtype=torch.float32, device=dev)
     part = torch.empty(2, b, s, PROBES, dtype=torch.float32, device=dev)
     thr = torch.empty(b, dtype=torch.int64, device=dev)
-    _keys_kernel[grid](logits, logits.stride(0), temp, keys, pmax, pmin, vocab, s, BLOCK=block,
+    _keys_kernel[grid](logits, logits.stride(0), temp, keys, pmax, pmin, kmax, vocab, s, BLOCK=block,
                        num_warps=num_warps, **sizes)
     i = 0
     for by_mass, used in ((False, uses[0]), (True, uses[1])):
         if not used:
             continue
         for p in range(PASSES):
-            _pass_kernel[grid](keys, pmax, pmin, temp, top_k, top_p, lo, hi, need, part, b, vocab, s, i,
+            _pass_kernel[grid](keys, pmax, pmin, kmax, temp, top_k, top_p, lo, hi, need, part, b, vocab, s, i,
                                FIRST=p == 0, SECOND=by_mass and p == 1, BY_MASS=by_mass,
                                AFTER_K=by_mass and p == 0 and uses[0],
                                BLOCK=pass_block, PROBES=PROBES, num_warps=num_warps, **sizes)

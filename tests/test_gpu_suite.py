@@ -173,7 +173,8 @@ def _fake_stage_output(cmd: list[str]) -> dict:
                                     "sampler_ms": 0.5, "rest_ms": 1.5}], "roofline_fraction": 0.6}
     if module == "bench.gpu_sampler_case":
         return {"cases": [{"setting": "top_p 0.95", "ms": {"chunk 8192 x 4 warps": 0.25, "chunk 4096 x 8 warps": 0.2,
-                                                          "default launch": 0.25, "torch sampler": 4.5}}]}
+                                                          "default launch": 0.25, "torch sampler": 4.5},
+                           "host_ms": {"default launch": 0.125}}]}
     if module == "bench.gpu_rollout_case" and "--profile" in cmd:
         return {"cases": [{"prompt_len": 16384, "share_prefix": True, "device_ms_per_step": 6.5,
                            "top_ms_per_step": {"_decode_partial_kernel": 1.25, "nvjet_sm90_tst_88x64(...)": 0.5}}]}
@@ -246,8 +247,8 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert report["card"] == "Fake GPU" and report["budget_s"] == 540 and report["elapsed_s"] >= 0
     assert "speed-up x1.000 (target >= x3.150: not met)" in text and "W=1: fwd+bwd 10.0 ms" in text and "x22.5" in text
-    assert ("top_p 0.95              kernel  0.250 ms  best chunk 4096 x 8 warps  0.200 ms  "
-            "torch sampler  4.500 ms") in text
+    assert ("top_p 0.95              kernel  0.250 ms  (host 0.125 ms to issue)  best chunk 4096 x 8 warps  "
+            "0.200 ms  torch sampler  4.500 ms") in text
     assert "prompt  61440: default 2.000 ms (25.0% of the roofline); best 1.000 ms (50.0%) at waves 8" in text
     assert len(report["grpo_loss"]) == len(gs.CASES) and "targets: roofline >= 85%" in text
     if broken == "tests timed out":
@@ -308,11 +309,13 @@ def test_sampler_case_and_kernel_profile_run_on_cpu(tmp_path, capsys):
     from engine.model import load_model
 
     assert gpu_sampler_case.main(["--device", "cpu", "--rows", "2", "--vocab", "40", "--repeats", "1",
-                                  "--chunks", "16,64", "--warps", "4"]) == 0
+                                  "--chunks", "16,64", "--warps", "4", "--pass-blocks", "32"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [c["setting"] for c in out["cases"]] == ["top_p 0.95", "top_k 50 + top_p 0.95", "greedy"]
     for case in out["cases"]:
-        assert set(case["ms"]) == {"chunk 16 x 4 warps", "chunk 64 x 4 warps", "default launch", "torch sampler"}
+        assert set(case["ms"]) == {"chunk 16 x 4 warps", "chunk 64 x 4 warps", "chunk 8192 x 4 warps, pass tile 32",
+                                   "default launch", "torch sampler"}
+        assert case["host_ms"]["default launch"] > 0
         assert all(isinstance(v, float) and v > 0 for v in case["ms"].values()), case
     path = tmp_path / "tiny"
     tiny_hf_model("qwen2", num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2).save_pretrained(str(path))

@@ -62,6 +62,8 @@ def test_a_row_draws_the_same_token_whatever_the_batch_and_the_searches_launched
     assert greedy[0].item() == batch[0][2].item() == int(rows[2].argmax())
     with pytest.raises(ValueError, match="power of two"):
         sample_rows_triton(rows, *st, chunk=100)
+    with pytest.raises(ValueError, match="at most 256"):
+        sample_rows_triton(torch.zeros(1, 4097, device=DEVICE), *(x[:1] for x in st), chunk=16)
 
 
 def test_boundary_ties_and_steps():
@@ -77,6 +79,17 @@ def test_boundary_ties_and_steps():
         assert set(got.tolist()) == {1, 3, 4, 5}  # ties kept whole, the token after them never
 
 
+def test_a_chunk_whose_largest_key_is_the_top_k_threshold_counts_in_top_p():
+    """Passes skip chunks whose keys all lie below the interval; one whose largest key is the top-k
+    threshold itself still holds mass at it: top-k 2 keeps 5.0 (first chunk) and 4.0 (second), so
+    top-p 0.8 needs 0.8 · (1 + e^-1) — more than 5.0's weight alone — and keeps both."""
+    row = torch.full((6, 32), -10.0)
+    row[:, 3], row[:, 20] = 5.0, 4.0
+    (want, _), (got, _) = _both(row, [SamplingParams(temperature=1.0, top_k=2, top_p=0.8)] * 6, [9] * 6,
+                                list(range(6)), chunk=16)
+    assert got.tolist() == want.tolist() and set(got.tolist()) == {3, 20}
+
+
 def test_signed_zeros_and_rows_without_a_finite_weight():
     """−0.0 and +0.0 are one value (a top-k boundary between them keeps both, as torch compares);
     a row of −inf, or with +inf or NaN logits, still gets a token inside the vocabulary."""
@@ -89,19 +102,27 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
     bad[2, 3] = float("nan")
     for params in (SamplingParams(temperature=1.0, top_p=0.9), SamplingParams(temperature=1.0)):
         st = sampling_tensors([params] * 3, [1, 2, 3], [0, 0, 0], DEVICE)
-        tokens, _ = sample_rows_triton(bad.to(DEVICE), *st)
-        assert all(0 <= t < 50 for t in tokens.tolist()), tokens
         torch_tokens, _ = sample_batch(bad.clone(), *(x.cpu() for x in st))  # the torch sampler as well
         assert all(0 <= t < 50 for t in torch_tokens.tolist()), torch_tokens
-        assert tokens[0] == torch_tokens[0] == 49  # no finite weight at all: the last token, in both
+        for chunk in (CHUNK, 16):  # in one chunk and in four
+            tokens, _ = sample_rows_triton(bad.to(DEVICE), *st, chunk=chunk)
+            assert all(0 <= t < 50 for t in tokens.tolist()), tokens
+            assert tokens[0] == torch_tokens[0] == 49  # no finite weight at all: the last token, in both
+    # a NaN in a later chunk than the support (top-k 1: token 20 alone, in the second chunk of 16): the
+    # row's total is NaN, so no chunk owns the goal and one program writes the row's last weighted token
+    row = torch.full((1, 64), -5.0)
+    row[0, 20], row[0, 40] = 3.0, float("nan")
+    st = sampling_tensors([SamplingParams(temperature=1.0, top_k=1)], [5], [0], DEVICE)
+    tokens, logprobs = sample_rows_triton(row.to(DEVICE), *st, chunk=16)
+    assert tokens.tolist() == [20]
 
 
 def test_a_uniform_next_to_one_finds_its_token_without_the_fallback():
     """u within a few ulps of 1 (steps chosen for it) on one dominant logit and 127 tiny ones:
     the goal u · total must not pass the running sum the draw compares, or no token is found
     and the row falls back to its last token (127). The draw compares the part of the goal left
-    in its chunk, at most that chunk's total, which the chunk's running sum reaches bit for bit;
-    in one chunk and in four. Which tiny token is drawn is a matter of rounding (torch's CPU
+    in its chunk, at most that chunk's total, the chunk's running sum's last value; in one chunk
+    and in four. Which tiny token is drawn is a matter of rounding (torch's CPU
     cumsum accumulates in fp64), so only the fallback is checked."""
     logits = torch.full((3, 128), -17.5)
     logits[:, 0] = 0.0
