@@ -22,6 +22,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LONGRL_TRITON_B
     else:  # every interpreted load and store checked against the launch's tensors (tests/triton_bounds.py)
         import triton_bounds
         triton_bounds.install()
+if os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("LONGRL_TRITON_PATCH_ONCE", "1") != "0":
+    import triton_patch_once  # helper calls inside a launch skip the interpreter's redundant swap
+    triton_patch_once.install()
 
 try:  # the decode kernels' partials filled with values that show if a slot nobody wrote is read
     import kernels.triton_paged
