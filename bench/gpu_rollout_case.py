@@ -25,6 +25,11 @@ the stacked q / k / v and gate / up as one product each); at --fused-lens the sh
 runs again with $LONGRL_FUSED=torch (all of that as torch's ops and five products), and
 `fused_speedup` is that step time over the fused one.
 
+Lookahead: every case runs with the rollout's default on a GPU (a graph decode step launched
+before the last step's tokens are read: engine/rollout/engine.py); at --lookahead-lens the shared
+graph case runs again with $LONGRL_LOOKAHEAD=off, and `lookahead_speedup` is that step time over
+the default's.
+
 CUDA graphs: every case runs with the rollout's default (decode steps replayed from CUDA
 graphs); at --graph-lens the shared case runs again with cuda_graphs = off, and
 `graphs_speedup` is the eager step time over the graph step time. The steps that captured a
@@ -103,30 +108,35 @@ def _rollout(model, groups: int, prompt_len: int, new: int, **cache):
 
 
 def decode_case(model, groups: int, n: int, prompt_len: int, new: int, share: bool, block_size: int = 16,
-                cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True, fused: bool = True) -> dict:
+                cache_bytes: int | None = None, graphs: str = "auto", warmup: bool = True, fused: bool = True,
+                lookahead: bool = True) -> dict:
     """Decode `groups` x `n` samples of `new` tokens after random-KV prompts; time per decode step
     (without the steps that captured a CUDA graph) and the bytes a step must read (weights + each
     prompt's KV once + each sample's suffix). With `warmup` the same rollout runs once untimed first:
     a Triton kernel compiles on the first launch of each of its variants (about a second each), and
     the first H100 run showed that alone adding up to 50 ms to the mean step of a 31-step case.
     fused = False runs the case with $LONGRL_FUSED=torch (torch's ops for the norms, RoPE, the K/V
-    write and silu * up instead of the fused kernels; the graphs are captured afresh per rollout)."""
-    with _fused_env(fused):
-        return _decode_case(model, groups, n, prompt_len, new, share, block_size, cache_bytes, graphs, warmup, fused)
+    write and silu * up instead of the fused kernels; the graphs are captured afresh per rollout).
+    lookahead = False: with $LONGRL_LOOKAHEAD=off (each step's tokens read before the next launch)."""
+    with _case_env("LONGRL_FUSED", None if fused else "torch"), \
+            _case_env("LONGRL_LOOKAHEAD", None if lookahead else "off"):
+        r = _decode_case(model, groups, n, prompt_len, new, share, block_size, cache_bytes, graphs, warmup, fused)
+    r["lookahead"] = lookahead
+    return r
 
 
 @contextlib.contextmanager
-def _fused_env(fused: bool):
-    """$LONGRL_FUSED for one case: unset (the default, fused) or "torch"; restored after."""
-    saved = os.environ.pop("LONGRL_FUSED", None)
-    if not fused:
-        os.environ["LONGRL_FUSED"] = "torch"
+def _case_env(name: str, value: str | None):
+    """An environment variable for one case: unset (the default) or `value`; restored after."""
+    saved = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("LONGRL_FUSED", None)
+        os.environ.pop(name, None)
         if saved is not None:
-            os.environ["LONGRL_FUSED"] = saved
+            os.environ[name] = saved
 
 
 def _decode_case(model, groups, n, prompt_len, new, share, block_size, cache_bytes, graphs, warmup, fused) -> dict:
@@ -279,32 +289,38 @@ def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share:
 
 
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
-            block_size: int = 16, warmup: bool = True, fused_lens=()) -> dict:
+            block_size: int = 16, warmup: bool = True, fused_lens=(), lookahead_lens=()) -> dict:
     """Every case (each warmed up first, decode_case's `warmup`); the shared case at graph_lens also
     with graphs[1] (off), at fused_lens also with torch's ops for what the fused kernels do
-    (`fused_speedup`: that step time over the fused one) -> the summary dict."""
-    rows, speedups, fused_speedups = [], {}, {}
+    (`fused_speedup`: that step time over the fused one), at lookahead_lens also without the
+    engine's lookahead (`lookahead_speedup`, the same ratio) -> the summary dict."""
+    rows, speedups, fused_speedups, ahead_speedups = [], {}, {}, {}
     on, off = graphs
-    runs = [(plen, share, on, True) for plen in prompt_lens for share in (True, False)]
-    runs += [(plen, True, g, True) for plen in graph_lens for g in (on, off) if plen not in prompt_lens or g == off]
-    runs += [(plen, True, on, True) for plen in fused_lens if plen not in prompt_lens and plen not in graph_lens]
-    runs += [(plen, True, on, False) for plen in fused_lens]
-    for plen, share, mode, fused in runs:
+    runs = [(plen, share, on, True, True) for plen in prompt_lens for share in (True, False)]
+    runs += [(plen, True, g, True, True) for plen in graph_lens for g in (on, off)
+             if plen not in prompt_lens or g == off]
+    done = set(prompt_lens) | set(graph_lens)
+    runs += [(plen, True, on, True, True) for plen in dict.fromkeys([*fused_lens, *lookahead_lens]) if plen not in done]
+    runs += [(plen, True, on, False, True) for plen in fused_lens]
+    runs += [(plen, True, on, True, False) for plen in lookahead_lens]
+    for plen, share, mode, fused, ahead in runs:
         r = decode_case(model, groups, n, plen, new, share, block_size=block_size, graphs=mode, warmup=warmup,
-                        fused=fused)
+                        fused=fused, lookahead=ahead)
         r["roofline_fraction"] = r["bytes_per_step"] / bw / r["batch_step_s"]
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
 
-    def step_s(plen, mode, fused):
+    def step_s(plen, mode, fused, ahead=True):
         return next(r["batch_step_s"] for r in rows if r["prompt_len"] == plen and r["share_prefix"]
-                    and r["cuda_graphs"] == mode and r["fused"] == fused)
+                    and r["cuda_graphs"] == mode and r["fused"] == fused and r["lookahead"] == ahead)
 
     for plen in graph_lens:
         speedups[str(plen)] = step_s(plen, off, True) / step_s(plen, on, True)
     for plen in fused_lens:
         fused_speedups[str(plen)] = step_s(plen, on, False) / step_s(plen, on, True)
-    shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["fused"]
+    for plen in lookahead_lens:
+        ahead_speedups[str(plen)] = step_s(plen, on, True, False) / step_s(plen, on, True)
+    shared = [r for r in rows if r["share_prefix"] and r["cuda_graphs"] == on and r["fused"] and r["lookahead"]
               and r["prompt_len"] in prompt_lens]
     # where a step goes: with and without graphs at the first graph length, with graphs at the others
     breakdown = [step_breakdown(model, groups, n, plen, new, graphs=g)
@@ -312,7 +328,8 @@ def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: f
     for r in breakdown:
         print(json.dumps(r), file=sys.stderr, flush=True)
     return {"batch": groups * n, "copy_bandwidth": bw, "cases": rows, "graphs_speedup": speedups,
-            "fused_speedup": fused_speedups, "step_breakdown": breakdown, "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
+            "fused_speedup": fused_speedups, "lookahead_speedup": ahead_speedups, "step_breakdown": breakdown,
+            "roofline_fraction": min(r["roofline_fraction"] for r in shared)}
 
 
 def main(argv=None) -> int:
@@ -325,6 +342,8 @@ def main(argv=None) -> int:
                    help="prompt lengths at which the shared case also runs without CUDA graphs")
     p.add_argument("--fused-lens", type=int, nargs="*", default=[1024, 16384],
                    help="prompt lengths at which the shared graph case also runs with $LONGRL_FUSED=torch")
+    p.add_argument("--lookahead-lens", type=int, nargs="*", default=[1024, 16384],
+                   help="prompt lengths at which the shared graph case also runs with $LONGRL_LOOKAHEAD=off")
     p.add_argument("--profile", type=int, nargs="*", default=[],
                    help="instead of the measurement: at these prompt lengths, shared and not, the kernels of "
                         "the eager decode steps ranked by device time per step (torch.profiler)")
@@ -347,7 +366,7 @@ def main(argv=None) -> int:
                                     for plen in a.profile for share in (True, False)]}))
         return 0
     print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
-                             graphs=("auto", "off"), fused_lens=a.fused_lens)))
+                             graphs=("auto", "off"), fused_lens=a.fused_lens, lookahead_lens=a.lookahead_lens)))
     return 0
 
 

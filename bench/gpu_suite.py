@@ -391,6 +391,9 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
         if ro.get("fused_speedup"):
             print("fused kernels and stacked projections vs torch's ops (graph step, same case): "
                   + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro["fused_speedup"].items()))
+        if ro.get("lookahead_speedup"):
+            print("lookahead (a step launched before the last one's tokens are read) vs reading first: "
+                  + ", ".join(f"prompt {k}: x{v:.2f}" for k, v in ro["lookahead_speedup"].items()))
         for c in ro.get("step_breakdown", []):
             print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "
                   f"{c['step_ms']:.2f} ms = model {c['model_ms']:.2f} + sampler {c['sampler_ms']:.2f} "

@@ -286,6 +286,9 @@ class RolloutConfig:
     # decode steps replayed from CUDA graphs: auto (on a GPU with the Triton backend), on, eager (the graph step
     # without capture: checks), off; $LONGRL_CUDA_GRAPHS overrides
     cuda_graphs: Literal["auto", "on", "eager", "off"] = "auto"
+    # a graph decode step launched before the last step's tokens are read: auto (with captured graphs), on,
+    # off; $LONGRL_LOOKAHEAD overrides
+    lookahead: Literal["auto", "on", "off"] = "auto"
 
     def validate(self, key: str) -> None:
         _check(16 <= self.block_size <= 256 and not self.block_size & (self.block_size - 1), f"{key}.block_size",
@@ -301,7 +304,8 @@ class RolloutConfig:
         return CacheConfig(block_size=self.block_size, gpu_memory_fraction=self.gpu_memory_fraction,
                            max_bytes=self.cache_mb << 20 if self.cache_mb else None,
                            max_num_seqs=self.max_num_seqs, max_prefill_tokens=self.max_prefill_tokens,
-                           decode_backend=self.decode_backend, cuda_graphs=self.cuda_graphs)
+                           decode_backend=self.decode_backend, cuda_graphs=self.cuda_graphs,
+                           lookahead=self.lookahead)
 
 
 @dataclass

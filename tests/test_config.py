@@ -182,6 +182,7 @@ def test_new_sections_check_their_values():
                           ("--rollout.block_size=8", "rollout.block_size"),
                           ("--rollout.block_size=512", "rollout.block_size"),
                           ("--rollout.gpu_memory_fraction=1.5", "rollout.gpu_memory_fraction"),
+                          ("--rollout.lookahead=always", "rollout.lookahead"),
                           ("--kernels.chunk_mb=-1", "kernels.chunk_mb"),
                           ("--kernels.backend=cuda", "kernels.backend"),
                           ("--rl.aepo_low=0.5", "rl.aepo_low"),
@@ -190,6 +191,12 @@ def test_new_sections_check_their_values():
                           ("--reward.judge_tasks=[\"essay\"]", "reward.judge_tasks")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(None, [override])
+
+
+def test_rollout_section_reaches_the_cache_config():
+    cfg = load_config(None, ["--rollout.lookahead=off", "--rollout.cuda_graphs=eager"])
+    cache = cfg.rollout.cache_config()
+    assert (cache.lookahead, cache.cuda_graphs) == ("off", "eager")
 
 
 def test_shipped_recipes_validate():

@@ -60,8 +60,8 @@ def _spy_steps(monkeypatch):
     seen = []
     real = DecodeGraphs.step
 
-    def step(self, seqs, tables):
-        out = real(self, seqs, tables)
+    def step(self, seqs, tables, feed=None):
+        out = real(self, seqs, tables, feed)
         if out is not None:
             seen.append((len(seqs), batch_bucket(len(seqs)), self.last_items))
         return out
@@ -382,7 +382,9 @@ def test_each_graph_replays_only_for_its_own_buckets(tiny, monkeypatch):
     want, _ = _run(tiny, prompts, params, 3, cuda_graphs="off", decode_backend="torch")
     assert [len(group[0][0]) for group in want] == [7, 10, 10, 10, 10]  # the workload the test is about
     replays = _fake_capture(monkeypatch)
-    got, stats = _run(tiny, prompts, params, 3)
+    # without lookahead: with it the stopped samples decode one step more (dropped), and the 12 reach
+    # bucket (16, 4) a step later, too late for a capture
+    got, stats = _run(tiny, prompts, params, 3, lookahead="off")
     _same(got, want)
     assert {captured for captured, _ in replays} == {(16, 8), (16, 4)}
     assert all(captured == step for captured, step in replays), replays
@@ -481,3 +483,64 @@ def test_the_fused_graph_step_launches_fewer_kernels():
     assert (fused["aten.linear"], plain["aten.linear"]) == (5, 8)
     assert plain["aten.to"] > fused["aten.to"] > 0 and "aten.view" not in plain and "aten.t" not in plain
     assert r["saved"] == r["torch"]["launches"] - r["fused"]["launches"] >= 30
+
+
+def test_lookahead_gives_the_same_completions(tiny):
+    """Decode steps launched before the last step's tokens are read (their input tokens copied from
+    the sampler's output on the device): the completions of reading every step first, token for
+    token, with samples stopping early (stop tokens: their next row, already launched, is dropped),
+    at their token limit, sampled and greedy. Then with a cache small enough to preempt (preempted
+    samples wait to be prefilled again): those steps read first, and the completions are the same."""
+    prompts = _prompts(tiny, (13, 6, 9))
+    stops = list(range(0, tiny.config.vocab_size, 6))  # a sixth of the vocabulary: some samples stop early
+    params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=stops)
+              for k, t in ((5, 1.0), (8, 0.0), (9, 1.0))]
+    want, plain = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="off")
+    got, stats = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="on")
+    _same(got, want)
+    assert plain.lookahead_steps == 0 and stats.lookahead_steps > 0 and stats.wasted_rows > 0
+    # a row is wasted only after a stop token (a sample at its token limit is not scheduled again)
+    assert stats.wasted_rows <= sum(r == "stop" for group in got for _, _, r in group)
+    assert stats.generated_tokens == plain.generated_tokens
+    assert {r for group in got for _, _, r in group} == {"stop", "length"}
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop_token_ids=stops[::2])
+    prompts = _prompts(tiny, (10, 7))
+    want, plain = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="off", num_blocks=14)
+    got, stats = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="on", num_blocks=14)
+    _same(got, want)
+    assert plain.preemptions > 0 and stats.preemptions == plain.preemptions and stats.lookahead_steps > 0
+
+
+def test_lookahead_setting(monkeypatch):
+    from engine.rollout.engine import lookahead_on
+
+    monkeypatch.delenv("LONGRL_LOOKAHEAD", raising=False)
+    assert lookahead_on("capture", "auto") and lookahead_on("on", "auto")
+    assert not lookahead_on("eager", "auto") and not lookahead_on("off", "auto")
+    assert lookahead_on("eager", "on") and not lookahead_on("capture", "off")
+    assert not lookahead_on("off", "on")  # no graph step, nothing to launch ahead
+    monkeypatch.setenv("LONGRL_LOOKAHEAD", "off")
+    assert not lookahead_on("capture", "auto")
+    monkeypatch.setenv("LONGRL_LOOKAHEAD", "sometimes")
+    with pytest.raises(ValueError, match="lookahead must be auto, on or off"):
+        lookahead_on("capture", "auto")
+    with pytest.raises(ValueError, match="lookahead must be auto, on or off"):
+        CacheConfig(lookahead="yes")
+
+
+def test_lookahead_only_before_a_plain_decode_step():
+    """A step goes ahead of the host only when the next one cannot prefill or preempt: nothing
+    waiting, a free block for every running sequence, graphs on and a bucket for them all."""
+    from types import SimpleNamespace as NS
+
+    from engine.rollout.engine import Generator
+
+    may = Generator._may_look_ahead
+    graphs = NS(disabled=None, max_batch=8)
+    ok = (NS(waiting=[], running=[1, 2, 3]), NS(num_free=3), graphs)
+    assert may(None, *ok)
+    assert not may(None, NS(waiting=[4], running=[1, 2, 3]), NS(num_free=9), graphs)  # a prefill may come
+    assert not may(None, ok[0], NS(num_free=2), graphs)  # a preemption may come
+    assert not may(None, ok[0], ok[1], NS(disabled="capture failed", max_batch=8))
+    assert not may(None, NS(waiting=[], running=list(range(9))), NS(num_free=9), graphs)  # no bucket
+    assert not may(None, ok[0], ok[1], None) and not may(None, NS(waiting=[], running=[]), ok[1], graphs)

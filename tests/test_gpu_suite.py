@@ -99,18 +99,23 @@ def test_rollout_decode_case_runs_on_cpu(tmp_path, monkeypatch):
     seen_env, real_case = [], gpu_rollout_case._decode_case
 
     def spy(*args):
-        seen_env.append(os.environ.get("LONGRL_FUSED"))
+        seen_env.append((os.environ.get("LONGRL_FUSED"), os.environ.get("LONGRL_LOOKAHEAD")))
         return real_case(*args)
     monkeypatch.setattr(gpu_rollout_case, "_decode_case", spy)
+    monkeypatch.setenv("LONGRL_LOOKAHEAD", "on")
     out = measure(model, [21], [21, 9], groups=2, n=2, new=3, bw=1e9, graphs=("eager", "off"), warmup=False,
-                  fused_lens=[9])
-    assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"], c["fused"]) for c in out["cases"]] == \
-        [(21, True, "eager", True), (21, False, "eager", True), (21, True, "off", True), (9, True, "eager", True),
-         (9, True, "off", True), (9, True, "eager", False)]
-    assert seen_env == [None] * 5 + ["torch"] and os.environ["LONGRL_FUSED"] == "triton"
-    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0, 2]
+                  fused_lens=[9], lookahead_lens=[9])
+    assert [(c["prompt_len"], c["share_prefix"], c["cuda_graphs"], c["fused"], c["lookahead"])
+            for c in out["cases"]] == \
+        [(21, True, "eager", True, True), (21, False, "eager", True, True), (21, True, "off", True, True),
+         (9, True, "eager", True, True), (9, True, "off", True, True), (9, True, "eager", False, True),
+         (9, True, "eager", True, False)]
+    assert seen_env == [(None, None)] * 5 + [("torch", None), (None, "off")]
+    assert os.environ["LONGRL_FUSED"] == "triton" and os.environ["LONGRL_LOOKAHEAD"] == "on"
+    assert [c["graph_steps"] for c in out["cases"]] == [2, 2, 0, 2, 0, 2, 2]
     assert set(out["graphs_speedup"]) == {"21", "9"} and all(v > 0 for v in out["graphs_speedup"].values())
     assert set(out["fused_speedup"]) == {"9"} and out["fused_speedup"]["9"] > 0
+    assert set(out["lookahead_speedup"]) == {"9"} and out["lookahead_speedup"]["9"] > 0
     assert out["roofline_fraction"] == min(c["roofline_fraction"] for c in out["cases"][:1])
     eager_graph, off, second = out["step_breakdown"]  # with and without graphs at 21, with graphs at 9
     assert (eager_graph["cuda_graphs"], off["cuda_graphs"]) == ("eager", "off")
@@ -168,7 +173,7 @@ def _fake_stage_output(cmd: list[str]) -> dict:
         waves = {**case, "share_prefix": False, "mean_batch": 40.0, "batch_step_s": 0.03, "roofline_fraction": 0.08}
         unfused = {**case, "fused": False, "batch_step_s": 0.005, "roofline_fraction": 0.48}
         return {"batch": 64, "copy_bandwidth": 3e12, "cases": [case, waves, unfused], "graphs_speedup": {"16384": 3.5},
-                "fused_speedup": {"16384": 1.25},
+                "fused_speedup": {"16384": 1.25}, "lookahead_speedup": {"1024": 1.125},
                 "step_breakdown": [{"prompt_len": 1024, "cuda_graphs": "auto", "step_ms": 5.0, "model_ms": 3.0,
                                     "sampler_ms": 0.5, "rest_ms": 1.5}], "roofline_fraction": 0.6}
     if module == "bench.gpu_sampler_case":
@@ -262,6 +267,8 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
             "nvjet_sm90_tst_88x64 0.500" in text
         assert "graphs, torch ops     5.00 ms/step" in text and "stacked projections vs torch's ops (graph step, same case): prompt " \
             "16384: x1.25" in text
+        assert "lookahead (a step launched before the last one's tokens are read) vs reading first: prompt 1024: " \
+            "x1.12" in text
         assert "40.0s: rollout 25.0s" in text and "parts add up to the step" in text
     elif broken == "bench.gpu_rollout_case":
         assert rc == 1 and report["rollout"] == {"skipped": "not started: the suite's time budget (540 s, --budget) "

@@ -9,10 +9,21 @@ into its n samples, which share the prompt's KV blocks (copy-on-write on the las
 block). Samples decode together with every other running sequence (continuous batching)
 and free their blocks the moment they finish. Runs under inference mode; the KV cache is
 allocated per call and dropped at its end, and nothing is left in the model.
+
+Lookahead (CacheConfig.lookahead; on by default with CUDA graphs): a decode step replayed
+from a graph is launched before the previous step's tokens reach the host. Its input tokens
+are copied on the device from the sampler's output, and the host reads the previous step's
+tokens (appending them, checking stops, freeing finished samples' blocks) while the device
+runs the new step, instead of the device waiting for the host between steps. A sample that
+stopped at the previous step has had one more row computed for nothing, which is dropped.
+Only when the next step is sure to be a plain decode step (nothing waiting to be prefilled,
+a free block for every running sequence: no preemption) does a step go ahead unread; else
+the tokens are read first, as without lookahead. Completions are the same either way.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -38,6 +49,8 @@ class RolloutStats:
     graph_steps: int = 0  # decode steps replayed from a CUDA graph (or run on its static buffers: eager mode)
     graph_captures: int = 0  # graphs captured (each costs about three decode steps; included in decode_seconds)
     graph_replays: int = 0  # decode steps served by replaying a captured graph
+    lookahead_steps: int = 0  # decode steps launched before the previous step's tokens were read
+    wasted_rows: int = 0  # rows decoded for samples that had stopped at the step before (lookahead)
     capture_seconds: float = 0.0
     preemptions: int = 0
     peak_blocks: int = 0
@@ -51,6 +64,33 @@ class RolloutStats:
         return d
 
 
+PENDING = -1  # a token sampled on the device and not read yet (lookahead); never fed to the model
+
+
+def lookahead_on(graphs: str, configured: str) -> bool:
+    """Whether decode steps go ahead of the host (module docstring) for this graphs mode ("capture",
+    "on", "eager", "off": graphs_mode) and setting (auto | on | off; $LONGRL_LOOKAHEAD overrides):
+    auto: with CUDA graphs captured; on: with any graph step (eager too: how the CPU tests run it).
+    Only graph steps go ahead: with graphs off there is none, whatever the setting."""
+    choice = os.environ.get("LONGRL_LOOKAHEAD") or configured
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"lookahead must be auto, on or off, got {choice!r}")
+    return graphs in ("capture", "on") if choice == "auto" else choice == "on" and graphs != "off"
+
+
+@dataclass
+class _Flight:
+    """A decode step's draws not read on the host yet: the sampled sequences in the tokens' order,
+    the index of each one's PENDING token, the tokens and log-probs (host copies, pinned on a GPU,
+    filled once `ready` has passed) and the tokens on the device (the next step's input)."""
+    seqs: list[Sequence]
+    at: list[int]
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    on_device: torch.Tensor
+    ready: object = None  # a CUDA event after the copies, or None (on the CPU they are done)
+
+
 class Generator:
     def __init__(self, model, tokenizer=None, cache_cfg: CacheConfig | None = None):
         self.model = model
@@ -58,6 +98,8 @@ class Generator:
         self.cache_cfg = cache_cfg or CacheConfig()
         self.stats = RolloutStats()
         self._stop_ids: list[int] | None = None
+        self._flight: _Flight | None = None
+        self._lookahead = False
         if next(model.parameters()).device.type == "cpu":
             hostmem.tune()  # freed tensors stay in the heap: a decode step's buffers no longer page-fault in
 
@@ -83,6 +125,8 @@ class Generator:
         mode = graphs_mode(device, self.cache_cfg.cuda_graphs, self.cache_cfg.decode_backend)
         cache = PagedKVCache(self.model, self.cache_cfg, max_blocks=bound, spare=mode != "off")
         graphs = None
+        self._lookahead = lookahead_on(mode, self.cache_cfg.lookahead)
+        self._flight = None
         if mode != "off":
             # a group larger than max_num_seqs still decodes, alone
             max_batch = min(len(prompts) * n, max(self.cache_cfg.max_num_seqs, n))
@@ -97,7 +141,10 @@ class Generator:
         try:
             while sched.has_work():
                 self._step(sched, cache, blocks, results, graphs)
+            if self._flight is not None:  # the last step's draws
+                self._resolve(sched, cache, blocks, results)
         finally:
+            self._flight = None
             if graphs is not None:
                 st = self.stats
                 st.graph_captures, st.graph_replays, st.capture_seconds = (len(graphs.graphs), graphs.replays,
@@ -125,23 +172,37 @@ class Generator:
 
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results,
               graphs: DecodeGraphs | None = None) -> None:
+        started = time.perf_counter()
+        if self._flight is not None and not self._may_look_ahead(sched, blocks, graphs):
+            self._resolve(sched, cache, blocks, results)  # the next step may prefill or preempt: read first
+            if not sched.has_work():  # those draws finished the last samples
+                return
+        flight = self._flight
         batch, copies = sched.schedule()
         cache.copy_blocks(copies)
         decode = sched.decoding  # a prompt's last prefill chunk may be one token too: still prefill
-        started = time.perf_counter()
         logits = tables = None
         if decode:
             seqs = [s for s, _ in batch]
             tables = cache.tables.gather(seqs)
             if graphs is not None:
-                logits = graphs.step(seqs, tables)
-        if logits is not None:  # the whole step ran from the static buffers
+                logits = graphs.step(seqs, tables, feed=self._feed(flight, seqs))
+        if logits is None and flight is not None:  # graphs went off at this step: the ordinary step needs
+            self._resolve(sched, cache, blocks, results)  # the tokens on the host
+            flight = None
+            batch = [(s, n) for s, n in batch if s.finish_reason is None]
+            seqs = [s for s, _ in batch]
+            tables = cache.tables.gather(seqs) if decode and batch else None
+        graph_step = logits is not None
+        if graph_step:  # the whole step ran from the static buffers
             for seq in seqs:
                 seq.num_cached += 1
             ready = seqs
             self.stats.graph_steps += 1
-        else:
+        elif batch:
             logits, ready = self._forward(batch, decode, cache, tables)
+        else:
+            ready = []
         if ready:
             device = cache.k.device
             samplers, rows = [], []
@@ -160,9 +221,15 @@ class Generator:
             # decode steps sample every row once, in order: no [rows, vocab] copy then
             same = len(rows) == logits.shape[0] and rows == list(range(len(rows)))
             tokens, logprobs = sample(logits if same else logits[rows], *settings, params=params)
-            for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
-                if self._append(seq, token, logprob, sched, blocks, results):
-                    cache.tables.drop(seq)
+            if graph_step and self._lookahead:  # read at the next step, while the device runs it
+                self._flight = self._take_off(samplers, tokens, logprobs, sched)
+                if flight is not None:
+                    self.stats.lookahead_steps += 1
+                    self._resolve(sched, cache, blocks, results, flight)
+            else:
+                for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
+                    if self._append(seq, token, logprob, sched, blocks, results):
+                        cache.tables.drop(seq)
         elapsed = time.perf_counter() - started
         if decode:
             self.stats.decode_seconds += elapsed
@@ -172,6 +239,69 @@ class Generator:
             self.stats.prefill_seconds += elapsed
         self.stats.steps += 1
         self.stats.peak_blocks = max(self.stats.peak_blocks, blocks.num_used)
+
+    # ---- lookahead (module docstring) ----------------------------------------------------------------
+    def _may_look_ahead(self, sched: Scheduler, blocks: BlockManager, graphs: DecodeGraphs | None) -> bool:
+        """Whether the next step is sure to be a graph decode step of the running sequences alone:
+        nothing waiting, a free block for each (a new block or a copy-on-write: no preemption), a
+        graph bucket for them all."""
+        return (graphs is not None and graphs.disabled is None and not sched.waiting and bool(sched.running)
+                and len(sched.running) <= graphs.max_batch and blocks.num_free >= len(sched.running))
+
+    @staticmethod
+    def _feed(flight: _Flight | None, seqs: list[Sequence]):
+        """The rows of `seqs` whose token is still on the device, and where: DecodeGraphs.step's feed."""
+        if flight is None:
+            return None
+        where = {id(s): i for i, s in enumerate(flight.seqs)}
+        to, frm = [], []
+        for r, seq in enumerate(seqs):
+            i = where.get(id(seq))
+            if i is not None and seq.token_ids[seq.num_cached] == PENDING:
+                to.append(r)
+                frm.append(i)
+        return flight.on_device, to, frm
+
+    def _take_off(self, samplers: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
+                  sched: Scheduler) -> _Flight:
+        """Leave this step's draws on the device: PENDING tokens in their place, the copies to the host
+        started. A sample at its token limit leaves the running list now (it must not be scheduled
+        again); it finishes when its last token is read."""
+        ready = None
+        host_t, host_lp = tokens, logprobs
+        if tokens.device.type == "cuda":
+            host_t = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host_lp = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_t.copy_(tokens, non_blocking=True)
+            host_lp.copy_(logprobs, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        at = []
+        for seq in samplers:
+            at.append(len(seq.token_ids))
+            seq.token_ids.append(PENDING)
+            seq.logprobs.append(float("nan"))
+            if seq.num_generated >= seq.params.max_new_tokens and seq in sched.running:
+                sched.running.remove(seq)
+        return _Flight(samplers, at, host_t, host_lp, tokens, ready)
+
+    def _resolve(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results,
+                 flight: _Flight | None = None) -> None:
+        """Read a flight's draws (default: the one in the air, which is then gone): each PENDING token
+        gets its value, and stops are checked as _append does; a sample that stopped at an earlier
+        step (its row computed for nothing) is skipped."""
+        if flight is None:
+            flight, self._flight = self._flight, None
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        for seq, at, token, logprob in zip(flight.seqs, flight.at, flight.tokens.tolist(), flight.logprobs.tolist()):
+            if seq.finish_reason is not None:
+                self.stats.wasted_rows += 1
+                continue
+            seq.token_ids[at] = token
+            seq.logprobs[at - seq.prompt_len] = logprob
+            if self._settle(seq, at, sched, blocks, results):
+                cache.tables.drop(seq)
 
     def _forward(self, batch, decode: bool, cache: PagedKVCache, tables: torch.Tensor | None):
         """The model on one scheduled step -> (logits [ready, V] fp32 or None, the sequences whose
@@ -218,24 +348,34 @@ class Generator:
         """Add a sampled token; True when it finished the sequence."""
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
+        return self._settle(seq, len(seq.token_ids) - 1, sched, blocks, results)
+
+    def _settle(self, seq: Sequence, at: int, sched, blocks, results) -> bool:
+        """The token at index `at` is read: True when it finished the sequence, which then ends
+        there (a PENDING token after it is dropped), gives its blocks back and leaves the running list."""
         self.stats.generated_tokens += 1
+        token = seq.token_ids[at]
         reason = None
-        if token in seq.params.stop_token_ids or self._hits_stop_string(seq):
+        if token in seq.params.stop_token_ids or self._hits_stop_string(seq, at + 1):
             reason = "stop"
-        elif seq.num_generated >= seq.params.max_new_tokens:
+        elif at + 1 - seq.prompt_len >= seq.params.max_new_tokens:
             reason = "length"
         if reason:
+            del seq.token_ids[at + 1:]
+            del seq.logprobs[at + 1 - seq.prompt_len:]
             seq.finish_reason = reason
             results[seq.request][seq.sample] = Completion(seq.token_ids[seq.prompt_len:], seq.logprobs, reason)
-            sched.running.remove(seq)
+            if seq in sched.running:
+                sched.running.remove(seq)
             blocks.release(seq.table)  # finished samples free their memory at once
         return reason is not None
 
-    def _hits_stop_string(self, seq: Sequence) -> bool:
+    def _hits_stop_string(self, seq: Sequence, end: int) -> bool:
+        """Whether a stop string is in the text of the last few tokens before index `end`."""
         if not seq.params.stop:
             return False
         longest = max(len(s) for s in seq.params.stop)
         # decode a window of recent tokens wide enough to contain any stop string
-        window = seq.token_ids[max(seq.prompt_len, len(seq.token_ids) - longest - 8):]
+        window = seq.token_ids[max(seq.prompt_len, end - longest - 8):end]
         text = self.tokenizer.decode(window, skip_special_tokens=False)
         return any(s in text for s in seq.params.stop)

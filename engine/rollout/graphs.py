@@ -101,7 +101,12 @@ class DecodeGraphs:
         self.share = cache.share_prefix
         self.cap = members_cap(cache.gqa_group) if self.share else 0
         rows = _FIELDS + self.cap
-        self.host = torch.zeros(rows, self.max_batch, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        # two pinned staging buffers, used in turn: with the engine's lookahead the host packs a step
+        # while the last one's copy may still be queued; a buffer is rewritten once its copy is done
+        pinned = self.device.type == "cuda"
+        self.host = [torch.zeros(rows, self.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.copied: list = [None, None]  # per buffer: a CUDA event after its last copy
+        self.turn = 0
         self.inputs = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
         self.tables = torch.full((self.max_batch, self.width), cache.spare_block, dtype=torch.int32,
                                  device=self.device)
@@ -116,9 +121,11 @@ class DecodeGraphs:
         self.last_items = 0  # prefix programs of the last step, before padding (tests)
 
     # ---- one step ----------------------------------------------------------------------------------
-    def step(self, seqs, tables: torch.Tensor) -> torch.Tensor | None:
+    def step(self, seqs, tables: torch.Tensor, feed=None) -> torch.Tensor | None:
         """seqs: the decoding sequences (each feeds its last token), tables: their block tables
-        [n, w] on the device (DecodeTables.gather) -> logits [n, V] fp32, or None."""
+        [n, w] on the device (DecodeTables.gather) -> logits [n, V] fp32, or None. feed: (tokens
+        on the device, rows, their rows in tokens): those rows' tokens are not on the host yet
+        (the engine's lookahead), they are copied from the sampler's output on the device."""
         n = len(seqs)
         if self.disabled or n > self.max_batch or tables.shape[1] > self.width:
             return None
@@ -139,8 +146,19 @@ class DecodeGraphs:
         ]
         for j in range(self.cap):
             rows.append([m[j] if j < len(m) else -1 for m in items] + [-1] * (b - len(items)))
-        self.host[:, :b] = torch.tensor(rows, dtype=torch.long)
-        self.inputs.copy_(self.host, non_blocking=True)
+        host, turn = self.host[self.turn], self.turn
+        if self.copied[turn] is not None:
+            self.copied[turn].synchronize()
+        host[:, :b] = torch.tensor(rows, dtype=torch.long)
+        self.inputs.copy_(host, non_blocking=True)
+        if self.device.type == "cuda":
+            self.copied[turn] = torch.cuda.Event()
+            self.copied[turn].record()
+        self.turn ^= 1
+        if feed is not None and feed[1]:
+            tokens, rows_to, rows_from = feed
+            index = torch.tensor([rows_to, rows_from], dtype=torch.long).to(self.device, non_blocking=True)
+            self.inputs[0].index_copy_(0, index[0], tokens.index_select(0, index[1]))
         self.tables[:n, : tables.shape[1]].copy_(tables)
         if pad:
             self.tables[n:b, 0] = spare

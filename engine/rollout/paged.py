@@ -29,6 +29,9 @@ class CacheConfig:
     decode_backend: str = "auto"  # auto: triton on CUDA, torch elsewhere; $LONGRL_PAGED_BACKEND overrides
     share_prefix: bool = True  # decode reads a group's prompt KV once per step for all its samples
     cuda_graphs: str = "auto"  # auto | on | eager | off (engine/rollout/graphs.py); $LONGRL_CUDA_GRAPHS overrides
+    # auto | on | off: a graph decode step is launched before the last one's tokens are read (the host's
+    # work overlaps the device's; engine.lookahead_on); $LONGRL_LOOKAHEAD overrides
+    lookahead: str = "auto"
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -39,6 +42,8 @@ class CacheConfig:
             raise ValueError(f"decode_backend must be auto, torch or triton, got {self.decode_backend!r}")
         if self.cuda_graphs not in ("auto", "on", "eager", "off"):
             raise ValueError(f"cuda_graphs must be auto, on, eager or off, got {self.cuda_graphs!r}")
+        if self.lookahead not in ("auto", "on", "off"):
+            raise ValueError(f"lookahead must be auto, on or off, got {self.lookahead!r}")
 
 
 class PagedKVCache:
@@ -143,11 +148,13 @@ class DecodeTables:
             rows.append(row)
             longest = max(longest, len(table))
         self._grow(0, longest)
+        # non-blocking: a blocking host-to-device copy would wait for the device's queue (the step
+        # launched ahead, engine.py's lookahead) before the host could go on
         if vs:
-            idx = torch.tensor([rs, cs, vs], dtype=torch.long).to(self.device)
+            idx = torch.tensor([rs, cs, vs], dtype=torch.long).to(self.device, non_blocking=True)
             self.table[idx[0], idx[1]] = idx[2].to(torch.int32)
             self.entries_written += len(vs)
-        rows = torch.tensor(rows, dtype=torch.long).to(self.device)
+        rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         return self.table[:, :longest].index_select(0, rows)
 
     def drop(self, seq) -> None:
