@@ -544,3 +544,28 @@ def test_lookahead_only_before_a_plain_decode_step():
     assert not may(None, ok[0], ok[1], NS(disabled="capture failed", max_batch=8))
     assert not may(None, NS(waiting=[], running=list(range(9))), NS(num_free=9), graphs)  # no bucket
     assert not may(None, ok[0], ok[1], None) and not may(None, NS(waiting=[], running=[]), ok[1], graphs)
+
+
+def test_lookahead_through_replays_and_a_failed_capture(tiny, monkeypatch):
+    """Lookahead (auto: on in capture mode) with stop tokens, through captured (stand-in) replays:
+    the ordinary step's completions. Where the capture fails at a bucket's third step (no GPU),
+    the step in flight is read first, the samples it stopped leave the batch, and the ordinary
+    step goes on: the same completions."""
+    prompts = _prompts(tiny, (13, 6, 9))
+    stops = list(range(0, tiny.config.vocab_size, 5))
+    params = SamplingParams(max_new_tokens=9, temperature=1.0, seed=2, stop_token_ids=stops)
+    want, _ = _run(tiny, prompts, params, 3, cuda_graphs="off", decode_backend="torch")
+    with monkeypatch.context() as patched:
+        replays = _fake_capture(patched)
+        got, stats = _run(tiny, prompts, params, 3)
+    _same(got, want)
+    assert replays and stats.lookahead_steps > 0 and stats.wasted_rows > 0
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
+    if torch.cuda.is_available():  # make the capture fail on a GPU too
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, stats = _run(tiny, prompts, params, 3)
+    _same(got, want)
+    assert stats.graph_captures == 0 and stats.lookahead_steps > 0
+    assert any("CUDA graphs off" in str(w.message) for w in caught)

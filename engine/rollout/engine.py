@@ -18,7 +18,9 @@ runs the new step, instead of the device waiting for the host between steps. A s
 stopped at the previous step has had one more row computed for nothing, which is dropped.
 Only when the next step is sure to be a plain decode step (nothing waiting to be prefilled,
 a free block for every running sequence: no preemption) does a step go ahead unread; else
-the tokens are read first, as without lookahead. Completions are the same either way.
+the tokens are read first, as without lookahead. Completions are the same either way, up to
+float rounding on a GPU: a dropped row may keep a step in a larger graph bucket for once, and
+products of another shape may round differently.
 """
 from __future__ import annotations
 
@@ -141,8 +143,10 @@ class Generator:
         try:
             while sched.has_work():
                 self._step(sched, cache, blocks, results, graphs)
-            if self._flight is not None:  # the last step's draws
+            if self._flight is not None:  # the last step's draws: decode time
+                started = time.perf_counter()
                 self._resolve(sched, cache, blocks, results)
+                self.stats.decode_seconds += time.perf_counter() - started
         finally:
             self._flight = None
             if graphs is not None:
@@ -172,11 +176,13 @@ class Generator:
 
     def _step(self, sched: Scheduler, cache: PagedKVCache, blocks: BlockManager, results,
               graphs: DecodeGraphs | None = None) -> None:
-        started = time.perf_counter()
         if self._flight is not None and not self._may_look_ahead(sched, blocks, graphs):
-            self._resolve(sched, cache, blocks, results)  # the next step may prefill or preempt: read first
+            started = time.perf_counter()  # the next step may prefill or preempt: read first (the last decode
+            self._resolve(sched, cache, blocks, results)  # step's time)
+            self.stats.decode_seconds += time.perf_counter() - started
             if not sched.has_work():  # those draws finished the last samples
                 return
+        started = time.perf_counter()
         flight = self._flight
         batch, copies = sched.schedule()
         cache.copy_blocks(copies)

@@ -45,7 +45,7 @@ import torch
 
 from kernels.paged_attention import SharedPrefixPlan, members_cap, plan_items
 
-from .paged import PagedAttention, _decode_backend
+from .paged import PagedAttention, _decode_backend, to_device
 
 MODES = ("auto", "on", "eager", "off")
 CAPTURE_AT = 3  # a bucket's graph is captured at its third step
@@ -155,9 +155,13 @@ class DecodeGraphs:
             self.copied[turn] = torch.cuda.Event()
             self.copied[turn].record()
         self.turn ^= 1
-        if feed is not None and feed[1]:
+        pending = sum(1 for t in rows[0] if t < 0)  # tokens still on the device (engine.PENDING)
+        if pending != (len(feed[1]) if feed is not None else 0):
+            raise RuntimeError(f"graph step: {pending} rows without their token on the host, "
+                               f"{len(feed[1]) if feed is not None else 0} fed from the device")
+        if pending:
             tokens, rows_to, rows_from = feed
-            index = torch.tensor([rows_to, rows_from], dtype=torch.long).to(self.device, non_blocking=True)
+            index = to_device(torch.tensor([rows_to, rows_from], dtype=torch.long), self.device)
             self.inputs[0].index_copy_(0, index[0], tokens.index_select(0, index[1]))
         self.tables[:n, : tables.shape[1]].copy_(tables)
         if pad:
@@ -191,6 +195,8 @@ class DecodeGraphs:
     def _capture(self, key: tuple[int, int]) -> torch.Tensor | None:
         """Capture the step of this bucket and replay it once -> logits[:b], or None (graphs off)."""
         b, ni = key
+        if self.device.type == "cuda":  # the steps launched before (the engine's lookahead) are not the capture's time
+            torch.cuda.synchronize(self.device)
         started = time.perf_counter()
         try:
             if self.stream is None:

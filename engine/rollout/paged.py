@@ -46,6 +46,15 @@ class CacheConfig:
             raise ValueError(f"lookahead must be auto, on or off, got {self.lookahead!r}")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without the host waiting for the device's queue: staged in
+    pinned memory on a GPU (a copy from pageable memory may wait for the stream; PyTorch keeps the
+    pinned block until its copy is done), as it is elsewhere."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class PagedKVCache:
     def __init__(self, model, cfg: CacheConfig, max_blocks: int | None = None, spare: bool = False):
         """max_blocks: the most this rollout can use; the cache is never sized past it. spare: one
@@ -148,13 +157,13 @@ class DecodeTables:
             rows.append(row)
             longest = max(longest, len(table))
         self._grow(0, longest)
-        # non-blocking: a blocking host-to-device copy would wait for the device's queue (the step
+        # to_device: a blocking host-to-device copy would wait for the device's queue (the step
         # launched ahead, engine.py's lookahead) before the host could go on
         if vs:
-            idx = torch.tensor([rs, cs, vs], dtype=torch.long).to(self.device, non_blocking=True)
+            idx = to_device(torch.tensor([rs, cs, vs], dtype=torch.long), self.device)
             self.table[idx[0], idx[1]] = idx[2].to(torch.int32)
             self.entries_written += len(vs)
-        rows = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        rows = to_device(torch.tensor(rows, dtype=torch.long), self.device)
         return self.table[:, :longest].index_select(0, rows)
 
     def drop(self, seq) -> None:

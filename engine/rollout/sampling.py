@@ -135,12 +135,14 @@ _WIDEN = 16  # a retry sorts at least this many times more candidates
 def sampling_tensors(params: list[SamplingParams], seeds: list[int | None], steps: list[int],
                      device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """Per-row arguments of `sample_batch` (temperature, top_k, top_p, seeds, steps), built with
-    two host-to-device copies (non-blocking: they do not wait for the device's queue). seeds: None
+    two host-to-device copies (paged.to_device: they do not wait for the device's queue). seeds: None
     for greedy rows; steps: tokens generated so far."""
-    floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
-                          dtype=torch.float32).to(device, non_blocking=True)
-    ints = torch.tensor([[p.top_k for p in params], [s or 0 for s in seeds], steps],
-                        dtype=torch.int64).to(device, non_blocking=True)
+    from .paged import to_device
+
+    floats = to_device(torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
+                                    dtype=torch.float32), device)
+    ints = to_device(torch.tensor([[p.top_k for p in params], [s or 0 for s in seeds], steps], dtype=torch.int64),
+                     device)
     return floats[0], ints[0], floats[1], ints[1], ints[2]
 
 
