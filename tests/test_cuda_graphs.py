@@ -317,6 +317,18 @@ def test_graph_step_after_preemption(tiny):
     _same(got, want)
 
 
+def _run_with_a_failing_capture(model, monkeypatch, prompts, params, n):
+    """_run in capture mode where no graph can be captured (no GPU; on a GPU, no CUDAGraph) ->
+    (completions, stats, the warnings that turned graphs off)."""
+    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
+    if torch.cuda.is_available():  # make the capture fail on a GPU too
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, stats = _run(model, prompts, params, n)
+    return got, stats, [str(w.message) for w in caught if "CUDA graphs off" in str(w.message)]
+
+
 def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkeypatch):
     """Capture mode where no CUDA graph can be captured (here: no GPU): the bucket's first two
     steps run the static step eagerly, the capture at its third fails with one warning that says
@@ -324,15 +336,9 @@ def test_a_failed_capture_leaves_the_rollout_running_without_graphs(tiny, monkey
     prompts = _prompts(tiny, (8, 5))
     params = SamplingParams(max_new_tokens=7, temperature=0, stop_token_ids=[])
     want, _ = _run(tiny, prompts, params, 2, cuda_graphs="off", decode_backend="torch")
-    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
-    if torch.cuda.is_available():  # make the capture fail on a GPU too
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, stats = _run(tiny, prompts, params, 2)
+    got, stats, msgs = _run_with_a_failing_capture(tiny, monkeypatch, prompts, params, 2)
     _same(got, want)
     assert stats.graph_steps == 2 and stats.graph_captures == 0 and stats.steps == 7
-    msgs = [str(w.message) for w in caught if "CUDA graphs off" in str(w.message)]
     assert len(msgs) == 1 and "batch 4" in msgs[0], msgs
     monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "on")
     with pytest.raises(RuntimeError, match="cuda_graphs=on: capture failed"):
@@ -560,12 +566,6 @@ def test_lookahead_through_replays_and_a_failed_capture(tiny, monkeypatch):
         got, stats = _run(tiny, prompts, params, 3)
     _same(got, want)
     assert replays and stats.lookahead_steps > 0 and stats.wasted_rows > 0
-    monkeypatch.setattr("engine.rollout.engine.graphs_mode", lambda *a: "capture")
-    if torch.cuda.is_available():  # make the capture fail on a GPU too
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        got, stats = _run(tiny, prompts, params, 3)
+    got, stats, msgs = _run_with_a_failing_capture(tiny, monkeypatch, prompts, params, 3)
     _same(got, want)
-    assert stats.graph_captures == 0 and stats.lookahead_steps > 0
-    assert any("CUDA graphs off" in str(w.message) for w in caught)
+    assert stats.graph_captures == 0 and stats.lookahead_steps > 0 and msgs
