@@ -115,7 +115,7 @@ def _keys_kernel(logits_ptr, stride_l, temp_ptr, keys_ptr, pmax_ptr, pmin_ptr, k
     c = tl.program_id(1)
     row = logits_ptr + r * stride_l
     base, start, end = _chunk(r, c, V, CHUNK)
-    temp, greedy = _temperature(temp_ptr, r)
+    temp, _ = _temperature(temp_ptr, r)
     m = tl.full((), float("-inf"), tl.float32)
     mn = tl.full((), float("inf"), tl.float32)
     kmax = tl.full((), -2147483648, tl.int32)  # the chunk's largest key (NaN's too: the passes skip by it)

@@ -16,6 +16,7 @@ import torch
 
 from engine.rollout import CacheConfig, Generator, SamplingParams
 from engine.rollout.graphs import DecodeGraphs, batch_bucket, graphs_mode
+from engine.rollout.paged import DecodeTables
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -491,7 +492,7 @@ def test_the_fused_graph_step_launches_fewer_kernels():
     assert r["saved"] == r["torch"]["launches"] - r["fused"]["launches"] >= 30
 
 
-def test_lookahead_gives_the_same_completions(tiny):
+def test_lookahead_gives_the_same_completions(tiny, monkeypatch):
     """Decode steps launched before the last step's tokens are read (their input tokens copied from
     the sampler's output on the device): the completions of reading every step first, token for
     token, with samples stopping early (stop tokens: their next row, already launched, is dropped),
@@ -502,8 +503,12 @@ def test_lookahead_gives_the_same_completions(tiny):
     params = [SamplingParams(max_new_tokens=k, temperature=t, top_p=0.9, seed=3, stop_token_ids=stops)
               for k, t in ((5, 1.0), (8, 0.0), (9, 1.0))]
     want, plain = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="off")
+    dropped = []  # every finished sample gives its block-table row back
+    real_drop = DecodeTables.drop
+    monkeypatch.setattr(DecodeTables, "drop", lambda self, seq: dropped.append(seq) or real_drop(self, seq))
     got, stats = _run(tiny, prompts, params, 3, cuda_graphs="eager", lookahead="on")
     _same(got, want)
+    assert len(set(dropped)) == len(dropped) == 9
     assert plain.lookahead_steps == 0 and stats.lookahead_steps > 0 and stats.wasted_rows > 0
     # a row is wasted only after a stop token (a sample at its token limit is not scheduled again)
     assert stats.wasted_rows <= sum(r == "stop" for group in got for _, _, r in group)

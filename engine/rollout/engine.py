@@ -234,8 +234,7 @@ class Generator:
                     self._resolve(sched, cache, blocks, results, flight)
             else:
                 for seq, token, logprob in zip(samplers, tokens.tolist(), logprobs.tolist()):
-                    if self._append(seq, token, logprob, sched, blocks, results):
-                        cache.tables.drop(seq)
+                    self._append(seq, token, logprob, sched, cache, blocks, results)
         elapsed = time.perf_counter() - started
         if decode:
             self.stats.decode_seconds += elapsed
@@ -259,14 +258,9 @@ class Generator:
         """The rows of `seqs` whose token is still on the device, and where: DecodeGraphs.step's feed."""
         if flight is None:
             return None
-        where = {id(s): i for i, s in enumerate(flight.seqs)}
-        to, frm = [], []
-        for r, seq in enumerate(seqs):
-            i = where.get(id(seq))
-            if i is not None and seq.token_ids[seq.num_cached] == PENDING:
-                to.append(r)
-                frm.append(i)
-        return flight.on_device, to, frm
+        where = {seq: i for i, seq in enumerate(flight.seqs)}  # sequences hash by identity
+        to = [r for r, seq in enumerate(seqs) if seq in where]
+        return flight.on_device, to, [where[seqs[r]] for r in to]
 
     def _take_off(self, samplers: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
                   sched: Scheduler) -> _Flight:
@@ -306,8 +300,7 @@ class Generator:
                 continue
             seq.token_ids[at] = token
             seq.logprobs[at - seq.prompt_len] = logprob
-            if self._settle(seq, at, sched, blocks, results):
-                cache.tables.drop(seq)
+            self._settle(seq, at, sched, cache, blocks, results)
 
     def _forward(self, batch, decode: bool, cache: PagedKVCache, tables: torch.Tensor | None):
         """The model on one scheduled step -> (logits [ready, V] fp32 or None, the sequences whose
@@ -350,15 +343,16 @@ class Generator:
         blocks.release(parent.table)
         return children
 
-    def _append(self, seq: Sequence, token: int, logprob: float, sched, blocks, results) -> bool:
+    def _append(self, seq: Sequence, token: int, logprob: float, sched, cache, blocks, results) -> bool:
         """Add a sampled token; True when it finished the sequence."""
         seq.token_ids.append(token)
         seq.logprobs.append(logprob)
-        return self._settle(seq, len(seq.token_ids) - 1, sched, blocks, results)
+        return self._settle(seq, len(seq.token_ids) - 1, sched, cache, blocks, results)
 
-    def _settle(self, seq: Sequence, at: int, sched, blocks, results) -> bool:
+    def _settle(self, seq: Sequence, at: int, sched, cache, blocks, results) -> bool:
         """The token at index `at` is read: True when it finished the sequence, which then ends
-        there (a PENDING token after it is dropped), gives its blocks back and leaves the running list."""
+        there (a PENDING token after it is dropped), gives its blocks and its block-table row back
+        and leaves the running list."""
         self.stats.generated_tokens += 1
         token = seq.token_ids[at]
         reason = None
@@ -374,6 +368,7 @@ class Generator:
             if seq in sched.running:
                 sched.running.remove(seq)
             blocks.release(seq.table)  # finished samples free their memory at once
+            cache.tables.drop(seq)
         return reason is not None
 
     def _hits_stop_string(self, seq: Sequence, end: int) -> bool:

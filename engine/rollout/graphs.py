@@ -45,7 +45,8 @@ import torch
 
 from kernels.paged_attention import SharedPrefixPlan, members_cap, plan_items
 
-from .paged import PagedAttention, _decode_backend, to_device
+from .hostmem import to_device
+from .paged import PagedAttention, _decode_backend
 
 MODES = ("auto", "on", "eager", "off")
 CAPTURE_AT = 3  # a bucket's graph is captured at its third step
@@ -101,12 +102,6 @@ class DecodeGraphs:
         self.share = cache.share_prefix
         self.cap = members_cap(cache.gqa_group) if self.share else 0
         rows = _FIELDS + self.cap
-        # two pinned staging buffers, used in turn: with the engine's lookahead the host packs a step
-        # while the last one's copy may still be queued; a buffer is rewritten once its copy is done
-        pinned = self.device.type == "cuda"
-        self.host = [torch.zeros(rows, self.max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
-        self.copied: list = [None, None]  # per buffer: a CUDA event after its last copy
-        self.turn = 0
         self.inputs = torch.zeros(rows, self.max_batch, dtype=torch.long, device=self.device)
         self.tables = torch.full((self.max_batch, self.width), cache.spare_block, dtype=torch.int32,
                                  device=self.device)
@@ -146,15 +141,8 @@ class DecodeGraphs:
         ]
         for j in range(self.cap):
             rows.append([m[j] if j < len(m) else -1 for m in items] + [-1] * (b - len(items)))
-        host, turn = self.host[self.turn], self.turn
-        if self.copied[turn] is not None:
-            self.copied[turn].synchronize()
-        host[:, :b] = torch.tensor(rows, dtype=torch.long)
-        self.inputs.copy_(host, non_blocking=True)
-        if self.device.type == "cuda":
-            self.copied[turn] = torch.cuda.Event()
-            self.copied[turn].record()
-        self.turn ^= 1
+        # staged in pinned memory: with the engine's lookahead the last step may still be queued
+        to_device(torch.tensor(rows, dtype=torch.long), self.device, out=self.inputs[:, :b])
         pending = sum(1 for t in rows[0] if t < 0)  # tokens still on the device (engine.PENDING)
         if pending != (len(feed[1]) if feed is not None else 0):
             raise RuntimeError(f"graph step: {pending} rows without their token on the host, "

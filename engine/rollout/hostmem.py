@@ -14,12 +14,16 @@ Tensors over 32 MiB (logits of a 152K vocabulary at 64 rows: 39 MB) still
 come from mmap each time. The price: the process keeps its peak heap (not handed back to the
 system until exit), as CUDA's caching allocator keeps device memory. Set LONGRL_HOST_MALLOC=default to leave
 glibc as it is. Not glibc (macOS, musl): nothing is changed.
+
+`to_device()` stages a decode step's small host-to-device copies in pinned memory on a GPU.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+
+import torch
 
 # mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -66,3 +70,15 @@ def tune() -> bool:
                                       _M_TOP_PAD: TOP_PAD})
     return _state["tuned"]
 
+
+
+def to_device(t: torch.Tensor, device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A small host tensor on `device` (or copied into `out` there) without the host waiting for the
+    device's queue: on a GPU it is staged in pinned memory (a copy from pageable memory may wait for
+    the stream; PyTorch keeps a pinned block until the copy from it is done, so it is never rewritten
+    early), elsewhere copied as it is."""
+    if torch.device(device).type == "cuda":
+        t = t.pin_memory()
+    if out is not None:
+        return out.copy_(t, non_blocking=True)
+    return t.to(device, non_blocking=True)

@@ -15,6 +15,7 @@ from kernels.paged_attention import (paged_decode_attention, paged_decode_attent
                                      plan_shared_prefix_from_lists, shared_prefix_decode_attention)
 
 from ..model.attention import causal_sdpa, flash_attn_available
+from .hostmem import to_device
 
 
 @dataclass
@@ -44,15 +45,6 @@ class CacheConfig:
             raise ValueError(f"cuda_graphs must be auto, on, eager or off, got {self.cuda_graphs!r}")
         if self.lookahead not in ("auto", "on", "off"):
             raise ValueError(f"lookahead must be auto, on or off, got {self.lookahead!r}")
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without the host waiting for the device's queue: staged in
-    pinned memory on a GPU (a copy from pageable memory may wait for the stream; PyTorch keeps the
-    pinned block until its copy is done), as it is elsewhere."""
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class PagedKVCache:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hostmem import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -135,10 +137,8 @@ _WIDEN = 16  # a retry sorts at least this many times more candidates
 def sampling_tensors(params: list[SamplingParams], seeds: list[int | None], steps: list[int],
                      device: torch.device | str) -> tuple[torch.Tensor, ...]:
     """Per-row arguments of `sample_batch` (temperature, top_k, top_p, seeds, steps), built with
-    two host-to-device copies (paged.to_device: they do not wait for the device's queue). seeds: None
+    two host-to-device copies (hostmem.to_device: they do not wait for the device's queue). seeds: None
     for greedy rows; steps: tokens generated so far."""
-    from .paged import to_device
-
     floats = to_device(torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
                                     dtype=torch.float32), device)
     ints = to_device(torch.tensor([[p.top_k for p in params], [s or 0 for s in seeds], steps], dtype=torch.int64),
