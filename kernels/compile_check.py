@@ -175,6 +175,120 @@ def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | No
     return failures
 
 
+# ---- what the compiler made of the decode kernel's loop (--pipeline) ----------------------------------------
+def _gpu_attrs(fn, args: dict) -> dict:
+    """The 16-byte divisibility a GPU launch specialises on (Triton's JIT marks a pointer or an
+    integer that is a multiple of 16), as ASTSource attrs: {(index,): [["tt.divisibility", 16]]}."""
+    import torch
+    attrs = {}
+    for i, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        aligned = (value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else
+                   isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)
+        if aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return attrs
+
+
+def _loop_body(ttgir: str) -> list[str]:
+    """The lines of the first scf.for that computes a dot (its region, braces balanced line by line:
+    attributes such as {num = 0 : i32} open and close on their own line)."""
+    lines = ttgir.splitlines()
+    for start, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        depth, body = 0, []
+        for inner in lines[start:]:
+            depth += inner.count("{") - inner.count("}")
+            body.append(inner)
+            if depth <= 0:
+                break
+        if any("_dot" in x or "tt.dot" in x for x in body):
+            return body
+    return []
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers and local (spilled) bytes a thread, from the cubin (cuobjdump of Triton's own CUDA
+    tools); {} where the tool is missing or says nothing."""
+    import re
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", text)
+    return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[3])} if found else {}
+
+
+def decode_pipeline(shared_prefix: bool, arch: int = 90) -> dict:
+    """Compile the paged decode partial kernel as the GPU suite's workload launches it (Qwen2-1.5B's
+    12 / 2 heads of 128 in bf16, cache blocks of 16, a 16K-token table; 8 samples a prompt, or one
+    sequence a program), with kernels.triton_paged.LAUNCH's settings and the GPU's divisibility
+    specialisations, and read the K/V loop the compiler made -> {kv_ring: K tiles its shared-memory
+    ring holds, in_flight: copy groups still loading when the loop waits for a tile (0: each tile
+    waited for with nothing else in flight), sync_kv_loads: K/V tile loads not made asynchronous,
+    shared, registers, local_bytes, programs_per_sm on an H100 / H200}."""
+    import re
+
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+
+    from kernels import triton_paged as tp
+
+    hq, hkv, d, bs, members, width = 12, 2, 128, 16, 8, 1089
+    b = members if shared_prefix else 64
+    q = torch.zeros(b, hq, d, dtype=torch.bfloat16)
+    cache = torch.zeros(4, bs, hkv, d, dtype=torch.bfloat16)
+    bt = torch.zeros(b, width, dtype=torch.int32)
+    ends = torch.zeros(b, dtype=torch.int32)
+    member_rows = torch.zeros(1, members, dtype=torch.int32) if shared_prefix else None
+    block_n = tp._block_n(d, None)
+    o, lse = tp._scratch(b, hq, 17, d, "cpu")  # a 16K prompt's prefix splits and a suffix split, as launched
+    args, kwargs = tp._partial_args(q, cache, cache, bt, None if shared_prefix else ends, ends, member_rows, o, lse,
+                                    0, 16, d ** -0.5, members if shared_prefix else 1, block_n)
+    kwargs["UPCAST_BF16"] = False  # the interpreter's workaround, never on a GPU
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
+    fn = tp._decode_partial_kernel
+    bound = dict(zip(fn.arg_names, args))
+    signature = {name: "constexpr" if name in kwargs else _arg_type(bound[name]) for name in fn.arg_names}
+    kernel = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=kwargs, attrs=_gpu_attrs(fn, bound)),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    body = _loop_body(kernel.asm["ttgir"])
+    tile = rf"{block_n}x{triton.next_power_of_2(d)}xbf16"
+    ring = [int(m) for m in re.findall(rf"memdesc<(\d+)x{tile}", kernel.asm["ttgir"])]
+    waits = [int(m) for line in body if "async_wait" in line for m in re.findall(r"num = (\d+)", line)]
+    out = {"variant": "shared prefix" if shared_prefix else "plain", **options, "block_n": block_n,
+           "kv_ring": max(ring, default=0), "in_flight": waits[0] if waits else None,
+           "sync_kv_loads": sum(1 for line in body if " tt.load " in line and f"tensor<{tile}>" in line),
+           "shared": int(kernel.metadata.shared), **_resources(kernel.asm["cubin"])}
+    if "registers" in out:
+        out["programs_per_sm"] = tp.programs_per_sm(out["registers"], out["shared"], options["num_warps"])
+    return out
+
+
+def _pipeline_report(arch: int) -> int:
+    """--pipeline: one line per decode variant, then their JSON."""
+    import json
+    rows = []
+    for shared_prefix in (True, False):
+        r = decode_pipeline(shared_prefix, arch)
+        rows.append(r)
+        print(f"{r['variant']:>13}  warps {r['num_warps']}  stages {r['num_stages']}  block_n {r['block_n']}: "
+              f"K/V ring of {r['kv_ring']}, {r['in_flight']} copy groups in flight at the wait, "
+              f"{r['sync_kv_loads']} synchronous K/V loads; {r['shared']} B shared, "
+              f"{r.get('registers', '?')} registers, {r.get('local_bytes', '?')} B local; "
+              f"{r.get('programs_per_sm', '?')} programs a SM", flush=True)
+    print(json.dumps(rows))
+    return 0 if all(r["in_flight"] and not r["sync_kv_loads"] for r in rows) else 1
+
+
 def _summary(version: str, arch: int, compiled: int, total: int) -> str:
     return f"triton {version}, cuda:{arch}: {compiled} of {total} kernel variants compiled"
 
@@ -224,11 +338,17 @@ def main(argv=None) -> int:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     p.add_argument("--jobs", type=int, default=min(usable, 4),
                    help="compile in this many processes (default: one per core this process may use, at most 4)")
+    p.add_argument("--pipeline", action="store_true",
+                   help="instead: compile the paged decode kernel as the GPU suite launches it (kernels.triton_paged."
+                        "LAUNCH, $LONGRL_DECODE_LAUNCH) and print what the compiler made of its K/V loop; exit 1 "
+                        "where a tile's K/V are waited for with nothing else in flight")
     p.add_argument("--shard", help=argparse.SUPPRESS)  # "k/n": compile variants k, k + n, ... (what --jobs runs)
     a = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
+    if a.pipeline:
+        return _pipeline_report(a.arch)
     if a.jobs < 1:
         p.error(f"--jobs must be at least 1, got {a.jobs}")
     if a.jobs > 1 and not a.shard:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -13,12 +14,12 @@ LOG2E = 1.4426950408889634
 MIN_ROWS = 16  # rows per program: the MMA tile's M (Triton 3.6 and 3.9 also compile tl.dot on fewer rows, padded)
 MIN_TILES_PER_SPLIT = 4  # a split must read enough KV to pay for its partial's write and merge
 MAX_SPLITS = 64
-# the decode launches' settings: programs × splits ≈ waves × the SMs, the partial kernel's warps and
-# pipeline stages, its K/V tile (block_n; 0: 64 rows at head_dim <= 128, else 32). `python3 -m
-# bench.gpu_decode_tune` times the alternatives on a card; $LONGRL_DECODE_LAUNCH overrides them
-# ("waves=4,num_warps=8"). The defaults are Triton's own warps and stages and two waves: none has
-# been tuned on a GPU yet.
-LAUNCH = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 0}
+# the decode launches' settings: waves (programs × splits ≤ waves × the programs the GPU holds at
+# once, see pick_num_splits), the partial kernel's warps and pipeline stages, its K/V tile (block_n;
+# 0: 64 rows at head_dim <= 128, else 32). `python3 -m bench.gpu_decode_tune` times the alternatives
+# on a card; $LONGRL_DECODE_LAUNCH overrides them ("waves=2,num_warps=8"). The defaults are Triton's
+# own warps and stages and one wave: none has been tuned on a GPU yet.
+LAUNCH = {"waves": 1, "num_warps": 4, "num_stages": 3, "block_n": 0}
 
 
 def launch_overrides(text: str) -> dict[str, int]:
@@ -108,11 +109,20 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, memb
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # per-token block lookup (a tile may span several cache blocks or part of one), one tile ahead:
+    # the K/V addresses then come from a loop-carried value, not from a load in the same iteration,
+    # and Triton's pipeliner keeps the next tile's K/V copies in flight while this one is computed.
+    # Looked up in the same iteration, the indirection took a pipeline stage: at num_stages 3 and 4
+    # each tile's K/V were waited for with nothing else in flight (Triton 3.6 and 3.9;
+    # `python -m kernels.compile_check --pipeline` shows what the compiler makes of it)
+    nxt = lo + cols
+    block_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
     for t0 in range(lo, hi, BLOCK_N):
         tok = t0 + cols
         tok_ok = tok < hi
-        # per-token block lookup: a tile may span several cache blocks or part of one
-        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=tok_ok, other=0).to(tl.int64)
+        block = block_next.to(tl.int64)
+        nxt = tok + BLOCK_N
+        block_next = tl.load(bt_row + nxt // BLOCK_SIZE, mask=nxt < hi, other=0)
         offs = block[:, None] * stride_kb + (tok % BLOCK_SIZE)[:, None] * stride_kt + kvh * stride_kh + dims[None, :]
         kv_mask = tok_ok[:, None] & dmask[None, :]
         k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
@@ -196,34 +206,108 @@ def _num_sms(device: torch.device) -> int:
     return 132  # an H100's count: keeps the interpreter's choices those of the GPU it stands in for
 
 
-def pick_num_splits(max_len: int, programs: int, block_n: int, device: torch.device) -> int:
-    """Splits per item so that programs × splits is about LAUNCH["waves"] waves of the GPU's SMs
-    (one program per SM leaves HBM bandwidth unused), each split still reading ≥
-    MIN_TILES_PER_SPLIT tiles. Short contexts get 1 split, so no merge pass."""
+def pick_num_splits(max_len: int, programs: int, block_n: int, device: torch.device,
+                    resident: int = 0) -> int:
+    """Splits per item: as many as keep programs × splits within LAUNCH["waves"] rounds of the
+    programs the GPU holds at once (`resident` a SM × the SMs; 0: STAND_IN_RESIDENT), each split
+    still reading ≥ MIN_TILES_PER_SPLIT tiles. A memory-bound launch wants every program resident
+    from the start: a few programs past a round run alone, at a fraction of the bandwidth, after
+    the others have ended. Short contexts get 1 split, so no merge pass."""
     tiles = -(-max(max_len, 1) // block_n)
-    want = -(-LAUNCH["waves"] * _num_sms(device) // max(programs, 1))
-    return max(1, min(want, tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
+    slots = LAUNCH["waves"] * (resident or STAND_IN_RESIDENT) * _num_sms(device)
+    return max(1, min(slots // max(programs, 1), tiles // MIN_TILES_PER_SPLIT, MAX_SPLITS))
 
 
-def _launch_partial(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot0, grid_items, num_splits, scale,
-                    members_per_program, block_n):
+# ---- how many programs an SM holds ---------------------------------------------------------------------
+# Without a compiled kernel to ask (the interpreter), the split choice assumes this many programs of
+# the partial kernel a SM: what an H100 holds of the bf16 shared-prefix variant at the default launch
+# (`python -m kernels.compile_check --pipeline` prints the figure for each variant).
+STAND_IN_RESIDENT = 2
+_RESIDENT: dict[tuple, dict] = {}  # the partial kernel's variant on a device -> its registers, shared memory, residency
+
+
+def programs_per_sm(regs: int, shared: int, num_warps: int, sm_regs: int = 65536, sm_shared: int = 233472,
+                    sm_threads: int = 2048, reserved_shared: int = 1024, max_programs: int = 32) -> int:
+    """Programs (thread blocks) of one kernel that a streaming multiprocessor holds at once, bounded by
+    its registers (allocated a warp at a time, in units of 256), its shared memory (each block also
+    takes `reserved_shared` bytes, 1 KB from compute capability 8.0 on), its threads and its block
+    limit. Defaults: compute capability 9.0 (H100 / H200: 64 K registers, 228 KB of shared memory
+    and 2,048 threads a SM, at most 32 blocks; CUDA C Programming Guide, "Compute Capabilities")."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    return max(1, min(sm_regs // (per_warp * num_warps), sm_shared // (shared + reserved_shared),
+                      sm_threads // (32 * num_warps), max_programs))
+
+
+def resident_programs() -> list[dict]:
+    """What _resident measured so far: one entry per variant and device (for the benches' output)."""
+    return [dict(v) for v in _RESIDENT.values()]
+
+
+def _resident(q, k_cache, v_cache, bt, ends, members, members_per_program, has_start: bool, block_n: int) -> int:
+    """Programs an SM holds of the partial kernel's multi-split variant for this launch: on a GPU,
+    compiled (Triton's warmup: no launch, then cached by Triton for the launch itself) and asked for
+    its registers and shared memory, once per variant; else STAND_IN_RESIDENT. Never compiles while a
+    CUDA graph is being captured (the engine's graph steps run eagerly first, so the figure is known)."""
+    if not q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return STAND_IN_RESIDENT
+    key = (q.device, q.dtype, k_cache.dtype, tuple(k_cache.shape[1:]), q.shape[1], members_per_program,
+           members is not None, has_start, block_n, LAUNCH["num_warps"], LAUNCH["num_stages"])
+    if key in _RESIDENT:
+        return _RESIDENT[key]["resident"]
+    if torch.cuda.is_current_stream_capturing():
+        return STAND_IN_RESIDENT
+    hq, d = q.shape[1], q.shape[2]
+    o, lse = _scratch(1, hq, 16, d, q.device)  # only its strides count: those of any launch's (padded) scratch
+    args, kwargs = _partial_args(q, k_cache, v_cache, bt, ends if has_start else None, ends, members, o, lse,
+                                 0, 16, 1.0, members_per_program, block_n)
+    entry = {"device": torch.cuda.get_device_name(q.device), "dtype": str(k_cache.dtype).removeprefix("torch."),
+             "members": members_per_program if members is not None else 0, "block_n": block_n,
+             "num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
+    try:
+        kernel = _decode_partial_kernel.warmup(*args, grid=(1,), **kwargs)
+        with torch.cuda.device(q.device):
+            kernel._init_handles()  # loads the binary: n_regs is the driver's count
+        props = torch.cuda.get_device_properties(q.device)
+        shared = int(kernel.metadata.shared)
+        entry.update(regs=int(kernel.n_regs), shared=shared, resident=programs_per_sm(
+            int(kernel.n_regs), shared, int(kernel.metadata.num_warps), props.regs_per_multiprocessor,
+            props.shared_memory_per_multiprocessor, props.max_threads_per_multi_processor))
+    except Exception as err:  # noqa: BLE001 - the split choice falls back to the stand-in, and says so
+        entry.update(resident=STAND_IN_RESIDENT, error=f"{type(err).__name__}: {err}"[:300])
+        warnings.warn(f"paged decode: could not size the partial kernel's residency ({entry['error']}); "
+                      f"splits assume {STAND_IN_RESIDENT} programs a SM", RuntimeWarning, stacklevel=3)
+    _RESIDENT[key] = entry
+    return entry["resident"]
+
+
+def _partial_args(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot0, num_splits, scale,
+                  members_per_program, block_n):
+    """The arguments, constexprs and launch options of one _decode_partial_kernel launch."""
     b, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
     group = hq // hkv
     o_strides = (o.stride(0), o.stride(1), o.stride(2)) if o.dim() == 4 else (o.stride(0), o.stride(1), 0)
     lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    _decode_partial_kernel[(grid_items, hkv, num_splits)](
-        q, k_cache, v_cache, bt, starts if starts is not None else ends, ends,
-        members if members is not None else ends, o, lse if lse is not None else o,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-        members.stride(0) if members is not None else 0, *o_strides, *lse_strides, slot0, num_splits,
-        float(scale) * LOG2E,
+    args = (q, k_cache, v_cache, bt, starts if starts is not None else ends, ends,
+            members if members is not None else ends, o, lse if lse is not None else o,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
+            members.stride(0) if members is not None else 0, *o_strides, *lse_strides, slot0, num_splits,
+            float(scale) * LOG2E)
+    kwargs = dict(
         GROUP=group, MEMBERS=members_per_program, BLOCK_SIZE=block_size, HEAD_DIM=d,
         BLOCK_M=max(MIN_ROWS, triton.next_power_of_2(members_per_program * group)), BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(d)), HAS_MEMBERS=members is not None,
         HAS_START=starts is not None, STORE_LSE=lse is not None,
         IEEE_DOT=k_cache.dtype == torch.float32, UPCAST_BF16=k_cache.dtype == torch.bfloat16 and not q.is_cuda,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"])
+    return args, kwargs
+
+
+def _launch_partial(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot0, grid_items, num_splits, scale,
+                    members_per_program, block_n):
+    args, kwargs = _partial_args(q, k_cache, v_cache, bt, starts, ends, members, o, lse, slot0, num_splits, scale,
+                                 members_per_program, block_n)
+    _decode_partial_kernel[(grid_items, k_cache.shape[2], num_splits)](*args, **kwargs)
 
 
 def _merge(o, lse, out, suffix_starts=None, num_prefix: int = 0):
@@ -242,14 +326,18 @@ def _merge(o, lse, out, suffix_starts=None, num_prefix: int = 0):
 POISON_SCRATCH = False
 
 
-def _scratch(shape, device) -> torch.Tensor:
-    """Partials' memory, not initialised: every slot the merge reads is written first. With
-    POISON_SCRATCH it is filled with values that would show in the output were an unwritten slot
-    read: 1e30 for outputs, a log-sum-exp far above any real one (finite: a test that compares a
-    step's operators with the next step's compares these fills too)."""
-    if POISON_SCRATCH:
-        return torch.full(shape, 1e30 if len(shape) == 4 else 1e4, dtype=torch.float32, device=device)
-    return torch.empty(shape, dtype=torch.float32, device=device)
+def _scratch(b: int, hq: int, parts: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partials' memory -> o [b, hq, parts, d], lse [b, hq, parts] fp32, not initialised: every slot
+    the merge reads is written first. Rows are padded to a multiple of 16 parts, so that the
+    partial kernel's strides are multiples of 16 whatever the split count: one compiled variant
+    (Triton specialises on that divisibility), the one _resident sized. With POISON_SCRATCH it is
+    filled with values that would show in the output were an unwritten slot read: 1e30 for
+    outputs, a log-sum-exp far above any real one (finite: a test that compares a step's operators
+    with the next step's compares these fills too)."""
+    padded = -(-parts // 16) * 16
+    make = (lambda shape, fill: torch.full(shape, fill, dtype=torch.float32, device=device)) if POISON_SCRATCH else \
+        (lambda shape, fill: torch.empty(shape, dtype=torch.float32, device=device))
+    return make((b, hq, padded, d), 1e30)[:, :, :parts], make((b, hq, padded), 1e4)[:, :, :parts]
 
 
 def _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n):
@@ -266,13 +354,13 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_
     b, hq, d = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:  # the table's width bounds every length: no device sync for the max
-        num_splits = pick_num_splits(bt.shape[1] * block_size, b * hkv, block_n, q.device)
+        resident = _resident(q, k_cache, v_cache, bt, lens, None, 1, False, block_n)
+        num_splits = pick_num_splits(bt.shape[1] * block_size, b * hkv, block_n, q.device, resident)
     out = torch.empty_like(q)
     if num_splits == 1:  # one partial per row: it is the output
         _launch_partial(q, k_cache, v_cache, bt, None, lens, None, out, None, 0, b, 1, scale, 1, block_n)
         return out
-    o = _scratch((b, hq, num_splits, d), q.device)
-    lse = _scratch((b, hq, num_splits), q.device)
+    o, lse = _scratch(b, hq, num_splits, d, q.device)
     _launch_partial(q, k_cache, v_cache, bt, None, lens, None, o, lse, 0, b, num_splits, scale, 1, block_n)
     return _merge(o, lse, out)
 
@@ -326,14 +414,19 @@ def shared_prefix_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, pre
     if plan is None:
         plan = plan_shared_prefix(bt, lens, prefix_lens, group_ids, block_size, hq // hkv, members_per_program)
     items = plan.members.shape[0]
-    sp = num_splits or pick_num_splits(plan.max_prefix, items * hkv, block_n, q.device)
-    ss = num_splits or pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device)
+    if num_splits:
+        sp = ss = num_splits
+    else:
+        sp = pick_num_splits(plan.max_prefix, items * hkv, block_n, q.device, _resident(
+            q, k_cache, v_cache, bt, plan.prefix_ends, plan.members, plan.members_per_program, False, block_n)
+            if items else 0)
+        ss = pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device,
+                             _resident(q, k_cache, v_cache, bt, lens, None, 1, True, block_n))
     sp = sp if items else 0
     # slots [0, sp): the group's prefix partials; [sp, sp + ss): the sequence's own suffix
     # every sequence's suffix slots are written; its prefix slots only when it has a shared prefix, and
     # then by every one of the sp splits (an empty one writes −inf): the merge reads no other slot
-    o = _scratch((b, hq, sp + ss, d), q.device)
-    lse = _scratch((b, hq, sp + ss), q.device)
+    o, lse = _scratch(b, hq, sp + ss, d, q.device)
     if items:
         _launch_partial(q, k_cache, v_cache, bt, None, plan.prefix_ends, plan.members, o, lse, 0, items, sp, scale,
                         plan.members_per_program, block_n)

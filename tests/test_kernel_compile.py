@@ -102,3 +102,23 @@ def test_a_compiling_process_that_dies_is_reported(tmp_path):
     assert sum(line.startswith("FAIL  process ") for line in lines) == 2, lines
     n = int(lines[-1].split(": ")[1].split()[2])
     assert n >= 30 and lines[-1].endswith(f"cuda:12: 0 of {n} kernel variants compiled (2 of 2 processes died)")
+
+
+def test_the_decode_loop_keeps_the_next_tile_loading(tmp_path):
+    """The paged decode kernel compiled as the GPU suite launches it (bf16, the default launch, the
+    GPU's divisibility specialisations): while a K/V tile is computed the next one's copies are in
+    flight, in the shared-prefix and the plain variant. A block-table lookup in the same iteration
+    as the K/V loads cost that overlap (each tile waited for with nothing in flight). The stand-in
+    residency the interpreter's split choice assumes is what the compiled shared-prefix variant gets."""
+    import json
+
+    from kernels.triton_paged import STAND_IN_RESIDENT
+
+    proc = _run(["-m", "kernels.compile_check", "--pipeline"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    assert set(rows) == {"shared prefix", "plain"}
+    for r in rows.values():
+        assert r["in_flight"] >= 1 and r["sync_kv_loads"] == 0 and r["kv_ring"] >= 2, r
+        assert r["local_bytes"] == 0 and 0 < r["shared"] <= 227 * 1024, r  # nothing spilled; it launches
+    assert rows["shared prefix"]["programs_per_sm"] == STAND_IN_RESIDENT, rows["shared prefix"]

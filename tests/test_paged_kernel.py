@@ -146,12 +146,32 @@ def test_a_dominant_first_tile_stays_finite():
 
 
 def test_split_heuristic():
-    from kernels.triton_paged import pick_num_splits
-    cpu = torch.device("cpu")  # stands in for an H100: 132 SMs
+    from kernels.triton_paged import STAND_IN_RESIDENT, pick_num_splits
+    cpu = torch.device("cpu")  # stands in for an H100: 132 SMs, STAND_IN_RESIDENT programs each
+    assert STAND_IN_RESIDENT == 2
     assert pick_num_splits(256, 1, 64, cpu) == 1  # short context: no merge pass
-    assert pick_num_splits(4096, 256, 64, cpu) == 2  # the batch nearly fills the GPU
-    assert pick_num_splits(32768, 8, 64, cpu) == 33  # 8 programs × 33 ≈ 2 waves of 132 SMs
+    assert pick_num_splits(4096, 256, 64, cpu) == 1  # 256 programs already fill the 264 places
+    assert pick_num_splits(4096, 128, 64, cpu) == 2
+    # 16 programs (8 prompts × 2 KV heads): 16 splits fill 256 of the 264 places; 17 would leave 8
+    # programs to run alone after the rest
+    assert pick_num_splits(16384, 16, 64, cpu) == 16
+    assert pick_num_splits(32768, 8, 64, cpu) == 33
+    assert pick_num_splits(32768, 8, 64, cpu, resident=3) == 49  # 396 places where a SM holds 3
+    assert pick_num_splits(32768, 300, 64, cpu) == 1  # more programs than places: no split
     assert pick_num_splits(1 << 20, 1, 64, cpu) == 64  # capped
+    assert pick_num_splits(4096, 1, 64, cpu) == 16  # ≥ MIN_TILES_PER_SPLIT tiles a split
+
+
+def test_programs_per_sm():
+    """The residency arithmetic (compute capability 9.0 limits) for each bound in turn."""
+    from kernels.triton_paged import programs_per_sm
+    # 200 registers -> 6,400 a warp; 4 warps: 25,600 of 65,536 -> 2; shared 114,688 + 1 KB reserved -> 2
+    assert programs_per_sm(200, 114688, 4) == 2
+    assert programs_per_sm(128, 65536, 4) == 3  # shared bound: 233,472 // 66,560
+    assert programs_per_sm(255, 0, 8) == 1  # registers: 255 -> 8,192 a warp (units of 256), 65,536 a block
+    assert programs_per_sm(32, 0, 4) == 16  # threads: 2,048 // 128
+    assert programs_per_sm(16, 0, 1) == 32  # the block limit
+    assert programs_per_sm(255, 232448, 32) == 1  # never below one
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
@@ -330,6 +350,36 @@ def test_a_long_prompt_is_split_and_short_suffixes_are_not(monkeypatch):
     ref = _ref(q, k_cache, v_cache, tables, lens, d ** -0.5)
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(plain.double(), ref[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_split_choice_follows_the_compiled_residency():
+    """On a GPU the split choice asks the compiled partial kernel how many of its programs a SM
+    holds (registers and shared memory, once per variant) and fills that many places; under the
+    interpreter it assumes STAND_IN_RESIDENT and records nothing."""
+    from kernels import triton_paged as tp
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, bs, n = 12, 2, 128, 16, 4
+    nb = 64
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    k_cache, v_cache = (x.to(dtype) for x in _cache(nb, bs, hkv, d, g))
+    tables = torch.arange(nb, dtype=torch.int32).view(n, nb // n)
+    lens = torch.tensor([250, 256, 101, 17], dtype=torch.int32)
+    q = torch.randn(n, hq, d, generator=g).to(dtype)
+    before = len(tp.resident_programs())
+    out = _on_device(paged_decode_attention, q, k_cache, v_cache, tables, lens, d ** -0.5)
+    tol = 2e-2 if DEVICE == "cuda" else 1e-5
+    torch.testing.assert_close(out.double(), _ref(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=tol, atol=tol)
+    if DEVICE == "cpu":
+        assert len(tp.resident_programs()) == before
+        assert tp._resident(q, k_cache, v_cache, tables, lens, None, 1, False, 64) == tp.STAND_IN_RESIDENT
+        return
+    entry = next(e for e in tp.resident_programs() if e["dtype"] == "bfloat16" and e["members"] == 0)
+    assert "error" not in entry and entry["regs"] > 0 and entry["shared"] > 0, entry
+    props = torch.cuda.get_device_properties(0)
+    assert entry["resident"] == tp.programs_per_sm(entry["regs"], entry["shared"], entry["num_warps"],
+                                                   props.regs_per_multiprocessor,
+                                                   props.shared_memory_per_multiprocessor,
+                                                   props.max_threads_per_multi_processor)
 
 
 def test_a_prefix_program_holds_at_most_max_rows_query_rows():
