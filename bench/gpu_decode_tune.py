@@ -3,7 +3,7 @@ setting of kernels.triton_paged.LAUNCH: which waves, warps, pipeline stages and 
 a shared prompt fastest on this card.
 
     python3 -m bench.gpu_decode_tune [--prompt-lens 16384 61440 --groups 8 --n 8 --suffix 16]
-                                     [--waves 2 4 8 --warps 4 8 --stages 2 3 4 --block-n 32 64 128]
+                                     [--waves 1 2 4 --warps 4 8 --stages 3 4 5 --block-n 32 64]
 
 One layer of the rollout bench's workload (Qwen2-1.5B: 12 query and 2 KV heads of 128, bf16,
 block 16): `groups` prompts of each length, each shared by `n` samples that have `suffix`
@@ -55,6 +55,16 @@ def workload(groups: int, n: int, prompt_len: int, suffix: int, hq: int, hkv: in
     return q, k, v, tables.to(device), lens.to(device), prefix.to(device), group_ids.to(device)
 
 
+def residency(tp, warps: int, stages: int, block_n: int) -> dict:
+    """Programs a SM holds of each partial-kernel variant launched at these settings (prefix, suffix,
+    plain), as kernels.triton_paged measured them on the card (empty under the interpreter)."""
+    kinds = {}
+    for e in tp.resident_programs():
+        if (e["num_warps"], e["num_stages"], e["block_n"]) == (warps, stages, block_n):
+            kinds["prefix" if e["members"] else "suffix" if e["start"] else "plain"] = e.get("resident")
+    return kinds
+
+
 def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12, hkv=2, d=128, block=16) -> dict:
     from kernels import triton_paged as tp
 
@@ -92,6 +102,7 @@ def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12,
                     row["plain_ms"] = median_ms(lambda: tp.paged_decode_triton(q, k, v, bt, lens, d ** -0.5,
                                                                               block_n=block_n), device, repeats)
                     row["roofline_fraction"] = must_read / bw / (row["shared_ms"] / 1e3) if bw else None
+                    row["resident"] = residency(tp, warps, stages, block_n)
                 except Exception as err:  # noqa: BLE001 - a setting that does not compile or run is reported
                     row["error"] = f"{type(err).__name__}: {err}"[:300]
                 rows.append(row)
@@ -111,10 +122,10 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--suffix", type=int, default=16)
-    p.add_argument("--waves", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--waves", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--stages", type=int, nargs="+", default=[2, 3, 4])
-    p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--stages", type=int, nargs="+", default=[3, 4, 5])
+    p.add_argument("--block-n", type=int, nargs="+", default=[32, 64])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cuda")
     a = p.parse_args(argv)

@@ -289,14 +289,15 @@ def kernel_profile(model, groups: int, n: int, prompt_len: int, new: int, share:
 
 
 def measure(model, prompt_lens, graph_lens, groups: int, n: int, new: int, bw: float, graphs=("auto", "off"),
-            block_size: int = 16, warmup: bool = True, fused_lens=(), lookahead_lens=()) -> dict:
+            block_size: int = 16, warmup: bool = True, fused_lens=(), lookahead_lens=(), unshared: bool = True) -> dict:
     """Every case (each warmed up first, decode_case's `warmup`); the shared case at graph_lens also
     with graphs[1] (off), at fused_lens also with torch's ops for what the fused kernels do
     (`fused_speedup`: that step time over the fused one), at lookahead_lens also without the
-    engine's lookahead (`lookahead_speedup`, the same ratio) -> the summary dict."""
+    engine's lookahead (`lookahead_speedup`, the same ratio); unshared=False: the prompt lengths
+    with sharing only -> the summary dict."""
     rows, speedups, fused_speedups, ahead_speedups = [], {}, {}, {}
     on, off = graphs
-    runs = [(plen, share, on, True, True) for plen in prompt_lens for share in (True, False)]
+    runs = [(plen, share, on, True, True) for plen in prompt_lens for share in ((True, False) if unshared else (True,))]
     runs += [(plen, True, g, True, True) for plen in graph_lens for g in (on, off)
              if plen not in prompt_lens or g == off]
     done = set(prompt_lens) | set(graph_lens)
@@ -348,6 +349,7 @@ def main(argv=None) -> int:
                    help="instead of the measurement: at these prompt lengths, shared and not, the kernels of "
                         "the eager decode steps ranked by device time per step (torch.profiler)")
     p.add_argument("--top", type=int, default=15, help="kernels listed by --profile")
+    p.add_argument("--shared-only", action="store_true", help="the prompt lengths with prefix sharing only")
     a = p.parse_args(argv)
 
     from engine.model import Decoder, DecoderConfig
@@ -366,7 +368,8 @@ def main(argv=None) -> int:
                                     for plen in a.profile for share in (True, False)]}))
         return 0
     print(json.dumps(measure(model, a.prompt_lens, a.graph_lens, a.groups, a.n, a.new, copy_bandwidth(),
-                             graphs=("auto", "off"), fused_lens=a.fused_lens, lookahead_lens=a.lookahead_lens)))
+                             graphs=("auto", "off"), fused_lens=a.fused_lens, lookahead_lens=a.lookahead_lens,
+                             unshared=not a.shared_only)))
     return 0
 
 

@@ -26,7 +26,9 @@ promised there, so nothing here imports pytest:
   7. the shared-prefix update against the repeated layout, one group at P = 16K, R = 2K,
      G = 8 on the 1.5B shape (bench/update_case.py --gpu);
   8. ring attention over every GPU of the machine against one-GPU causal attention
-     (bench/gpu_ring_case.py; on one GPU a group of one checks the path).
+     (bench/gpu_ring_case.py; on one GPU a group of one checks the path);
+  9. where the budget allows and a decode_tune setting beat the default launch: the shared-prompt
+     decode of 3. again with that setting ($LONGRL_DECODE_LAUNCH).
 The whole suite keeps to --budget seconds (default 540, inside the device machine's 600-s
 limit a command): each stage is cut to what is left, one that cannot start is reported
 skipped, and the JSON is rewritten after every stage.
@@ -135,17 +137,18 @@ def smoke_check(out: Path, device: str = "cuda") -> dict:
 
 
 # seconds per stage: a stage that hangs or crawls is reported, the rest still runs
-STAGE_TIMEOUT = {"tests": 210, "kernel_case": 60, "rollout": 180, "sampler": 90, "decode_tune": 90,
-                 "decode_profile": 60, "decode_tables": 60, "rl_step": 240, "update": 120, "ring": 120}
+STAGE_TIMEOUT = {"tests": 210, "kernel_case": 60, "rollout": 180, "sampler": 90, "decode_tune": 120,
+                 "decode_profile": 60, "decode_tables": 60, "rl_step": 240, "update": 120, "ring": 120,
+                 "rollout_tuned": 120}
 UPDATE = {"prompt": 16384, "response": 2048, "group": 8}
 # the decode kernels' launch settings tried by the suite (bench/gpu_decode_tune.py has the wider grid)
-DECODE_TUNE = ("--waves", "2", "4", "8", "--warps", "4", "8", "--stages", "3", "--block-n", "0")
+DECODE_TUNE = ("--waves", "1", "2", "--warps", "4", "8", "--stages", "3", "4", "--block-n", "32", "64")
 # where an eager decode step's device time goes, kernel by kernel (bench/gpu_rollout_case.py --profile)
 DECODE_PROFILE = ("--profile", "16384", "--new", "16", "--top", "12")
 
 
 CASE_NAMES = ["tests", "bf16_matmul_tflops", "grpo_loss", "rollout", "sampler", "decode_tune", "decode_profile",
-              "decode_tables", "rl_step", "update", "ring"]
+              "decode_tables", "rl_step", "update", "ring", "rollout_tuned"]
 
 
 def _version(module: str) -> str | None:
@@ -200,10 +203,11 @@ class Budget:
 BUDGET = Budget(float("inf"))
 
 
-def stage(cmd: list[str], timeout: float, log: Path | None = None) -> subprocess.CompletedProcess:
+def stage(cmd: list[str], timeout: float, log: Path | None = None,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run one stage within the suite's budget; past its timeout it is killed and reads as a
     failure that says so. `log`: where its whole stdout and stderr go (kept for a failure's
-    diagnosis: the result keeps only the tail)."""
+    diagnosis: the result keeps only the tail). `env`: variables set for it on top of ours."""
     timeout = BUDGET.timeout(timeout)
     if timeout < Budget.MIN_STAGE:
         proc = subprocess.CompletedProcess(cmd, 0, "", f"not started: the suite's time budget "
@@ -213,7 +217,7 @@ def stage(cmd: list[str], timeout: float, log: Path | None = None) -> subprocess
         # its own process group: on a timeout the stage and whatever it started (ranks, pytest's
         # workers) are killed together, none left holding the GPU
         with subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              start_new_session=True) as child:
+                              start_new_session=True, env={**os.environ, **env} if env else None) as child:
             try:
                 out, err = child.communicate(timeout=timeout)
                 proc = subprocess.CompletedProcess(cmd, child.returncode, out, err)
@@ -222,15 +226,17 @@ def stage(cmd: list[str], timeout: float, log: Path | None = None) -> subprocess
                 out, err = child.communicate()
                 proc = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {timeout:.0f} s")
     if log is not None:
-        log.write_text(f"$ {' '.join(cmd)}\n[exit {proc.returncode}]\n"
+        log.write_text("".join(f"{k}={v} " for k, v in (env or {}).items()) + f"$ {' '.join(cmd)}\n[exit {proc.returncode}]\n"
                        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 
 
-def run_module(out: Path, log: str, limit: str, module: str, *args: str) -> dict:
+def run_module(out: Path, log: str, limit: str, module: str, *args: str, env: dict[str, str] | None = None) -> dict:
     """`python -m module args` as a stage (its timeout STAGE_TIMEOUT[limit], its output in
-    OUT/<log>.log) -> its result line, printed."""
-    result = _last_json(stage([sys.executable, "-m", module, *args], STAGE_TIMEOUT[limit], out / f"{log}.log"))
+    OUT/<log>.log, `env` set for it) -> its result line, printed."""
+    cmd = [sys.executable, "-m", module, *args]
+    result = _last_json(stage(cmd, STAGE_TIMEOUT[limit], out / f"{log}.log", env=env) if env else
+                        stage(cmd, STAGE_TIMEOUT[limit], out / f"{log}.log"))
     print(json.dumps(result), flush=True)
     return result
 
@@ -240,6 +246,30 @@ def run_case(tokens: int, hidden: int, out: Path) -> dict:
                         "--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(VOCAB), "--dtype",
                         "bfloat16", "--device", "cuda", "--repeats", "3")
     return {"tokens": tokens, "hidden": hidden, **result} if _not_run(result) else result
+
+
+def best_launch(tune) -> str | None:
+    """The decode_tune setting with the least shared-prefix time summed over the prompt lengths, as
+    $LONGRL_DECODE_LAUNCH text ("waves=2,num_warps=8,num_stages=4,block_n=32"); a setting counts
+    only where it ran at every length and matched the default's output. None where that setting
+    is the default, or nothing ran."""
+    if _not_run(tune) or not isinstance(tune, dict):
+        return None
+    lengths = [x for x in tune.get("lengths", []) if "error" not in x]
+    times: dict[tuple, list[float]] = {}
+    for length in lengths:
+        for r in length["settings"]:
+            diff = r.get("max_abs_diff")
+            if "error" not in r and isinstance(diff, float) and diff <= 2e-2:
+                times.setdefault((r["waves"], r["num_warps"], r["num_stages"], r["block_n"]), []).append(r["shared_ms"])
+    whole = {key: sum(ms) for key, ms in times.items() if len(ms) == len(lengths)}
+    if not lengths or not whole:
+        return None
+    best = min(whole, key=whole.get)
+    d = tune["default"]
+    if best == (d["waves"], d["num_warps"], d["num_stages"], d["block_n"]):
+        return None
+    return ",".join(f"{k}={v}" for k, v in zip(("waves", "num_warps", "num_stages", "block_n"), best))
 
 
 def _not_run(result) -> str | None:
@@ -345,6 +375,15 @@ def main(argv=None) -> int:
         save()
     report["ring"] = run_module(out, "ring", "ring", "bench.gpu_ring_case")
     save()
+    # last, where the budget allows: the shared-prompt decode again with the decode_tune's best launch
+    launch = best_launch(report["decode_tune"])
+    if launch is None:
+        report["rollout_tuned"] = {"not_needed": "no decode_tune setting beat the default launch (or none ran)"}
+    else:
+        tuned = run_module(out, "rollout_tuned", "rollout_tuned", "bench.gpu_rollout_case", "--shared-only",
+                           "--graph-lens", "--fused-lens", "--lookahead-lens", env={"LONGRL_DECODE_LAUNCH": launch})
+        report["rollout_tuned"] = {"launch": launch, **tuned}
+    save()
     summary(report, rows, out)
     # the tests by their return code (without pytest the pytest-free check's result stands for them)
     tests = report.get("tests")
@@ -398,6 +437,14 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
             print(f"step breakdown, prompt {c['prompt_len']}, {c['cuda_graphs']:>4} graphs (synced parts, median): "
                   f"{c['step_ms']:.2f} ms = model {c['model_ms']:.2f} + sampler {c['sampler_ms']:.2f} "
                   f"+ rest {c['rest_ms']:.2f}")
+    rt = report.get("rollout_tuned", {})
+    if "launch" in rt:
+        print(f"\n== rollout decode with the decode_tune's best launch (LONGRL_DECODE_LAUNCH={rt['launch']}) ==")
+        if _not_run(rt):
+            print(_why(rt))
+        for c in rt.get("cases", []):
+            print(f"prompt {c['prompt_len']:>6}  {'shared':>10}  {c['batch_step_s'] * 1e3:7.2f} ms/step  "
+                  f"{c['roofline_fraction']:6.1%} of the roofline")
     sa = report["sampler"]
     print("\n== sampler kernels, 64 rows x 151,936 tokens (median of 20 calls) ==")
     if _not_run(sa):

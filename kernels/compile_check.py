@@ -178,11 +178,15 @@ def compile_all(variants, arch: int, quiet: bool = False, shared_limit: int | No
 # ---- what the compiler made of the decode kernel's loop (--pipeline) ----------------------------------------
 def _gpu_attrs(fn, args: dict) -> dict:
     """The 16-byte divisibility a GPU launch specialises on (Triton's JIT marks a pointer or an
-    integer that is a multiple of 16), as ASTSource attrs: {(index,): [["tt.divisibility", 16]]}."""
+    integer that is a multiple of 16, unless the kernel says not to), as ASTSource attrs:
+    {(index,): [["tt.divisibility", 16]]}."""
     import torch
     attrs = {}
     for i, name in enumerate(fn.arg_names):
         value = args.get(name)
+        param = fn.params[i]
+        if param.do_not_specialize or param.do_not_specialize_on_alignment:
+            continue
         aligned = (value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else
                    isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)
         if aligned:

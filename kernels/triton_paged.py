@@ -60,7 +60,9 @@ def _dot(a, b, IEEE: tl.constexpr):
     return c
 
 
-@triton.jit
+# the split count and the first slot: one compiled variant whatever their values (not specialised on
+# being multiples of 16), so the variant _resident compiles is the one launched
+@triton.jit(do_not_specialize=["slot0", "num_splits"])
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, members_ptr, o_ptr, lse_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_mw,
                            stride_ob, stride_oh, stride_op, stride_lb, stride_lh, slot0, num_splits, qk_scale,
@@ -261,7 +263,7 @@ def _resident(q, k_cache, v_cache, bt, ends, members, members_per_program, has_s
     args, kwargs = _partial_args(q, k_cache, v_cache, bt, ends if has_start else None, ends, members, o, lse,
                                  0, 16, 1.0, members_per_program, block_n)
     entry = {"device": torch.cuda.get_device_name(q.device), "dtype": str(k_cache.dtype).removeprefix("torch."),
-             "members": members_per_program if members is not None else 0, "block_n": block_n,
+             "members": members_per_program if members is not None else 0, "start": has_start, "block_n": block_n,
              "num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
     try:
         kernel = _decode_partial_kernel.warmup(*args, grid=(1,), **kwargs)

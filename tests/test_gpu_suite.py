@@ -167,6 +167,9 @@ def _fake_stage_output(cmd: list[str]) -> dict:
     if module == "bench.kernel_case":
         return {"impl": "fused", "tokens": int(cmd[cmd.index("--tokens") + 1]),
                 "hidden": int(cmd[cmd.index("--hidden") + 1]), "seconds": 0.2, "time": t, "peak_extra_bytes": 4 << 30}
+    if module == "bench.gpu_rollout_case" and "--shared-only" in cmd:  # the decode_tune's best launch
+        return {"batch": 64, "copy_bandwidth": 3e12, "cases": [
+            {"share_prefix": True, "prompt_len": 61440, "batch_step_s": 0.0025, "roofline_fraction": 0.75}]}
     if module == "bench.gpu_rollout_case" and "--profile" not in cmd:
         case = {"share_prefix": True, "cuda_graphs": "auto", "graph_steps": 31, "batch": 64, "mean_batch": 64.0,
                 "prompt_len": 16384, "batch_step_s": 0.004, "decode_tokens_per_s": 16000.0, "roofline_fraction": 0.6}
@@ -185,8 +188,8 @@ def _fake_stage_output(cmd: list[str]) -> dict:
                            "top_ms_per_step": {"_decode_partial_kernel": 1.25, "nvjet_sm90_tst_88x64(...)": 0.5}}]}
     if module == "bench.gpu_decode_tune":
         default = {"waves": 2, "num_warps": 4, "num_stages": 3, "block_n": 64}
-        mine = {**default, "shared_ms": 2.0, "roofline_fraction": 0.25}
-        best = {**default, "waves": 8, "shared_ms": 1.0, "roofline_fraction": 0.5}
+        mine = {**default, "shared_ms": 2.0, "roofline_fraction": 0.25, "max_abs_diff": 0.0}
+        best = {**default, "waves": 8, "shared_ms": 1.0, "roofline_fraction": 0.5, "max_abs_diff": 0.0}
         return {"default": default, "lengths": [{"prompt_len": 61440, "settings": [mine, best], "best": best}]}
     if module == "bench.decode_tables_case":
         return {"cases": [{"prompt_len": 16384, "backend": "triton", "lists": {"median_ms": 9.0},
@@ -213,10 +216,12 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     from bench import gpu_suite as gs
     import kernels.rows
 
-    ran = []
+    ran, envs = [], {}
 
-    def fake_stage(cmd, timeout, log=None):
+    def fake_stage(cmd, timeout, log=None, env=None):
         ran.append(cmd[2])
+        if env:
+            envs[cmd[2]] = env
         skipped = cmd[2] == broken == "bench.gpu_rollout_case"
         if skipped:
             rc, out, err = 0, "", "not started: the suite's time budget (540 s, --budget) is spent"
@@ -248,7 +253,13 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     assert ran == ["bench.gpu_rollout_case", "bench.gpu_sampler_case", "bench.gpu_decode_tune",
                    "bench.gpu_rollout_case", "bench.train_step_case"] \
         + ["bench.kernel_case"] * len(gs.CASES) \
-        + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case"]
+        + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case",
+           "bench.gpu_rollout_case"]
+    # the decode_tune's best launch (waves 8) run again through the rollout, as $LONGRL_DECODE_LAUNCH
+    assert envs == {"bench.gpu_rollout_case": {"LONGRL_DECODE_LAUNCH": "waves=8,num_warps=4,num_stages=3,block_n=64"}}
+    tuned = "LONGRL_DECODE_LAUNCH=waves=8,num_warps=4,num_stages=3,block_n=64) ==\n"
+    assert tuned + ("skipped: not started" if broken == "bench.gpu_rollout_case" else
+                    "prompt  61440      shared     2.50 ms/step   75.0% of the roofline") in text
     report = json.loads((tmp_path / "out" / "gpu_suite.json").read_text())
     assert report["card"] == "Fake GPU" and report["budget_s"] == 540 and report["elapsed_s"] >= 0
     assert "speed-up x1.000 (target >= x3.150: not met)" in text and "W=1: fwd+bwd 10.0 ms" in text and "x22.5" in text
@@ -382,3 +393,26 @@ def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
     q, k, v, bt, lens, prefix, gid = workload(1, 2, 40, 3, 4, 2, 16, 16, "cpu", torch.float32)
     tp.paged_decode_triton(q, k, v, bt, lens, 0.25, num_splits=2)
     assert [(s["num_warps"], s["num_stages"], s["BLOCK_N"]) for s in seen] == [(8, 2, 32)]
+
+
+def test_best_launch_is_fastest_over_every_length():
+    """The tuned rollout's setting: least shared time summed over the lengths, among settings that
+    ran at every length and matched the default's output; none where that is the default."""
+    from bench.gpu_suite import best_launch
+
+    default = {"waves": 1, "num_warps": 4, "num_stages": 3, "block_n": 64}
+
+    def row(ms, diff=0.0, **kw):
+        return {**default, **kw, "shared_ms": ms, "max_abs_diff": diff}
+
+    lengths = [{"prompt_len": 16384, "settings": [row(2.0), row(1.0, waves=2), row(0.5, num_stages=4),
+                                                  row(0.1, block_n=32, diff=0.5)]},
+               {"prompt_len": 61440, "settings": [row(6.0), row(6.0, waves=2), row(9.0, num_stages=4),
+                                                  row(0.1, block_n=32, diff=0.5), row(0.2, num_warps=8)]}]
+    tune = {"default": default, "lengths": lengths}
+    # waves 2: 7.0 in all, against 8.0 (default) and 9.5 (stages 4); block_n 32 computes something else;
+    # 8 warps ran at one length only
+    assert best_launch(tune) == "waves=2,num_warps=4,num_stages=3,block_n=64"
+    lengths[1]["settings"][1]["error"] = "RuntimeError: boom"
+    assert best_launch(tune) is None  # the default is then the fastest over both
+    assert best_launch({"error": "x"}) is None and best_launch({"default": default, "lengths": []}) is None
