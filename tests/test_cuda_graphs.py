@@ -522,6 +522,42 @@ def test_lookahead_gives_the_same_completions(tiny, monkeypatch):
     assert plain.preemptions > 0 and stats.preemptions == plain.preemptions and stats.lookahead_steps > 0
 
 
+class _Letters:
+    """A stand-in tokenizer for stop strings: token t reads as the letter chr(97 + t % 26). A negative
+    id (a token launched but not read yet, engine.PENDING) is refused: a stop string is looked for
+    in tokens that have been read only."""
+
+    def decode(self, ids, skip_special_tokens=False):
+        assert all(t >= 0 for t in ids), f"decoded a token not read yet: {ids}"
+        return "".join(chr(97 + t % 26) for t in ids)
+
+
+def test_lookahead_with_stop_strings(tiny):
+    """Stop strings under lookahead: the completions of reading every step first (ending on the
+    token that completes a string), with the text decoded from read tokens only."""
+    prompts = _prompts(tiny, (13, 6, 9))
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, stop=["q", "ee", "xy"], stop_token_ids=[])
+
+    def run(lookahead):
+        gen = Generator(tiny, _Letters(), cache_cfg=CacheConfig(block_size=4, decode_backend="triton",
+                                                               cuda_graphs="eager", lookahead=lookahead))
+        out = gen.generate(prompts, n=3, params=params)
+        return [[(c.token_ids, c.logprobs, c.finish_reason) for c in group] for group in out], gen.stats
+
+    want, plain = run("off")
+    got, stats = run("on")
+    _same(got, want)
+    reasons = [r for group in got for _, _, r in group]
+    assert "stop" in reasons and "length" in reasons, reasons
+    for group in got:  # a stopped sample ends on the token that completed its string
+        for tokens, _, reason in group:
+            text = _Letters().decode(tokens)
+            assert (reason == "stop") == any(text.endswith(x) or x in text for x in params.stop)
+            if reason == "stop":
+                assert not any(x in text[:-1] for x in params.stop)
+    assert stats.lookahead_steps > 0 and stats.wasted_rows > 0 and plain.lookahead_steps == 0
+
+
 def test_lookahead_setting(monkeypatch):
     from engine.rollout.engine import lookahead_on
 
