@@ -463,6 +463,44 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
         _same(got, want)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_steady_lookahead_steps_never_wait_for_the_device(tiny, monkeypatch):
+    """On a GPU, once a bucket's graph is captured, a lookahead step returns while the step it
+    launched is still running: with a ~20-ms spin kernel queued ahead of each graph step, that
+    step's token copies have not landed when _step returns. And no such step blocks on the device
+    anywhere (torch.cuda.set_sync_debug_mode("error"): a blocking copy to or from pageable memory,
+    .item(), a stream or device synchronize raise; the host reads tokens from pinned copies after
+    an event, which that mode allows). The completions are those of reading every step first."""
+    from engine.rollout.engine import Generator as Gen
+
+    real_graph_step, real_step = DecodeGraphs.step, Gen._step
+    running = []  # per steady lookahead step: whether the step it launched was still running at its return
+
+    def slow_graph_step(self, seqs, tables, feed=None):
+        torch.cuda._sleep(30_000_000)  # ~20 ms of device time ahead of the step's own kernels
+        return real_graph_step(self, seqs, tables, feed)
+
+    def step(self, sched, cache, blocks, results, graphs=None):
+        steady = (self._flight is not None and graphs is not None and bool(graphs.graphs)
+                  and self._may_look_ahead(sched, blocks, graphs))
+        torch.cuda.set_sync_debug_mode("error" if steady else "default")
+        try:
+            real_step(self, sched, cache, blocks, results, graphs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if steady and self._flight is not None:
+            running.append(not self._flight.ready.query())
+
+    monkeypatch.setattr(DecodeGraphs, "step", slow_graph_step)
+    monkeypatch.setattr(Gen, "_step", step)
+    prompts = _prompts(tiny)
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=[])
+    want, _ = _run(tiny, prompts, params, 3, cuda_graphs="on", lookahead="off")
+    got, stats = _run(tiny, prompts, params, 3, cuda_graphs="on", lookahead="on")
+    _same(got, want)
+    assert stats.lookahead_steps > 0 and len(running) >= 5 and all(running), running
+
+
 def test_host_step_case_times_the_graph_steps_host_work():
     """bench/host_step_case.py: the engine's decode path with the model's step and the sampler
     stubbed; every decode step went through the graph step's buffers (checked inside)."""
