@@ -12,7 +12,8 @@ partials, the merge) and the plain per-sequence launch, timed with CUDA events (
 --repeats after a launch to compile), and the bytes the shared launch must read (each prompt's
 K/V once, each sample's suffix) over its time against the copy bandwidth measured in the same
 run. Every setting's output is compared with the default's (a setting that computes something
-else is reported, never ranked). Prints one JSON line, the best setting per length last.
+else is reported, never ranked). Prints the JSON result after each length (the last line is the
+whole result; a run cut short leaves the lengths it finished), the best setting per length last.
 `--device cpu` runs it under TRITON_INTERPRET=1 at a small size (a check of the code, not a figure).
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def residency(tp, warps: int, stages: int, block_n: int) -> dict:
     return kinds
 
 
-def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12, hkv=2, d=128, block=16) -> dict:
+def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12, hkv=2, d=128, block=16,
+         progress: bool = False) -> dict:
     from kernels import triton_paged as tp
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -111,6 +113,8 @@ def tune(prompt_lens, groups, n, suffix, grid, device="cuda", repeats=10, hq=12,
                   and r["max_abs_diff"] <= 2e-2]
             best = min(ok, key=lambda r: r["shared_ms"]) if ok else None
             out["lengths"].append({"prompt_len": plen, "must_read_bytes": must_read, "settings": rows, "best": best})
+            if progress:  # the figures so far as a whole result: a stage cut off by its timeout keeps them
+                print(json.dumps(out), flush=True)
     finally:
         tp.LAUNCH.update(default)
     return out
@@ -133,7 +137,7 @@ def main(argv=None) -> int:
         print(json.dumps({"skipped": "needs CUDA"}))
         return 2
     grid = list(itertools.product(a.waves, a.warps, a.stages, a.block_n))
-    r = tune(a.prompt_lens, a.groups, a.n, a.suffix, grid, a.device, a.repeats)
+    r = tune(a.prompt_lens, a.groups, a.n, a.suffix, grid, a.device, a.repeats, progress=True)
     for length in r["lengths"]:
         b = length["best"]
         print(f"prompt {length['prompt_len']}: best " + (json.dumps(b) if b else "none ran"), file=sys.stderr)

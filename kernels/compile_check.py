@@ -228,10 +228,14 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": int(found[1]), "stack_bytes": int(found[2]), "local_bytes": int(found[3])} if found else {}
 
 
-def decode_pipeline(shared_prefix: bool, arch: int = 90) -> dict:
+DECODE_VARIANTS = ("shared prefix", "suffix", "plain")
+
+
+def decode_pipeline(variant: str, arch: int = 90) -> dict:
     """Compile the paged decode partial kernel as the GPU suite's workload launches it (Qwen2-1.5B's
-    12 / 2 heads of 128 in bf16, cache blocks of 16, a 16K-token table; 8 samples a prompt, or one
-    sequence a program), with kernels.triton_paged.LAUNCH's settings and the GPU's divisibility
+    12 / 2 heads of 128 in bf16, cache blocks of 16, a 16K-token table): `variant` one of
+    DECODE_VARIANTS (a prompt's program serving its 8 samples; a sample's own suffix; one sequence
+    a program), with kernels.triton_paged.LAUNCH's settings and the GPU's divisibility
     specialisations, and read the K/V loop the compiler made -> {kv_ring: K tiles its shared-memory
     ring holds, in_flight: copy groups still loading when the loop waits for a tile (0: each tile
     waited for with nothing else in flight), sync_kv_loads: K/V tile loads not made asynchronous,
@@ -246,6 +250,9 @@ def decode_pipeline(shared_prefix: bool, arch: int = 90) -> dict:
 
     from kernels import triton_paged as tp
 
+    if variant not in DECODE_VARIANTS:
+        raise ValueError(f"decode_pipeline: variant must be one of {DECODE_VARIANTS}, got {variant!r}")
+    shared_prefix = variant == "shared prefix"
     hq, hkv, d, bs, members, width = 12, 2, 128, 16, 8, 1089
     b = members if shared_prefix else 64
     q = torch.zeros(b, hq, d, dtype=torch.bfloat16)
@@ -255,8 +262,8 @@ def decode_pipeline(shared_prefix: bool, arch: int = 90) -> dict:
     member_rows = torch.zeros(1, members, dtype=torch.int32) if shared_prefix else None
     block_n = tp._block_n(d, None)
     o, lse = tp._scratch(b, hq, 17, d, "cpu")  # a 16K prompt's prefix splits and a suffix split, as launched
-    args, kwargs = tp._partial_args(q, cache, cache, bt, None if shared_prefix else ends, ends, member_rows, o, lse,
-                                    0, 16, d ** -0.5, members if shared_prefix else 1, block_n)
+    args, kwargs = tp._partial_args(q, cache, cache, bt, ends if variant == "suffix" else None, ends, member_rows, o,
+                                    lse, 0, 16, d ** -0.5, members if shared_prefix else 1, block_n)
     kwargs["UPCAST_BF16"] = False  # the interpreter's workaround, never on a GPU
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
     fn = tp._decode_partial_kernel
@@ -265,12 +272,13 @@ def decode_pipeline(shared_prefix: bool, arch: int = 90) -> dict:
     kernel = triton_compile(ASTSource(fn=fn, signature=signature, constexprs=kwargs, attrs=_gpu_attrs(fn, bound)),
                             target=GPUTarget("cuda", arch, 32), options=options)
     body = _loop_body(kernel.asm["ttgir"])
-    tile = rf"{block_n}x{triton.next_power_of_2(d)}xbf16"
-    ring = [int(m) for m in re.findall(rf"memdesc<(\d+)x{tile}", kernel.asm["ttgir"])]
+    tile = f"{block_n}x{triton.next_power_of_2(d)}x"
+    ring = [int(m) for m in re.findall(rf"memdesc<(\d+)x{tile}bf16", kernel.asm["ttgir"])]
     waits = [int(m) for line in body if "async_wait" in line for m in re.findall(r"num = (\d+)", line)]
-    out = {"variant": "shared prefix" if shared_prefix else "plain", **options, "block_n": block_n,
+    out = {"variant": variant, **options, "block_n": block_n,
            "kv_ring": max(ring, default=0), "in_flight": waits[0] if waits else None,
-           "sync_kv_loads": sum(1 for line in body if " tt.load " in line and f"tensor<{tile}>" in line),
+           # a tt.load's operand type is its pointers': a [block_n, D] tile of bf16 pointers is a K or V tile
+           "sync_kv_loads": sum(1 for line in body if " tt.load " in line and f"tensor<{tile}!tt.ptr<bf16>" in line),
            "shared": int(kernel.metadata.shared), **_resources(kernel.asm["cubin"])}
     if "registers" in out:
         out["programs_per_sm"] = tp.programs_per_sm(out["registers"], out["shared"], options["num_warps"])
@@ -281,8 +289,8 @@ def _pipeline_report(arch: int) -> int:
     """--pipeline: one line per decode variant, then their JSON."""
     import json
     rows = []
-    for shared_prefix in (True, False):
-        r = decode_pipeline(shared_prefix, arch)
+    for variant in DECODE_VARIANTS:
+        r = decode_pipeline(variant, arch)
         rows.append(r)
         print(f"{r['variant']:>13}  warps {r['num_warps']}  stages {r['num_stages']}  block_n {r['block_n']}: "
               f"K/V ring of {r['kv_ring']}, {r['in_flight']} copy groups in flight at the wait, "

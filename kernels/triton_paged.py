@@ -60,9 +60,13 @@ def _dot(a, b, IEEE: tl.constexpr):
     return c
 
 
-# the split count and the first slot: one compiled variant whatever their values (not specialised on
-# being multiples of 16), so the variant _resident compiles is the one launched
-@triton.jit(do_not_specialize=["slot0", "num_splits"])
+# one compiled variant whatever the values that change from step to step or launch to launch: the split
+# count, the first slot, the block table's and the members' widths (Triton would specialise an integer
+# on being 1 or a multiple of 16), and the alignment of the small int32 inputs (the plan's are slices
+# of one packed tensor). So the variant _resident compiles is the one launched, and an eager rollout
+# whose tables grow does not compile new ones.
+@triton.jit(do_not_specialize=["slot0", "num_splits", "stride_btb", "stride_mw"],
+            do_not_specialize_on_alignment=["bt_ptr", "start_ptr", "end_ptr", "members_ptr"])
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, start_ptr, end_ptr, members_ptr, o_ptr, lse_ptr,
                            stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_btb, stride_mw,
                            stride_ob, stride_oh, stride_op, stride_lb, stride_lh, slot0, num_splits, qk_scale,
@@ -208,6 +212,11 @@ def _num_sms(device: torch.device) -> int:
     return 132  # an H100's count: keeps the interpreter's choices those of the GPU it stands in for
 
 
+def may_split(max_len: int, block_n: int) -> bool:
+    """Whether pick_num_splits can choose more than one split for this length."""
+    return -(-max(max_len, 1) // block_n) // MIN_TILES_PER_SPLIT > 1
+
+
 def pick_num_splits(max_len: int, programs: int, block_n: int, device: torch.device,
                     resident: int = 0) -> int:
     """Splits per item: as many as keep programs × splits within LAUNCH["waves"] rounds of the
@@ -231,12 +240,14 @@ _RESIDENT: dict[tuple, dict] = {}  # the partial kernel's variant on a device ->
 def programs_per_sm(regs: int, shared: int, num_warps: int, sm_regs: int = 65536, sm_shared: int = 233472,
                     sm_threads: int = 2048, reserved_shared: int = 1024, max_programs: int = 32) -> int:
     """Programs (thread blocks) of one kernel that a streaming multiprocessor holds at once, bounded by
-    its registers (allocated a warp at a time, in units of 256), its shared memory (each block also
-    takes `reserved_shared` bytes, 1 KB from compute capability 8.0 on), its threads and its block
-    limit. Defaults: compute capability 9.0 (H100 / H200: 64 K registers, 228 KB of shared memory
+    its registers (allocated a warp at a time, in units of 256, to a block's warps four at a time),
+    its shared memory (in units of 128 bytes; each block also takes `reserved_shared` bytes, 1 KB
+    from compute capability 8.0 on), its threads and its block limit. Defaults: compute capability 9.0 (H100 / H200: 64 K registers, 228 KB of shared memory
     and 2,048 threads a SM, at most 32 blocks; CUDA C Programming Guide, "Compute Capabilities")."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    return max(1, min(sm_regs // (per_warp * num_warps), sm_shared // (shared + reserved_shared),
+    warps = -(-num_warps // 4) * 4  # registers go to a block's warps four at a time
+    shared = -(-shared // 128) * 128  # shared memory in units of 128 bytes
+    return max(1, min(sm_regs // (per_warp * warps), sm_shared // (shared + reserved_shared),
                       sm_threads // (32 * num_warps), max_programs))
 
 
@@ -259,15 +270,15 @@ def _resident(q, k_cache, v_cache, bt, ends, members, members_per_program, has_s
     if torch.cuda.is_current_stream_capturing():
         return STAND_IN_RESIDENT
     hq, d = q.shape[1], q.shape[2]
-    o, lse = _scratch(1, hq, 16, d, q.device)  # only its strides count: those of any launch's (padded) scratch
+    o, lse = _scratch(1, hq, 16, d, q.device)  # only their strides count: multiples of 16, as any launch's
     args, kwargs = _partial_args(q, k_cache, v_cache, bt, ends if has_start else None, ends, members, o, lse,
                                  0, 16, 1.0, members_per_program, block_n)
     entry = {"device": torch.cuda.get_device_name(q.device), "dtype": str(k_cache.dtype).removeprefix("torch."),
              "members": members_per_program if members is not None else 0, "start": has_start, "block_n": block_n,
              "num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
     try:
-        kernel = _decode_partial_kernel.warmup(*args, grid=(1,), **kwargs)
-        with torch.cuda.device(q.device):
+        with torch.cuda.device(q.device):  # compiled for, cached on and loaded on q's device
+            kernel = _decode_partial_kernel.warmup(*args, grid=(1,), **kwargs)
             kernel._init_handles()  # loads the binary: n_regs is the driver's count
         props = torch.cuda.get_device_properties(q.device)
         shared = int(kernel.metadata.shared)
@@ -330,16 +341,16 @@ POISON_SCRATCH = False
 
 def _scratch(b: int, hq: int, parts: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Partials' memory -> o [b, hq, parts, d], lse [b, hq, parts] fp32, not initialised: every slot
-    the merge reads is written first. Rows are padded to a multiple of 16 parts, so that the
-    partial kernel's strides are multiples of 16 whatever the split count: one compiled variant
-    (Triton specialises on that divisibility), the one _resident sized. With POISON_SCRATCH it is
-    filled with values that would show in the output were an unwritten slot read: 1e30 for
-    outputs, a log-sum-exp far above any real one (finite: a test that compares a step's operators
-    with the next step's compares these fills too)."""
+    the merge reads is written first. lse's rows are padded to a multiple of 16 parts (o's strides
+    are multiples of d already), so that the partial kernel's strides are multiples of 16 whatever
+    the split count: one compiled variant (Triton specialises on that divisibility), the one
+    _resident sized. With POISON_SCRATCH they are filled with values that would show in the output
+    were an unwritten slot read: 1e30 for outputs, a log-sum-exp far above any real one (finite: a
+    test that compares a step's operators with the next step's compares these fills too)."""
     padded = -(-parts // 16) * 16
     make = (lambda shape, fill: torch.full(shape, fill, dtype=torch.float32, device=device)) if POISON_SCRATCH else \
         (lambda shape, fill: torch.empty(shape, dtype=torch.float32, device=device))
-    return make((b, hq, padded, d), 1e30)[:, :, :parts], make((b, hq, padded), 1e4)[:, :, :parts]
+    return make((b, hq, parts, d), 1e30), make((b, hq, padded), 1e4)[:, :, :parts]
 
 
 def _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n):
@@ -356,8 +367,9 @@ def paged_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, scale, num_
     b, hq, d = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:  # the table's width bounds every length: no device sync for the max
-        resident = _resident(q, k_cache, v_cache, bt, lens, None, 1, False, block_n)
-        num_splits = pick_num_splits(bt.shape[1] * block_size, b * hkv, block_n, q.device, resident)
+        span = bt.shape[1] * block_size
+        num_splits = pick_num_splits(span, b * hkv, block_n, q.device, _resident(
+            q, k_cache, v_cache, bt, lens, None, 1, False, block_n) if may_split(span, block_n) else 0)
     out = torch.empty_like(q)
     if num_splits == 1:  # one partial per row: it is the output
         _launch_partial(q, k_cache, v_cache, bt, None, lens, None, out, None, 0, b, 1, scale, 1, block_n)
@@ -421,9 +433,9 @@ def shared_prefix_decode_triton(q, k_cache, v_cache, block_tables, seq_lens, pre
     else:
         sp = pick_num_splits(plan.max_prefix, items * hkv, block_n, q.device, _resident(
             q, k_cache, v_cache, bt, plan.prefix_ends, plan.members, plan.members_per_program, False, block_n)
-            if items else 0)
-        ss = pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device,
-                             _resident(q, k_cache, v_cache, bt, lens, None, 1, True, block_n))
+            if items and may_split(plan.max_prefix, block_n) else 0)
+        ss = pick_num_splits(plan.max_suffix, b * hkv, block_n, q.device, _resident(
+            q, k_cache, v_cache, bt, lens, None, 1, True, block_n) if may_split(plan.max_suffix, block_n) else 0)
     sp = sp if items else 0
     # slots [0, sp): the group's prefix partials; [sp, sp + ss): the sequence's own suffix
     # every sequence's suffix slots are written; its prefix slots only when it has a shared prefix, and

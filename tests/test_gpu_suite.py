@@ -285,6 +285,7 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
         assert rc == 1 and report["rollout"] == {"skipped": "not started: the suite's time budget (540 s, --budget) "
                                                               "is spent"}
         assert "== rollout decode ==\nskipped: not started" in text and "failed or skipped cases: rollout" in text
+        assert "rollout_tuned" not in text.split("failed or skipped cases:")[1]  # last, budget allowing: no failure
     else:
         assert rc == 1 and report["rl_step"] == {"error": ["Traceback", "RuntimeError: boom"]}
         assert "error: ['Traceback', 'RuntimeError: boom']" in text and "failed or skipped cases: rl_step" in text
@@ -345,7 +346,7 @@ def test_sampler_case_and_kernel_profile_run_on_cpu(tmp_path, capsys):
     assert all(v > 0 for v in top) and r["device_ms_per_step"] >= max(top)
 
 
-def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
+def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch, capsys):
     """bench/gpu_decode_tune.py at a tiny size under the interpreter: every setting computes the
     default's output and is timed, the best is one of them, LAUNCH is restored after; the splits
     follow LAUNCH["waves"]; $LONGRL_DECODE_LAUNCH's settings are read and checked."""
@@ -356,8 +357,9 @@ def test_decode_tune_case_runs_on_cpu_and_launch_overrides(monkeypatch):
 
     before = dict(tp.LAUNCH)
     grid = [(2, 4, 3, 16), (8, 4, 3, 32)]
-    r = tune([40], groups=2, n=2, suffix=3, grid=grid, device="cpu", repeats=1, hq=4, hkv=2, d=16)
+    r = tune([40], groups=2, n=2, suffix=3, grid=grid, device="cpu", repeats=1, hq=4, hkv=2, d=16, progress=True)
     assert tp.LAUNCH == before and r["copy_bandwidth"] is None
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == [r]  # after each length
     (length,) = r["lengths"]
     assert [(s["waves"], s["block_n"]) for s in length["settings"]] == [(2, 16), (8, 32)]
     assert all(s["max_abs_diff"] < 1e-5 and s["shared_ms"] > 0 and s["plain_ms"] > 0 for s in length["settings"])

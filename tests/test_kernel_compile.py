@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args, tmp_path, timeout=600):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(args, tmp_path, timeout=600, env=None):
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **(env or {})}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compiled for real, not read from an earlier run's cache
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-W", "ignore", *args], cwd=tmp_path, env=env, capture_output=True,
@@ -107,9 +107,11 @@ def test_a_compiling_process_that_dies_is_reported(tmp_path):
 def test_the_decode_loop_keeps_the_next_tile_loading(tmp_path):
     """The paged decode kernel compiled as the GPU suite launches it (bf16, the default launch, the
     GPU's divisibility specialisations): while a K/V tile is computed the next one's copies are in
-    flight, in the shared-prefix and the plain variant. A block-table lookup in the same iteration
-    as the K/V loads cost that overlap (each tile waited for with nothing in flight). The stand-in
-    residency the interpreter's split choice assumes is what the compiled shared-prefix variant gets."""
+    flight, in the shared-prefix, suffix and plain variants, and no K/V tile is loaded
+    synchronously. A block-table lookup in the same iteration as the K/V loads cost that overlap
+    (each tile waited for with nothing in flight). The stand-in residency the interpreter's split
+    choice assumes is what the compiled shared-prefix variant gets. Without pipelining (one stage)
+    the report names the synchronous loads and exits 1."""
     import json
 
     from kernels.triton_paged import STAND_IN_RESIDENT
@@ -117,8 +119,12 @@ def test_the_decode_loop_keeps_the_next_tile_loading(tmp_path):
     proc = _run(["-m", "kernels.compile_check", "--pipeline"], tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["variant"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
-    assert set(rows) == {"shared prefix", "plain"}
+    assert set(rows) == {"shared prefix", "suffix", "plain"}
     for r in rows.values():
         assert r["in_flight"] >= 1 and r["sync_kv_loads"] == 0 and r["kv_ring"] >= 2, r
         assert r["local_bytes"] == 0 and 0 < r["shared"] <= 227 * 1024, r  # nothing spilled; it launches
     assert rows["shared prefix"]["programs_per_sm"] == STAND_IN_RESIDENT, rows["shared prefix"]
+    proc = _run(["-m", "kernels.compile_check", "--pipeline"], tmp_path, timeout=300,
+                env={"LONGRL_DECODE_LAUNCH": "num_stages=1"})
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1 and all(r["sync_kv_loads"] == 2 and r["in_flight"] is None for r in rows), rows

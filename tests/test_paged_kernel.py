@@ -172,6 +172,8 @@ def test_programs_per_sm():
     assert programs_per_sm(32, 0, 4) == 16  # threads: 2,048 // 128
     assert programs_per_sm(16, 0, 1) == 32  # the block limit
     assert programs_per_sm(255, 232448, 32) == 1  # never below one
+    assert programs_per_sm(200, 0, 2) == 2  # a 2-warp block takes registers for 4 warps: 65,536 // 25,600
+    assert programs_per_sm(16, 45600, 4) == 4  # 45,600 B take 45,696 (units of 128): 233,472 // 46,720
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
