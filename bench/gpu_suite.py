@@ -226,7 +226,8 @@ def stage(cmd: list[str], timeout: float, log: Path | None = None,
                 out, err = child.communicate()
                 proc = subprocess.CompletedProcess(cmd, 124, out, err + f"\ntimed out after {timeout:.0f} s")
     if log is not None:
-        log.write_text("".join(f"{k}={v} " for k, v in (env or {}).items()) + f"$ {' '.join(cmd)}\n[exit {proc.returncode}]\n"
+        setting = "".join(f"{k}={v} " for k, v in (env or {}).items())
+        log.write_text(f"{setting}$ {' '.join(cmd)}\n[exit {proc.returncode}]\n"
                        f"--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 

@@ -242,8 +242,9 @@ def programs_per_sm(regs: int, shared: int, num_warps: int, sm_regs: int = 65536
     """Programs (thread blocks) of one kernel that a streaming multiprocessor holds at once, bounded by
     its registers (allocated a warp at a time, in units of 256, to a block's warps four at a time),
     its shared memory (in units of 128 bytes; each block also takes `reserved_shared` bytes, 1 KB
-    from compute capability 8.0 on), its threads and its block limit. Defaults: compute capability 9.0 (H100 / H200: 64 K registers, 228 KB of shared memory
-    and 2,048 threads a SM, at most 32 blocks; CUDA C Programming Guide, "Compute Capabilities")."""
+    from compute capability 8.0 on), its threads and its block limit. Defaults: compute capability
+    9.0 (H100 / H200: 64 K registers, 228 KB of shared memory and 2,048 threads a SM, at most 32
+    blocks; CUDA C Programming Guide, "Compute Capabilities")."""
     per_warp = -(-max(regs, 1) * 32 // 256) * 256
     warps = -(-num_warps // 4) * 4  # registers go to a block's warps four at a time
     shared = -(-shared // 128) * 128  # shared memory in units of 128 bytes

@@ -111,20 +111,26 @@ def test_the_decode_loop_keeps_the_next_tile_loading(tmp_path):
     synchronously. A block-table lookup in the same iteration as the K/V loads cost that overlap
     (each tile waited for with nothing in flight). The stand-in residency the interpreter's split
     choice assumes is what the compiled shared-prefix variant gets. Without pipelining (one stage)
-    the report names the synchronous loads and exits 1."""
+    the report names the synchronous loads and says so in its exit status."""
     import json
 
     from kernels.triton_paged import STAND_IN_RESIDENT
 
-    proc = _run(["-m", "kernels.compile_check", "--pipeline"], tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = {r["variant"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+    script = textwrap.dedent('''
+        import json
+        from kernels import compile_check as cc, triton_paged as tp
+        rc = cc.main(["--pipeline"])  # its report, then its JSON line
+        tp.LAUNCH["num_stages"] = 1
+        print("EXIT", rc, cc._pipeline_report(90))
+    ''')
+    proc = _run(["-c", script], tmp_path, timeout=300)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines[-1] == "EXIT 0 1", proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in json.loads(lines[3])}
     assert set(rows) == {"shared prefix", "suffix", "plain"}
     for r in rows.values():
         assert r["in_flight"] >= 1 and r["sync_kv_loads"] == 0 and r["kv_ring"] >= 2, r
         assert r["local_bytes"] == 0 and 0 < r["shared"] <= 227 * 1024, r  # nothing spilled; it launches
     assert rows["shared prefix"]["programs_per_sm"] == STAND_IN_RESIDENT, rows["shared prefix"]
-    proc = _run(["-m", "kernels.compile_check", "--pipeline"], tmp_path, timeout=300,
-                env={"LONGRL_DECODE_LAUNCH": "num_stages=1"})
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert proc.returncode == 1 and all(r["sync_kv_loads"] == 2 and r["in_flight"] is None for r in rows), rows
+    # one stage: every variant's K and V loaded synchronously, nothing in flight
+    assert all(r["sync_kv_loads"] == 2 and r["in_flight"] is None for r in json.loads(lines[-2])), lines[-2]
