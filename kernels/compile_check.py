@@ -1,6 +1,7 @@
 """Compile every Triton kernel of kernels/ for a GPU, on a machine without one.
 
     python -m kernels.compile_check [--arch 90] [--quiet] [--jobs N]
+    python -m kernels.compile_check --pipeline        (the paged decode kernel's K/V loop, as compiled)
 
 The interpreter (TRITON_INTERPRET=1, what the CPU tests use) runs a kernel's Python, not its
 compiler: a loop-carried value whose type changes, a construct a backend rejects, an
@@ -16,6 +17,12 @@ it would compile and then refuse to launch. Needs a process without TRITON_INTER
 a module); prints one line per compiled variant (its shared memory) and exits 1 if any fails.
 The variants are shared among --jobs processes (default: one per core it may use, at most 4),
 each compiling every jobs-th one.
+
+--pipeline compiles the paged decode kernel's three variants (shared prefix, suffix, plain) at the
+GPU suite's shapes with the specialisations a GPU launch adds, and reads the loop the compiler
+made (decode_pipeline): whether the next tile's K/V copies are in flight while a tile is computed,
+the K/V ring, shared memory, registers and spills (cuobjdump), programs a SM. Exit 1 where a
+tile's K/V are waited for with nothing else in flight.
 """
 from __future__ import annotations
 
