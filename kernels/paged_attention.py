@@ -18,9 +18,9 @@ blocks or part of one) is read once per KV head, not once per query head. Split-
 covers a contiguous, tile-aligned token range and writes its normalised partial output and
 log-sum-exp to fp32 scratch; a merge kernel, one program per (sequence, query head),
 combines the splits by LSE (empty splits have lse = −inf and weight 0). num_splits=None
-fills about two waves of SMs at long context (bounded by block_tables' width, no device
-sync) and picks 1 split for short contexts, where the partial is the output and no merge
-runs.
+fills the programs the GPU holds at once at long context, measured from the compiled kernel
+(kernels.triton_paged.pick_num_splits; bounded by block_tables' width, no device sync), and
+picks 1 split for short contexts, where the partial is the output and no merge runs.
 
 Shared prefix (`shared_prefix_decode_attention`): sequences with prefix_lens[b] > 0 and the
 same group_ids[b] (any integer labels; ignored where prefix_lens[b] = 0) share their first
