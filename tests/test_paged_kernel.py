@@ -354,34 +354,40 @@ def test_a_long_prompt_is_split_and_short_suffixes_are_not(monkeypatch):
     torch.testing.assert_close(plain.double(), ref[:1], rtol=1e-5, atol=1e-5)
 
 
-def test_the_split_choice_follows_the_compiled_residency():
+def test_the_split_choice_follows_the_compiled_residency(monkeypatch):
     """On a GPU the split choice asks the compiled partial kernel how many of its programs a SM
     holds (registers and shared memory, once per variant) and fills that many places; under the
-    interpreter it assumes STAND_IN_RESIDENT and records nothing."""
+    interpreter it assumes STAND_IN_RESIDENT and records nothing. A context too short to split
+    asks nothing."""
     from kernels import triton_paged as tp
+    monkeypatch.setattr(tp, "_RESIDENT", {})  # measured here, whatever ran before
+    splits = []
+    real = tp._launch_partial
+    monkeypatch.setattr(tp, "_launch_partial", lambda *a: splits.append(a[11]) or real(*a))
     g = torch.Generator().manual_seed(5)
     hq, hkv, d, bs, n = 12, 2, 128, 16, 4
-    nb = 64
+    nb = 160  # 40 blocks a sequence: 640 tokens, 10 tiles of 64, room for 2 splits
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     k_cache, v_cache = (x.to(dtype) for x in _cache(nb, bs, hkv, d, g))
     tables = torch.arange(nb, dtype=torch.int32).view(n, nb // n)
-    lens = torch.tensor([250, 256, 101, 17], dtype=torch.int32)
+    lens = torch.tensor([600, 640, 101, 17], dtype=torch.int32)
     q = torch.randn(n, hq, d, generator=g).to(dtype)
-    before = len(tp.resident_programs())
     out = _on_device(paged_decode_attention, q, k_cache, v_cache, tables, lens, d ** -0.5)
     tol = 2e-2 if DEVICE == "cuda" else 1e-5
     torch.testing.assert_close(out.double(), _ref(q, k_cache, v_cache, tables, lens, d ** -0.5), rtol=tol, atol=tol)
+    _on_device(paged_decode_attention, q, k_cache, v_cache, tables[:, :8], lens.clamp(max=128), d ** -0.5)
     if DEVICE == "cpu":
-        assert len(tp.resident_programs()) == before
-        assert tp._resident(q, k_cache, v_cache, tables, lens, None, 1, False, 64) == tp.STAND_IN_RESIDENT
+        assert tp.resident_programs() == [] and splits == [2, 1]
         return
-    entry = next(e for e in tp.resident_programs() if e["dtype"] == "bfloat16" and e["members"] == 0)
+    (entry,) = tp.resident_programs()  # the long context's variant only
     assert "error" not in entry and entry["regs"] > 0 and entry["shared"] > 0, entry
+    assert entry["members"] == 0 and not entry["start"] and entry["dtype"] == "bfloat16", entry
     props = torch.cuda.get_device_properties(0)
     assert entry["resident"] == tp.programs_per_sm(entry["regs"], entry["shared"], entry["num_warps"],
                                                    props.regs_per_multiprocessor,
                                                    props.shared_memory_per_multiprocessor,
                                                    props.max_threads_per_multi_processor)
+    assert splits == [tp.pick_num_splits(640, n * hkv, 64, torch.device("cuda"), entry["resident"]), 1]
 
 
 def test_a_prefix_program_holds_at_most_max_rows_query_rows():
