@@ -469,7 +469,7 @@ def test_captured_graphs_give_the_eager_tokens_on_cuda(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_steady_lookahead_steps_never_wait_for_the_device(tiny, monkeypatch):
     """On a GPU, once a bucket's graph is captured, a lookahead step returns while the step it
-    launched is still running: with a ~20-ms spin kernel queued ahead of each graph step, that
+    launched is still running: with a 15-20-ms spin kernel queued ahead of each graph step, that
     step's token copies have not landed when _step returns. And no such step blocks on the device
     anywhere (torch.cuda.set_sync_debug_mode("error"): a blocking copy to or from pageable memory,
     .item(), a stream or device synchronize raise; the host reads tokens from pinned copies after
@@ -480,20 +480,26 @@ def test_steady_lookahead_steps_never_wait_for_the_device(tiny, monkeypatch):
     running = []  # per steady lookahead step: whether the step it launched was still running at its return
 
     def slow_graph_step(self, seqs, tables, feed=None):
-        torch.cuda._sleep(30_000_000)  # ~20 ms of device time ahead of the step's own kernels
+        torch.cuda._sleep(30_000_000)  # 15-20 ms of device time ahead of the step's own kernels
         return real_graph_step(self, seqs, tables, feed)
 
     def step(self, sched, cache, blocks, results, graphs=None):
+        # steady: a graph captured (the batch never changes here: one bucket, so the step replays it) and
+        # the last step's tokens in flight
         steady = (self._flight is not None and graphs is not None and bool(graphs.graphs)
                   and self._may_look_ahead(sched, blocks, graphs))
+        replays = graphs.replays if graphs is not None else 0
         torch.cuda.set_sync_debug_mode("error" if steady else "default")
         try:
             real_step(self, sched, cache, blocks, results, graphs)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        if steady and self._flight is not None:
-            running.append(not self._flight.ready.query())
+        if steady:
+            assert graphs.replays == replays + 1, "a steady step that did not replay its graph"
+            running.append(self._flight is not None and not self._flight.ready.query())
 
+    for name in ("LONGRL_SAMPLER", "LONGRL_LOOKAHEAD", "LONGRL_CUDA_GRAPHS", "LONGRL_PAGED_BACKEND"):
+        monkeypatch.delenv(name, raising=False)  # the GPU's defaults: the Triton sampler, no host sync
     monkeypatch.setattr(DecodeGraphs, "step", slow_graph_step)
     monkeypatch.setattr(Gen, "_step", step)
     prompts = _prompts(tiny)
