@@ -348,10 +348,12 @@ def _scratch(b: int, hq: int, parts: int, d: int, device) -> tuple[torch.Tensor,
     _resident sized. With POISON_SCRATCH they are filled with values that would show in the output
     were an unwritten slot read: 1e30 for outputs, a log-sum-exp far above any real one (finite: a
     test that compares a step's operators with the next step's compares these fills too)."""
-    padded = -(-parts // 16) * 16
-    make = (lambda shape, fill: torch.full(shape, fill, dtype=torch.float32, device=device)) if POISON_SCRATCH else \
-        (lambda shape, fill: torch.empty(shape, dtype=torch.float32, device=device))
-    return make((b, hq, parts, d), 1e30), make((b, hq, padded), 1e4)[:, :, :parts]
+    o = torch.empty(b, hq, parts, d, dtype=torch.float32, device=device)
+    lse = torch.empty(b, hq, -(-parts // 16) * 16, dtype=torch.float32, device=device)
+    if POISON_SCRATCH:
+        o.fill_(1e30)
+        lse.fill_(1e4)
+    return o, lse[:, :, :parts]
 
 
 def _inputs(q, k_cache, v_cache, block_tables, seq_lens, block_n):

@@ -113,7 +113,7 @@ def test_signed_zeros_and_rows_without_a_finite_weight():
     row = torch.full((1, 64), -5.0)
     row[0, 20], row[0, 40] = 3.0, float("nan")
     st = sampling_tensors([SamplingParams(temperature=1.0, top_k=1)], [5], [0], DEVICE)
-    tokens, logprobs = sample_rows_triton(row.to(DEVICE), *st, chunk=16)
+    tokens, _ = sample_rows_triton(row.to(DEVICE), *st, chunk=16)
     assert tokens.tolist() == [20]
 
 

@@ -34,7 +34,7 @@ import torch
 from . import hostmem
 from .block_manager import BlockManager
 from .graphs import DecodeGraphs, graphs_mode
-from .paged import CacheConfig, PagedAttention, PagedKVCache
+from .paged import CacheConfig, PagedAttention, PagedKVCache, check_lookahead
 from .sampling import Completion, SamplingParams, sample, sampling_tensors, sequence_seed
 from .scheduler import Scheduler, Sequence
 
@@ -74,9 +74,7 @@ def lookahead_on(graphs: str, configured: str) -> bool:
     "on", "eager", "off": graphs_mode) and setting (auto | on | off; $LONGRL_LOOKAHEAD overrides):
     auto: with CUDA graphs captured; on: with any graph step (eager too: how the CPU tests run it).
     Only graph steps go ahead: with graphs off there is none, whatever the setting."""
-    choice = os.environ.get("LONGRL_LOOKAHEAD") or configured
-    if choice not in ("auto", "on", "off"):
-        raise ValueError(f"lookahead must be auto, on or off, got {choice!r}")
+    choice = check_lookahead(os.environ.get("LONGRL_LOOKAHEAD") or configured)
     return graphs in ("capture", "on") if choice == "auto" else choice == "on" and graphs != "off"
 
 

@@ -71,7 +71,6 @@ def tune() -> bool:
     return _state["tuned"]
 
 
-
 def to_device(t: torch.Tensor, device: torch.device | str, out: torch.Tensor | None = None) -> torch.Tensor:
     """A small host tensor on `device` (or copied into `out` there) without the host waiting for the
     device's queue: on a GPU it is staged in pinned memory (a copy from pageable memory may wait for

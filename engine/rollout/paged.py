@@ -18,6 +18,15 @@ from ..model.attention import causal_sdpa, flash_attn_available
 from .hostmem import to_device
 
 
+LOOKAHEAD = ("auto", "on", "off")  # CacheConfig.lookahead's settings (engine.lookahead_on)
+
+
+def check_lookahead(choice: str) -> str:
+    if choice not in LOOKAHEAD:
+        raise ValueError(f"lookahead must be auto, on or off, got {choice!r}")
+    return choice
+
+
 @dataclass
 class CacheConfig:
     block_size: int = 16  # tokens per block (a multiple of 256 for flash-attn's paged API)
@@ -43,8 +52,7 @@ class CacheConfig:
             raise ValueError(f"decode_backend must be auto, torch or triton, got {self.decode_backend!r}")
         if self.cuda_graphs not in ("auto", "on", "eager", "off"):
             raise ValueError(f"cuda_graphs must be auto, on, eager or off, got {self.cuda_graphs!r}")
-        if self.lookahead not in ("auto", "on", "off"):
-            raise ValueError(f"lookahead must be auto, on or off, got {self.lookahead!r}")
+        check_lookahead(self.lookahead)
 
 
 class PagedKVCache:
