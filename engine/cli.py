@@ -75,7 +75,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "micro-batches under train.token_budget, AdamW, LR schedule, gradient "
                                    "clipping and accumulation; one JSON row per step in OUT/metrics.jsonl and "
                                    "checkpoints (a model dir transformers loads + optimizer/RNG/data state) "
-                                   "under train.out_dir. Ctrl-C writes a checkpoint; --resume continues.")
+                                   "under train.out_dir. Ctrl-C finishes the step, writes a checkpoint and stops (twice: "
+                                   "stops at once); --resume continues.")
     t.add_argument("--recipe", help="TOML recipe with [model], [data], [train] and [sft] sections")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
     t.add_argument("--nproc", type=int, default=1,
@@ -87,7 +88,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                     "weights: [sft] (when sft.data is set), then the [rl] phases of growing "
                                     "input length with hard examples carried forward; the [eval] sets are "
                                     "scored before training, after SFT and after each phase. Metrics go to "
-                                    "train.out_dir/metrics.jsonl, checkpoints under train.out_dir.")
+                                    "train.out_dir/metrics.jsonl, checkpoints under train.out_dir. Ctrl-C "
+                                    "finishes the step, writes a checkpoint and stops (twice: stops at once).")
     tr.add_argument("recipe", help="TOML recipe (see recipes/)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
     tr.add_argument("--nproc", type=int, default=1,

@@ -301,7 +301,7 @@ def same_train(a: Path, b: Path):
             assert y["accuracy"] == x["accuracy"], x["label"]
         else:
             assert y["loss"] == pytest.approx(x["loss"], rel=1e-6)
-    wa, wb = weights(a / "step-000004"), weights(b / "step-000004")
+    wa, wb = weights(a / "rl-step-000004"), weights(b / "rl-step-000004")
     assert max(float((wa[k] - wb[k]).norm() / wa[k].norm()) for k in wa) < 1e-5
 
 
@@ -331,14 +331,14 @@ def test_train_resumes_mid_rl_at_another_world_size(rl_recipe, rl_one_process):
     on one process finishes as the uninterrupted run."""
     root, path = rl_recipe
     src = root / "rl-two-sp2"
-    if not (src / "step-000004").exists():
+    if not (src / "rl-step-000004").exists():
         train([str(path), f"--train.out_dir={src}", "--parallel.sp=2"], nproc=2)
     out = root / "rl-resumed"
     shutil.copytree(src, out)
-    for d in out.glob("step-*"):
-        if int(d.name.split("-")[1]) > 2:
+    for d in out.glob("rl-step-*"):
+        if int(d.name.rsplit("-", 1)[1]) > 2:
             shutil.rmtree(d)
-    (out / "latest").write_text("step-000002")
+    (out / "latest").write_text("rl-step-000002")
     keep = [line for line in (out / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2]
     (out / "metrics.jsonl").write_text("".join(line + "\n" for line in keep))
     train([str(path), f"--train.out_dir={out}", "--resume"])

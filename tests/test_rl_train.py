@@ -157,32 +157,63 @@ def test_train_command_runs_the_ci_recipe_with_held_out_evals(tiny_setup, tmp_pa
     assert (out / "eval" / "after-long" / "summary.md").is_file()
 
 
-def test_ctrl_c_checkpoints_and_oom_gives_advice(tiny_setup, tmp_path, monkeypatch):
-    from engine.train import rl as rl_mod
+class SignalsMidStep(ToyReward):
+    """ToyReward that sends this process `signals` SIGINTs at its `at`-th call: a Ctrl-C in the
+    middle of a step, after its rollout (the sampler has moved on) and before its update."""
+
+    def __init__(self, at: int, signals: int):
+        self.calls, self.at, self.signals = 0, at, signals
+
+    def __call__(self, items):
+        import os
+        import signal
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.signals):
+                os.kill(os.getpid(), signal.SIGINT)
+        return super().__call__(items)
+
+
+def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path):
+    """A real SIGINT mid-step: the step finishes, a checkpoint of it is written and the run stops.
+    Resumed, a second SIGINT right after the first stops at once: nothing of the cut step is
+    saved, the checkpoint stays. Resumed again, the run draws, rewards and trains as one that
+    never stopped."""
     from engine.train import run_rl
+    from engine.train.loop import Interrupted
 
     config, _ = tiny_setup
-    cfg = config("ctrlc")
-    real_step = rl_mod.GRPOTrainer.step
-    calls = {"n": 0}
-
-    def interrupted(self, sampler, max_input):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_step(self, sampler, max_input)
-
-    monkeypatch.setattr(rl_mod.GRPOTrainer, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_rl(cfg, progress=False, reward=ToyReward())
+    phases = ((150, 2),)
+    run_rl(config("straight", phases=phases), progress=False, reward=ToyReward())
+    cfg = config("ctrlc", phases=phases)
+    with pytest.raises(Interrupted):
+        run_rl(cfg, progress=False, reward=SignalsMidStep(at=1, signals=1))
     state = json.loads((latest_checkpoint(tmp_path / "ctrlc") / "trainer.json").read_text())
     assert state["trainer"]["step"] == 1 and state["sampler"] is not None  # mid-phase, resumable
+    assert len(_rows(tmp_path / "ctrlc")) == 1
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        run_rl(cfg, resume=True, progress=False, reward=SignalsMidStep(at=1, signals=2))
+    assert not isinstance(stopped.value, Interrupted)
+    assert latest_checkpoint(tmp_path / "ctrlc").name == "rl-step-000001"
+    assert len(_rows(tmp_path / "ctrlc")) == 1
+    run_rl(cfg, resume=True, progress=False, reward=ToyReward())
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "ctrlc")
+    assert [r["examples"] for r in resumed] == [r["examples"] for r in straight] and len(straight) == 2
+    for a, b in zip(straight, resumed):
+        for key in ("reward/mean", "loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_out_of_memory_gives_advice(tiny_setup, monkeypatch):
+    from engine.train import TrainingStopped, run_rl
+    from engine.train import rl as rl_mod
+
+    config, _ = tiny_setup
 
     def oom(self, sampler, max_input):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(rl_mod.GRPOTrainer, "step", oom)
-    from engine.train import TrainingStopped
     with pytest.raises(TrainingStopped, match="train.token_budget"):
         run_rl(config("oom"), progress=False, reward=ToyReward())
 

@@ -385,7 +385,7 @@ def test_carry_threshold_carries_exactly_the_unsolved_examples(tiny_setup, tmp_p
     p0 = [i for r in rows if r["phase"] == "p0" for i in r["examples"]]
     assert sorted(p0) == sorted(r.id for r in short)  # every phase-1 example seen once
     unsolved = {r.id for r in short} - solved
-    after_p1 = json.loads((run_dir / "step-000002" / "trainer.json").read_text())
+    after_p1 = json.loads((run_dir / "rl-step-000002" / "trainer.json").read_text())
     assert after_p1["phase"] == 1
     assert sorted(after_p1["carried"]) == sorted(unsolved)  # exactly the unsolved, each once
     p1 = [i for r in rows if r["phase"] == "p1" for i in r["examples"]]

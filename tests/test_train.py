@@ -84,6 +84,38 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_run, tmp_path):
     assert _losses(tmp_path / "broken") == _losses(tmp_path / "straight")
 
 
+def test_ctrl_c_mid_step_checkpoints_that_step_whole(tiny_run, tmp_path, monkeypatch):
+    """A SIGINT inside step 3's forward: the step finishes and is saved (its data position with
+    it); the resumed run's losses are those of a run that never stopped."""
+    import os
+    import signal
+
+    from engine.train.loop import Interrupted
+    straight = tiny_run("straight")
+    run_sft(straight, progress=False)
+    real, real_step, calls = sft_mod.linear_logprob, sft_mod.SFTTrainer.step, {"step": 0, "sent": False}
+
+    def counted(self):
+        calls["step"] += 1
+        return real_step(self)
+
+    def signalled(*a, **k):
+        if calls["step"] == 3 and not calls["sent"]:
+            calls["sent"] = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+
+    cfg = tiny_run("ctrlc")
+    monkeypatch.setattr(sft_mod.SFTTrainer, "step", counted)
+    monkeypatch.setattr(sft_mod, "linear_logprob", signalled)
+    with pytest.raises(Interrupted):
+        run_sft(cfg, progress=False)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path / "ctrlc").name == "step-000003" and len(_losses(tmp_path / "ctrlc")) == 3
+    run_sft(cfg, resume=True, progress=False)
+    assert _losses(tmp_path / "ctrlc") == _losses(tmp_path / "straight")
+
+
 def test_checkpoint_write_is_atomic_and_pruned(tiny_run, tmp_path, monkeypatch):
     cfg = tiny_run("atomic", save_every=1, keep_last=2)
     cfg.sft.max_steps = 3
@@ -103,6 +135,54 @@ def test_checkpoint_write_is_atomic_and_pruned(tiny_run, tmp_path, monkeypatch):
         run_sft(cfg, resume=True, progress=False)
     assert latest_checkpoint(run_dir).name == "step-000003"  # the previous checkpoint is whole
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".step-")]
+
+
+def test_checkpoint_of_a_step_saved_twice_and_per_stage_pruning(tmp_path, monkeypatch):
+    """The same step saved again (a periodic save, then the phase end's) never leaves the run
+    without it: killed between moving the older copy aside and renaming the new one in, the
+    older copy is taken back. SFT's and RL's checkpoints (RL counts from 0 again) keep their own
+    `keep_last`, and a resume with nothing to resume refuses instead of starting over."""
+    from pathlib import Path
+
+    from engine.train import run_pipeline
+
+    def fake_model(model, tokenizer, path, state_dict=None):
+        path.mkdir(parents=True)
+        (path / "config.json").write_text("{}")
+
+    monkeypatch.setattr(ckpt_mod, "save_model", fake_model)
+    run = tmp_path / "run"
+
+    def save(step, stage, tag):
+        return ckpt_mod._write_checkpoint(run, step, None, None, {}, {"stage": stage, "tag": tag}, 2)
+
+    def tag(path):
+        return json.loads((path / "trainer.json").read_text())["tag"]
+
+    for step in (50, 100):
+        save(step, "sft", "sft")
+    for step in (10, 20, 30):
+        save(step, "rl", "periodic")
+    assert sorted(p.name for p in run.iterdir()) == ["latest", "rl-step-000020", "rl-step-000030", "step-000050",
+                                                     "step-000100"]
+    real_rename = Path.rename
+
+    def killed(self, target):
+        if self.name.startswith(".rl-step-000030.tmp"):
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save(30, "rl", "phase end")
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert not (run / "rl-step-000030").exists()
+    assert latest_checkpoint(run).name == "rl-step-000030" and tag(run / "rl-step-000030") == "periodic"
+    save(30, "rl", "phase end")
+    assert tag(latest_checkpoint(run)) == "phase end"
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        run_pipeline(load_config(None, [f"--train.out_dir={tmp_path / 'empty'}"]), resume=True, progress=False)
 
 
 def test_non_finite_losses_skip_then_stop(tiny_run, monkeypatch):

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config
-from .checkpoint import latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
-from .loop import Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
+from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
+from .loop import Interrupted, Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
 from .metrics import MetricsLog
 from .sft import SFTTrainer, sft_examples
 
@@ -58,8 +58,11 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         return save_checkpoint(run_dir, trainer.state.step, model, tokenizer, trainer.optimizer,
                                trainer.state_dict(), cfg.train.keep_last, parallel=par, export=export)
 
+    def saved_now() -> bool:  # the newest checkpoint is of the step just finished
+        return last is not None and last.name == checkpoint_name(trainer.state_dict(), trainer.state.step)
+
     last, done_here = ckpt, 0
-    with guarded(bar, save):
+    with guarded(bar, par, lambda: last) as interrupts:
         while not trainer.done() and (stop_after is None or done_here < stop_after):
             row = trainer.step()
             log.write(row)
@@ -68,10 +71,12 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
             done_here += 1
             if cfg.train.save_every and trainer.state.step % cfg.train.save_every == 0:
                 last = save()
+            if interrupts.requested():
+                raise Interrupted(last if saved_now() else save())
     bar.close()
     if stop_after is not None and not trainer.done():
         return last  # a simulated kill: whatever the periodic checkpoints left
-    if last is None or last.name != f"step-{trainer.state.step:06d}" or par is not None:
+    if not saved_now() or par is not None:
         last = save(export=True)  # the end of SFT: a model transformers (and RL) loads
     return last
 
@@ -155,6 +160,8 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         raise ValueError("rl.data lists no files: give at least one doc-QA file")
     run_dir = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}")
     state = load_checkpoint_state(ckpt) if ckpt else None
     if ckpt and state[2].get("stage") != "rl":
         ckpt, state = None, None  # the newest checkpoint is SFT's: RL starts fresh from it
@@ -199,7 +206,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None) \
         if main else NullLog()
     bar = progress_bar(total, trainer.step_count, "rl", progress and main)
-    position = {"phase": phase_k, "carried": carried, "sampler": None}  # where the run is, for saves
+    position = {"phase": phase_k, "carried": carried, "last": ckpt}  # where the run is, for saves
 
     def save(sampler=None, phase=None, carried_now=None) -> Path:
         if phase is not None:
@@ -207,18 +214,20 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         tstate = {"stage": "rl", "phase": position["phase"], "carried": position["carried"],
                   "trainer": trainer.state_dict(), "tracker": tracker.state_dict(),
                   "sampler": sampler.state_dict() if sampler else None}
-        return save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
-                               cfg.train.keep_last, parallel=par, export=phase is not None)  # phase ends export
+        # a phase's end exports the full weights (what transformers loads)
+        position["last"] = save_checkpoint(run_dir, trainer.step_count, model, tokenizer, trainer.optimizer, tstate,
+                                           cfg.train.keep_last, parallel=par, export=phase is not None)
+        return position["last"]
 
-    with guarded(bar, lambda: save(position["sampler"])):
+    with guarded(bar, par, lambda: position["last"]) as interrupts:
         last = _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar,
-                          save, position, evaluate, stop_after, ckpt)
+                          save, interrupts, evaluate, stop_after, ckpt)
     bar.close()
     return last
 
 
 def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sampler_state, log, bar, save,
-               position, evaluate, stop_after, last):
+               interrupts, evaluate, stop_after, last):
     from ..curriculum import PhaseSampler, carry_over
 
     model, tokenizer = trainer.model, trainer.tokenizer
@@ -236,7 +245,6 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
             sampler.load_state_dict(sampler_state)
             sampler.tracker = tracker
             sampler_state = None
-        position["sampler"] = sampler  # the Ctrl-C checkpoint saves it mid-phase
         phase_end = sum(p.steps for p in rl.phases[: phase_k + 1])
         while trainer.step_count < phase_end:
             if stop_after is not None and done_here >= stop_after:
@@ -247,15 +255,17 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
             bar.update(1)
             bar.set_postfix(phase=phase.name, reward=f"{row['reward/mean']:.3f}")
             done_here += 1
-            if cfg.train.save_every and trainer.step_count % cfg.train.save_every == 0:
+            saved = cfg.train.save_every and trainer.step_count % cfg.train.save_every == 0
+            if saved:
                 last = save(sampler)
             if evaluate and cfg.eval.every and trainer.step_count % cfg.eval.every == 0 \
                     and trainer.step_count < phase_end:
                 evaluate(trainer.eval_model(), tokenizer, f"rl-step-{trainer.step_count}", trainer.step_count, log)
+            if interrupts.requested():  # Ctrl-C: a checkpoint of this finished step (mid-phase: its sampler too)
+                raise Interrupted(last if saved else save(sampler))
         carried = carry_over(tracker, ids, rl.carry_threshold, previous=carried)
         phase_k += 1
         last = save(None, phase_k, carried)
-        position["sampler"] = None
         if evaluate:
             evaluate(trainer.eval_model(), tokenizer, f"after-{phase.name}", trainer.step_count, log)
     return last
@@ -299,6 +309,9 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
 
     run_dir = Path(cfg.train.out_dir)
     latest = latest_checkpoint(run_dir) if resume else None
+    if resume and latest is None:  # starting over would delete the run's metrics
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir} (run without --resume to start "
+                                f"over)")
     in_rl = latest is not None and load_checkpoint_state(latest)[2].get("stage") == "rl"
 
     par = start_parallel(cfg)

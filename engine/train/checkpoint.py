@@ -18,8 +18,13 @@ A run on several ranks (engine.parallel) writes the model and optimizer sharded 
 
 `longrl convert` (and load_model) read the weights of either kind.
 
+RL's checkpoints are named rl-step-000100 (its steps count from 0 again after SFT's, in the same
+RUN_DIR), and each stage keeps its own `keep_last`.
+
 A checkpoint is written into a temporary directory and renamed into place, and `latest` is
-replaced atomically after that: a kill at any moment leaves the previous checkpoint whole.
+replaced atomically after that: a kill at any moment leaves the previous checkpoint whole. A
+step saved twice (a periodic save, then the phase end's) moves the older copy aside first, and
+`latest_checkpoint` takes it back if a kill came between the two renames.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model, tokenizer, opt
 
     from ..parallel.fsdp import full_model_state
     run = Path(run_dir)
-    final = run / f"step-{step:06d}"
+    final = run / checkpoint_name(trainer_state, step)
     tmp = run / f".{final.name}.tmp-sharded"  # one name every rank knows
     if parallel.is_main:
         run.mkdir(parents=True, exist_ok=True)
@@ -67,7 +72,7 @@ def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dic
     """tmp: a temporary directory already holding part of the checkpoint (the sharded states)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    final = run / f"step-{step:06d}"
+    final = run / checkpoint_name(trainer_state, step)
     if tmp is None:
         tmp = run / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,19 +86,32 @@ def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dic
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        aside = _aside(final)
+        if final.exists():  # the same step again: the older copy stays whole until the new one is in place
+            shutil.rmtree(aside, ignore_errors=True)
+            final.rename(aside)
         tmp.rename(final)
+        shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     pointer = run / ".latest.tmp"
     pointer.write_text(final.name)
     pointer.replace(run / "latest")
-    for old in sorted(run.glob("step-*"))[:-keep_last]:
+    prefix = final.name[: -len(f"{step:06d}")]  # prune this stage's checkpoints only
+    for old in sorted(run.glob(f"{prefix}*"))[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(trainer_state: dict, step: int) -> str:
+    """step-000100 for SFT, rl-step-000100 for RL (its steps count from 0 again)."""
+    return f"{'rl-' if trainer_state.get('stage') == 'rl' else ''}step-{step:06d}"
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -102,6 +120,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     path = run / pointer.read_text().strip()
+    if not path.exists() and (_aside(path) / "trainer.json").is_file():
+        try:  # killed between moving the older copy aside and renaming the new one in
+            _aside(path).rename(path)
+        except FileNotFoundError:  # another rank took it back first
+            pass
     return path if (path / "trainer.json").is_file() else None
 
 

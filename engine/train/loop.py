@@ -1,10 +1,12 @@
 """What every training loop shares: one optimizer step (LR, clipping, non-finite skip), the
-start of a run (seed, model, activation checkpointing) and its guard (Ctrl-C checkpoint,
-out-of-memory advice). SFT and GRPO/DAPO both step through these, so a fix lands in both."""
+start of a run (seed, model, activation checkpointing) and its guard (Ctrl-C: a checkpoint at
+the step's end; out-of-memory advice). SFT and GRPO/DAPO both step through these, so a fix lands in both."""
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Callable
 
@@ -128,19 +130,66 @@ def progress_bar(total: int, initial: int, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
+class Interrupts:
+    """Ctrl-C during training. The first asks the run to stop at the end of the step it is in:
+    the loop then writes a checkpoint of that finished step and stops (a step cut in half would
+    save data positions, RNG and weights that disagree, and the resumed run would skip or repeat
+    data). The second stops at once, saving nothing: the last checkpoint stays the one to resume.
+    Under several ranks `requested()` is decided together (a max over the ranks), so every rank
+    stops after the same step. Outside the main thread (no signal handler there) Ctrl-C simply
+    stops at once."""
+
+    def __init__(self, parallel=None):
+        self.parallel, self.asked, self._previous = parallel, False, None
+
+    def __enter__(self) -> "Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+        print("\ninterrupt: finishing this step, then writing a checkpoint (Ctrl-C again stops now, without one)",
+              file=sys.stderr, flush=True)
+
+    def requested(self) -> bool:
+        """Whether to stop after the step just finished (every rank gets the same answer)."""
+        if self.parallel is None:
+            return self.asked
+        return bool(self.parallel.max(int(self.asked)))
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped at a step's end on Ctrl-C, its checkpoint written."""
+
+
 @contextmanager
-def guarded(bar, save_now: Callable[[], object]):
-    """Ctrl-C: close the bar, write a checkpoint, say how to continue, re-raise. Out of
-    memory: stop with advice on what to turn down."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        bar.close()
-        path = save_now()
-        print(f"\ninterrupted: checkpoint written to {path}; continue with --resume", file=sys.stderr)
-        raise
-    except torch.OutOfMemoryError as e:
-        raise TrainingStopped(oom_advice(e)) from None
+def guarded(bar, parallel=None, last: Callable[[], object] = lambda: None):
+    """Around a training loop: -> its Interrupts (the loop asks `requested()` after each step,
+    saves and raises Interrupted). A second Ctrl-C stops mid-step, naming the checkpoint to
+    resume from (`last()`). Out of memory: stop with advice on what to turn down."""
+    with Interrupts(parallel) as interrupts:
+        try:
+            yield interrupts
+        except Interrupted as e:
+            bar.close()
+            print(f"\ninterrupted: checkpoint written to {e}; continue with --resume", file=sys.stderr)
+            raise
+        except KeyboardInterrupt:
+            bar.close()
+            path = last()
+            where = f"the last checkpoint is {path}; continue with --resume" if path else "no checkpoint written yet"
+            print(f"\nstopped mid-step without a checkpoint: {where}", file=sys.stderr)
+            raise
+        except torch.OutOfMemoryError as e:
+            raise TrainingStopped(oom_advice(e)) from None
 
 
 def oom_advice(err: Exception) -> str:
