@@ -62,14 +62,17 @@ class GRPOLossConfig:
 # ---- aggregation -------------------------------------------------------------------
 def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, mode: str, *,
                         global_tokens: int | None = None, global_seqs: int | None = None,
-                        norm_len: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                        norm_len: int | None = None, seq_tokens: torch.Tensor | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """token_weight [T] (in `dtype`) for one micro-batch.
 
     loss_mask [T] (1 on tokens in the loss), seq_index [T] (which sequence each token
-    belongs to; a sequence lies whole in one micro-batch). global_tokens / global_seqs are
-    the counts of loss tokens / sequences over the whole batch — every micro-batch on every
-    rank — so that the sum of the micro-batch losses is the batch loss; they default to this
-    micro-batch's own counts.
+    belongs to). global_tokens / global_seqs are the counts of loss tokens / sequences over
+    the whole batch — every micro-batch on every rank — so that the sum of the micro-batch
+    losses is the batch loss; they default to this micro-batch's own counts. seq_tokens
+    (indexed by seq_index): each sequence's loss tokens over every rank, for a sequence cut
+    across ranks (sequence parallelism); by default a sequence lies whole in the micro-batch
+    and its tokens are counted here.
 
       token-mean                Σ_tokens loss / global_tokens
       seq-mean-token-mean       mean over sequences of each sequence's token mean
@@ -87,8 +90,11 @@ def aggregation_weights(loss_mask: torch.Tensor, seq_index: torch.Tensor, mode: 
     if mode == "token-mean":
         w = mask / max(tokens, 1)
     elif mode == "seq-mean-token-mean":
-        per_seq = torch.zeros(int(seq_index.max().item()) + 1 if seq_index.numel() else 1, dtype=torch.float64,
-                              device=mask.device).index_add_(0, seq_index, mask)
+        if seq_tokens is not None:
+            per_seq = seq_tokens.to(device=mask.device, dtype=torch.float64)
+        else:
+            per_seq = torch.zeros(int(seq_index.max().item()) + 1 if seq_index.numel() else 1, dtype=torch.float64,
+                                  device=mask.device).index_add_(0, seq_index, mask)
         w = mask / per_seq[seq_index].clamp(min=1) / max(seqs, 1)
     elif mode == "seq-mean-token-sum":
         w = mask / max(seqs, 1)

@@ -90,7 +90,7 @@ def _update_rank(rank, world, path, sp, rl_kw):
     return out["loss"], out["grad_norm"], state if rank == 0 else None
 
 
-CASES = [("dp1-sp2", 2, 2, {}), ("dp2-sp1", 2, 1, {}),
+CASES = [("dp1-sp2-seq-mean", 2, 2, {"aggregation": "seq-mean-token-mean"}), ("dp2-sp1", 2, 1, {}),
          ("dp1-sp2-repeated-offpolicy-kl", 2, 2, {"shared_prefix": False, "mini_batches": 2, "kl_coef": 0.1}),
          ("dp2-sp2-offpolicy", 4, 2, {"mini_batches": 2})]
 

@@ -91,6 +91,8 @@ def test_dynamic_sampling_drops_zero_variance_and_refills():
     kept = sampler.finish()
     assert kept == [[0, 1, 0], [1, 0, 0], [0, 0, 1]]
     assert sampler.metrics()["dynamic/dropped_groups"] == 3 and sampler.rounds == 3
+    # the last round's third varied group is past the target: left out, and counted so
+    assert sampler.metrics()["dynamic/kept_groups"] == 3 and sampler.metrics()["dynamic/surplus_groups"] == 1
 
 
 def test_dynamic_sampling_shortfall(caplog):

@@ -280,12 +280,21 @@ def test_lm_head_gradient_matches_autograd_of_the_reference(letters, aggregation
                                                                           rel=1e-3)
 
 
+def test_mini_batches_are_as_many_as_asked_and_near_equal():
+    from engine.train.rl import mini_batch_bounds
+    assert mini_batch_bounds(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]  # ceil(5 / 4) = 2 a part gave 3 parts
+    assert mini_batch_bounds(4, 3) == [(0, 2), (2, 3), (3, 4)]
+    assert mini_batch_bounds(6, 3) == [(0, 2), (2, 4), (4, 6)]
+    assert mini_batch_bounds(2, 3) == [(0, 1), (1, 2)] and mini_batch_bounds(3, 1) == [(0, 3)]
+    assert mini_batch_bounds(0, 2) == []
+
+
 # ---- 4. token-budget micro-batches = one batch ---------------------------------------------
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean"])
 @pytest.mark.parametrize("shared", [True, False], ids=["group-rows", "repeated"])
 def test_micro_batches_accumulate_the_gradient_of_one_batch(letters, monkeypatch, aggregation, shared):
     reward = [1, 0, 0.5, 0.2]
-    grads, counts = {}, {}
+    grads, counts, rows = {}, {}, {}
     calls = capture_loss_calls(monkeypatch)
     # prompts of 95..106 tokens + responses of 2..6: with repeated prompts 120 puts one sequence
     # in each micro-batch; a group row is P + 13 = 108..119 tokens, so 111 splits most groups
@@ -300,9 +309,14 @@ def test_micro_batches_accumulate_the_gradient_of_one_batch(letters, monkeypatch
             grads[budget] = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()}
             return real_step(step, total, loss_total)
         trainer.opt_step = opt_step
-        trainer.step(sampler_for(trainer), max_input=1024)
+        rows[budget] = trainer.step(sampler_for(trainer), max_input=1024)
         counts[budget] = len(calls) - n_before
     assert counts[small] >= 3 and counts[4096] == 1
+    # the logged figures are the batch's token means too, however unequal the micro-batches
+    stats = [k for k in rows[4096] if k.startswith("policy/") and not k.startswith("policy/max_")]
+    assert "policy/entropy" in stats and "policy/logprob" in stats
+    for key in stats:
+        assert rows[small][key] == pytest.approx(rows[4096][key], rel=1e-5, abs=1e-7), key
     small, big = grads[small], grads[4096]
     assert small.keys() == big.keys()
     for name in big:

@@ -276,13 +276,16 @@ def test_paired_gain_interval_and_sign_test(tmp_path):
 
 def test_metrics_log_resume_and_tensorboard(tmp_path):
     from engine.train import MetricsLog
-    log = MetricsLog(tmp_path, "sft", fresh=True)
+    log = MetricsLog(tmp_path, "rl", fresh=True)
+    log.write({"stage": "eval", "step": 0, "accuracy": 0.5})
+    log.write({"stage": "sft", "step": 3, "loss": 1.0})  # an earlier stage: its own steps
     for i in range(1, 5):
-        log.write({"stage": "sft", "step": i, "loss": float(i)})
-    log.write({"stage": "eval", "step": 3, "accuracy": 1.0})
-    resumed = MetricsLog(tmp_path, "sft", resume_after_step=2)  # rows after the checkpoint go
-    assert [(r["stage"], r["step"]) for r in resumed.rows()] == [("sft", 1), ("sft", 2), ("eval", 3)]
-    log.write({"stage": "sft", "step": 3, "loss": float("nan")})
+        log.write({"stage": "rl", "step": i, "loss": float(i)})
+        log.write({"stage": "eval", "step": i, "accuracy": 1.0})
+    resumed = MetricsLog(tmp_path, "rl", resume_after_step=2)  # rows after the checkpoint go, evaluations too
+    assert [(r["stage"], r["step"]) for r in resumed.rows()] == [("eval", 0), ("sft", 3), ("rl", 1), ("eval", 1),
+                                                                 ("rl", 2), ("eval", 2)]
+    log.write({"stage": "rl", "step": 3, "loss": float("nan")})
     assert resumed.rows()[-1]["loss"] is None  # JSON has no NaN
     if log.tb is not None:  # TensorBoard event files when the package is installed
         assert list((tmp_path / "tb").glob("events.*"))

@@ -77,7 +77,10 @@ class DynamicSampler(Generic[G]):
         return self.kept[: self.target_groups]
 
     def metrics(self) -> dict[str, float]:
-        return {"dynamic/rounds": self.rounds, "dynamic/kept_groups": len(self.kept),
+        """kept_groups: the groups the batch trains on; surplus_groups: groups with variance past
+        the target (the last round's extra), left out."""
+        return {"dynamic/rounds": self.rounds, "dynamic/kept_groups": min(len(self.kept), self.target_groups),
+                "dynamic/surplus_groups": max(0, len(self.kept) - self.target_groups),
                 "dynamic/dropped_groups": self.dropped_groups,
                 "dynamic/shortfall": self.missing()}
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """fresh: start a new file. resume_after_step: drop this stage's rows logged after the
-    checkpoint the run resumes from (they are logged again). Neither: append (a later stage)."""
+    """fresh: start a new file. resume_after_step: drop this stage's rows, and the held-out
+    evaluations', logged after the checkpoint the run resumes from (they are logged again).
+    Neither: append (a later stage)."""
 
     def __init__(self, run_dir: str | os.PathLike, stage: str, *, fresh: bool = False,
                  resume_after_step: int | None = None):
@@ -24,7 +25,7 @@ class MetricsLog:
                 if not line.strip():
                     continue
                 row = json.loads(line)
-                if not (row.get("stage") == stage and row.get("step", 0) > resume_after_step):
+                if not (row.get("stage") in (stage, "eval") and (row.get("step") or 0) > resume_after_step):
                     keep.append(line)
             self.path.write_text("".join(line + "\n" for line in keep))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -394,9 +393,10 @@ class GRPOTrainer:
         loss_samples = [k for k in range(n_samples) if in_loss[k]]
         n_tokens = [len(comp.token_ids) if in_loss[k] else 0 for k, (_, comp) in enumerate(samples)]
         global_tokens = sum(n_tokens)
-        # mini-batches of whole groups; several of them make the later updates off-policy
-        per_mini = math.ceil(len(batch) / self.rl.mini_batches) * self.rl.group_size
-        minis = [list(range(i, min(i + per_mini, n_samples))) for i in range(0, n_samples, per_mini)]
+        # rl.mini_batches of whole groups, as equal as the groups allow (fewer only when there are
+        # fewer groups); several of them make the later updates off-policy
+        minis = [list(range(a * self.rl.group_size, b * self.rl.group_size))
+                 for a, b in mini_batch_bounds(len(batch), self.rl.mini_batches)]
         old = ref = None
         if len(minis) > 1:
             t0 = time.perf_counter()
@@ -409,6 +409,7 @@ class GRPOTrainer:
         behaviour = _Table(samples, loss_samples, device)
         behaviour.flat.copy_(torch.tensor([lp for k in loss_samples for lp in samples[k][1].logprobs]))
         adv_all = torch.tensor(seq_adv, device=device)
+        seq_tokens = torch.tensor(n_tokens, dtype=torch.float64)  # whole responses: under SP a rank holds a part
         t0 = time.perf_counter()
         stats_sum, stats_max, n_stats, losses, norms, through = defaultdict(float), {}, 0, [], [], 0
         model.train()
@@ -420,7 +421,7 @@ class GRPOTrainer:
                     continue
                 w = aggregation_weights(torch.ones_like(m.rows, dtype=torch.float32), m.samples, self.rl.aggregation,
                                         global_tokens=mini_tokens, global_seqs=len(mini),
-                                        norm_len=self.rl.max_new_tokens)
+                                        norm_len=self.rl.max_new_tokens, seq_tokens=seq_tokens)
                 with self.precision.autocast():
                     hidden = model(m.input_ids, m.cu_seqlens, position_ids=m.position_ids, attn=m.attn)
                 through += m.input_ids.numel()
@@ -435,12 +436,13 @@ class GRPOTrainer:
                     behaviour_logprob=behaviour.at(m), cfg=self.loss_cfg, **self.kernel_args)
                 loss.backward()
                 loss_total += loss.item()
+                tokens = float(stats["tokens"])  # the stats are means over this micro-batch's loss tokens
                 for key, val in stats.items():
                     if key.startswith("max_"):
                         stats_max[key] = max(stats_max.get(key, float("-inf")), float(val))
-                    else:
-                        stats_sum[key] += float(val)
-                n_stats += 1
+                    elif key != "tokens":
+                        stats_sum[key] += float(val) * tokens
+                n_stats += tokens
             if par is not None:
                 loss_total = par.sum(loss_total)
             result = self.opt_step(self.step_count, self.total_steps, loss_total)
@@ -467,7 +469,7 @@ class GRPOTrainer:
                     "_work": (through, through * (passes - 1))})
         renamed = {"mismatch_abs": "mismatch/mean_abs", "max_mismatch_abs": "mismatch/max_abs",
                    "mismatch_over": "mismatch/over_0.1", "tis_weight": "tis/mean_weight", "tis_capped": "tis/capped"}
-        stats_mean = {k: v / max(n_stats, 1) for k, v in stats_sum.items() if k != "tokens"}
+        stats_mean = {k: v / max(n_stats, 1) for k, v in stats_sum.items()}  # token means over the batch
         for key, val in {**stats_mean, **stats_max}.items():
             out[renamed.get(key, f"policy/{key}")] = val
         return out
@@ -527,6 +529,21 @@ def _within(samples: torch.Tensor) -> torch.Tensor:
     starts[1:] = samples[1:] != samples[:-1]
     first = torch.cummax(torch.where(starts, torch.arange(len(samples), device=samples.device), 0), 0).values
     return torch.arange(len(samples), device=samples.device) - first
+
+
+def mini_batch_bounds(groups: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) group ranges of `parts` mini-batches (at most one per group) whose sizes differ
+    by at most one: 5 groups in 4 -> 2, 1, 1, 1."""
+    if groups <= 0:
+        return []
+    parts = max(1, min(parts, groups))
+    size, extra = divmod(groups, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
 
 
 class _Table:
