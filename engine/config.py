@@ -252,6 +252,7 @@ class RewardConfig:
     judge_timeout_s: float = 30.0  # per attempt; an item costs at most timeout × retries
     judge_retries: int = 2  # attempts per item
     judge_concurrency: int = 8  # requests in flight (http)
+    judge_cooldown_s: float = 300.0  # http: after `concurrency` items in a row without a reply, not asked for this long
     judge_max_tokens: int = 1024  # reply budget: room for a short reason and the verdict
     judge_tasks: list[str] = field(default_factory=lambda: ["qa", "math"])  # tasks the judge may rescue
 
@@ -270,6 +271,8 @@ class RewardConfig:
                and self.judge_max_tokens >= 1, f"{key}.judge_timeout_s / judge_retries / judge_concurrency / "
                f"judge_max_tokens", "timeout > 0 and integers >= 1",
                (self.judge_timeout_s, self.judge_retries, self.judge_concurrency, self.judge_max_tokens))
+        _check(self.judge_cooldown_s >= 0, f"{key}.judge_cooldown_s", ">= 0 (0: never stop asking)",
+               self.judge_cooldown_s)
         _check(set(self.judge_tasks) <= {"qa", "math", "choice"}, f"{key}.judge_tasks",
                "a list of qa, math, choice", self.judge_tasks)
 

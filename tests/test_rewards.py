@@ -37,10 +37,14 @@ CASES = [
     ("Therefore, the answer is:\n\nLondon\nParis", "Paris", "qa", 0.0),                # only that one line
     ("Therefore, the answer is: Paris", "Paris", "qa", 1.0),
     ("Therefore, the answer is .", "Paris", "qa", 0.0),                                # empty answer
+    ("The answer is Paris.\nNote that the answer isn't London.", "Paris", "qa", 1.0),  # "isn't" commits to nothing
+    ("The answer is Paris.\nNote that the answer isn't London.", "London", "qa", 0.0),
+    ("The answer is Paris.\nThe answer is not London.", "London", "qa", 0.0),          # nor does "is not"
     # thinking
     ("<think>the answer is London</think>Therefore, the answer is Paris.", "Paris", "qa", 1.0),
     ("<think>Therefore, the answer is Paris</think>I am not sure.", "Paris", "qa", 0.0),
     ("<think>a</think><think>b</think> the answer is Paris", "Paris", "qa", 1.0),       # after the last tag
+    ("<think>Maybe the answer is Paris. Hmm, but", "Paris", "qa", 0.0),                # a thought never closed
     # sub-EM and normalisation
     ("Therefore, the answer is the Eiffel Tower", "Eiffel Tower", "qa", 1.0),          # articles
     ("Therefore, the answer is Eiffel Tower, in Paris", "eiffel tower", "qa", 1.0),    # gold inside prediction
@@ -77,6 +81,12 @@ CASES = [
     ("Therefore, the answer is 5.004 billion", "5", "math", 1.0),                      # x10^9, within 0.15%
     ("Therefore, the answer is 6 million", "5", "math", 0.0),                          # scaled, still wrong
     ("Therefore, the answer is 50", "5", "math", 0.0),                                 # x10 is no unit change
+    ("Therefore, the answer is 0.00001", str(0.00001), "math", 1.0),                   # a float gold prints 1e-05
+    ("Therefore, the answer is 1.2 × 10^6", "1200000", "math", 1.0),                   # a power of ten
+    ("Therefore, the answer is 1.2e6", "1.2", "math", 1.0),                            # x10^6: a unit change
+    ("Therefore, the answer is 1.2e5", "1.2", "math", 0.0),                            # x10^5 is none
+    ("Therefore, the answer is 3/4", "0.75", "math", 1.0),                             # a fraction
+    ("Therefore, the answer is 3/4", "3", "math", 0.0),
     # multiple choice
     ("The correct answer is (B).", "B", "choice", 1.0),
     ("The correct answer is (b)", "(B)", "choice", 0.0),                               # letters are uppercase
@@ -125,6 +135,8 @@ def test_parse_number_forms():
     assert parse_number("$3.2 billion") == 3.2e9
     assert parse_number("5k") == 5000 and parse_number("5 km") == 5
     assert parse_number("no digits") is None
+    assert parse_number("2.5E-3") == pytest.approx(0.0025) and parse_number("2 x 10^(-3)") == pytest.approx(0.002)
+    assert parse_number("1/0") is None and parse_number("3/4/2020") == 3  # a date is no fraction
 
 
 def test_unknown_task_is_an_error():
@@ -316,11 +328,30 @@ def test_a_down_judge_never_sleeps_past_its_deadline():
     assert time.perf_counter() - started <= 0.2 * 3 + 0.3
 
 
+def test_a_dead_judge_is_left_alone_for_its_cooldown():
+    """concurrency items in a row without a reply: the rest of the batch, and the next batches
+    until the cooldown ends, are unavailable at once, without a request."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    judge = HttpJudge(HttpJudgeConfig(base_url=f"http://127.0.0.1:{port}/v1", model="m", timeout_s=0.2,
+                                      retries=1, concurrency=2, cooldown_s=60.0))
+    sent = []
+    real = judge._request
+    judge._request = lambda messages: sent.append(1) or real(messages)
+    items = [JudgeItem(f"q{i}", "a", "b") for i in range(12)]
+    assert judge(items) == [None] * 12 and judge([JudgeItem("q", "a", "c")]) == [None]
+    assert 2 <= len(sent) <= 3 and judge.stats.unavailable == 13  # one wave (a third may be on its way)
+    judge._down_until = 0.0  # the cooldown is over: asked again
+    judge([JudgeItem("q", "a", "d")])
+    assert len(sent) in (3, 4)
+
+
 def test_http_judge_malformed_reply_is_a_counted_no(fake_server):
     fake_server.modes = ["malformed"]
     judge = _judge(fake_server)
     assert judge([ITEM]) == [False]
-    assert judge.stats.malformed == 1
+    assert judge.stats.malformed == 1 and not judge.cache  # asked again next time
     fake_server.modes = ["badjson"]
     assert judge([JudgeItem("q", "a", "b")]) == [None]
 
@@ -354,7 +385,9 @@ def test_parse_verdict_takes_the_last_marker_anywhere():
     assert parse_verdict("[[NO]]\n") is False
     assert parse_verdict("[[NO]] ... actually [[YES]]") is True
     assert parse_verdict("[[YES]] on reflection [[NO]], final.") is False
-    assert parse_verdict("YES") is None and parse_verdict("") is None and parse_verdict("[[yes]]") is None
+    assert parse_verdict("YES") is None and parse_verdict("") is None and parse_verdict("[YES]") is None
+    assert parse_verdict("Equivalent. [[Yes]]") is True and parse_verdict("[[ YES ]]") is True
+    assert parse_verdict("[[yes]] then [[ no ]]") is False
 
 
 def test_parse_verdict_ignores_an_unfinished_thought():
@@ -435,13 +468,14 @@ def test_hybrid_degrades_to_rule_when_the_judge_is_down(fake_server):
 
 def test_build_judge_from_the_reward_section():
     base = dict(judge="none", judge_url="", judge_model="", judge_key_env="OPENAI_API_KEY", judge_timeout_s=5.0,
-                judge_retries=2, judge_concurrency=3, judge_max_tokens=512)
+                judge_retries=2, judge_concurrency=3, judge_max_tokens=512, judge_cooldown_s=7.0)
     assert build_judge(SimpleNamespace(**base)) is None
     http = build_judge(SimpleNamespace(**{**base, "judge": "http", "judge_url": "http://127.0.0.1:1/v1",
                                           "judge_model": "m", "judge_key_env": "MY_KEY"}))
     assert isinstance(http, HttpJudge)
     assert (http.cfg.base_url, http.cfg.model, http.cfg.api_key_env) == ("http://127.0.0.1:1/v1", "m", "MY_KEY")
-    assert (http.cfg.timeout_s, http.cfg.retries, http.cfg.concurrency, http.cfg.max_tokens) == (5.0, 2, 3, 512)
+    assert (http.cfg.timeout_s, http.cfg.retries, http.cfg.concurrency, http.cfg.max_tokens,
+            http.cfg.cooldown_s) == (5.0, 2, 3, 512, 7.0)
     local = build_judge(SimpleNamespace(**{**base, "judge": "local"}), generate=lambda convs: ["[[YES]]"] * len(convs))
     assert isinstance(local, LocalJudge) and local([ITEM]) == [True]
     with pytest.raises(ValueError, match="generate"):
@@ -481,4 +515,6 @@ def test_local_judge_runs_a_real_checkpoint(smollm):
     assert len(replies) == 3 and all(0 < len(tok.encode(r, add_special_tokens=False)) <= 13 for r in replies)
     assert verdicts == [bool(parse_verdict(r)) for r in replies]
     assert judge.stats.calls == 3 and judge.stats.malformed == sum(parse_verdict(r) is None for r in replies)
-    assert judge(items) == verdicts and judge.stats.cached == 3  # the second call is served from the cache
+    # verdicts are cached (a second call is served from the cache); malformed replies are not
+    assert set(judge.cache) == {(i.question, i.prediction, i.gold) for i, r in zip(items, replies)
+                                if parse_verdict(r) is not None}

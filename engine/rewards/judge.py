@@ -2,9 +2,11 @@
 
 The judge sees the question and the two answers, never the document, as QwenLong-L1's
 verifier does, and its reply carries a verdict [[YES]] or [[NO]]; the last one counts. A
-reply without one is a NO and is counted as malformed. A judge that cannot be reached
-within its per-item deadline returns None for that item: the hybrid reward then falls
-back to the rule score and counts it.
+reply without one is a NO and is counted as malformed (and not cached: a later call may
+get a verdict). A judge that cannot be reached within its per-item deadline returns None
+for that item: the hybrid reward then falls back to the rule score and counts it. An HTTP
+judge that fails a whole wave of requests (`concurrency` in a row, none answered) is not
+asked again for `cooldown_s`: a dead endpoint costs one wave's deadline, not every item's.
 
 Two backends behind one interface, `_complete(conversations) -> replies`:
 - `HttpJudge`: an OpenAI-compatible /chat/completions endpoint; the API key is read from
@@ -22,6 +24,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,7 +56,7 @@ Answer 1: {prediction}
 Answer 2: {gold}
 """
 
-_VERDICT = re.compile(r"\[\[(YES|NO)\]\]")
+_VERDICT = re.compile(r"\[\[\s*(YES|NO)\s*\]\]", re.IGNORECASE)  # [[YES]], [[ Yes ]], [[no]]
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class JudgeItem:
 
 
 def parse_verdict(text: str) -> bool | None:
-    """The last [[YES]] / [[NO]] of a reply, wherever it stands ("[[YES]]." included), or None.
+    """The last [[YES]] / [[NO]] of a reply, wherever it stands ("[[YES]]." included), in any case
+    and with spaces inside the brackets, or None.
 
     A reasoning judge's thought, up to `</think>`, is skipped: a marker there is a draft, and
     a reply cut off inside its thought has no verdict yet."""
@@ -75,7 +79,7 @@ def parse_verdict(text: str) -> bool | None:
             return None
         text = text[end + len("</think>"):]
     found = _VERDICT.findall(text)
-    return found[-1] == "YES" if found else None
+    return found[-1].upper() == "YES" if found else None
 
 
 @dataclass
@@ -126,8 +130,8 @@ class Judge:
         return [self.cache.get(k, fresh.get(k)) for k in keys]
 
     def _record(self, key: tuple[str, str, str], reply: str | None) -> bool | None:
-        """Count a reply and cache its verdict; None (unavailable) stays out of the cache so
-        that a later call may reach the judge."""
+        """Count a reply and cache its verdict; None (unavailable) and a malformed reply (a NO
+        this time) stay out of the cache so that a later call may get a verdict."""
         self.stats.calls += 1
         if reply is None:
             self.stats.unavailable += 1
@@ -135,7 +139,7 @@ class Judge:
         verdict = parse_verdict(reply)
         if verdict is None:
             self.stats.malformed += 1
-            verdict = False
+            return False
         self.stats.yes += verdict
         self.cache[key] = verdict
         return verdict
@@ -158,11 +162,12 @@ class HttpJudgeConfig:
     concurrency: int = 8  # requests in flight
     max_tokens: int = 1024  # the explanation the prompt asks for comes first: 256 cut verdicts off
     backoff: float = 1.0  # seconds before the second attempt, doubled per attempt, with jitter
+    cooldown_s: float = 300.0  # after a wave of failures (concurrency items, none answered): not asked for this long
 
     def __post_init__(self):
-        if self.timeout_s <= 0 or self.retries < 1 or self.concurrency < 1:
-            raise ValueError(f"judge: timeout_s > 0, retries >= 1 and concurrency >= 1 needed, got "
-                             f"{self.timeout_s}, {self.retries}, {self.concurrency}")
+        if self.timeout_s <= 0 or self.retries < 1 or self.concurrency < 1 or self.cooldown_s < 0:
+            raise ValueError(f"judge: timeout_s > 0, retries >= 1, concurrency >= 1 and cooldown_s >= 0 needed, got "
+                             f"{self.timeout_s}, {self.retries}, {self.concurrency}, {self.cooldown_s}")
 
 
 class _Transient(Exception):
@@ -187,6 +192,9 @@ class HttpJudge(Judge):
     def __init__(self, cfg: HttpJudgeConfig):
         super().__init__()
         self.cfg = cfg
+        self._lock = threading.Lock()
+        self._failed_in_a_row = 0  # items given up on since the last reply
+        self._down_until = 0.0  # time.monotonic() before which nothing is sent
 
     def __repr__(self) -> str:
         return f"HttpJudge(base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
@@ -198,8 +206,21 @@ class HttpJudge(Judge):
         return [reply for reply, _ in timed]
 
     def _timed_request(self, messages: Messages) -> tuple[str | None, float]:
+        if time.monotonic() < self._down_until:  # cooling down: unavailable without a request
+            return None, 0.0
         started = time.monotonic()
         reply = self._request(messages)
+        with self._lock:
+            if reply is not None:
+                self._failed_in_a_row = 0
+            else:
+                self._failed_in_a_row += 1
+                if self._failed_in_a_row >= self.cfg.concurrency and self.cfg.cooldown_s > 0 \
+                        and time.monotonic() >= self._down_until:
+                    self._down_until = time.monotonic() + self.cfg.cooldown_s
+                    log.warning("judge: %d items in a row without a reply from %s; not asked again for %.0f s "
+                                "(rule scores stand meanwhile)", self._failed_in_a_row, self.cfg.base_url,
+                                self.cfg.cooldown_s)
         return reply, time.monotonic() - started
 
     def _request(self, messages: Messages) -> str | None:
@@ -279,7 +300,8 @@ def build_judge(cfg, generate: Callable[[list[Messages]], list[str]] | None = No
             raise ValueError("judge 'http' needs judge_url and judge_model")
         return HttpJudge(HttpJudgeConfig(base_url=cfg.judge_url, model=cfg.judge_model, api_key_env=cfg.judge_key_env,
                                          timeout_s=cfg.judge_timeout_s, retries=cfg.judge_retries,
-                                         concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens))
+                                         concurrency=cfg.judge_concurrency, max_tokens=cfg.judge_max_tokens,
+                                         cooldown_s=cfg.judge_cooldown_s))
     if cfg.judge == "local":
         if generate is None:
             raise ValueError("judge 'local' needs a generate function (chat messages in, replies out)")

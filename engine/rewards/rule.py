@@ -3,17 +3,22 @@ multiple choice.
 
 Decisions (each tested):
 - Thinking: with think="auto" the answer is read after the last `</think>` when there is
-  one; think="required" scores a completion without `</think>` as no answer (a thinking
-  model that never closed its thought); think="off" ignores the tag.
+  one, and a completion that opens `<think>` and never closes it has no answer (a model that
+  writes the tag itself, whatever its chat template); think="required" scores a completion
+  without `</think>` as no answer; think="off" ignores the tag.
 - The answer is the first non-empty line after the *last* "the answer is", matched
   case-insensitively (models often write "the answer is:" and the answer on a line of its
-  own), with wrapping parentheses, quotes, bold markers and a final period removed. A
+  own), with wrapping parentheses, quotes, bold markers and a final period removed ("the
+  answer isn't X" and "the answer is not X" commit to nothing). A
   completion that never says "the answer is" has no answer and scores 0: a lenient
   fallback would reward long outputs that merely contain the gold string.
 - sub-EM (QwenLong-L1's training reward): after normalisation, the gold is contained in the
   prediction or the prediction in the gold; an empty prediction never matches.
-- Numbers (DocMath): thousands separators, signs, (123) as −123, currency symbols, %, and
-  scale words (thousand, million, billion, trillion) are parsed by a regular expression,
+- Numbers (DocMath): thousands separators, signs, (123) as −123 in a bare number (an
+  answer's wrapping parentheses are the template's "(insert answer here)" and go first, so
+  "the answer is (31)" is 31), currency symbols, %,
+  exponents (1.2e6, 1.2 × 10^6), simple fractions (3/4) and scale words (thousand, million,
+  billion, trillion) are parsed by a regular expression,
   never eval(); a prediction matches within a relative 0.15% of the gold, or of the gold
   ×/÷ 100 (percent vs fraction) or ×/÷ 10^3, 10^6, 10^9 (a table in thousands, millions or
   billions answered with or without the scale word: gold 5 accepts "$5 million"). Other
@@ -32,7 +37,8 @@ import string
 from collections import Counter
 
 TASKS = ("qa", "math", "choice")
-_ANSWER_IS = re.compile(r"the\s+(?:correct\s+|final\s+)?answer\s+is", re.IGNORECASE)
+# "is" as a whole word ("the answer isn't X" commits to nothing) and not negated ("... is not X")
+_ANSWER_IS = re.compile(r"the\s+(?:correct\s+|final\s+)?answer\s+is\b(?!\s+not\b)", re.IGNORECASE)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
 
@@ -43,8 +49,8 @@ def strip_thinking(completion: str, think: str = "auto") -> str | None:
     if think == "off":
         return completion
     idx = completion.rfind("</think>")
-    if idx < 0:
-        return None if think == "required" else completion
+    if idx < 0:  # auto: a thought opened and never closed is not an answer either
+        return None if think == "required" or "<think>" in completion else completion
     return completion[idx + len("</think>"):]
 
 
@@ -123,6 +129,8 @@ _SCALES = {"thousand": 1e3, "k": 1e3, "million": 1e6, "m": 1e6, "mn": 1e6, "bill
 _NUMBER = re.compile(
     r"(?P<open>\()?\s*(?P<sign>[-+−])?\s*[$€£¥]?\s*(?P<sign2>[-+−])?\s*"
     r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
+    # an exponent (1.2e6, 1e-05: how a float gold prints), a power of ten (1.2 × 10^6), a fraction (3/4)
+    r"(?:[eE](?P<exp>[-+]?\d+)|\s*[×x*]\s*10\s*\^\s*\(?(?P<pow>[-+−]?\d+)\)?|\s*/\s*(?P<den>\d+(?:\.\d+)?)(?![\d/]))?"
     r"\s*(?P<close>\))?\s*(?P<pct>%|percent\b)?"
     # a scale word after a space, or a one-letter abbreviation glued to the number ($5k, 1.2B)
     r"(?:\s*(?P<scale>thousand|million|billion|trillion|mn|bn|tn)\b|(?P<abbr>[kmb])(?![a-z]))?",
@@ -137,6 +145,13 @@ def parse_number(text: str) -> float | None:
     if not m:
         return None
     value = float(m.group("num").replace(",", ""))
+    if m.group("exp") or m.group("pow"):
+        value *= 10.0 ** int((m.group("exp") or m.group("pow")).replace("−", "-"))
+    elif m.group("den"):
+        den = float(m.group("den"))
+        if den == 0:
+            return None
+        value /= den
     if m.group("sign") in ("-", "−") or m.group("sign2") in ("-", "−") or (m.group("open") and m.group("close")):
         value = -value
     scale = m.group("scale") or m.group("abbr")
