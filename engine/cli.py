@@ -328,7 +328,8 @@ def cmd_eval(args, cfg: Config) -> int:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
     reward = build_reward(cfg, resolve_think(cfg.eval.think, tokenizer, cfg.data.chat_template))
     table = run_eval(model, tokenizer, benchmarks, cfg.eval, args.out, reward=reward, data=cfg.data,
-                     rollout=cfg.rollout, rank=rank, world=world, barrier=barrier)
+                     rollout=cfg.rollout, rank=rank, world=world, barrier=barrier,
+                     model_id=str(Path(cfg.model.path).resolve()) if Path(cfg.model.path).exists() else cfg.model.path)
     if rank == 0:
         print(markdown(table), end="")
         print(f"per-sample rows: {Path(args.out) / 'items.jsonl'}; summary: {Path(args.out) / 'summary.md'}")

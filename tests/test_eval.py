@@ -164,3 +164,69 @@ def test_resume_with_n_samples_redoes_an_item_missing_some(smollm, tmp_path):
         per_item.setdefault((r["benchmark"], r["id"]), []).append(r["sample"])
     assert len(rows) == 15 and all(sorted(s) == [0, 1, 2] for s in per_item.values())
     assert table["average"]["items"] == 5
+
+
+def test_reruns_hold_to_their_settings_items_and_samples(smollm, tmp_path, capsys):
+    """A rerun into the same OUT: other settings are refused; fewer samples or items summarise
+    only those asked for; duplicate ids and a foreign items.jsonl are refused by name; a
+    QwenLong-sized output budget on a short-window model is capped, and said so."""
+    import copy
+    model, tok = smollm
+    benches = _benchmarks()
+    fake = ScriptedGenerator(tok, lambda p, j: f"Therefore, the answer is {'yes' if j == 0 else 'no'}.")
+    factory = lambda m, t: fake  # noqa: E731
+    settings = EvalConfig(max_input_tokens=400, max_new_tokens=8, n=2, k=[1, 2])
+    run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=factory, model_id="a")
+    with pytest.raises(ValueError, match=r"other settings \(max_new_tokens: 8 then, 4 now\)"):
+        run_eval(model, tok, benches, EvalConfig(max_input_tokens=400, max_new_tokens=4, n=2, k=[1, 2]), tmp_path,
+                 progress=False, generator_factory=factory, model_id="a")
+    with pytest.raises(ValueError, match="model: 'a' then, 'b' now"):
+        run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=factory, model_id="b")
+    fewer = EvalConfig(max_input_tokens=400, max_new_tokens=8, n=1, k=[1], limit=1)
+    table = run_eval(model, tok, benches, fewer, tmp_path, progress=False, generator_factory=factory, model_id="a")
+    assert fake.prompts == 5  # nothing generated again
+    assert table["average"]["items"] == 2 and table["hotpotqa"]["samples"] == table["musique"]["samples"] == 1
+    twice = {"hotpotqa": benches["hotpotqa"] + [copy.copy(benches["hotpotqa"][0])]}
+    with pytest.raises(ValueError, match="benchmark hotpotqa: records 1 and 4 share the id"):
+        run_eval(model, tok, twice, settings, tmp_path / "dup", progress=False, generator_factory=factory)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "items.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match=r"other/items.jsonl, line 1: not a row of `longrl eval`"):
+        run_eval(model, tok, benches, settings, tmp_path / "other", progress=False, generator_factory=factory)
+    long = EvalConfig(max_new_tokens=10_000, limit=1)
+    run_eval(model, tok, benches, long, tmp_path / "long", progress=False, generator_factory=factory)
+    saved = json.loads((tmp_path / "long" / "summary.json").read_text())["settings"]
+    assert saved["max_new_tokens"] == 4096 and "generating at most 4096" in capsys.readouterr().err
+
+
+def test_an_unavailable_judge_is_reported_and_asked_again_on_rerun(smollm, tmp_path, capsys):
+    from engine.rewards import HybridReward
+    from engine.rewards.judge import Judge
+
+    class Switch(Judge):
+        def __init__(self):
+            super().__init__()
+            self.up, self.asked = False, 0
+
+        def _complete(self, conversations):
+            self.asked += len(conversations)
+            return ["[[YES]]" if self.up else None for _ in conversations]
+
+    model, tok = smollm
+    benches = _benchmarks()
+    fake = ScriptedGenerator(tok, lambda p, j: "Therefore, the answer is something else.")
+    judge = Switch()
+    settings = EvalConfig(max_input_tokens=400, max_new_tokens=8)
+    table = run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=lambda m, t: fake,
+                     reward=HybridReward(judge))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert table["average"]["accuracy"] == 0 and summary["judge"] == {"asked": 5, "unavailable": 5}
+    assert "no verdict for 5 of 5 items" in capsys.readouterr().err
+    judge.up = True
+    table = run_eval(model, tok, benches, settings, tmp_path, progress=False, generator_factory=lambda m, t: fake,
+                     reward=HybridReward(judge))
+    assert fake.prompts == 5 and judge.asked == 10  # judged again, not generated again
+    assert table["average"]["accuracy"] == 100
+    assert json.loads((tmp_path / "summary.json").read_text())["judge"] == {"asked": 5, "unavailable": 0}
+    rows = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    assert all(r["judge"] is True and r["score"] == 1.0 for r in rows)

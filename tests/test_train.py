@@ -183,6 +183,11 @@ def test_checkpoint_of_a_step_saved_twice_and_per_stage_pruning(tmp_path, monkey
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         run_pipeline(load_config(None, [f"--train.out_dir={tmp_path / 'empty'}"]), resume=True, progress=False)
+    stale = tmp_path / "again" / "eval" / "before"  # a fresh run in an old run's folder: its held-out results go
+    stale.mkdir(parents=True)
+    (stale / "settings.json").write_text('{"model": "an old run"}')
+    run_pipeline(load_config(None, [f"--train.out_dir={tmp_path / 'again'}"]), progress=False, stop_after=0)
+    assert not (tmp_path / "again" / "eval").exists()
 
 
 def test_non_finite_losses_skip_then_stop(tiny_run, monkeypatch):

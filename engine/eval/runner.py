@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,26 +27,38 @@ from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
 
 
-def _read_done(path: Path, n: int = 1, rewrite: bool = True) -> dict[tuple[str, str], list[dict]]:
-    """Items already finished, by (benchmark, id): those with all n samples on disk. A torn
-    last line (a crash mid-write) and the rows of an item with fewer than n samples are
-    dropped from the file (when `rewrite`: the file is this process's own), so that item is
-    generated again whole."""
+_ROW_KEYS = ("benchmark", "id", "sample", "score")
+
+
+def _read_done(path: Path, n: int = 1, rewrite: bool = True, every_sample: bool = False
+               ) -> dict[tuple[str, str], list[dict]]:
+    """Items already finished, by (benchmark, id): those with all n samples on disk (samples
+    0..n-1; a run with a larger n left more, which stay in the file and out of the result
+    unless `every_sample`). A
+    torn last line (a crash mid-write) and the rows of an item with fewer than n samples are
+    dropped from the file (when `rewrite`: the file is this process's own; written aside and
+    renamed, so a crash keeps the old file whole), so that item is generated again whole."""
     done: dict[tuple[str, str], list[dict]] = {}
     if not path.is_file():
         return done
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if not isinstance(row, dict) or any(k not in row for k in _ROW_KEYS):
+            raise ValueError(f"{path}, line {number}: not a row of `longrl eval` (an object with "
+                             f"{', '.join(_ROW_KEYS)}); give another --out, or move the file away")
         done.setdefault((row["benchmark"], row["id"]), []).append(row)
     done = {key: rows for key, rows in done.items() if len({r["sample"] for r in rows}) >= n}
-    if not rewrite:
-        return done
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
-                    encoding="utf-8")
-    return done
+    kept = sum(len(rows) for rows in done.values())
+    if rewrite and kept != len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
+                       encoding="utf-8")
+        tmp.replace(path)
+    return done if every_sample else {key: [r for r in rows if r["sample"] < n] for key, rows in done.items()}
 
 
 def summarize(rows: list[dict], ks: list[int]) -> dict:
@@ -88,9 +100,11 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
              out_dir: str | os.PathLike, *, reward: HybridReward | None = None, progress: bool = True,
              generator_factory: Callable | None = None, data: DataConfig | None = None,
              rollout: RolloutConfig | None = None, rank: int = 0, world: int = 1,
-             barrier: Callable | None = None) -> dict:
+             barrier: Callable | None = None, model_id: str | None = None) -> dict:
     """Evaluate, resuming from out_dir/items.jsonl; -> the summary table. data: the prompt
-    template and chat wrapping (as in training); rollout: the KV cache settings.
+    template and chat wrapping (as in training); rollout: the KV cache settings; model_id: what
+    the model is (its path), kept in out_dir/settings.json with the sampling settings, so that a
+    rerun into the same out_dir with another model or other settings is refused.
 
     Data parallel (world > 1, every rank calls this with its rank and a barrier): rank r
     generates items r, r + W, … into items.rank{r}.jsonl; then rank 0 merges every part into
@@ -102,28 +116,47 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     from ..rollout import Generator, SamplingParams
 
     settings.validate("eval")
+    data = data or DataConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items_path = out / "items.jsonl" if world == 1 else out / f"items.rank{rank}.jsonl"
-    if world > 1:  # rank 0 folds any parts of an earlier run into items.jsonl before anyone reads
+    for bench, records in benchmarks.items():
+        seen: dict[str, int] = {}
+        for i, r in enumerate(records):
+            if r.id in seen:
+                raise ValueError(f"benchmark {bench}: records {seen[r.id] + 1} and {i + 1} share the id {r.id!r}; "
+                                 f"ids must be unique (results are kept by id)")
+            seen[r.id] = i
+    ctx = model.config.max_position_embeddings
+    if settings.max_new_tokens > ctx // 2:  # QwenLong-L1's 10K new tokens, on a model with a short window
         if rank == 0:
+            print(f"eval: max_new_tokens {settings.max_new_tokens} is over half the model's {ctx}-token window; "
+                  f"generating at most {ctx // 2} (set --eval.max_new_tokens to choose)", file=sys.stderr)
+        settings = replace(settings, max_new_tokens=ctx // 2)
+    max_input = min(settings.max_input_tokens, ctx - settings.max_new_tokens)  # the window bounds the input
+    _check_settings(out / "settings.json", {
+        "model": model_id, "max_new_tokens": settings.max_new_tokens, "max_input_tokens": max_input,
+        "temperature": settings.temperature, "top_p": settings.top_p, "seed": settings.seed, "think": settings.think,
+        "template": data.template, "chat_template": data.chat_template}, write=rank == 0)
+    items_path = out / "items.jsonl" if world == 1 else out / f"items.rank{rank}.jsonl"
+    reward = reward or HybridReward(think=resolve_think(settings.think, tokenizer, data.chat_template))
+    # rank 0 folds any parts of an earlier run into items.jsonl, and has the judge look again at
+    # the earlier run's rows that got no verdict, before anyone reads
+    if rank == 0:
+        if world > 1:
             _merge_parts(out, benchmarks, settings)
+        if reward.judge is not None:
+            _judge_again(out / "items.jsonl", _read_done(out / "items.jsonl", settings.n, every_sample=True),
+                         benchmarks, reward)
+    if world > 1:
         barrier()
     done = _read_done(out / "items.jsonl", settings.n, rewrite=world == 1)
-    data = data or DataConfig()
-    reward = reward or HybridReward(think=resolve_think(settings.think, tokenizer, data.chat_template))
-    max_input = settings.max_input_tokens
-    ctx = model.config.max_position_embeddings
-    if max_input + settings.max_new_tokens > ctx:
-        max_input = max(1, ctx - settings.max_new_tokens)  # the model's window bounds the input
     params = SamplingParams(max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
                             top_p=settings.top_p, seed=settings.seed)  # stops: the model's own rule
     if generator_factory is None:
         gen = Generator(model, tokenizer, (rollout or RolloutConfig()).cache_config())
     else:
         gen = generator_factory(model, tokenizer)
-    every = [(bench, r) for bench, records in benchmarks.items()
-             for r in (records[: settings.limit] if settings.limit else records)]
+    every = _requested(benchmarks, settings)
     total = len(every)
     # rank r owns items r, r + W, … of the whole list: the split does not depend on what is done
     todo = [(bench, r) for i, (bench, r) in enumerate(every) if i % world == rank and (bench, r.id) not in done]
@@ -145,7 +178,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
                            "prompt_tokens": len(ids), "truncated": cut, "completion": text,
                            "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
                            "answer": res.answer, "gold": rec.answers, "rule": res.rule, "judge": res.judge,
-                           "score": res.reward}
+                           "judge_asked": res.judge_asked, "score": res.reward}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
                     scores.append(res.reward)
                 f.flush()  # an item is on disk whole before the next one starts
@@ -159,13 +192,63 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
             barrier()
             return {}
         _merge_parts(out, benchmarks, settings)
-    rows = [row for rows in _read_done(out / "items.jsonl", settings.n).values() for row in rows]
+    done = _read_done(out / "items.jsonl", settings.n)
+    wanted = {(bench, r.id) for bench, r in every}
+    rows = [row for key, rows in done.items() if key in wanted for row in rows]  # this run's items only
     table = summarize(rows, settings.k)
-    (out / "summary.json").write_text(json.dumps({"settings": asdict(settings), "results": table}, indent=2))
+    asked = [r for r in rows if r.get("judge_asked")]
+    judge = {"asked": len(asked), "unavailable": sum(r["judge"] is None for r in asked)}
+    if judge["unavailable"]:
+        print(f"eval: the judge gave no verdict for {judge['unavailable']} of {judge['asked']} items it was asked "
+              f"about; they are scored by the rule alone (rerun with the same --out to ask again)", file=sys.stderr)
+    (out / "summary.json").write_text(json.dumps({"settings": asdict(settings), "results": table, "judge": judge},
+                                                 indent=2))
     (out / "summary.md").write_text(markdown(table))
     if world > 1:
         barrier()
     return table
+
+
+def _requested(benchmarks: dict, settings: EvalConfig) -> list[tuple[str, DocQARecord]]:
+    return [(bench, r) for bench, records in benchmarks.items()
+            for r in (records[: settings.limit] if settings.limit else records)]
+
+
+def _check_settings(path: Path, current: dict, write: bool) -> None:
+    """OUT's results hold for the settings that made them: a rerun with other ones (another
+    model, sampling, input or output budget, template) would mix the two in one table."""
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in current.items() if before.get(k) != v]
+        if changed:
+            raise ValueError(f"{path.parent} holds results made with other settings ({'; '.join(changed)}): give "
+                             f"another --out, or delete it to start over")
+    elif write:
+        path.write_text(json.dumps(current, indent=1))
+
+
+def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward) -> None:
+    """Rows below full score without a verdict (the judge was down or timed out, or the run had
+    no judge): the reward again, asking the judge where it applies, without generating again;
+    items.jsonl is rewritten (aside, then renamed) when a verdict came."""
+    stale = [row for rows in done.values() for row in rows if row["judge"] is None and row["score"] < 1]
+    if not stale:
+        return
+    records = {(bench, r.id): r for bench, records in benchmarks.items() for r in records}
+    stale = [(row, records[row["benchmark"], row["id"]]) for row in stale if (row["benchmark"], row["id"]) in records]
+    if not stale:
+        return
+    results = reward([RewardItem(row["completion"], rec.answers, rec.task, rec.question) for row, rec in stale])
+    changed = 0
+    for (row, _), res in zip(stale, results):
+        if res.judge is not None:
+            row.update(judge=res.judge, judge_asked=True, score=res.reward)
+            changed += 1
+    if changed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
+                       encoding="utf-8")
+        tmp.replace(path)
 
 
 def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
@@ -175,8 +258,7 @@ def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
     done = {}
     for path in [out / "items.jsonl", *parts]:
         done.update(_read_done(path, settings.n))
-    order = [(bench, r.id) for bench, records in benchmarks.items()
-             for r in (records[: settings.limit] if settings.limit else records)]
+    order = [(bench, r.id) for bench, r in _requested(benchmarks, settings)]
     keys = [k for k in order if k in done] + [k for k in done if k not in set(order)]
     tmp = out / "items.jsonl.tmp"
     with open(tmp, "w", encoding="utf-8") as f:

@@ -28,6 +28,7 @@ class RewardResult:
     rule: float
     judge: bool | None  # None: not asked, or unavailable
     answer: str | None
+    judge_asked: bool = False  # the judge was asked (judge None then: it gave no verdict)
 
 
 class HybridReward:
@@ -54,7 +55,7 @@ class HybridReward:
         if ask:
             verdicts = self.judge([j for _, j in ask])
             for (i, _), verdict in zip(ask, verdicts):
-                results[i].judge = verdict
+                results[i].judge, results[i].judge_asked = verdict, True
                 if verdict is None:
                     self.judge_fallbacks += 1
                 elif verdict:

@@ -8,6 +8,7 @@ judge), curriculum and kernels together.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..config import Config
@@ -330,6 +331,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     if latest is None:
         if main:
             MetricsLog(run_dir, "eval", fresh=True)  # a new run: one metrics file for every stage
+            shutil.rmtree(run_dir / "eval", ignore_errors=True)  # and its held-out results, not an old run's
         if par is not None:
             par.barrier()
         if cfg.eval.sets:
