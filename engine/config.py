@@ -70,7 +70,9 @@ class DataConfig:
     chat_template: bool = True  # wrap the prompt with the tokenizer's chat template
 
     def validate(self, key: str) -> None:
+        from .data.template import TEMPLATES
         _check(self.max_input_tokens >= 0, f"{key}.max_input_tokens", "an integer >= 0", self.max_input_tokens)
+        _check(self.template in TEMPLATES, f"{key}.template", f"one of {', '.join(TEMPLATES)}", self.template)
 
 
 @dataclass
@@ -102,6 +104,12 @@ class EvalConfig:
         _check(0 < self.top_p <= 1, f"{key}.top_p", "a number in (0, 1]", self.top_p)
         _check(self.batch_items >= 1 and self.limit >= 0, f"{key}.batch_items / limit", "batch_items >= 1, limit >= 0",
                (self.batch_items, self.limit))
+        _check(self.every >= 0, f"{key}.every", "an integer >= 0 (0: only before and after the stages)", self.every)
+
+
+def _check_format(value: str, key: str) -> None:
+    from .data.loaders import FORMATS
+    _check(value == "auto" or value in FORMATS, key, f"auto or one of {', '.join(FORMATS)}", value)
 
 
 @dataclass
@@ -136,6 +144,8 @@ class TrainConfig:
         _check(self.warmup_steps >= 0 and self.save_every >= 0 and self.grad_clip >= 0,
                f"{key}.warmup_steps / save_every / grad_clip", "values >= 0",
                (self.warmup_steps, self.save_every, self.grad_clip))
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "a number >= 0", self.weight_decay)
+        _check(0 <= self.min_lr_ratio <= 1, f"{key}.min_lr_ratio", "a number in [0, 1]", self.min_lr_ratio)
 
 
 @dataclass
@@ -152,6 +162,9 @@ class SFTConfig:
         _check(self.epochs >= 1 and self.batch_examples >= 1 and self.max_steps >= 0, f"{key}.epochs / "
                f"batch_examples / max_steps", "epochs, batch_examples >= 1 and max_steps >= 0",
                (self.epochs, self.batch_examples, self.max_steps))
+        _check(self.max_input_tokens >= 0, f"{key}.max_input_tokens", "an integer >= 0 (0: the model's window)",
+               self.max_input_tokens)
+        _check_format(self.format, f"{key}.format")
 
 
 @dataclass
@@ -220,6 +233,15 @@ class RLConfig:
 
     def validate(self, key: str) -> None:
         _check(self.lr >= 0, f"{key}.lr", "a number >= 0 (0: train.lr)", self.lr)
+        _check_format(self.format, f"{key}.format")
+        _check(self.temperature > 0, f"{key}.temperature", "a number > 0 (RL samples)", self.temperature)
+        _check(0 < self.top_p <= 1, f"{key}.top_p", "a number in (0, 1]", self.top_p)
+        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, f"{key}.clip_low / clip_high",
+               "0 <= clip_low < 1 and clip_high >= 0", (self.clip_low, self.clip_high))
+        _check(self.clip_c is None or self.clip_c > 1, f"{key}.clip_c", "a number > 1 (dual clip; unset: off)",
+               self.clip_c)
+        _check(self.overlong_factor >= 0 and self.difficulty_cap > 0, f"{key}.overlong_factor / difficulty_cap",
+               "overlong_factor >= 0 and difficulty_cap > 0", (self.overlong_factor, self.difficulty_cap))
         _check(self.group_size >= 2, f"{key}.group_size", "an integer >= 2 (GRPO needs a group)", self.group_size)
         _check(self.batch_prompts >= 1 and 1 <= self.mini_batches <= self.batch_prompts,
                f"{key}.batch_prompts / mini_batches", "1 <= mini_batches <= batch_prompts",
@@ -502,7 +524,9 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = (), cls
         if not path.is_file():
             raise ConfigError(f"recipe {path}: no such file")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is dropped
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"recipe {path}: not UTF-8 (byte at offset {e.start}); save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
         source = str(path)

@@ -77,6 +77,21 @@ def test_choice_and_impossible_values():
         load_config(None, ["--generate.temperature=-1"])
     with pytest.raises(ConfigError, match="device: expected auto, cpu or cuda"):
         load_config(None, ["--model.device=tpu"])
+    # refused at load, not after a stage has run (the loss, the sampler and the loaders refuse
+    # them too, but only when they are reached)
+    for override, message in [("--rl.clip_c=0.5", r"rl\.clip_c: expected a number > 1"),
+                              ("--rl.temperature=0", r"rl\.temperature: expected a number > 0"),
+                              ("--rl.top_p=2", r"rl\.top_p: expected a number in \(0, 1\]"),
+                              ("--rl.clip_low=-1", r"rl\.clip_low / clip_high"),
+                              ("--train.min_lr_ratio=5", r"train\.min_lr_ratio: expected a number in \[0, 1\]"),
+                              ("--train.weight_decay=-1", r"train\.weight_decay"),
+                              ("--eval.every=-1", r"eval\.every"),
+                              ("--sft.max_input_tokens=-3", r"sft\.max_input_tokens"),
+                              ("--data.template='qwenlng'", r"data\.template: expected one of qwenlong"),
+                              ("--sft.format='csv'", r"sft\.format: expected auto or one of docqa"),
+                              ("--rl.format='x'", r"rl\.format")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
 
 
 def test_section_must_be_a_table(tmp_path):
@@ -90,6 +105,12 @@ def test_missing_or_broken_recipe(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(_recipe(tmp_path, "[model\n"))
+    bom = tmp_path / "bom.toml"  # saved with a byte-order mark, as some editors do
+    bom.write_bytes(b"\xef\xbb\xbf[train]\nlr = 0.5\n")
+    assert load_config(bom).train.lr == 0.5
+    (tmp_path / "latin.toml").write_bytes(b"[train]\nout_dir = 'caf\xe9'\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(tmp_path / "latin.toml")
 
 
 # ---- every key reaches the code; recipes validate at load ------------------------------

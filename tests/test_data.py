@@ -249,6 +249,38 @@ def test_bad_inputs(tmp_path):
         load_docqa(_write(tmp_path, "ok.jsonl", [{"context": "c", "question": "q", "answers": ["a"]}]), format="csv")
 
 
+def test_bad_fields_of_each_layout_name_the_row(tmp_path):
+    """Shapes a converter cannot read are refused by file, row and field (never a traceback,
+    never their printed form used as an answer), and `on_error="skip"` skips them."""
+    musique = {"paragraphs": [{"paragraph_text": "Paris is in France."}], "question": "q", "answer": "Paris"}
+    cases = [
+        ({**musique, "answer_aliases": {"x": 1}}, r"field 'answer_aliases' must be a string or a list of strings"),
+        ({"context": "c", "question": "q", "answers": [["a", "b"]]}, r"field 'answers' must be a string or a list"),
+        ({"docs": [{"title": "no text"}], "question": "q", "answer": "a"}, r"docs\[0\] must be a string or an object"),
+        ({"docs": [{"text": 7}], "question": "q", "answer": "a"}, r"docs\[0\] must be a string or an object"),
+        ({"context": {"title": ["t"], "sentences": [[1, 2]]}, "question": "q", "answer": "a"},
+         r"field 'context' must hold string titles and lists of string sentences"),
+        ({"context": "c", "question": "q", "answers": ["a"], "id": {"n": 1}}, r"field 'id' must be a string or"),
+    ]
+    for k, (row, message) in enumerate(cases):
+        path = _write(tmp_path, f"bad{k}.jsonl", [row])
+        with pytest.raises(DataError, match=rf"bad{k}\.jsonl:1: {message}"):
+            load_docqa(path)
+        with pytest.raises(DataError, match="no usable rows"):
+            load_docqa(path, on_error="skip")
+    # a string of aliases is one alias, not one per character; a null id falls back to the row's
+    rec = load_docqa(_write(tmp_path, "m.jsonl", [{**musique, "answer_aliases": "City of Light", "id": None}]))[0]
+    assert rec.answers == ["Paris", "City of Light"] and rec.id == "m-1"
+    # encodings: a byte-order mark is dropped; bytes that are not UTF-8 are named by line
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"context": "c", "question": "q",
+                                                                         "answers": ["a"]}).encode() + b"\n")
+    assert load_docqa(tmp_path / "bom.jsonl")[0].answers == ["a"]
+    (tmp_path / "latin.jsonl").write_bytes(b'{"context": "c", "question": "q", "answers": ["a"]}\n'
+                                           b'{"context": "caf\xe9", "question": "q", "answers": ["a"]}\n')
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not UTF-8 \(byte 0xe9"):
+        load_docqa(tmp_path / "latin.jsonl")
+
+
 def test_reasoning_field(tmp_path):
     plain = DocQARecord("a", "synthetic", "qa", "ctx", "q?", ["x"])
     assert "reasoning" not in json.loads(plain.to_json())
@@ -296,6 +328,14 @@ def test_prompt_lengths_are_cached(smollm, tmp_path):
     assert calls >= len(recs)
     assert prompt_lengths(recs, counting, cache_path=cache) == first and counting.calls == calls
     assert first[0] == len(record_prompt_ids(recs[0], tok)[0])
+    # the same ids with other documents (another file or synthetic spec), or without the chat
+    # wrapping: their own lengths, not the cached ones
+    other = synthetic.generate(len(recs), 300, seed=5, kinds=("lookup",))
+    for r, o in zip(recs, other):
+        o.id = r.id
+    assert prompt_lengths(other, tok, cache_path=cache) == [len(record_prompt_ids(o, tok)[0]) for o in other]
+    assert prompt_lengths(recs, tok, chat=False, cache_path=cache) == [
+        len(record_prompt_ids(r, tok, chat=False)[0]) for r in recs] != first
 
 
 def test_length_buckets():

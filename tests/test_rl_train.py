@@ -3,13 +3,14 @@ carry-over, dynamic-sampling refill, checkpoints, a kill and an exact resume."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from conftest import tiny_hf_model, tiny_model_with_tokenizer
 
 from engine.config import PhaseConfig, RLConfig, SFTConfig, TrainConfig, load_config
-from engine.data import synthetic, write_docqa
+from engine.data import DataError, synthetic, write_docqa
 from engine.rewards import RewardResult
 from engine.train import latest_checkpoint, run_pipeline
 
@@ -174,7 +175,7 @@ class SignalsMidStep(ToyReward):
         return super().__call__(items)
 
 
-def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path):
+def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path, capsys):
     """A real SIGINT mid-step: the step finishes, a checkpoint of it is written and the run stops.
     Resumed, a second SIGINT right after the first stops at once: nothing of the cut step is
     saved, the checkpoint stays. Resumed again, the run draws, rewards and trains as one that
@@ -182,9 +183,17 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path):
     from engine.train import run_rl
     from engine.train.loop import Interrupted
 
-    config, _ = tiny_setup
+    config, data = tiny_setup
     phases = ((150, 2),)
+    copy = tmp_path / "copy.jsonl"  # another file with the same ids
+    copy.write_text(data.read_text())
+    with pytest.raises(DataError, match=r"rl.data: the id 'synth-1-0' is used in .*rl.jsonl and in .*copy.jsonl"):
+        run_rl(config("twice", phases=phases, data=[str(data), str(copy)]), progress=False, reward=ToyReward())
     run_rl(config("straight", phases=phases), progress=False, reward=ToyReward())
+    # the long examples are over the only phase's length: left out, and said so
+    left = re.search(r"rl.data: (\d+) of 12 examples have prompts over the last phase's 150 tokens",
+                     capsys.readouterr().err)
+    assert left and int(left.group(1)) >= 6
     cfg = config("ctrlc", phases=phases)
     with pytest.raises(Interrupted):
         run_rl(cfg, progress=False, reward=SignalsMidStep(at=1, signals=1))

@@ -3,7 +3,7 @@ and the synthetic generator (engine.data.synthetic)."""
 from . import synthetic
 from .jsonl import DataError, read_docqa_jsonl
 from .lengths import LengthCache, length_buckets, prompt_lengths, record_prompt_ids
-from .loaders import FORMATS, detect_format, load_docqa, load_records
+from .loaders import FORMATS, check_unique_ids, detect_format, load_docqa, load_records
 from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
 from .template import TEMPLATES, build_prompt_ids, encode_prompt, render_prompt
 
@@ -11,4 +11,4 @@ __all__ = ["DocQARecord", "DocQADataset", "load_docqa", "load_records", "write_d
            "DataError",
            "read_docqa_jsonl", "TEMPLATES", "build_prompt_ids", "encode_prompt", "render_prompt",
            "prompt_lengths", "length_buckets", "record_prompt_ids", "LengthCache", "synthetic", "TASKS",
-           "task_for_source"]
+           "task_for_source", "check_unique_ids"]

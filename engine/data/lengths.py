@@ -27,13 +27,15 @@ def record_prompt_ids(record, tokenizer, *, template: str = "qwenlong", max_toke
 
 
 class LengthCache:
-    """id -> prompt token count, stored as JSON and keyed by tokenizer and template, so a
-    dataset is tokenised once across runs."""
+    """record -> prompt token count, stored as JSON and keyed by tokenizer, template and chat
+    wrapping, so a dataset is tokenised once across runs. Entries are keyed by a digest of
+    what the prompt is made of (`content_key`), not by the record's id: another file or spec
+    whose records reuse those ids gets its own lengths."""
 
-    def __init__(self, path: str | os.PathLike | None, tokenizer, template: str):
+    def __init__(self, path: str | os.PathLike | None, tokenizer, template: str, chat: bool = True):
         self.path = Path(path) if path else None
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        sig = f"{name}|{len(tokenizer)}|{template}"
+        sig = f"{name}|{len(tokenizer)}|{template}|chat={chat}"
         self.key = hashlib.sha1(sig.encode()).hexdigest()[:12]
         self.table: dict[str, int] = {}
         if self.path and self.path.is_file():
@@ -61,15 +63,23 @@ class LengthCache:
 
 def prompt_lengths(records: Sequence, tokenizer, *, template: str = "qwenlong", chat: bool = True,
                    cache_path: str | os.PathLike | None = None) -> list[int]:
-    """Untruncated prompt length in tokens of every record (cached by record id)."""
-    cache = LengthCache(cache_path, tokenizer, template)
+    """Untruncated prompt length in tokens of every record (cached by content_key)."""
+    cache = LengthCache(cache_path, tokenizer, template, chat)
     out = []
     for rec in records:
-        if rec.id not in cache.table:
-            cache.table[rec.id] = len(record_prompt_ids(rec, tokenizer, template=template, chat=chat)[0])
-        out.append(cache.table[rec.id])
+        key = content_key(rec)
+        if key not in cache.table:
+            cache.table[key] = len(record_prompt_ids(rec, tokenizer, template=template, chat=chat)[0])
+        out.append(cache.table[key])
     cache.save()
     return out
+
+
+def content_key(record) -> str:
+    """A digest of what a record's prompt is built from: its pre-rendered prompt, or its
+    document and question."""
+    parts = [record.prompt] if getattr(record, "prompt", None) else [record.context, record.question]
+    return hashlib.sha1("\0".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def length_buckets(lengths: Sequence[int], bounds: Sequence[int]) -> list[list[int]]:

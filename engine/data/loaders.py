@@ -38,7 +38,7 @@ from .jsonl import DataError
 from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
 
 __all__ = ["FORMATS", "CONVERTERS", "DocQARecord", "DocQADataset", "task_for_source", "detect_format", "load_docqa",
-           "load_records", "write_docqa"]
+           "load_records", "write_docqa", "check_unique_ids"]
 
 FORMATS = ("docqa", "longbench", "hotpotqa", "musique", "lciteeval", "leval", "docmath", "frames", "verl")
 
@@ -71,12 +71,35 @@ class _Row:
     def answers(self, *keys: str) -> list[str]:
         for key in keys:
             if key in self.data and self.data[key] is not None:
-                value = self.data[key]
-                items = value if isinstance(value, list) else [value]
-                out = [str(v) for v in items if str(v).strip()]
+                out = self.strings(key)
                 if out:
                     return out
         raise DataError(f"{self.where}: no answer in field {' or '.join(repr(k) for k in keys)}")
+
+    def strings(self, key: str) -> list[str]:
+        """A field holding one answer or a list of them: strings or numbers (a number as it
+        prints); blank ones dropped; absent or null: []. Anything else (an object, a nested
+        list) is a bad row, not its printed form."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        out = []
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                raise DataError(f"{self.where}: field {key!r} must be a string or a list of strings "
+                                f"(holds a {type(v).__name__})")
+            if str(v).strip():
+                out.append(str(v))
+        return out
+
+    def id(self, key: str, default: str) -> str:
+        """A record id: a string or an integer, or `default` when absent or null."""
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise DataError(f"{self.where}: field {key!r} must be a string or an integer (got {type(value).__name__})")
+        return str(value)
 
     def optional_str(self, key: str) -> str | None:
         """A string field that may be absent (or null); any other type is a bad row."""
@@ -98,14 +121,14 @@ def _docqa(r: _Row, i: int, source: str):
         task = task_for_source(data_source)
     elif task not in TASKS:
         raise DataError(f"{r.where}: field 'task' must be qa, math or choice, got {task!r}")
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=data_source, task=task,
+    return [DocQARecord(id=r.id("id", f"{source}-{i}"), data_source=data_source, task=task,
                         context=r.str("context"), question=r.str("question"), answers=r.answers("answers", "answer"),
                         meta=r.get("meta") or {}, reasoning=r.optional_str("reasoning"))]
 
 
 def _longbench(r: _Row, i: int, source: str):
     data_source = str(r.get("dataset") or source)
-    return [DocQARecord(id=str(r.get("_id", f"{source}-{i}")), data_source=data_source,
+    return [DocQARecord(id=r.id("_id", f"{source}-{i}"), data_source=data_source,
                         task=task_for_source(data_source), context=r.str("context"), question=r.str("input"),
                         answers=r.answers("answers"))]
 
@@ -116,6 +139,9 @@ def _hotpotqa(r: _Row, i: int, source: str):
         titles, sentences = ctx.get("title"), ctx.get("sentences")
         if not isinstance(titles, list) or not isinstance(sentences, list) or len(titles) != len(sentences):
             raise DataError(f"{r.where}: field 'context' must hold equal-length 'title' and 'sentences' lists")
+        if not all(isinstance(t, str) and isinstance(s, list) and all(isinstance(x, str) for x in s)
+                   for t, s in zip(titles, sentences)):
+            raise DataError(f"{r.where}: field 'context' must hold string titles and lists of string sentences")
         passages = [(t, "".join(s)) for t, s in zip(titles, sentences)]
     elif isinstance(ctx, list):
         try:
@@ -125,7 +151,8 @@ def _hotpotqa(r: _Row, i: int, source: str):
     else:
         raise DataError(f"{r.where}: field 'context' must be a list of [title, sentences] or a "
                         f"{{title, sentences}} table ({'missing' if ctx is None else type(ctx).__name__})")
-    return [DocQARecord(id=str(r.get("_id") or r.get("id") or f"{source}-{i}"), data_source=source,
+    rid = r.id("_id" if r.get("_id") is not None else "id", f"{source}-{i}")
+    return [DocQARecord(id=rid, data_source=source,
                         task=task_for_source(source), context=_join_passages(passages), question=r.str("question"),
                         answers=r.answers("answer"))]
 
@@ -136,8 +163,8 @@ def _musique(r: _Row, i: int, source: str):
         if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str):
             raise DataError(f"{r.where}: paragraphs[{j}] must have a string 'paragraph_text'")
         passages.append((p.get("title", ""), p["paragraph_text"]))
-    answers = r.answers("answer") + [str(a) for a in (r.get("answer_aliases") or [])]
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
+    answers = r.answers("answer") + r.strings("answer_aliases")
+    return [DocQARecord(id=r.id("id", f"{source}-{i}"), data_source=source, task=task_for_source(source),
                         context=_join_passages(passages), question=r.str("question"), answers=answers)]
 
 
@@ -146,8 +173,11 @@ def _lciteeval(r: _Row, i: int, source: str):
         context = r.get("context")
     else:
         docs = r.list("docs")
-        context = _join_passages([("", d["text"] if isinstance(d, dict) else str(d)) for d in docs])
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
+        for j, d in enumerate(docs):
+            if not isinstance(d if not isinstance(d, dict) else d.get("text"), str):
+                raise DataError(f"{r.where}: docs[{j}] must be a string or an object with a string 'text'")
+        context = _join_passages([("", d["text"] if isinstance(d, dict) else d) for d in docs])
+    return [DocQARecord(id=r.id("id", f"{source}-{i}"), data_source=source, task=task_for_source(source),
                         context=context.lstrip("\ufeff").removeprefix("ï»¿"), question=r.str("question"),
                         answers=r.answers("answer", "answers"))]
 
@@ -168,7 +198,7 @@ def _docmath(r: _Row, i: int, source: str):
     still gets the math scorer; only a source naming another scorer overrides that."""
     paragraphs = r.list("paragraphs")
     context = "\n\n".join(str(p) for p in paragraphs)
-    return [DocQARecord(id=str(r.get("question_id", f"{source}-{i}")), data_source=source,
+    return [DocQARecord(id=r.id("question_id", f"{source}-{i}"), data_source=source,
                         task=task_for_source(source, default="math"),
                         context=context, question=r.str("question"), answers=r.answers("ground_truth"))]
 
@@ -179,7 +209,7 @@ def _frames(r: _Row, i: int, source: str):
         raise DataError(f"{r.where}: field 'wiki_items' (the Wikipedia article texts) is missing; a FRAMES row "
                         f"with only links has no document to read")
     passages = [((d.get("title") or ""), d.get("text") or "") if isinstance(d, dict) else ("", str(d)) for d in items]
-    return [DocQARecord(id=str(r.get("id", f"{source}-{i}")), data_source=source, task=task_for_source(source),
+    return [DocQARecord(id=r.id("id", f"{source}-{i}"), data_source=source, task=task_for_source(source),
                         context=_join_passages(passages), question=r.str("Prompt", "Question"),
                         answers=r.answers("Answer", "answer"))]
 
@@ -245,7 +275,13 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(pq.read_table(str(path)).to_pylist()):
             yield i, row
         return
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file "
+                        f"as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
@@ -261,6 +297,20 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def check_unique_ids(sources: list[tuple[str, list]], what: str) -> None:
+    """sources: (file or spec, its records) pairs. Records are kept and looked up by id
+    (curriculum, difficulty): two with one id would silently become one. Refused, naming both
+    sources."""
+    seen: dict[str, str] = {}
+    for source, records in sources:
+        for r in records:
+            if r.id in seen:
+                where = "twice in " + source if seen[r.id] == source else f"in {seen[r.id]} and in {source}"
+                raise DataError(f"{what}: the id {r.id!r} is used {where}; ids must be unique (give synthetic "
+                                f"specs different seeds, and files whose rows have no id different names)")
+            seen[r.id] = source
 
 
 def load_docqa(path: str | Path, *, format: str = "auto", data_source: str | None = None,

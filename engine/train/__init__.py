@@ -9,6 +9,7 @@ judge), curriculum and kernels together.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 from ..config import Config
@@ -152,13 +153,16 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     with hard examples carried forward. start_from: a model to begin with (the SFT result);
     resume: continue from the newest RL checkpoint of train.out_dir."""
     from ..curriculum import DifficultyTracker, phase_members
-    from ..data import load_records, prompt_lengths
+    from ..data import check_unique_ids, load_records, prompt_lengths
     from ..data.template import resolve_think
     from .rl import GRPOTrainer
 
     rl = cfg.rl
     if not rl.data:
         raise ValueError("rl.data lists no files: give at least one doc-QA file")
+    sources = [(path, list(load_records(path, format=rl.format))) for path in rl.data]
+    check_unique_ids(sources, "rl.data")
+    records = [r for _, part in sources for r in part]
     run_dir = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
@@ -177,10 +181,14 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         from .rl import rollout_copy
         rollout_model = rollout_copy(model, precision)
         parallelize(model, par.mesh, precision.compute)
-    records = [r for path in rl.data for r in load_records(path, format=rl.format)]
     lengths = prompt_lengths(records, tokenizer, template=cfg.data.template, chat=cfg.data.chat_template,
                              cache_path=run_dir / "lengths.json")
     members = phase_members(lengths, rl.phases)
+    longest = rl.phases[-1].max_input_tokens
+    over = sum(n > longest for n in lengths)
+    if over and main:
+        print(f"rl.data: {over} of {len(records)} examples have prompts over the last phase's {longest} tokens "
+              f"(template and chat wrapping included) and are left out of training", file=sys.stderr, flush=True)
     for k, (phase, own) in enumerate(zip(rl.phases, members)):
         if not own and (k == 0 or rl.carry_ratio == 0):  # nothing carried could fill it
             low = rl.phases[k - 1].max_input_tokens if k else 0
