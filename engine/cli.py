@@ -35,6 +35,11 @@ def _split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return overrides, rest
 
 
+OVERRIDES = ("Any config key can be set on the command line as --section.key=value (the = is required), e.g. "
+             "--model.path=/ckpt --generate.temperature=0.7 --rl.phases='[{max_input_tokens=2048, steps=10}]'; "
+             "values are TOML. They apply over the recipe's.")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="longrl",
@@ -58,7 +63,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="weight dtype written (default float32)")
     c.add_argument("--shard-size-mb", type=int, default=4096, help="largest safetensors shard (MiB)")
 
-    g = sub.add_parser("generate", help="generate answers for a prompt or a JSONL of doc-QA items",
+    g = sub.add_parser("generate", epilog=OVERRIDES, help="generate answers for a prompt or a JSONL of doc-QA items",
                        description="Answer doc-QA items with the model of the config ([model] path). Items "
                                    "are JSONL rows with 'context' and 'question' (and optional 'id', "
                                    "'answers'); they are wrapped in the [data] template, truncated in the "
@@ -70,7 +75,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", help="write one JSON row per item here (id, completion, token counts)")
     g.add_argument("--bench", action="store_true", help="print prompt and generated tokens/s")
 
-    t = sub.add_parser("sft", help="warm-up SFT on doc-QA triplets (loss on answer tokens only)",
+    t = sub.add_parser("sft", epilog=OVERRIDES, help="warm-up SFT on doc-QA triplets (loss on answer tokens only)",
                        description="Supervised warm-up on the [sft] data with the [train] settings: packed "
                                    "micro-batches under train.token_budget, AdamW, LR schedule, gradient "
                                    "clipping and accumulation; one JSON row per step in OUT/metrics.jsonl and "
@@ -83,14 +88,15 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="processes on this machine: starts `torchrun --standalone --nproc-per-node N` with the "
                         "same arguments ([parallel] sp of them share each sequence, the rest split the batch)")
 
-    tr = sub.add_parser("train", help="run a recipe: held-out eval, SFT warm-up, then the RL phases",
+    tr = sub.add_parser("train", epilog=OVERRIDES, help="run a recipe: held-out eval, SFT warm-up, then the RL phases",
                         description="Run the stages of a recipe in order, each from the previous stage's "
                                     "weights: [sft] (when sft.data is set), then the [rl] phases of growing "
                                     "input length with hard examples carried forward; the [eval] sets are "
                                     "scored before training, after SFT and after each phase. Metrics go to "
                                     "train.out_dir/metrics.jsonl, checkpoints under train.out_dir. Ctrl-C "
                                     "finishes the step, writes a checkpoint and stops (twice: stops at once).")
-    tr.add_argument("recipe", help="TOML recipe (see recipes/)")
+    tr.add_argument("recipe", nargs="?", help="TOML recipe (see recipes/)")
+    tr.add_argument("--recipe", dest="recipe_flag", metavar="RECIPE", help="the same, as the other commands take it")
     tr.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
     tr.add_argument("--nproc", type=int, default=1,
                     help="processes on this machine: starts `torchrun --standalone --nproc-per-node N` with the "
@@ -108,7 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", nargs="+")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png for one run)")
 
-    e = sub.add_parser("eval", help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
+    e = sub.add_parser("eval", epilog=OVERRIDES, help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
                                    "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
                                    "FRAMES with wiki_items, verl parquet, our JSONL) with the [eval] settings. "
@@ -134,10 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     overrides, rest = _split_overrides(argv)
     parser = _build_parser()
+    for arg in overrides:
+        if "=" not in arg:  # "--eval.limit 2": the value would be read as a stray argument
+            after = argv[argv.index(arg) + 1] if argv.index(arg) + 1 < len(argv) else ""
+            hint = f" (write {arg}={after})" if after and not after.startswith("-") else ""
+            parser.error(f"{arg}: config overrides take the form --section.key=value{hint}")
     args = parser.parse_args(rest)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "train":
+        if args.recipe and args.recipe_flag and args.recipe != args.recipe_flag:
+            parser.error(f"train: two recipes given ({args.recipe} and {args.recipe_flag})")
+        args.recipe = args.recipe or args.recipe_flag
+        if not args.recipe:
+            parser.error("train: give a recipe (longrl train RECIPE.toml; see recipes/)")
     if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
         return _relaunch(argv, args.nproc)
     try:
@@ -220,8 +237,10 @@ def cmd_convert(args) -> int:
 def cmd_generate(args, cfg: Config) -> int:
     from tqdm import tqdm
 
+    from types import SimpleNamespace
+
     from .data.jsonl import read_docqa_jsonl
-    from .data.template import build_prompt_ids, encode_prompt
+    from .data.lengths import record_prompt_ids
     from .model import load_model
     from .model.model import fuse_projections
     from .rollout import Generator, SamplingParams
@@ -232,19 +251,26 @@ def cmd_generate(args, cfg: Config) -> int:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
     fuse_projections(model.requires_grad_(False))  # it only generates: q / k / v, gate / up one product each
     gen = cfg.generate
-    limit = cfg.data.max_input_tokens or max(1, model.config.max_position_embeddings - gen.max_new_tokens)
+    ctx = model.config.max_position_embeddings
+    window = ctx - gen.max_new_tokens  # the input must leave room for the answer
+    if window < 1:
+        raise ConfigError(f"generate.max_new_tokens = {gen.max_new_tokens} leaves no room for an input in the "
+                          f"model's {ctx}-token window")
+    limit = cfg.data.max_input_tokens or window
+    if limit > window:
+        print(f"generate: data.max_input_tokens {limit} + generate.max_new_tokens {gen.max_new_tokens} is over the "
+              f"model's {ctx}-token window; inputs are cut to {window} tokens", file=sys.stderr)
+        limit = window
 
     if args.prompt is not None:
         items = [{"id": "prompt", "prompt": args.prompt}]
     else:
         items = read_docqa_jsonl(args.input)
     prompts, truncated = [], []
-    for item in items:
-        if "prompt" in item:
-            ids, cut = encode_prompt(tokenizer, item["prompt"], cfg.data.chat_template), False
-        else:
-            ids, cut = build_prompt_ids(tokenizer, item["context"], item["question"], template=cfg.data.template,
-                                        max_tokens=limit, chat=cfg.data.chat_template)
+    for item in items:  # a pre-rendered prompt loses its middle too when too long
+        record = SimpleNamespace(prompt=item.get("prompt"), context=item.get("context"), question=item.get("question"))
+        ids, cut = record_prompt_ids(record, tokenizer, template=cfg.data.template, max_tokens=limit,
+                                     chat=cfg.data.chat_template)
         prompts.append(ids)
         truncated.append(cut)
 

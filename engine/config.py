@@ -64,8 +64,9 @@ class GenerateConfig:
 @dataclass
 class DataConfig:
     template: str = "qwenlong"  # a name in engine.data.template.TEMPLATES
-    # longest prompt in tokens; longer documents lose their middle. 0: the model's context
-    # length minus generate.max_new_tokens
+    # `longrl generate`'s longest prompt in tokens; longer documents lose their middle. 0 (and at
+    # most): the model's context length minus generate.max_new_tokens. eval, SFT and the RL
+    # phases have their own (eval.max_input_tokens, sft.max_input_tokens, phases' max_input_tokens)
     max_input_tokens: int = 0
     chat_template: bool = True  # wrap the prompt with the tokenizer's chat template
 

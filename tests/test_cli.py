@@ -68,3 +68,32 @@ def test_middle_truncation_keeps_head_tail_and_question(smollm):
     ids_full, cut_full = build_prompt_ids(tok, doc, "What closes the file?")
     assert not cut_full and len(ids_full) > 1000
     assert torch.tensor(ids_full).numel() > len(ids)
+
+
+def test_command_line_traps_are_named(capsys, tmp_path):
+    """A dotted override without '=' says how to write it; `train` takes its recipe as
+    `--recipe` too; every config-reading subcommand's help tells of the overrides."""
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--data", "x.json", "--out", str(tmp_path), "--eval.limit", "2"])
+    assert stop.value.code == 2 and "write --eval.limit=2" in capsys.readouterr().err
+    assert main(["train", "--recipe", str(tmp_path / "none.toml")]) == 2  # read as the recipe: no such file
+    assert "none.toml: no such file" in capsys.readouterr().err
+    for command in ("generate", "sft", "train", "eval"):
+        out = subprocess.run([sys.executable, "-m", "engine.cli", command, "--help"], capture_output=True, text=True)
+        assert "--section.key=value (the = is required)" in " ".join(out.stdout.split()), command
+
+
+def test_generate_keeps_inputs_inside_the_window(smollm, tmp_path, capsys):
+    """data.max_input_tokens past the model's window is cut to the window (and said so); a row
+    with a pre-rendered prompt is truncated in its middle like any other."""
+    from conftest import tiny_model_with_tokenizer
+    model_dir = tiny_model_with_tokenizer(tmp_path / "tiny", smollm[1])  # a 1,024-token window
+    items = tmp_path / "items.jsonl"
+    long = "Filler sentence number x. " * 400
+    items.write_text(json.dumps({"id": "p", "prompt": long + "Where?", "context": "", "question": "Where?"}) + "\n")
+    results = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", str(items), "--output", str(results), f"--model.path={model_dir}",
+                 "--generate.max_new_tokens=4", "--data.max_input_tokens=100000"]) == 0
+    assert "inputs are cut to 1020 tokens" in capsys.readouterr().err
+    row = json.loads(results.read_text())
+    assert row["truncated_input"] and row["prompt_tokens"] == 1020

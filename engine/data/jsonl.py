@@ -16,22 +16,33 @@ def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for key in required:
-                if not isinstance(row.get(key), str):
-                    got = "missing" if key not in row else f"{type(row[key]).__name__}"
-                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string ({got})")
-            row.setdefault("id", f"{path.stem}-{lineno}")
-            rows.append(row)
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for key in required:
+            if not isinstance(row.get(key), str):
+                got = "missing" if key not in row else f"{type(row[key]).__name__}"
+                raise DataError(f"{path}:{lineno}: field {key!r} must be a string ({got})")
+        row.setdefault("id", f"{path.stem}-{lineno}")
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, a leading byte-order mark dropped; other bytes are named by
+    file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file "
+                        f"as UTF-8") from None

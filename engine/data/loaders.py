@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .jsonl import DataError
+from .jsonl import DataError, read_text
 from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
 
 __all__ = ["FORMATS", "CONVERTERS", "DocQARecord", "DocQADataset", "task_for_source", "detect_format", "load_docqa",
@@ -275,13 +275,7 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
         for i, row in enumerate(pq.read_table(str(path)).to_pylist()):
             yield i, row
         return
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file "
-                        f"as UTF-8") from None
+    text = read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
