@@ -334,6 +334,8 @@ def cmd_eval(args, cfg: Config) -> int:
             load_docqa(path, format=args.format, data_source=name)
     if bool(args.judge_url) != bool(args.judge_model):
         raise ValueError("--judge-url and --judge-model go together")
+    if args.judge_key_env and not args.judge_url:
+        raise ValueError("--judge-key-env goes with --judge-url and --judge-model (or set reward.judge_key_env)")
     if args.judge_url:  # shorthands for the [reward] keys
         cfg.reward = dataclasses.replace(cfg.reward, judge="http", judge_url=args.judge_url,
                                          judge_model=args.judge_model,

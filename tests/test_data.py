@@ -268,6 +268,13 @@ def test_bad_fields_of_each_layout_name_the_row(tmp_path):
             load_docqa(path)
         with pytest.raises(DataError, match="no usable rows"):
             load_docqa(path, on_error="skip")
+    # our layout with a singular `answer` is ours, not HotpotQA's (whose context is passages)
+    assert load_docqa(_write(tmp_path, "one.jsonl", [{"context": "c", "question": "q", "answer": "a"}]))[0].answers \
+        == ["a"]
+    for spec, message in [("synthetic:n=2,tokens=1x", "n, tokens and seed must be integers"),
+                          ("synthetic:n=0,tokens=100", "n must be at least 1")]:
+        with pytest.raises(DataError, match=f"data spec '{re.escape(spec)}': {message}"):
+            load_records(spec)
     # a string of aliases is one alias, not one per character; a null id falls back to the row's
     rec = load_docqa(_write(tmp_path, "m.jsonl", [{**musique, "answer_aliases": "City of Light", "id": None}]))[0]
     assert rec.answers == ["Paris", "City of Light"] and rec.id == "m-1"

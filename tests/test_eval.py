@@ -230,3 +230,16 @@ def test_an_unavailable_judge_is_reported_and_asked_again_on_rerun(smollm, tmp_p
     assert json.loads((tmp_path / "summary.json").read_text())["judge"] == {"asked": 5, "unavailable": 0}
     rows = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
     assert all(r["judge"] is True and r["score"] == 1.0 for r in rows)
+
+
+def test_smaller_refusals_name_what_is_wrong(smollm, tmp_path, capsys):
+    from engine.eval.paired import paired_gain
+    model, tok = smollm
+    with pytest.raises(ValueError, match="resamples must be >= 1"):
+        paired_gain({"a": 1.0}, {"a": 0.0}, resamples=0)
+    with pytest.raises(ValueError, match=r"benchmark hotpotqa, item \S+: the question and template alone take"):
+        run_eval(model, tok, _benchmarks(), EvalConfig(max_input_tokens=20, max_new_tokens=8), tmp_path,
+                 progress=False, generator_factory=lambda m, t: None)
+    assert main(["eval", "--data", str(REAL / "musique_dev.json"), "--out", str(tmp_path / "k"),
+                 "--judge-key-env", "MY_KEY"]) == 2
+    assert "--judge-key-env goes with --judge-url" in capsys.readouterr().err

@@ -261,8 +261,8 @@ def detect_format(row: dict) -> str | None:
         return "lciteeval"
     if "context" in keys and "question" in keys and ("answers" in keys or "task" in keys):
         return "docqa"
-    if "context" in keys and "question" in keys and "answer" in keys:
-        return "hotpotqa"
+    if "context" in keys and "question" in keys and "answer" in keys:  # HotpotQA's context is passages;
+        return "docqa" if isinstance(row["context"], str) else "hotpotqa"  # ours with one `answer` is a string
     return None
 
 
@@ -363,11 +363,16 @@ def load_records(spec: str, *, format: str = "auto") -> DocQADataset:
     except ValueError:
         raise DataError(f"data spec {spec!r}: confusers={opts['confusers']!r} is not a number ({expected})") from None
     low, _, high = opts["tokens"].partition("-")
-    target = (int(low), int(high)) if high else int(low)
+    try:
+        target = (int(low), int(high)) if high else int(low)
+        n, seed = int(opts["n"]), int(opts.get("seed", 0))
+    except ValueError:
+        raise DataError(f"data spec {spec!r}: n, tokens and seed must be integers ({expected})") from None
+    if n < 1:
+        raise DataError(f"data spec {spec!r}: n must be at least 1, got {n}")
     kinds = tuple(opts["kinds"].split("+")) if "kinds" in opts else synthetic.KINDS
     try:
-        records = synthetic.generate(int(opts["n"]), target, seed=int(opts.get("seed", 0)), kinds=kinds,
-                                     confusers=confusers)
+        records = synthetic.generate(n, target, seed=seed, kinds=kinds, confusers=confusers)
     except ValueError as e:
         raise DataError(f"data spec {spec!r}: {e}") from None
     if opts.get("reasoning") == "0":

@@ -42,6 +42,8 @@ def sign_test(fixed: int, broken: int) -> float:
 
 def paired_gain(before: dict, after: dict, *, resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
     """Compare two item -> score maps over the items they share (accuracy in points)."""
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"resamples must be >= 1 and level in (0, 1), got {resamples} and {level}")
     keys = sorted(set(before) & set(after))
     if not keys:
         raise ValueError("the two evaluations share no items: compare runs of the same held-out set")
@@ -73,6 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("after", help="an eval output dir of the same items")
     p.add_argument("--resamples", type=int, default=10_000)
     a = p.parse_args(argv)
+    if a.resamples < 1:
+        p.error(f"--resamples must be at least 1, got {a.resamples}")
     g = paired_gain(item_scores(a.before), item_scores(a.after), resamples=a.resamples)
     print(describe(g, Path(a.before).name, Path(a.after).name))
     return 0

@@ -167,8 +167,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     with open(items_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), settings.batch_items):
             batch = todo[start:start + settings.batch_items]
-            prompts = [record_prompt_ids(r, tokenizer, template=data.template, max_tokens=max_input,
-                                         chat=data.chat_template) for _, r in batch]
+            prompts = [_prompt(bench, r, tokenizer, data, max_input) for bench, r in batch]
             groups = gen.generate([p for p, _ in prompts], n=settings.n, params=params)
             for (bench, rec), (ids, cut), group in zip(batch, prompts, groups):
                 texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
@@ -207,6 +206,14 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     if world > 1:
         barrier()
     return table
+
+
+def _prompt(bench: str, record: DocQARecord, tokenizer, data: DataConfig, max_input: int) -> tuple[list[int], bool]:
+    try:
+        return record_prompt_ids(record, tokenizer, template=data.template, max_tokens=max_input,
+                                 chat=data.chat_template)
+    except ValueError as e:  # its question alone is over the limit: say which item
+        raise ValueError(f"benchmark {bench}, item {record.id}: {e}") from None
 
 
 def _requested(benchmarks: dict, settings: EvalConfig) -> list[tuple[str, DocQARecord]]:
