@@ -403,6 +403,13 @@ def test_synthetic_cli(tmp_path):
     assert synthetic.main(["--n", "5", "--tokens", "200", "400", "--out", str(out), "--seed", "1"]) == 0
     recs = load_docqa(out)
     assert len(recs) == 5 and all(150 <= synthetic.word_count_tokens(r.context) <= 420 for r in recs)
+    for bad in (["--tokens", "400", "200"], ["--tokens", "100", "200", "300"], ["--tokens", "100", "--n", "0"]):
+        with pytest.raises(SystemExit):
+            synthetic.main(["--n", "5", "--out", str(out), *bad])
+    # run as a module, it is not imported twice (runpy warns when the package imported it first)
+    run = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "engine.data.synthetic", "--n", "1",
+                          "--tokens", "50", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-500:]
 
 
 def test_synthetic_reasoning_is_true_of_its_document(tmp_path):

@@ -159,8 +159,19 @@ def test_checkpoint_of_a_step_saved_twice_and_per_stage_pruning(tmp_path, monkey
     def tag(path):
         return json.loads((path / "trainer.json").read_text())["tag"]
 
+    synced, real_fsync, real_open, opened = [], ckpt_mod.os.fsync, ckpt_mod.os.open, {}
+
+    def record_open(path, flags, *a, **kw):
+        fd = real_open(path, flags, *a, **kw)
+        opened[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(ckpt_mod.os, "open", record_open)
+    monkeypatch.setattr(ckpt_mod.os, "fsync", lambda fd: synced.append(opened.get(fd)) or real_fsync(fd))
     for step in (50, 100):
         save(step, "sft", "sft")
+    # flushed to disk before the renames that make it the checkpoint: its files, its folder, the pointer
+    assert {"trainer.json", "rng.pt", "optimizer.pt", "config.json", ".latest.tmp", "run"} <= set(synced)
     for step in (10, 20, 30):
         save(step, "rl", "periodic")
     assert sorted(p.name for p in run.iterdir()) == ["latest", "rl-step-000020", "rl-step-000030", "step-000050",

@@ -237,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     p.add_argument("--tokenizer", help="count tokens with this model's tokenizer (default: a word estimate)")
     a = p.parse_args(argv)
+    if len(a.tokens) > 2 or a.tokens[0] < 1 or (len(a.tokens) == 2 and a.tokens[1] < a.tokens[0]):
+        p.error(f"--tokens takes a length, or LOW HIGH with 1 <= LOW <= HIGH (got {' '.join(map(str, a.tokens))})")
+    if a.n < 1:
+        p.error(f"--n must be at least 1 (got {a.n})")
     count = word_count_tokens
     if a.tokenizer:
         from ..model import resolve_checkpoint

@@ -86,6 +86,7 @@ def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dic
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        _flush_to_disk(tmp)  # on disk before the renames make it the checkpoint (a power loss, not only a kill)
         aside = _aside(final)
         if final.exists():  # the same step again: the older copy stays whole until the new one is in place
             shutil.rmtree(aside, ignore_errors=True)
@@ -97,12 +98,30 @@ def _write_checkpoint(run_dir, step: int, model, tokenizer, optimizer_state: dic
         raise
     pointer = run / ".latest.tmp"
     pointer.write_text(final.name)
+    _flush_to_disk(pointer)
     pointer.replace(run / "latest")
+    _flush_to_disk(run, whole=False)  # the renames
     prefix = final.name[: -len(f"{step:06d}")]  # prune this stage's checkpoints only
     for old in sorted(run.glob(f"{prefix}*"))[:-keep_last]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _flush_to_disk(path: Path, whole: bool = True) -> None:
+    """fsync a file, or a folder (its entries: renames) and, when `whole`, everything under it."""
+    paths = [*path.rglob("*"), path] if whole and path.is_dir() else [path]
+    for item in paths:
+        try:
+            fd = os.open(item, os.O_RDONLY)
+        except OSError:  # a folder some platforms do not open
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def checkpoint_name(trainer_state: dict, step: int) -> str:
