@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -80,8 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                    "micro-batches under train.token_budget, AdamW, LR schedule, gradient "
                                    "clipping and accumulation; one JSON row per step in OUT/metrics.jsonl and "
                                    "checkpoints (a model dir transformers loads + optimizer/RNG/data state) "
-                                   "under train.out_dir. Ctrl-C finishes the step, writes a checkpoint and stops (twice: "
-                                   "stops at once); --resume continues.")
+                                   "under train.out_dir. Ctrl-C finishes the step, writes a checkpoint and "
+                                   "stops (twice: stops at once); --resume continues.")
     t.add_argument("--recipe", help="TOML recipe with [model], [data], [train] and [sft] sections")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of train.out_dir")
     t.add_argument("--nproc", type=int, default=1,
@@ -114,7 +115,8 @@ def _build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", nargs="+")
     pl.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png for one run)")
 
-    e = sub.add_parser("eval", epilog=OVERRIDES, help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
+    e = sub.add_parser("eval", epilog=OVERRIDES,
+                       help="evaluate a model on long-document QA benchmarks (accuracy, pass@k)",
                        description="Score the [model] on one or more benchmark files (any layout load_docqa "
                                    "reads: LongBench, HotpotQA, MuSiQue, 2Wiki, L-CiteEval, L-Eval, DocMath, "
                                    "FRAMES with wiki_items, verl parquet, our JSONL) with the [eval] settings. "
@@ -208,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+SHUTDOWN_WAIT_S = 1800
+
+
 def _relaunch(argv: list[str], nproc: int) -> int:
     """`--nproc N`: the same command under torchrun, N processes on this machine."""
-    import subprocess
     rest, skip = [], False
     for a in argv:  # drop --nproc N / --nproc=N
         if skip:
@@ -221,7 +225,18 @@ def _relaunch(argv: list[str], nproc: int) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engine.cli", *rest]
-    return subprocess.call(cmd)
+    # Ctrl-C: torchrun passes it on to the processes (each in its own session, out of the
+    # terminal's reach) and waits this long for them to finish their step and write a
+    # checkpoint before it kills them (torch >= 2.13 reads it; older torch waits 30 s)
+    env = {**os.environ, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                                           str(SHUTDOWN_WAIT_S))}
+    proc = subprocess.Popen(cmd, env=env)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # not ours to act on: torchrun has it too, and we wait for it
+            print(f"\ninterrupt: the processes finish their step and write a checkpoint (up to "
+                  f"{env['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} s)", file=sys.stderr, flush=True)
 
 
 def cmd_convert(args) -> int:

@@ -275,7 +275,7 @@ class RewardConfig:
     judge_timeout_s: float = 30.0  # per attempt; an item costs at most timeout × retries
     judge_retries: int = 2  # attempts per item
     judge_concurrency: int = 8  # requests in flight (http)
-    judge_cooldown_s: float = 300.0  # http: after `concurrency` items in a row without a reply, not asked for this long
+    judge_cooldown_s: float = 300.0  # http: after max(concurrency, 4) failed items in a row: not asked this long
     judge_max_tokens: int = 1024  # reply budget: room for a short reason and the verdict
     judge_tasks: list[str] = field(default_factory=lambda: ["qa", "math"])  # tasks the judge may rescue
 

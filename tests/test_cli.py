@@ -97,3 +97,33 @@ def test_generate_keeps_inputs_inside_the_window(smollm, tmp_path, capsys):
     assert "inputs are cut to 1020 tokens" in capsys.readouterr().err
     row = json.loads(results.read_text())
     assert row["truncated_input"] and row["prompt_tokens"] == 1020
+
+
+def test_nproc_launch_waits_through_ctrl_c_for_the_checkpoint(monkeypatch):
+    """`--nproc N` runs torchrun and, on Ctrl-C, keeps waiting for it (torchrun passes the
+    interrupt on to the processes, which finish their step and save) instead of killing it;
+    torchrun is told to wait long enough for that."""
+    import os
+    import signal
+    import threading
+
+    from engine import cli
+    seen = {}
+
+    class FakeTorchrun:
+        def __init__(self, cmd, env):
+            seen.update(cmd=cmd, env=env)
+            self.calls = 0
+
+        def wait(self):
+            self.calls += 1
+            if self.calls == 1:  # Ctrl-C lands while we wait
+                os.kill(os.getpid(), signal.SIGINT)
+                threading.Event().wait(1.0)  # the handler raises KeyboardInterrupt in here
+            return 130
+
+    monkeypatch.setattr(cli.subprocess, "Popen", FakeTorchrun)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    assert cli._relaunch(["train", "r.toml", "--nproc", "2"], 2) == 130
+    assert seen["cmd"][-3:] == ["engine.cli", "train", "r.toml"] and "--nproc-per-node=2" in seen["cmd"]
+    assert seen["env"]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == str(cli.SHUTDOWN_WAIT_S)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import (FORMATS, DataError, DocQARecord, length_buckets, load_docqa, load_records, prompt_lengths,
+from engine.data import (FORMATS, read_docqa_jsonl, DataError, DocQARecord, length_buckets, load_docqa, load_records, prompt_lengths,
                          record_prompt_ids, synthetic, task_for_source, write_docqa)
 from engine.rewards import rule_reward
 
@@ -278,6 +278,11 @@ def test_bad_fields_of_each_layout_name_the_row(tmp_path):
     # a string of aliases is one alias, not one per character; a null id falls back to the row's
     rec = load_docqa(_write(tmp_path, "m.jsonl", [{**musique, "answer_aliases": "City of Light", "id": None}]))[0]
     assert rec.answers == ["Paris", "City of Light"] and rec.id == "m-1"
+    # JSON written with ensure_ascii=False keeps U+2028 / U+0085 unescaped: still one line
+    row = {"context": "a\u2028b\u0085c", "question": "q", "answers": ["x"]}
+    (tmp_path / "u.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert load_docqa(tmp_path / "u.jsonl")[0].context == row["context"]
+    assert read_docqa_jsonl(tmp_path / "u.jsonl")[0]["context"] == row["context"]
     # encodings: a byte-order mark is dropped; bytes that are not UTF-8 are named by line
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"context": "c", "question": "q",
                                                                          "answers": ["a"]}).encode() + b"\n")

@@ -197,6 +197,14 @@ def test_reruns_hold_to_their_settings_items_and_samples(smollm, tmp_path, capsy
     run_eval(model, tok, benches, long, tmp_path / "long", progress=False, generator_factory=factory)
     saved = json.loads((tmp_path / "long" / "summary.json").read_text())["settings"]
     assert saved["max_new_tokens"] == 4096 and "generating at most 4096" in capsys.readouterr().err
+    honoured = EvalConfig(max_new_tokens=6000, limit=1)  # fits beside an input: as asked
+    run_eval(model, tok, benches, honoured, tmp_path / "six", progress=False, generator_factory=factory)
+    assert json.loads((tmp_path / "six" / "summary.json").read_text())["settings"]["max_new_tokens"] == 6000
+    # a first run that stopped before any result does not hold its folder to its settings
+    with pytest.raises(ValueError, match="the question and template alone"):
+        run_eval(model, tok, benches, EvalConfig(max_input_tokens=20, max_new_tokens=8), tmp_path / "retry",
+                 progress=False, generator_factory=factory)
+    run_eval(model, tok, benches, settings, tmp_path / "retry", progress=False, generator_factory=factory)
 
 
 def test_an_unavailable_judge_is_reported_and_asked_again_on_rerun(smollm, tmp_path, capsys):
@@ -243,3 +251,18 @@ def test_smaller_refusals_name_what_is_wrong(smollm, tmp_path, capsys):
     assert main(["eval", "--data", str(REAL / "musique_dev.json"), "--out", str(tmp_path / "k"),
                  "--judge-key-env", "MY_KEY"]) == 2
     assert "--judge-key-env goes with --judge-url" in capsys.readouterr().err
+
+
+def test_results_files_keep_unicode_line_separators_and_every_sample(tmp_path):
+    """items.jsonl is written with ensure_ascii=False: a completion holding U+2028 or U+0085 is
+    one row, not a torn one. Merging the ranks' parts keeps samples past the current n."""
+    from engine.eval.runner import _merge_parts, _read_done
+    rows = [{"benchmark": "b", "id": "1", "sample": j, "score": 1.0, "completion": "a\u2028b\u0085c"} for j in range(3)]
+    path = tmp_path / "items.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["completion"] for r in _read_done(path, 3)[("b", "1")]] == ["a\u2028b\u0085c"] * 3
+    assert len(path.read_text(encoding="utf-8").split("\n")) == 4  # nothing dropped, nothing rewritten
+    record = load_docqa(REAL / "musique_dev.json")[0]
+    record.id = "1"
+    _merge_parts(tmp_path, {"b": [record]}, EvalConfig(n=1))
+    assert len(_read_done(path, 1, every_sample=True)[("b", "1")]) == 3  # samples 1 and 2 stay in the file

@@ -227,6 +227,7 @@ def test_train_with_hung_judge_falls_back_within_the_deadline(tmp_path, tiny_mod
     started = time.perf_counter()
     assert main(train_args(tmp_path, tiny_model_dir, server, out, f"--reward.judge_timeout_s={timeout}",
                            f"--reward.judge_retries={retries}", f"--reward.judge_concurrency={concurrency}",
+                           "--reward.judge_cooldown_s=0",  # asked every step (the cooldown: test_rewards.py)
                            '--rl.phases=[{name = "only", max_input_tokens = 400, steps = 2}]')) == 0
     wall = time.perf_counter() - started
     rows = rl_rows(out)

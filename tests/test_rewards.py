@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from engine.rewards import (HttpJudge, HttpJudgeConfig, HybridReward, Judge, JudgeItem, LocalJudge, RewardItem,
                             build_judge, exact_match, extract_answer, extract_choice, normalize, numbers_match,
-                            parse_number, parse_verdict, rule_reward, sub_exact_match, token_f1)
+                            number_readings, parse_number, parse_verdict, rule_reward, sub_exact_match, token_f1)
 import engine.rewards.judge as judge_module
 
 # (completion, gold, task, expected reward)
@@ -39,12 +39,14 @@ CASES = [
     ("Therefore, the answer is .", "Paris", "qa", 0.0),                                # empty answer
     ("The answer is Paris.\nNote that the answer isn't London.", "Paris", "qa", 1.0),  # "isn't" commits to nothing
     ("The answer is Paris.\nNote that the answer isn't London.", "London", "qa", 0.0),
-    ("The answer is Paris.\nThe answer is not London.", "London", "qa", 0.0),          # nor does "is not"
+    ("The answer is Paris.\nThe answer is not London.", "London", "qa", 0.0),          # nor does "is not" ...
+    ("The answer is not guilty", "not guilty", "qa", 1.0),                             # ... unless it is all
     # thinking
     ("<think>the answer is London</think>Therefore, the answer is Paris.", "Paris", "qa", 1.0),
     ("<think>Therefore, the answer is Paris</think>I am not sure.", "Paris", "qa", 0.0),
     ("<think>a</think><think>b</think> the answer is Paris", "Paris", "qa", 1.0),       # after the last tag
     ("<think>Maybe the answer is Paris. Hmm, but", "Paris", "qa", 0.0),                # a thought never closed
+    ("The answer is Paris <think>or is it", "Paris", "qa", 1.0),                       # ... after the answer
     # sub-EM and normalisation
     ("Therefore, the answer is the Eiffel Tower", "Eiffel Tower", "qa", 1.0),          # articles
     ("Therefore, the answer is Eiffel Tower, in Paris", "eiffel tower", "qa", 1.0),    # gold inside prediction
@@ -86,7 +88,10 @@ CASES = [
     ("Therefore, the answer is 1.2e6", "1.2", "math", 1.0),                            # x10^6: a unit change
     ("Therefore, the answer is 1.2e5", "1.2", "math", 0.0),                            # x10^5 is none
     ("Therefore, the answer is 3/4", "0.75", "math", 1.0),                             # a fraction
-    ("Therefore, the answer is 3/4", "3", "math", 0.0),
+    ("Therefore, the answer is 1,234/5,678", "0.21733", "math", 1.0),                 # separators in both
+    ("Therefore, the answer is 24/7", "24", "math", 1.0),                              # a/b read as a alone too
+    ("Therefore, the answer is 2019/20", "2019", "math", 1.0),
+    ("Therefore, the answer is 3/4", "4", "math", 0.0),
     # multiple choice
     ("The correct answer is (B).", "B", "choice", 1.0),
     ("The correct answer is (b)", "(B)", "choice", 0.0),                               # letters are uppercase
@@ -136,7 +141,8 @@ def test_parse_number_forms():
     assert parse_number("5k") == 5000 and parse_number("5 km") == 5
     assert parse_number("no digits") is None
     assert parse_number("2.5E-3") == pytest.approx(0.0025) and parse_number("2 x 10^(-3)") == pytest.approx(0.002)
-    assert parse_number("1/0") is None and parse_number("3/4/2020") == 3  # a date is no fraction
+    assert parse_number("1/0") == 1 and parse_number("3/4/2020") == 3  # a date is no fraction
+    assert number_readings("-3/4") == [-0.75, -3] and number_readings("3/1,000") == [0.003, 3]
 
 
 def test_unknown_task_is_an_error():
@@ -341,10 +347,12 @@ def test_a_dead_judge_is_left_alone_for_its_cooldown():
     judge._request = lambda messages: sent.append(1) or real(messages)
     items = [JudgeItem(f"q{i}", "a", "b") for i in range(12)]
     assert judge(items) == [None] * 12 and judge([JudgeItem("q", "a", "c")]) == [None]
-    assert 2 <= len(sent) <= 3 and judge.stats.unavailable == 13  # one wave (a third may be on its way)
-    judge._down_until = 0.0  # the cooldown is over: asked again
-    judge([JudgeItem("q", "a", "d")])
-    assert len(sent) in (3, 4)
+    # 4 in a row at the least (concurrency 2), one more possibly on its way
+    assert 4 <= len(sent) <= 5 and judge.stats.unavailable == 13
+    judge._down_until = 0.0  # the cooldown is over: asked again, and counted afresh (no new cooldown at once)
+    n = len(sent)
+    judge([JudgeItem("q", "a", f"d{i}") for i in range(3)])
+    assert len(sent) == n + 3
 
 
 def test_http_judge_malformed_reply_is_a_counted_no(fake_server):

@@ -117,6 +117,15 @@ def test_pipeline_phases_carry_over_refill_and_exact_resume(tiny_setup, tmp_path
     keys = ("reward/mean", "loss", "grad_norm", "dynamic/kept_groups")
     assert [[r.get(k) for k in keys] for r in _rows(tmp_path / "broken")] == \
            [[r.get(k) for k in keys] for r in rows]
+    # killed in RL before its first checkpoint: the resume starts RL again from SFT's, and the
+    # killed attempt's row is not left beside the new one
+    early = config("early", carry_threshold=1.0)
+    early.sft = straight.sft
+    early.train.save_every = 2
+    run_pipeline(early, progress=False, reward=ToyReward(), stop_after=1)
+    assert json.loads((latest_checkpoint(tmp_path / "early") / "trainer.json").read_text())["stage"] == "sft"
+    run_pipeline(early, resume=True, progress=False, reward=ToyReward())
+    assert [[r.get(k) for k in keys] for r in _rows(tmp_path / "early")] == [[r.get(k) for k in keys] for r in rows]
 
 
 def test_dynamic_sampling_refills_and_reports_shortfall(tiny_setup, tmp_path):
@@ -211,6 +220,29 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path, capsys)
     for a, b in zip(straight, resumed):
         for key in ("reward/mean", "loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+
+
+def test_ctrl_c_during_a_phase_end_stops_with_its_checkpoint(tiny_setup, tmp_path):
+    """A SIGINT during the phase-end evaluation: the run stops there (its checkpoint is the phase
+    end's), not after another step of the next phase. With Ctrl-C turned off (SIG_IGN, as under
+    `nohup ... &`), it stays off."""
+    import os
+    import signal
+
+    from engine.train import run_rl
+    from engine.train.loop import Interrupted, Interrupts
+    config, _ = tiny_setup
+    cfg = config("phase-end", phases=((150, 1), (400, 1)))
+    with pytest.raises(Interrupted):
+        run_rl(cfg, progress=False, reward=ToyReward(), evaluate=lambda *a: os.kill(os.getpid(), signal.SIGINT))
+    state = json.loads((latest_checkpoint(tmp_path / "phase-end") / "trainer.json").read_text())
+    assert state["phase"] == 1 and state["trainer"]["step"] == 1 and len(_rows(tmp_path / "phase-end")) == 1
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with Interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_out_of_memory_gives_advice(tiny_setup, monkeypatch):

@@ -188,7 +188,8 @@ def test_checkpoint_of_a_step_saved_twice_and_per_stage_pruning(tmp_path, monkey
         save(30, "rl", "phase end")
     monkeypatch.setattr(Path, "rename", real_rename)
     assert not (run / "rl-step-000030").exists()
-    assert latest_checkpoint(run).name == "rl-step-000030" and tag(run / "rl-step-000030") == "periodic"
+    from engine.model.weights import resolve_checkpoint  # what eval, convert and load_model read
+    assert resolve_checkpoint(run) == run / "rl-step-000030" / "model" and tag(run / "rl-step-000030") == "periodic"
     save(30, "rl", "phase end")
     assert tag(latest_checkpoint(run)) == "phase end"
     assert not [p for p in run.iterdir() if p.name.startswith(".")]

@@ -16,7 +16,7 @@ def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     rows = []
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:
@@ -46,3 +46,10 @@ def read_text(path: Path) -> str:
         line = raw[:e.start].count(b"\n") + 1
         raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); save the file "
                         f"as UTF-8") from None
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of a JSONL text: split at "\n" only (a trailing "\r" dropped). str.splitlines
+    also splits at U+2028, U+2029 and U+0085, which JSON written with ensure_ascii=False keeps
+    unescaped inside its strings."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]

@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .jsonl import DataError, read_text
+from .jsonl import DataError, jsonl_lines, read_text
 from .records import TASKS, DocQADataset, DocQARecord, task_for_source, write_docqa
 
 __all__ = ["FORMATS", "CONVERTERS", "DocQARecord", "DocQADataset", "task_for_source", "detect_format", "load_docqa",
@@ -284,7 +284,7 @@ def _rows(path: Path) -> Iterator[tuple[int, Any]]:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         yield from enumerate(rows)
         return
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:

@@ -12,6 +12,8 @@ import random
 from math import comb
 from pathlib import Path
 
+from ..data.jsonl import jsonl_lines
+
 
 def item_scores(eval_dir: str | Path) -> dict[tuple[str, str], float]:
     """(benchmark, id) -> mean score over the item's samples, from an eval dir's items.jsonl."""
@@ -19,7 +21,7 @@ def item_scores(eval_dir: str | Path) -> dict[tuple[str, str], float]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no per-item results (is {eval_dir} a `longrl eval` output dir?)")
     sums: dict[tuple[str, str], list[float]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), 1):
         if not line.strip():
             continue
         try:

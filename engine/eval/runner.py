@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DataConfig, EvalConfig, RolloutConfig
+from ..data.jsonl import jsonl_lines
 from ..data.lengths import record_prompt_ids
 from ..data.template import resolve_think
 from ..data.loaders import DocQARecord
@@ -41,7 +42,7 @@ def _read_done(path: Path, n: int = 1, rewrite: bool = True, every_sample: bool 
     done: dict[tuple[str, str], list[dict]] = {}
     if not path.is_file():
         return done
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = [line for line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -127,10 +128,11 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
                                  f"ids must be unique (results are kept by id)")
             seen[r.id] = i
     ctx = model.config.max_position_embeddings
-    if settings.max_new_tokens > ctx // 2:  # QwenLong-L1's 10K new tokens, on a model with a short window
+    if settings.max_new_tokens >= ctx:  # QwenLong-L1's 10K new tokens, on a model with a shorter window
         if rank == 0:
-            print(f"eval: max_new_tokens {settings.max_new_tokens} is over half the model's {ctx}-token window; "
-                  f"generating at most {ctx // 2} (set --eval.max_new_tokens to choose)", file=sys.stderr)
+            print(f"eval: max_new_tokens {settings.max_new_tokens} leaves no room for an input in the model's "
+                  f"{ctx}-token window; generating at most {ctx // 2} (set --eval.max_new_tokens below {ctx} to "
+                  f"choose)", file=sys.stderr)
         settings = replace(settings, max_new_tokens=ctx // 2)
     max_input = min(settings.max_input_tokens, ctx - settings.max_new_tokens)  # the window bounds the input
     _check_settings(out / "settings.json", {
@@ -223,15 +225,19 @@ def _requested(benchmarks: dict, settings: EvalConfig) -> list[tuple[str, DocQAR
 
 def _check_settings(path: Path, current: dict, write: bool) -> None:
     """OUT's results hold for the settings that made them: a rerun with other ones (another
-    model, sampling, input or output budget, template) would mix the two in one table."""
-    if path.is_file():
+    model, sampling, input or output budget, template) would mix the two in one table. A
+    folder without results yet (a first run that stopped early) takes the new settings."""
+    has_results = any(p.stat().st_size for p in path.parent.glob("items*.jsonl"))
+    if path.is_file() and has_results:
         before = json.loads(path.read_text())
         changed = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in current.items() if before.get(k) != v]
         if changed:
-            raise ValueError(f"{path.parent} holds results made with other settings ({'; '.join(changed)}): give "
-                             f"another --out, or delete it to start over")
+            raise ValueError(f"{path.parent} holds results made with other settings ({'; '.join(changed)}): "
+                             f"evaluate into another folder, or delete it to start over")
     elif write:
-        path.write_text(json.dumps(current, indent=1))
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(current, indent=1))
+        tmp.replace(path)
 
 
 def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward) -> None:
@@ -264,7 +270,7 @@ def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
     parts = sorted(out.glob("items.rank*.jsonl"))
     done = {}
     for path in [out / "items.jsonl", *parts]:
-        done.update(_read_done(path, settings.n))
+        done.update(_read_done(path, settings.n, every_sample=True))
     order = [(bench, r.id) for bench, r in _requested(benchmarks, settings)]
     keys = [k for k in order if k in done] + [k for k in done if k not in set(order)]
     tmp = out / "items.jsonl.tmp"

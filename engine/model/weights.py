@@ -66,7 +66,8 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     path = Path(key).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
+            from ..train.checkpoint import latest_checkpoint  # it takes back a copy a kill left aside
+            path = latest_checkpoint(path) or path / (path / "latest").read_text().strip()
         if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
             path = path / "model"
         return path

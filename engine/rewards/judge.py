@@ -5,8 +5,9 @@ verifier does, and its reply carries a verdict [[YES]] or [[NO]]; the last one c
 reply without one is a NO and is counted as malformed (and not cached: a later call may
 get a verdict). A judge that cannot be reached within its per-item deadline returns None
 for that item: the hybrid reward then falls back to the rule score and counts it. An HTTP
-judge that fails a whole wave of requests (`concurrency` in a row, none answered) is not
-asked again for `cooldown_s`: a dead endpoint costs one wave's deadline, not every item's.
+judge that fails a whole wave of requests (`concurrency` in a row, at least 4, none answered)
+is not asked again for `cooldown_s`: a dead endpoint costs one wave's deadline, not every
+item's.
 
 Two backends behind one interface, `_complete(conversations) -> replies`:
 - `HttpJudge`: an OpenAI-compatible /chat/completions endpoint; the API key is read from
@@ -188,6 +189,7 @@ def _retry_after(headers) -> float:
 class HttpJudge(Judge):
     RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
     MIN_ATTEMPT_S = 0.05  # an attempt with less time than this left before the deadline is not made
+    MIN_FAILURES = 4  # items in a row without a reply that start a cooldown, at least (else `concurrency`)
 
     def __init__(self, cfg: HttpJudgeConfig):
         super().__init__()
@@ -215,12 +217,12 @@ class HttpJudge(Judge):
                 self._failed_in_a_row = 0
             else:
                 self._failed_in_a_row += 1
-                if self._failed_in_a_row >= self.cfg.concurrency and self.cfg.cooldown_s > 0 \
-                        and time.monotonic() >= self._down_until:
-                    self._down_until = time.monotonic() + self.cfg.cooldown_s
+                if self._failed_in_a_row >= max(self.cfg.concurrency, self.MIN_FAILURES) and self.cfg.cooldown_s > 0:
                     log.warning("judge: %d items in a row without a reply from %s; not asked again for %.0f s "
                                 "(rule scores stand meanwhile)", self._failed_in_a_row, self.cfg.base_url,
                                 self.cfg.cooldown_s)
+                    self._down_until = time.monotonic() + self.cfg.cooldown_s
+                    self._failed_in_a_row = 0  # after the cooldown, a fresh count
         return reply, time.monotonic() - started
 
     def _request(self, messages: Messages) -> str | None:

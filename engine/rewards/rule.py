@@ -37,8 +37,9 @@ import string
 from collections import Counter
 
 TASKS = ("qa", "math", "choice")
-# "is" as a whole word ("the answer isn't X" commits to nothing) and not negated ("... is not X")
-_ANSWER_IS = re.compile(r"the\s+(?:correct\s+|final\s+)?answer\s+is\b(?!\s+not\b)", re.IGNORECASE)
+# "is" as a whole word: "the answer isn't X" commits to nothing
+_ANSWER_IS = re.compile(r"the\s+(?:correct\s+|final\s+)?answer\s+is\b", re.IGNORECASE)
+_NEGATED = re.compile(r"\s+not\b", re.IGNORECASE)  # "the answer is not X": skipped while another commits
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
 
@@ -49,8 +50,12 @@ def strip_thinking(completion: str, think: str = "auto") -> str | None:
     if think == "off":
         return completion
     idx = completion.rfind("</think>")
-    if idx < 0:  # auto: a thought opened and never closed is not an answer either
-        return None if think == "required" or "<think>" in completion else completion
+    if idx < 0:
+        if think == "required":
+            return None
+        # auto: a thought opened and never closed is no answer; what came before it still is
+        opened = completion.find("<think>")
+        return completion if opened < 0 else completion[:opened]
     return completion[idx + len("</think>"):]
 
 
@@ -80,7 +85,10 @@ def extract_answer(completion: str, think: str = "auto") -> str | None:
     matches = list(_ANSWER_IS.finditer(text))
     if not matches:
         return None
-    answer = _clean(text[matches[-1].end():])
+    # the last that commits: "the answer is Paris. ... the answer is not London" answers Paris,
+    # while "the answer is not guilty" alone answers "not guilty"
+    committed = [m for m in matches if not _NEGATED.match(text, m.end())]
+    answer = _clean(text[(committed or matches)[-1].end():])
     return answer or None
 
 
@@ -130,7 +138,8 @@ _NUMBER = re.compile(
     r"(?P<open>\()?\s*(?P<sign>[-+−])?\s*[$€£¥]?\s*(?P<sign2>[-+−])?\s*"
     r"(?P<num>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)"
     # an exponent (1.2e6, 1e-05: how a float gold prints), a power of ten (1.2 × 10^6), a fraction (3/4)
-    r"(?:[eE](?P<exp>[-+]?\d+)|\s*[×x*]\s*10\s*\^\s*\(?(?P<pow>[-+−]?\d+)\)?|\s*/\s*(?P<den>\d+(?:\.\d+)?)(?![\d/]))?"
+    r"(?:[eE](?P<exp>[-+]?\d+)|\s*[×x*]\s*10\s*\^\s*\(?(?P<pow>[-+−]?\d+)\)?"
+    r"|\s*/\s*(?P<den>(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d/,]))?"
     r"\s*(?P<close>\))?\s*(?P<pct>%|percent\b)?"
     # a scale word after a space, or a one-letter abbreviation glued to the number ($5k, 1.2B)
     r"(?:\s*(?P<scale>thousand|million|billion|trillion|mn|bn|tn)\b|(?P<abbr>[kmb])(?![a-z]))?",
@@ -139,19 +148,30 @@ _NUMBER = re.compile(
 
 def parse_number(text: str) -> float | None:
     """The first number in `text`, with sign, currency, %, parentheses and scale word."""
+    values = number_readings(text)
+    return values[0] if values else None
+
+
+def number_readings(text: str) -> list[float]:
+    """parse_number's value, then the other reading of an a/b: its numerator alone ("24/7",
+    "50/50", "2019/20" are no quotients); [] when there is no number."""
     if not text:
-        return None
+        return []
     m = _NUMBER.search(text)
     if not m:
-        return None
+        return []
     value = float(m.group("num").replace(",", ""))
     if m.group("exp") or m.group("pow"):
         value *= 10.0 ** int((m.group("exp") or m.group("pow")).replace("−", "-"))
-    elif m.group("den"):
-        den = float(m.group("den"))
-        if den == 0:
-            return None
-        value /= den
+    readings = [value]
+    if m.group("den"):
+        den = float(m.group("den").replace(",", ""))
+        readings = [value / den, value] if den else [value]
+    return [v for v in (_finish(m, r) for r in readings) if v is not None]
+
+
+def _finish(m: re.Match, value: float) -> float | None:
+    """A reading with the match's sign, parentheses and scale applied."""
     if m.group("sign") in ("-", "−") or m.group("sign2") in ("-", "−") or (m.group("open") and m.group("close")):
         value = -value
     scale = m.group("scale") or m.group("abbr")
@@ -216,10 +236,10 @@ def rule_reward(completion: str, gold: str | list[str], task: str, *, think: str
     if answer is None:
         return 0.0
     if task == "math":
-        pred = parse_number(answer)
+        preds = number_readings(answer)
         for g in golds:
             g_num = parse_number(g)
-            if g_num is not None and pred is not None and numbers_match(pred, g_num):
+            if g_num is not None and any(numbers_match(p, g_num) for p in preds):
                 return 1.0
             if g_num is None and sub_exact_match(answer, g):
                 return 1.0

@@ -8,6 +8,7 @@ judge), curriculum and kernels together.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -212,10 +213,13 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
         phase_k, carried, sampler_state = tstate["phase"], tstate["carried"], tstate["sampler"]
         restore_rng(rng)
     fresh = (state is None and start_from is None) if fresh_log is None else fresh_log
-    log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else None) \
+    # resumed: drop what was logged after the checkpoint; started after SFT in a run's folder: any
+    # rows of an RL attempt killed before its first checkpoint (RL steps, evaluations after step 0)
+    log = MetricsLog(run_dir, "rl", fresh=fresh, resume_after_step=trainer.step_count if state else 0) \
         if main else NullLog()
     bar = progress_bar(total, trainer.step_count, "rl", progress and main)
-    position = {"phase": phase_k, "carried": carried, "last": ckpt}  # where the run is, for saves
+    # where the run is, for saves; the last checkpoint to resume from (the SFT one RL started from)
+    position = {"phase": phase_k, "carried": carried, "last": ckpt or (Path(start_from).parent if start_from else None)}
 
     def save(sampler=None, phase=None, carried_now=None) -> Path:
         if phase is not None:
@@ -277,6 +281,8 @@ def _rl_phases(cfg, rl, records, members, trainer, tracker, phase_k, carried, sa
         last = save(None, phase_k, carried)
         if evaluate:
             evaluate(trainer.eval_model(), tokenizer, f"after-{phase.name}", trainer.step_count, log)
+        if interrupts.requested():  # Ctrl-C during the phase's save or evaluation: its checkpoint is written
+            raise Interrupted(last)
     return last
 
 
@@ -296,7 +302,12 @@ def holdout_eval(cfg: Config, model, tokenizer, label: str, step: int | None, lo
         benches[name] = load_records(path)
     # held-out figures use the rule score alone, so every point of a run is scored alike
     rank, world = (0, 1) if parallel is None else (parallel.rank, parallel.world)
-    table = run_eval(model, tokenizer, benches, cfg.eval, Path(cfg.train.out_dir) / "eval" / label, progress=False,
+    out = Path(cfg.train.out_dir) / "eval" / label
+    if rank == 0:  # these weights' figures, never a killed attempt's rows (its metrics rows were dropped too)
+        shutil.rmtree(out, ignore_errors=True)
+    if parallel is not None:
+        parallel.barrier()
+    table = run_eval(model, tokenizer, benches, cfg.eval, out, progress=False,
                      data=cfg.data, rollout=cfg.rollout, rank=rank, world=world,
                      barrier=None if parallel is None else parallel.barrier)
     if rank != 0:
@@ -347,7 +358,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     start = None
     if cfg.sft.data and not in_rl:
         start = run_sft(cfg, resume=latest is not None, progress=progress, fresh_log=False) / "model"
-        if cfg.eval.sets:
+        if cfg.eval.sets and "after-sft" not in _logged_labels(run_dir):  # a resume after SFT's end has it
             evaluate_dir(start, "after-sft")
     if not cfg.rl.data:
         last = start.parent if start else latest
@@ -357,6 +368,16 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     if stop_after is None and main:
         print(run_report(run_dir), flush=True)
     return last
+
+
+def _logged_labels(run_dir: Path) -> set[str]:
+    """The evaluation labels metrics.jsonl holds (every rank reads the same file, so every rank
+    decides alike)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return set()
+    rows = (json.loads(line) for line in path.read_text().split("\n") if line.strip())
+    return {r.get("label") for r in rows if r.get("stage") == "eval"}
 
 
 SPARK = "▁▂▃▄▅▆▇█"

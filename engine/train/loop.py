@@ -143,7 +143,9 @@ class Interrupts:
         self.parallel, self.asked, self._previous = parallel, False, None
 
     def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():
+        # not where Ctrl-C was turned off (a run started with `nohup ... &`): it stays off
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._on_signal)
         return self
 

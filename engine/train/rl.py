@@ -395,7 +395,7 @@ class GRPOTrainer:
         global_tokens = sum(n_tokens)
         # rl.mini_batches of whole groups, as equal as the groups allow (fewer only when there are
         # fewer groups); several of them make the later updates off-policy
-        minis = [list(range(a * self.rl.group_size, b * self.rl.group_size))
+        minis = [[k for k, (gi, _) in enumerate(samples) if a <= gi < b]  # groups may differ in size
                  for a, b in mini_batch_bounds(len(batch), self.rl.mini_batches)]
         old = ref = None
         if len(minis) > 1:
