@@ -111,3 +111,13 @@ def tiny_model_with_tokenizer(path, tokenizer, hidden: int = 48) -> str:
     hf.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
     return str(path)
+
+
+@pytest.fixture
+def ctrl_c_on():
+    """Ctrl-C as at a terminal: a test run in the background (a non-interactive shell's `&`)
+    inherits SIGINT ignored, and the training loop leaves an ignored SIGINT alone."""
+    import signal
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -99,7 +99,7 @@ def test_generate_keeps_inputs_inside_the_window(smollm, tmp_path, capsys):
     assert row["truncated_input"] and row["prompt_tokens"] == 1020
 
 
-def test_nproc_launch_waits_through_ctrl_c_for_the_checkpoint(monkeypatch):
+def test_nproc_launch_waits_through_ctrl_c_for_the_checkpoint(monkeypatch, ctrl_c_on):
     """`--nproc N` runs torchrun and, on Ctrl-C, keeps waiting for it (torchrun passes the
     interrupt on to the processes, which finish their step and save) instead of killing it;
     torchrun is told to wait long enough for that."""

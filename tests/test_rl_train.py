@@ -184,7 +184,7 @@ class SignalsMidStep(ToyReward):
         return super().__call__(items)
 
 
-def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path, capsys):
+def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path, capsys, ctrl_c_on):
     """A real SIGINT mid-step: the step finishes, a checkpoint of it is written and the run stops.
     Resumed, a second SIGINT right after the first stops at once: nothing of the cut step is
     saved, the checkpoint stays. Resumed again, the run draws, rewards and trains as one that
@@ -222,7 +222,7 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_setup, tmp_path, capsys)
             assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
 
 
-def test_ctrl_c_during_a_phase_end_stops_with_its_checkpoint(tiny_setup, tmp_path):
+def test_ctrl_c_during_a_phase_end_stops_with_its_checkpoint(tiny_setup, tmp_path, ctrl_c_on):
     """A SIGINT during the phase-end evaluation: the run stops there (its checkpoint is the phase
     end's), not after another step of the next phase. With Ctrl-C turned off (SIG_IGN, as under
     `nohup ... &`), it stays off."""

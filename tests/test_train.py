@@ -84,7 +84,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tiny_run, tmp_path):
     assert _losses(tmp_path / "broken") == _losses(tmp_path / "straight")
 
 
-def test_ctrl_c_mid_step_checkpoints_that_step_whole(tiny_run, tmp_path, monkeypatch):
+def test_ctrl_c_mid_step_checkpoints_that_step_whole(tiny_run, tmp_path, monkeypatch, ctrl_c_on):
     """A SIGINT inside step 3's forward: the step finishes and is saved (its data position with
     it); the resumed run's losses are those of a run that never stopped."""
     import os
