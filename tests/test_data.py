@@ -115,13 +115,13 @@ def test_verl_parquet(tmp_path):
     content = ("Please read the following text and answer the question below.\n\n<text>\nThe bridge opened in "
                "1931.\n</text>\n\nWhen did the bridge open?\n\nFormat your response as follows: \"Therefore, the "
                "answer is (insert answer here)\".")
-    table = pa.Table.from_pylist([{
-        "data_source": "docmath_qa", "prompt": [{"role": "user", "content": content}], "ability": "doc-math",
-        "reward_model": {"style": "rule", "ground_truth": "1931"}, "extra_info": {"index": 7, "split": "train"}}])
+    row = {"data_source": "docmath_qa", "prompt": [{"role": "user", "content": content}], "ability": "doc-math",
+           "reward_model": {"style": "rule", "ground_truth": "1931"}, "extra_info": {"index": 7, "split": "train"}}
+    table = pa.Table.from_pylist([row, {**row, "data_source": "musique_qa"}])  # subsets number their rows alike
     path = tmp_path / "train.parquet"
     pq.write_table(table, str(path))
-    rec = load_docqa(path)[0]
-    assert (rec.id, rec.task, rec.answers) == ("7", "math", ["1931"])
+    rec, other = load_docqa(path)
+    assert (rec.id, rec.task, rec.answers) == ("docmath_qa-7", "math", ["1931"]) and other.id == "musique_qa-7"
     assert rec.context == "The bridge opened in 1931." and rec.question == "When did the bridge open?"
     assert rec.prompt == content
 

@@ -232,7 +232,9 @@ def _verl(r: _Row, i: int, source: str):
     data_source = str(r.get("data_source") or source)
     task = task_for_source(data_source)
     extra = r.get("extra_info") or {}
-    rid = str(extra.get("index", f"{source}-{i}")) if isinstance(extra, dict) else f"{source}-{i}"
+    # the index numbers a subset's rows (DocQA-RL-1.6K joins subsets, each from 0): the subset names it
+    index = extra.get("index") if isinstance(extra, dict) else None
+    rid = f"{data_source}-{index}" if index is not None else f"{source}-{i}"
     golds = [str(g) for g in gold] if isinstance(gold, (list, tuple)) else [str(gold)]
     return [DocQARecord(id=rid, data_source=data_source, task=task, context=context, question=question,
                         answers=golds, prompt=content)]
