@@ -14,6 +14,7 @@ overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -162,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "plot":
             from .train.plot import plot_run, plot_runs
+            if importlib.util.find_spec("matplotlib") is None:
+                raise ConfigError("plot needs matplotlib: pip install -e '.[plot]'")
             if len(args.run_dir) == 1:
                 print(f"wrote {plot_run(args.run_dir[0], args.out)}")
             elif not args.out:
                 raise ConfigError("plot with several RUN_DIRs draws one comparison: give --out FILE.png")
             else:
-                print(f"wrote {plot_runs({Path(d).name: d for d in args.run_dir}, args.out)}")
+                labels = [Path(d).expanduser().resolve().name for d in args.run_dir]
+                if len(set(labels)) < len(labels):  # the legend labels runs by folder name
+                    raise ConfigError(f"plot: runs with the same folder name ({', '.join(args.run_dir)}); "
+                                      f"rename or link them so each has its own")
+                print(f"wrote {plot_runs(dict(zip(labels, args.run_dir)), args.out)}")
             return 0
         if args.command == "convert":
             if overrides:

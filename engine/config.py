@@ -260,6 +260,9 @@ class RLConfig:
         lengths = [p.max_input_tokens for p in self.phases]
         _check(bool(lengths) and lengths == sorted(set(lengths)), f"{key}.phases",
                "phases with increasing max_input_tokens", lengths)
+        names = [p.name for p in self.phases]  # they label the metrics, the evaluations and the plots
+        _check(len(set(names)) == len(names), f"{key}.phases", "a different name for each phase "
+               "(e.g. { name = \"short\", max_input_tokens = 20000, steps = 10 })", names)
 
 
 @dataclass

@@ -89,7 +89,9 @@ def test_choice_and_impossible_values():
                               ("--sft.max_input_tokens=-3", r"sft\.max_input_tokens"),
                               ("--data.template='qwenlng'", r"data\.template: expected one of qwenlong"),
                               ("--sft.format='csv'", r"sft\.format: expected auto or one of docqa"),
-                              ("--rl.format='x'", r"rl\.format")]:
+                              ("--rl.format='x'", r"rl\.format"),
+                              ("--rl.phases=[{max_input_tokens=20}, {max_input_tokens=40}]",
+                               r"rl\.phases: expected a different name for each phase")]:
         with pytest.raises(ConfigError, match=message):
             load_config(None, [override])
 

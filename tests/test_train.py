@@ -2,6 +2,7 @@
 non-finite losses, and the `longrl sft` command."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -306,6 +307,22 @@ def test_metrics_log_resume_and_tensorboard(tmp_path):
     assert resumed.rows()[-1]["loss"] is None  # JSON has no NaN
     if log.tb is not None:  # TensorBoard event files when the package is installed
         assert list((tmp_path / "tb").glob("events.*"))
+
+
+def test_plot_reads_a_torn_last_row_and_refuses_ambiguous_labels(tmp_path, capsys):
+    from engine.train.plot import read_rows
+    run = tmp_path / "a" / "demo"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 1.0}\n{"stage": "sft", "st')
+    assert read_rows(run) == [{"stage": "sft", "step": 1, "loss": 1.0}]  # a run killed mid-write
+    (run / "metrics.jsonl").write_text('{"stage": "sft", "st\n{"stage": "sft", "step": 1, "loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON row"):
+        read_rows(run)
+    other = tmp_path / "b" / "demo"
+    other.mkdir(parents=True)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert main(["plot", str(run), str(other), "--out", str(tmp_path / "x.png")]) == 2
+        assert "runs with the same folder name" in capsys.readouterr().err
 
 
 def test_run_report_tables_curves_and_noise(tmp_path):

@@ -169,3 +169,30 @@ def test_damaged_gguf_is_reported(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="broken.gguf: cannot import GGUF"):
         load_model(bad)
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_convert_refuses_to_wipe_other_files_and_writes_readable_folders(smollm, tmp_path):
+    """convert replaces an existing checkpoint directory whole: one holding other files (a
+    LICENSE, a .git) is refused by name, a file as OUT too; the folder is readable by others
+    (mkdtemp makes it owner-only); a sharded GGUF import is found in the cache again."""
+    import os
+    import stat
+
+    from engine.model import load_model, save_model
+    from engine.model.weights import CheckpointError, import_gguf
+    model, tok = smollm
+    out = tmp_path / "ckpt"
+    save_model(model, tok, out)
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055 == 0o055 & ~os.umask(os.umask(0))
+    (out / "LICENSE").write_text("mine")
+    with pytest.raises(CheckpointError, match=r"holds files that are not part of a checkpoint \(LICENSE\)"):
+        save_model(model, tok, out)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is a file"):
+        save_model(model, tok, tmp_path / "afile")
+    cache = tmp_path / "cache"
+    sharded = tmp_path / "sharded"
+    save_model(model, tok, sharded, max_shard_bytes=64 << 20)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert import_gguf(tmp_path / "none.gguf", out_dir=sharded) == sharded  # found: nothing imported
+    load_model(sharded, device="cpu")

@@ -39,7 +39,7 @@ class CheckpointError(ValueError):
 def cache_dir() -> Path:
     """$LONGRL_CACHE, else $XDG_CACHE_HOME/longrl, else ~/.cache/longrl."""
     if os.environ.get("LONGRL_CACHE"):
-        return Path(os.environ["LONGRL_CACHE"])
+        return Path(os.environ["LONGRL_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "longrl"
 
@@ -245,10 +245,20 @@ def write_checkpoint(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor
     tokenizer into a temporary sibling directory, then move it into place, so a crash never
     leaves a half-written checkpoint under out_dir's name."""
     out = Path(out_dir).expanduser()
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"{out}: exists and is not a checkpoint directory; refusing to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is a file; give a directory to write the checkpoint into")
+    if out.exists() and any(out.iterdir()):
+        if not (out / "config.json").is_file():
+            raise CheckpointError(f"{out}: exists and is not a checkpoint directory; refusing to replace it")
+        foreign = sorted(p.name for p in out.iterdir() if not _checkpoint_file(p))
+        if foreign:  # the folder is replaced whole: say what would go, rather than lose it
+            raise CheckpointError(f"{out}: holds files that are not part of a checkpoint ({', '.join(foreign[:5])}"
+                                  f"{', ...' if len(foreign) > 5 else ''}); write into another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is read by other users too
     try:
         shards = _split_shards(hf_state, max_shard_bytes) if hf_state else []  # none: config and tokenizer only
         if len(shards) == 1:
@@ -280,6 +290,13 @@ def write_checkpoint(hf_config: dict[str, Any], hf_state: dict[str, torch.Tensor
     return out
 
 
+def _checkpoint_file(path: Path) -> bool:
+    """A file a checkpoint directory holds: config, weights, index, tokenizer and generation files."""
+    name = path.name
+    return path.is_file() and (name.endswith((".safetensors", ".json", ".model", ".txt", ".jinja", ".tiktoken"))
+                               or name.startswith("tokenizer"))
+
+
 def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -301,6 +318,7 @@ def save_model(model: Decoder, tokenizer, out_dir: str | os.PathLike, *,
     cfg = model.config
     hf_config = {k: v for k, v in cfg.hf_config.items() if k not in ("quantization_config", "_name_or_path")}
     dtype = model.embed_tokens.weight.dtype
+    hf_config.pop("torch_dtype", None)  # the old name: a reader that prefers it would load the source's dtype
     hf_config.update(architectures=[ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
                      tie_word_embeddings=cfg.tie_word_embeddings, dtype=_dtype_name(dtype))
     state = {}
@@ -329,7 +347,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None 
     The cache entry is keyed by the file's content hash, so a changed file is imported again."""
     src = Path(gguf_path)
     out = Path(out_dir) if out_dir else cache_dir() / "gguf" / f"{src.stem}-{_file_digest(src)}"
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    if (out / "config.json").is_file() and ((out / "model.safetensors").is_file()
+                                            or (out / "model.safetensors.index.json").is_file()):  # sharded
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

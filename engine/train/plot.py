@@ -16,16 +16,18 @@ RL_PANELS = [("reward/mean", "training reward (rollouts)"), ("response/mean_len"
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir).expanduser() / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a longrl run directory?)")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                raise ValueError(f"{path}:{n}: not a JSON row") from None
+    lines = [(n, line) for n, line in enumerate(path.read_text().split("\n"), 1) if line.strip()]
+    for k, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1:  # a run killed mid-write: its torn last row is left out
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON row") from None
     if not rows:
         raise ValueError(f"{path}: empty")
     return rows
