@@ -197,10 +197,16 @@ def _docqa_rl():
     return load_docqa(DOCQA_RL)
 
 
+def _index(record) -> str:
+    """The row's extra_info.index: a verl id is data_source-index."""
+    return record.id.rsplit("-", 1)[1]
+
+
 def test_docqa_rl_sample_tasks_and_golds():
     recs = _docqa_rl()
     assert not recs.skipped and len(recs) == len(_DOCQA_RL_EXPECTED)
-    assert {r.id: (r.task, r.answers[0]) for r in recs} == {k: v[:2] for k, v in _DOCQA_RL_EXPECTED.items()}
+    assert all(r.id == f"{r.data_source}-{_index(r)}" for r in recs)  # ids name their subset
+    assert {_index(r): (r.task, r.answers[0]) for r in recs} == {k: v[:2] for k, v in _DOCQA_RL_EXPECTED.items()}
     by_family = {"long_toc_choices": "choice", "docmath": "math", "multihoprag": "qa", "musique": "qa"}
     for rec in recs:
         assert rec.task == by_family[rec.data_source.rsplit("_", 2)[0]]  # long_toc_choices_0_20000 -> long_toc_choices
@@ -214,7 +220,7 @@ def test_docqa_rl_sample_tasks_and_golds():
 
 def test_docqa_rl_sample_rewards():
     for rec in _docqa_rl():
-        task, gold, wrong = _DOCQA_RL_EXPECTED[rec.id]
+        task, gold, wrong = _DOCQA_RL_EXPECTED[_index(rec)]
         if task == "choice":
             right, bad = f"The correct answer is ({gold}).", f"The correct answer is ({wrong})."
         else:
