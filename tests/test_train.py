@@ -309,7 +309,7 @@ def test_metrics_log_resume_and_tensorboard(tmp_path):
         assert list((tmp_path / "tb").glob("events.*"))
 
 
-def test_plot_reads_a_torn_last_row_and_refuses_ambiguous_labels(tmp_path, capsys):
+def test_plot_reads_a_torn_last_row_and_refuses_ambiguous_labels(tmp_path, capsys, monkeypatch):
     from engine.train.plot import read_rows
     run = tmp_path / "a" / "demo"
     run.mkdir(parents=True)
@@ -318,6 +318,17 @@ def test_plot_reads_a_torn_last_row_and_refuses_ambiguous_labels(tmp_path, capsy
     (run / "metrics.jsonl").write_text('{"stage": "sft", "st\n{"stage": "sft", "step": 1, "loss": 1.0}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON row"):
         read_rows(run)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (run / "metrics.jsonl").write_text('{"stage": "sft", "step": 1, "loss": 1.0}\n')
+    assert read_rows("~/a/demo") == [{"stage": "sft", "step": 1, "loss": 1.0}]  # ~ is the home folder
+    from engine.model.weights import cache_dir
+    monkeypatch.setenv("LONGRL_CACHE", "~/cache")
+    assert cache_dir() == tmp_path / "cache"
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr("engine.cli.importlib.util.find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real_find(name, *a))
+    assert main(["plot", str(run)]) == 2 and "pip install -e '.[plot]'" in capsys.readouterr().err
+    monkeypatch.undo()
     other = tmp_path / "b" / "demo"
     other.mkdir(parents=True)
     if importlib.util.find_spec("matplotlib") is not None:

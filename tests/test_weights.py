@@ -196,3 +196,11 @@ def test_convert_refuses_to_wipe_other_files_and_writes_readable_folders(smollm,
     assert (sharded / "model.safetensors.index.json").is_file()
     assert import_gguf(tmp_path / "none.gguf", out_dir=sharded) == sharded  # found: nothing imported
     load_model(sharded, device="cpu")
+    # a source config's old `torch_dtype` does not travel (a reader that prefers it would load that dtype)
+    config = json.loads((sharded / "config.json").read_text())
+    config["torch_dtype"] = "bfloat16"
+    (sharded / "config.json").write_text(json.dumps(config))
+    again, _ = load_model(sharded, device="cpu")
+    save_model(again, tok, tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert "torch_dtype" not in written and written["dtype"] == "float32"
