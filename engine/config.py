@@ -527,10 +527,11 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] = (), cls
         path = Path(recipe)
         if not path.is_file():
             raise ConfigError(f"recipe {path}: no such file")
+        from .data.jsonl import DataError, read_text
         try:
-            data = tomllib.loads(path.read_bytes().decode("utf-8-sig"))  # a byte-order mark is dropped
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"recipe {path}: not UTF-8 (byte at offset {e.start}); save it as UTF-8") from None
+            data = tomllib.loads(read_text(path))  # UTF-8, a byte-order mark dropped
+        except DataError as e:
+            raise ConfigError(f"recipe {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
         source = str(path)

@@ -187,7 +187,7 @@ def test_reruns_hold_to_their_settings_items_and_samples(smollm, tmp_path, capsy
     assert fake.prompts == 5  # nothing generated again
     assert table["average"]["items"] == 2 and table["hotpotqa"]["samples"] == table["musique"]["samples"] == 1
     twice = {"hotpotqa": benches["hotpotqa"] + [copy.copy(benches["hotpotqa"][0])]}
-    with pytest.raises(ValueError, match="benchmark hotpotqa: records 1 and 4 share the id"):
+    with pytest.raises(ValueError, match=f"benchmark hotpotqa: the id '{benches['hotpotqa'][0].id}' is used twice"):
         run_eval(model, tok, twice, settings, tmp_path / "dup", progress=False, generator_factory=factory)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "items.jsonl").write_text('{"id": 1}\n')

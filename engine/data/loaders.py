@@ -173,10 +173,11 @@ def _lciteeval(r: _Row, i: int, source: str):
         context = r.get("context")
     else:
         docs = r.list("docs")
-        for j, d in enumerate(docs):
-            if not isinstance(d if not isinstance(d, dict) else d.get("text"), str):
+        texts = [d.get("text") if isinstance(d, dict) else d for d in docs]
+        for j, text in enumerate(texts):
+            if not isinstance(text, str):
                 raise DataError(f"{r.where}: docs[{j}] must be a string or an object with a string 'text'")
-        context = _join_passages([("", d["text"] if isinstance(d, dict) else d) for d in docs])
+        context = _join_passages([("", text) for text in texts])
     return [DocQARecord(id=r.id("id", f"{source}-{i}"), data_source=source, task=task_for_source(source),
                         context=context.lstrip("\ufeff").removeprefix("ï»¿"), question=r.str("question"),
                         answers=r.answers("answer", "answers"))]

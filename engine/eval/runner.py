@@ -23,7 +23,7 @@ from ..config import DataConfig, EvalConfig, RolloutConfig
 from ..data.jsonl import jsonl_lines
 from ..data.lengths import record_prompt_ids
 from ..data.template import resolve_think
-from ..data.loaders import DocQARecord
+from ..data.loaders import DocQARecord, check_unique_ids
 from ..rewards import HybridReward, RewardItem
 from .passk import pass_at_k
 
@@ -55,10 +55,7 @@ def _read_done(path: Path, n: int = 1, rewrite: bool = True, every_sample: bool 
     done = {key: rows for key, rows in done.items() if len({r["sample"] for r in rows}) >= n}
     kept = sum(len(rows) for rows in done.values())
     if rewrite and kept != len(lines):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
-                       encoding="utf-8")
-        tmp.replace(path)
+        _write_rows(path, [r for rows in done.values() for r in rows])
     return done if every_sample else {key: [r for r in rows if r["sample"] < n] for key, rows in done.items()}
 
 
@@ -120,13 +117,8 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     data = data or DataConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for bench, records in benchmarks.items():
-        seen: dict[str, int] = {}
-        for i, r in enumerate(records):
-            if r.id in seen:
-                raise ValueError(f"benchmark {bench}: records {seen[r.id] + 1} and {i + 1} share the id {r.id!r}; "
-                                 f"ids must be unique (results are kept by id)")
-            seen[r.id] = i
+    for bench, records in benchmarks.items():  # results are kept by id
+        check_unique_ids([(bench, records)], f"benchmark {bench}")
     ctx = model.config.max_position_embeddings
     if settings.max_new_tokens >= ctx:  # QwenLong-L1's 10K new tokens, on a model with a shorter window
         if rank == 0:
@@ -235,20 +227,16 @@ def _check_settings(path: Path, current: dict, write: bool) -> None:
             raise ValueError(f"{path.parent} holds results made with other settings ({'; '.join(changed)}): "
                              f"evaluate into another folder, or delete it to start over")
     elif write:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(current, indent=1))
-        tmp.replace(path)
+        _replace_text(path, json.dumps(current, indent=1))
 
 
 def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward) -> None:
     """Rows below full score without a verdict (the judge was down or timed out, or the run had
     no judge): the reward again, asking the judge where it applies, without generating again;
     items.jsonl is rewritten (aside, then renamed) when a verdict came."""
-    stale = [row for rows in done.values() for row in rows if row["judge"] is None and row["score"] < 1]
-    if not stale:
-        return
     records = {(bench, r.id): r for bench, records in benchmarks.items() for r in records}
-    stale = [(row, records[row["benchmark"], row["id"]]) for row in stale if (row["benchmark"], row["id"]) in records]
+    stale = [(row, records[row["benchmark"], row["id"]]) for rows in done.values() for row in rows
+             if row["judge"] is None and row["score"] < 1 and (row["benchmark"], row["id"]) in records]
     if not stale:
         return
     results = reward([RewardItem(row["completion"], rec.answers, rec.task, rec.question) for row, rec in stale])
@@ -258,10 +246,19 @@ def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward)
             row.update(judge=res.judge, judge_asked=True, score=res.reward)
             changed += 1
     if changed:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for rows in done.values() for r in rows),
-                       encoding="utf-8")
-        tmp.replace(path)
+        _write_rows(path, [r for rows in done.values() for r in rows])
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """items.jsonl's rows (non-ASCII kept as is), replacing the file whole."""
+    _replace_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Written aside and renamed into place: a kill leaves the old file or the new one, whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
@@ -272,12 +269,8 @@ def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:
     for path in [out / "items.jsonl", *parts]:
         done.update(_read_done(path, settings.n, every_sample=True))
     order = [(bench, r.id) for bench, r in _requested(benchmarks, settings)]
-    keys = [k for k in order if k in done] + [k for k in done if k not in set(order)]
-    tmp = out / "items.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for key in keys:
-            for row in sorted(done[key], key=lambda r: r["sample"]):
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out / "items.jsonl")
+    asked = set(order)
+    keys = [k for k in order if k in done] + [k for k in done if k not in asked]
+    _write_rows(out / "items.jsonl", [row for key in keys for row in sorted(done[key], key=lambda r: r["sample"])])
     for path in parts:
         path.unlink()

@@ -8,7 +8,6 @@ judge), curriculum and kernels together.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from ..config import Config
 from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
 from .loop import Interrupted, Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
-from .metrics import MetricsLog
+from .metrics import MetricsLog, metrics_rows
 from .sft import SFTTrainer, sft_examples
 
 __all__ = ["run_sft", "run_rl", "run_pipeline", "run_report", "holdout_eval", "build_reward", "SFTTrainer",
@@ -358,7 +357,8 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     start = None
     if cfg.sft.data and not in_rl:
         start = run_sft(cfg, resume=latest is not None, progress=progress, fresh_log=False) / "model"
-        if cfg.eval.sets and "after-sft" not in _logged_labels(run_dir):  # a resume after SFT's end has it
+        # a resume after SFT's end has it already (every rank reads the same file: all decide alike)
+        if cfg.eval.sets and "after-sft" not in {r.get("label") for r in metrics_rows(run_dir) if r.get("stage") == "eval"}:
             evaluate_dir(start, "after-sft")
     if not cfg.rl.data:
         last = start.parent if start else latest
@@ -368,16 +368,6 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     if stop_after is None and main:
         print(run_report(run_dir), flush=True)
     return last
-
-
-def _logged_labels(run_dir: Path) -> set[str]:
-    """The evaluation labels metrics.jsonl holds (every rank reads the same file, so every rank
-    decides alike)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return set()
-    rows = (json.loads(line) for line in path.read_text().split("\n") if line.strip())
-    return {r.get("label") for r in rows if r.get("stage") == "eval"}
 
 
 SPARK = "▁▂▃▄▅▆▇█"

@@ -41,9 +41,15 @@ class MetricsLog:
             self.tb.flush()
 
     def rows(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return metrics_rows(self.path.parent)
+
+
+def metrics_rows(run_dir: str | os.PathLike) -> list[dict]:
+    """RUN_DIR/metrics.jsonl's rows ([] before the first)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def efficiency(model, seconds: float, peak_tflops: float, *, train_tokens: int = 0, forward_tokens: int = 0,
