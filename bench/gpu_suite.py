@@ -79,7 +79,8 @@ def run_tests(out: Path) -> dict:
            "tests/test_rollout.py", "tests/test_attention_block.py", "tests/test_paged_kernel.py",
            "tests/test_decode_paths.py", "tests/test_cuda_graphs.py", "tests/test_triton_sampler.py",
            "tests/test_prefill.py", "tests/test_shared_prefix.py", "tests/test_triton_norm.py",
-           "tests/test_triton_pointwise.py", "-k", "cuda or gpu or test_paged_kernel or test_decode_paths or "
+           "tests/test_triton_pointwise.py", "tests/test_precision.py", "-k",
+           "cuda or gpu or test_paged_kernel or test_decode_paths or "
            "test_triton_sampler or test_triton_norm or test_triton_pointwise or fused",
            "-p", "no:cacheprovider"]
     t0 = time.perf_counter()

@@ -196,7 +196,8 @@ class RLConfig:
     clip_high: float = 0.28
     clip_c: float | None = None
     kl_coef: float = 0.0  # > 0: a frozen copy of the starting weights gives reference log-probs
-    ref_device: Literal["same", "cpu"] = "same"  # where the reference copy lives
+    # where the reference copy lives between steps ("cpu": host memory; its pass runs on the training device)
+    ref_device: Literal["same", "cpu"] = "same"
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     entropy_coef: float = 0.0
     aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",

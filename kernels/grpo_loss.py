@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from .rows import accumulate_dw, chunk_rows, logit_bytes, pick_rows
+from .rows import accumulate_dw, chunk_rows, logit_bytes, no_autocast, pick_rows
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -181,6 +181,12 @@ def _kl_and_grad(logp: torch.Tensor, ref: torch.Tensor, estimator: str):
 class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out):
+        with no_autocast(hidden.device):  # the products in the inputs' dtype, as the gradients assume
+            return _FusedGRPOLoss._forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg,
+                                           rows, chunk, stats_out)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out):
         t = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(hidden) if need_dh else None

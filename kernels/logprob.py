@@ -12,12 +12,17 @@ from __future__ import annotations
 import torch
 
 from .grpo_loss import _check_shapes
-from .rows import accumulate_dw, chunk_rows, logit_bytes, pick_rows
+from .rows import accumulate_dw, chunk_rows, logit_bytes, no_autocast, pick_rows
 
 
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk):
+        with no_autocast(hidden.device):  # the backward recomputes these logits: both in the inputs' dtype
+            return _FusedLogprob._forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk):
         t = hidden.shape[0]
         inv_temp = 1.0 / temperature
         lse = torch.empty(t, device=hidden.device, dtype=torch.float32)
@@ -40,6 +45,11 @@ class _FusedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
+        with no_autocast(ctx.saved_tensors[0].device):
+            return _FusedLogprob._backward(ctx, grad_logp, grad_ent)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         inv_temp, with_entropy, rows, chunk = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -69,7 +79,8 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    temperature: float = 1.0, with_entropy: bool = False, backend: str | None = None,
                    chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [T, H], weight [V, H], targets [T] -> (logprob [T] fp32, entropy [T] fp32 | None)
-    of softmax(hidden @ weight.T / temperature). Differentiable in hidden and weight."""
+    of softmax(hidden @ weight.T / temperature). Differentiable in hidden and weight. The
+    products run in the inputs' dtype, under torch.autocast too (cast the inputs to choose it)."""
     _check_shapes(hidden, weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -71,6 +71,13 @@ class TorchRows:
 BACKENDS = ("auto", "torch", "triton")
 
 
+def no_autocast(device: torch.device):
+    """A context with torch.autocast off on `device`'s type: inside the fused ops every product
+    runs in its inputs' dtype. Autocast is not active in a backward pass, so a forward under it
+    would compute other logits than the backward's recompute (wrong gradients)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 @functools.cache
 def _triton_importable() -> bool:
     try:
@@ -84,7 +91,7 @@ def pick_rows(backend: str | None, device: torch.device):
     """auto: triton on CUDA, torch elsewhere. $LONGRL_KERNEL_BACKEND overrides auto."""
     choice = backend or "auto"
     if choice == "auto":
-        choice = os.environ.get("LONGRL_KERNEL_BACKEND", "auto")
+        choice = os.environ.get("LONGRL_KERNEL_BACKEND") or "auto"  # set but empty: unset, as in the config
     if choice not in BACKENDS:
         raise ValueError(f"kernel backend {choice!r} unknown; choose one of {', '.join(BACKENDS)}")
     if choice == "auto":
@@ -116,7 +123,7 @@ def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: 
     if chunk_tokens:
         return max(1, min(chunk_tokens, num_tokens))
     default_mb = 2048 if device.type == "cuda" else 256
-    rows = rows_for_budget(vocab, int(os.environ.get("LONGRL_CHUNK_MB", default_mb)), bytes_per_logit)
+    rows = rows_for_budget(vocab, int(os.environ.get("LONGRL_CHUNK_MB") or default_mb), bytes_per_logit)
     return max(1, min(rows, num_tokens))
 
 

@@ -3,7 +3,7 @@
 (tests/test_kernels.py, against the reference on the same ratios, advantages and weights).
 
 Each case gives the current log-probs, the importance ratios (old = logp − log ratio; None:
-strictly on-policy), ref = logp + ref_delta, advantages, token weights, entropy, the
+strictly on-policy), ref = logp + ref_delta, the rollout's log-probs `gap` below old, advantages, token weights, entropy, the
 config, and the loss and d(loss)/d(logp) worked out by hand (comments show the work).
 """
 from __future__ import annotations
@@ -44,6 +44,11 @@ POLICY_CASES = {
     "logratio_clamp_and_mask": dict(cfg=GRPOLossConfig(logratio_clamp=0.5), logp=[-1.0, -1.0, -1.0],
                                     ratio=[math.e, 1 / math.e, 1.0], adv=[-1.0, 1.0, 1.0], weight=[1.0, 1.0, 0.0],
                                     expected_loss=math.exp(0.5) - math.exp(-0.5), expected_grad=[0.0, 0.0, 0.0]),
+    # truncated importance sampling, cap 2, on-policy (r = 1): the rollout's log-probs below the trainer's by
+    # log 1.5 (weight 1.5) and log 4 (weight 4, capped to 2). −A·w: −1.5 | 2.  loss .5·(−1.5) + .5·2 = 0.25;
+    # grad −A·w·(token weight): −0.75 | 1.0
+    "tis": dict(cfg=GRPOLossConfig(tis_cap=2.0), logp=[-1.0, -2.0], ratio=None, gap=[math.log(1.5), math.log(4.0)],
+                adv=[1.0, -1.0], weight=[0.5, 0.5], expected_loss=0.25, expected_grad=[-0.75, 1.0]),
 }
 
 
@@ -56,5 +61,7 @@ def case_tensors(case: dict, logp: torch.Tensor) -> dict:
     old = None if case.get("ratio") is None else base - torch.log(tensor(case["ratio"]))
     ref = None if case.get("ref_delta") is None else base + tensor(case["ref_delta"])
     entropy = None if case.get("entropy") is None else tensor(case["entropy"])
+    # the rollout's log-probs, `gap` below the trainer's before the update (old, or logp on-policy)
+    behaviour = None if case.get("gap") is None else (base if old is None else old) - tensor(case["gap"])
     return {"logp": logp, "old": old, "ref": ref, "adv": tensor(case["adv"]), "weight": tensor(case["weight"]),
-            "entropy": entropy}
+            "entropy": entropy, "behaviour": behaviour}

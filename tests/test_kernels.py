@@ -348,14 +348,15 @@ def test_fused_loss_agrees_with_policy_table(backend, name):
     def reference(h, w):
         lp, ent = naive_logprob(h, w, targets, temperature=cfg.temperature, with_entropy=True)
         return policy_loss(lp, parts["adv"], parts["weight"], old_logprob=parts["old"], ref_logprob=parts["ref"],
-                           entropy=ent, cfg=cfg)[0]
+                           entropy=ent, behaviour_logprob=parts["behaviour"], cfg=cfg)[0]
 
     def fused(h, w):
         def on(x):
             return None if x is None else x.to(device=device, dtype=torch.float32)
         loss, _ = linear_grpo_loss(h, w, targets.to(device), advantages=on(parts["adv"]),
                                    token_weight=on(parts["weight"]), old_logprob=on(parts["old"]),
-                                   ref_logprob=on(parts["ref"]), cfg=cfg, backend=backend)
+                                   ref_logprob=on(parts["ref"]), behaviour_logprob=on(parts["behaviour"]), cfg=cfg,
+                                   backend=backend)
         return loss
 
     ref_out = _grads(reference, hidden, weight, torch.float64)
@@ -556,3 +557,48 @@ def test_row_kernel_launch_config_is_the_fastest_candidate_and_keeps_the_results
     monkeypatch.setattr(triton_rows, "_LAUNCH", {})
     small = z[:, :300].contiguous()  # both widths fit in 512: one candidate left, nothing to time
     assert triton_rows.launch_config("stats", small, lambda *a: None, timer=lambda run: 1 / 0) == (512, 4)
+
+
+def test_fused_ops_under_autocast_keep_their_gradients_consistent():
+    """Autocast is off in a backward pass: a fused op called inside torch.autocast computes its
+    products in the inputs' dtype (fp32 here), so the backward's recompute sees the forward's
+    logits; left to autocast, the forward's bf16 logits against the fp32 recompute gave gradients
+    ~6% off (softmax rows summing to 0.87..1.16)."""
+    hidden, weight, targets, _ = _inputs(t=24, h=16, v=300, scale=12.0, seed=5)
+
+    def logprob(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_logprob(h, w, targets, temperature=0.7)[0].sum()
+
+    def grpo(h, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return linear_grpo_loss(h, w, targets, advantages=torch.ones(24), token_weight=torch.full((24,), 0.1),
+                                    cfg=GRPOLossConfig(temperature=0.7))[0]
+
+    def naive(h, w):
+        return naive_logprob(h, w, targets, temperature=0.7)[0].sum()
+    want = _grads(naive, hidden, weight, torch.float64)
+    got = _grads(logprob, hidden, weight, torch.float32)
+    for name, o, r in zip(("value", "d hidden", "d weight"), got, want):
+        _close(o, r.float(), r, torch.float32, f"logprob {name}")
+    # on-policy, A = 1, token weight 0.1: loss = −0.1 · Σ ratio = −2.4, d loss / d logp = −0.1 a token
+    value, dh, dw = _grads(grpo, hidden, weight, torch.float32)
+    assert value.item() == pytest.approx(-2.4)
+    for name, o, r in (("d hidden", dh, -0.1 * want[1]), ("d weight", dw, -0.1 * want[2])):
+        _close(o, r.float(), r, torch.float32, f"grpo {name}")
+
+
+def test_empty_kernel_variables_mean_unset(monkeypatch):
+    """`export LONGRL_CHUNK_MB=` clears a setting, as the config reads it: the kernels take their
+    defaults instead of failing on ''."""
+    from kernels.rows import TorchRows, chunk_rows, pick_rows
+
+    monkeypatch.setenv("LONGRL_KERNEL_BACKEND", "")
+    monkeypatch.setenv("LONGRL_CHUNK_MB", "")
+    assert pick_rows("auto", torch.device("cpu")) is TorchRows
+    monkeypatch.delenv("LONGRL_CHUNK_MB")
+    default = chunk_rows(10_000, 50_000, torch.device("cpu"))
+    monkeypatch.setenv("LONGRL_CHUNK_MB", "")
+    assert chunk_rows(10_000, 50_000, torch.device("cpu")) == default
+    hidden, weight, targets, _ = _inputs(t=5, h=8, v=20)
+    assert torch.isfinite(linear_logprob(hidden.float(), weight.float(), targets)[0]).all()

@@ -184,3 +184,88 @@ def test_rl_step_mfu_covers_the_old_log_prob_pass(letters):
     seconds = row["time/update"] + row["time/old_logprob"]
     assert row["time/old_logprob"] > 0 and "_work" not in row
     assert row["mfu"] == pytest.approx(params * (6 * through + 2 * through) / seconds / 1e6, rel=1e-6)
+
+
+def test_the_kl_reference_computes_the_starting_policy(letters, tmp_path, monkeypatch):
+    """Under bf16-mixed the policy is fp32 weights run under autocast; its KL reference must give
+    the same log-probs at the start of RL (KL 0), however `model.dtype = auto` loads (bf16 on a
+    GPU, stood in for here), and holds each linear layer's weights in bf16 (what autocast rounds
+    them to). Under FSDP2, whose policy casts every weight, the reference is bf16 throughout."""
+    from engine.config import KernelsConfig, RLConfig
+    from engine.model import weights
+    from engine.train import _reference_model
+    from engine.train.rl import GRPOTrainer
+    from kernels import linear_logprob
+
+    real = weights.default_dtype
+    monkeypatch.setattr(weights, "default_dtype",
+                        lambda dtype, device: torch.bfloat16 if dtype in (None, "auto") else real(dtype, device))
+    from test_rl_train import LetterTokenizer
+
+    from engine.model import load_model
+    cfg = load_config(None, [f"--model.path={letters}", "--train.precision=bf16-mixed", "--rl.kl_coef=0.01"])
+    model, tok = load_model(letters, device="cpu", dtype="float32")[0], LetterTokenizer()
+    ids = torch.randint(1, 16, (23,), generator=torch.Generator().manual_seed(1))
+
+    def logprobs(m):
+        with BF16.autocast():
+            hidden = m(ids[:-1])
+        return linear_logprob(BF16.cast(hidden), BF16.cast(m.lm_head_weight), ids[1:])[0]
+    start = logprobs(model)
+    ref = _reference_model(cfg, tmp_path, model, None, False, BF16)
+    trainer = GRPOTrainer(model, tok, [], RLConfig(kl_coef=0.01), cfg.train, precision=BF16, kernels=KernelsConfig())
+    for r in (ref, trainer.ref_model):  # saved and reloaded; the in-process copy
+        assert torch.equal(logprobs(r), start)
+        assert r.embed_tokens.weight.dtype == torch.float32 and r.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    sharded = _reference_model(cfg, tmp_path, model, None, True, BF16, parallel=Barrier())
+    assert {p.dtype for p in sharded.parameters()} == {torch.bfloat16}
+
+
+class Barrier:  # one rank of several, as _reference_model sees it
+    is_main = True
+
+    def barrier(self):
+        pass
+
+
+def test_sft_takes_the_kernels_section(letters, monkeypatch):
+    """[kernels] backend and chunk_mb reach SFT's fused log-prob (the OOM advice names chunk_mb)."""
+    from kernels.rows import rows_for_budget
+
+    from engine.config import KernelsConfig
+    from engine.model import load_model
+    from engine.train import sft as sft_mod
+
+    model, _ = load_model(letters, device="cpu", dtype="float32")
+    seen, real = [], sft_mod.linear_logprob
+    monkeypatch.setattr(sft_mod, "linear_logprob", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    trainer = SFTTrainer(model, examples(), TrainConfig(lr=LR, seed=0, token_budget=40),
+                         SFTConfig(batch_examples=4, max_steps=1), kernels=KernelsConfig(backend="torch", chunk_mb=3))
+    trainer.step()
+    want = {"backend": "torch", "chunk_tokens": rows_for_budget(model.lm_head_weight.shape[0], 3)}
+    assert seen and all(kw == want for kw in seen)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_reference_kept_on_the_cpu_serves_a_cuda_update(letters):
+    """rl.ref_device = "cpu": the reference waits in host memory and its pass runs on the
+    training device (its table indexed by the policy's micro-batches there); KL 0 at the start."""
+    from test_rl_options import scripted_generate
+    from test_rl_train import LetterTokenizer, ToyReward
+
+    from engine.config import DataConfig, RLConfig
+    from engine.curriculum import PhaseSampler
+    from engine.data import synthetic
+    from engine.model import load_model
+    from engine.train.rl import GRPOTrainer
+
+    model, _ = load_model(letters, device="cuda", dtype="float32")
+    rl = RLConfig(group_size=4, batch_prompts=2, max_new_tokens=6, max_rounds=1, dynamic_sampling=False,
+                  kl_coef=0.01, ref_device="cpu")
+    trainer = GRPOTrainer(model, LetterTokenizer(), synthetic.generate(4, 12, seed=3, kinds=("lookup",)), rl,
+                          TrainConfig(lr=1e-6, seed=0), reward=ToyReward(), total_steps=1,
+                          data=DataConfig(template="plain"), precision=Precision(torch.bfloat16, "cuda"))
+    trainer.generator.generate = scripted_generate([3, 5, 2, 6])
+    row = trainer.step(PhaseSampler(list(trainer.records), seed=0), max_input=400)
+    assert trainer.ref_model.lm_head_weight.device.type == "cpu"
+    assert row["policy/kl"] == pytest.approx(0.0, abs=1e-6)

@@ -46,7 +46,7 @@ def test_policy_loss_matches_hand_computed_table(name):
     case = POLICY_CASES[name]
     t = case_tensors(case, logp=torch.tensor(case["logp"], dtype=torch.float64, requires_grad=True))
     loss, stats = policy_loss(t["logp"], t["adv"], t["weight"], old_logprob=t["old"], ref_logprob=t["ref"],
-                              entropy=t["entropy"], cfg=case["cfg"])
+                              entropy=t["entropy"], behaviour_logprob=t["behaviour"], cfg=case["cfg"])
     assert loss.item() == pytest.approx(case["expected_loss"], abs=1e-6)
     loss.backward()
     torch.testing.assert_close(t["logp"].grad, torch.tensor(case["expected_grad"], dtype=torch.float64),

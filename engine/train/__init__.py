@@ -45,7 +45,7 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
     max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
     examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input,
                             chat=cfg.data.chat_template, think=cfg.rl.think)
-    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par, precision=precision)
+    trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par, precision=precision, kernels=cfg.kernels)
     if ckpt:
         optimizer_state, rng, state = load_checkpoint_state(ckpt)
         trainer.load_state_dict(state, optimizer_state)
@@ -128,11 +128,15 @@ def local_judge_generate(cfg: Config):
     return generate
 
 
-def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: bool, parallel=None):
+def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: bool, precision: Precision,
+                     parallel=None):
     """The frozen starting weights for the KL term: saved once under RUN_DIR/reference at the
     start of RL, so a resumed run compares against the same reference. `model` unsharded;
-    under several ranks rank 0 writes and every rank reads."""
+    under several ranks rank 0 writes and every rank reads. Loaded in fp32 and cast as the
+    policy computes (engine.train.rl.reference_copy): on a GPU `model.dtype = auto` would be
+    bf16 everywhere, another function than fp32 weights under autocast."""
     from ..model import load_model, save_model
+    from .rl import reference_copy
 
     ref_dir = run_dir / "reference"
     device = "cpu" if cfg.rl.ref_device == "cpu" else cfg.model.device
@@ -143,8 +147,8 @@ def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: boo
             save_model(model, tokenizer, ref_dir)
     if parallel is not None:
         parallel.barrier()
-    ref, _ = load_model(ref_dir, device=device, dtype=cfg.model.dtype, attn_backend=cfg.model.attn_backend)
-    return ref.requires_grad_(False).eval()
+    ref, _ = load_model(ref_dir, device=device, dtype="float32", attn_backend=cfg.model.attn_backend)
+    return reference_copy(ref, precision, sharded=parallel is not None)
 
 
 def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_after: int | None = None,
@@ -198,7 +202,7 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
                              f"max_input_tokens")
     total = sum(p.steps for p in rl.phases)
     reward = reward or build_reward(cfg, resolve_think(rl.think, tokenizer, cfg.data.chat_template))
-    ref = _reference_model(cfg, run_dir, rollout_model or model, tokenizer, state is not None, par) \
+    ref = _reference_model(cfg, run_dir, rollout_model or model, tokenizer, state is not None, precision, par) \
         if rl.kl_coef > 0 else None
     trainer = GRPOTrainer(model, tokenizer, records, rl, cfg.train, total_steps=total, reward=reward,
                           data=cfg.data, rollout=cfg.rollout, kernels=cfg.kernels, ref_model=ref,

@@ -104,6 +104,19 @@ class Precision:
         return t if self.compute is None or t.dtype == self.compute else t.to(self.compute)
 
 
+def kernel_args(kernels, weight: torch.Tensor, precision: Precision) -> dict:
+    """The fused kernels' keyword arguments from the [kernels] section (engine.config.KernelsConfig,
+    None: its defaults; $LONGRL_KERNEL_BACKEND / $LONGRL_CHUNK_MB override): the row backend and,
+    when a chunk budget is set, the tokens per chunk of logits at the lm_head `weight`'s vocabulary."""
+    from kernels.rows import logit_bytes, pick_rows, rows_for_budget
+
+    from ..config import KernelsConfig
+    backend, chunk_mb = (kernels or KernelsConfig()).resolved()
+    per_logit = logit_bytes(pick_rows(backend, weight.device), precision.compute or weight.dtype)
+    return {"backend": backend, "chunk_tokens": rows_for_budget(weight.shape[0], chunk_mb, per_logit) if chunk_mb
+            else None}
+
+
 def start_model(cfg: Config, source):
     """Seed, then load `source` for training: fp32 master weights whatever train.precision
     computes in (model.dtype applies to eval and generate); the tokenizer is required."""

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 
 from kernels import GRPOLossConfig, aggregation_weights, linear_grpo_loss, linear_logprob
-from kernels.rows import logit_bytes, pick_rows, rows_for_budget
 
 from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
@@ -29,7 +28,7 @@ from ..model.attention import GroupAttention, resolve_backend
 from ..rewards import HybridReward, RewardItem
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
-from .loop import OptimizerStep
+from .loop import OptimizerStep, kernel_args
 from .metrics import efficiency, reset_peak_memory
 from .optim import make_optimizer
 
@@ -53,6 +52,27 @@ def rollout_copy(model, precision):
     from ..model.model import fuse_projections
     # q / k / v and gate / up stacked: one product each in the rollout's decode steps on a GPU
     return fuse_projections(copy.deepcopy(model).requires_grad_(False).eval().to(precision.compute or torch.float32))
+
+
+def reference_copy(model, precision, sharded: bool = False):
+    """`model` (fp32 weights, as the policy starts RL) turned in place into the frozen KL
+    reference: a model that computes the policy's start-of-RL log-probs exactly, in the least
+    memory. fp32 compute: as is. bf16-mixed in one process (fp32 weights run under autocast):
+    each linear layer's weights in bf16, the values autocast rounds them to anyway; embeddings
+    and norms stay fp32, as the policy's do. bf16-mixed under FSDP2 (whose policy casts every
+    gathered weight to bf16): every weight in bf16."""
+    from torch import nn
+    model.requires_grad_(False).eval()
+    compute = precision.compute
+    if compute is not None:
+        if sharded:
+            model.to(compute)
+        else:
+            for module in model.modules():
+                if isinstance(module, nn.Linear):
+                    module.to(compute)
+    model.set_activation_checkpointing(False)
+    return model
 
 
 @dataclass
@@ -106,11 +126,7 @@ class GRPOTrainer:
         self.loss_cfg = GRPOLossConfig(temperature=rl.temperature, clip_low=rl.clip_low, clip_high=rl.clip_high,
                                        clip_c=rl.clip_c, kl_coef=rl.kl_coef, kl_estimator=rl.kl_estimator,
                                        entropy_coef=rl.entropy_coef, tis_cap=rl.tis_cap or None)
-        backend, chunk_mb = (kernels or KernelsConfig()).resolved()
-        w = model.lm_head_weight
-        per_logit = logit_bytes(pick_rows(backend, w.device), self.precision.compute or w.dtype)
-        self.kernel_args = {"backend": backend,
-                            "chunk_tokens": rows_for_budget(w.shape[0], chunk_mb, per_logit) if chunk_mb else None}
+        self.kernel_args = kernel_args(kernels, model.lm_head_weight, self.precision)
         self.aepo = AEPOController(rl.aepo_high, rl.aepo_low) if rl.aepo_high > 0 else None
         self.ref_model = None
         if rl.kl_coef > 0:
@@ -121,12 +137,12 @@ class GRPOTrainer:
     def _frozen_copy(self, where: str):
         """The reference policy: the weights as they are now (the start of RL), frozen (under
         several ranks: of the unsharded copy)."""
-        ref = copy.deepcopy(self.model if self.parallel is None else self.rollout_model)
-        if where == "cpu":
-            ref = ref.to("cpu")
-        ref.requires_grad_(False).eval()
-        ref.set_activation_checkpointing(False)
-        return ref
+        if self.parallel is None:
+            ref = reference_copy(copy.deepcopy(self.model), self.precision)
+        else:  # the unsharded copy holds the weights in the compute dtype, what FSDP2's policy casts to
+            ref = copy.deepcopy(self.rollout_model).requires_grad_(False).eval()
+            ref.set_activation_checkpointing(False)
+        return ref.to("cpu") if where == "cpu" else ref
 
     @property
     def bad_steps(self) -> int:
@@ -404,7 +420,7 @@ class GRPOTrainer:
             timing["old_logprob"] += time.perf_counter() - t0
         if self.ref_model is not None:
             t0 = time.perf_counter()
-            ref = self._response_logprobs(self.ref_model, batch, samples, loss_samples)
+            ref = self._reference_logprobs(batch, samples, loss_samples, device)
             timing["ref_logprob"] += time.perf_counter() - t0
         behaviour = _Table(samples, loss_samples, device)
         behaviour.flat.copy_(torch.tensor([lp for k in loss_samples for lp in samples[k][1].logprobs]))
@@ -473,6 +489,19 @@ class GRPOTrainer:
         for key, val in {**stats_mean, **stats_max}.items():
             out[renamed.get(key, f"policy/{key}")] = val
         return out
+
+    def _reference_logprobs(self, batch, samples, chosen, device) -> "_Table":
+        """The reference's log-probs (_response_logprobs). A reference kept elsewhere (rl.ref_device =
+        "cpu": host memory between steps) is brought to the training device for the pass and sent
+        back after it, so its table and its compute are on the policy's device."""
+        home = self.ref_model.lm_head_weight.device
+        if home == device:
+            return self._response_logprobs(self.ref_model, batch, samples, chosen)
+        self.ref_model.to(device)
+        try:
+            return self._response_logprobs(self.ref_model, batch, samples, chosen)
+        finally:
+            self.ref_model.to(home)
 
     @torch.no_grad()
     def _response_logprobs(self, model, batch, samples, chosen) -> "_Table":

@@ -20,7 +20,7 @@ import torch
 
 from kernels import linear_logprob
 
-from ..config import SFTConfig, TrainConfig
+from ..config import KernelsConfig, SFTConfig, TrainConfig
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, pack
 from ..data.template import end_of_turn_id, opens_thinking, resolve_think, sft_target
@@ -54,18 +54,21 @@ class SFTState:
 
 
 class SFTTrainer:
-    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig, parallel=None, precision=None):
+    def __init__(self, model, examples, train_cfg: TrainConfig, sft_cfg: SFTConfig, parallel=None, precision=None,
+                 kernels: KernelsConfig | None = None):
         """parallel: engine.parallel.Parallel when the run has several ranks (the model is
         already sharded by engine.parallel.parallelize): each step's examples are split over
         the data-parallel ranks and each sequence over the sequence-parallel group.
-        precision: engine.train.loop.Precision (default fp32)."""
-        from .loop import Precision
+        precision: engine.train.loop.Precision (default fp32). kernels: the [kernels] section
+        (the fused log-prob's row backend and chunk budget)."""
+        from .loop import Precision, kernel_args
         if not examples:
             raise ValueError("SFT needs at least one example")
         self.model, self.examples = model, examples
         self.parallel = parallel
         self.precision = precision or Precision(None, model.embed_tokens.weight.device.type)
         self.cfg, self.sft = train_cfg, sft_cfg
+        self.kernel_args = kernel_args(kernels, model.lm_head_weight, self.precision)
         self.optimizer = make_optimizer(model, train_cfg)
         self.opt_step = OptimizerStep(model, self.optimizer, train_cfg)
         self.state = SFTState()
@@ -111,7 +114,7 @@ class SFTTrainer:
                 hidden, rows, targets = self._forward(packed, device)
             weight = model.lm_head_weight  # after the forward: under FSDP2 the root's weights are gathered now
             cast = self.precision.cast
-            logp, _ = linear_logprob(cast(hidden[rows]), cast(weight), targets)
+            logp, _ = linear_logprob(cast(hidden[rows]), cast(weight), targets, **self.kernel_args)
             loss = -logp.sum() / max(answer_tokens, 1)
             if par is not None:
                 loss = loss + 0.0 * hidden[:1].sum()  # a backward on every rank, even without loss rows
