@@ -84,6 +84,13 @@ def _scores(qc: torch.Tensor, kh: torch.Tensor, scale: float, g: int, s: int, c:
 class _AttentionBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, q_offset, scale, rows, segs=None):
+        # autocast would run the fp32 score products in bf16 (and the backward, without autocast,
+        # recompute other probabilities): the block keeps its own precision
+        with torch.autocast(q.device.type, enabled=False):
+            return _AttentionBlock._forward(ctx, q, k, v, causal, q_offset, scale, rows, segs)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, causal, q_offset, scale, rows, segs):
         tq, hq, d = q.shape
         tk, hkv, _ = k.shape
         g = hq // hkv
@@ -183,7 +190,8 @@ def attention_block_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     segs = _check_segs(q, k, q_seg, k_seg)
     scale = q.shape[2] ** -0.5 if scale is None else float(scale)
     rows = _rows_for(q, k, chunk_bytes)
-    return _block_grads(q, k, v, out, lse, dout, None, bool(causal), int(q_offset), scale, rows, segs=segs)
+    with torch.autocast(q.device.type, enabled=False):  # its products in fp32, under autocast too
+        return _block_grads(q, k, v, out, lse, dout, None, bool(causal), int(q_offset), scale, rows, segs=segs)
 
 
 def _rows_for(q: torch.Tensor, k: torch.Tensor, chunk_bytes: int | None) -> int:

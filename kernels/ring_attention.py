@@ -130,7 +130,8 @@ class _RingAttention(torch.autograd.Function):
                     ks = slice(start + kh * c, start + (kh + 1) * c)
                     seg = {} if q_seg is None else {"q_seg": q_seg[qs], "k_seg": k_seg[ks]}
                     o, lse = attention_block(q[qs], kk[ks], vv[ks], causal=causal, scale=scale, **seg)
-                    acc[(i, qh)] = (o, lse) if (i, qh) not in acc else merge(*acc[(i, qh)], o, lse)
+                    # the running output in fp32 (merge returns its first argument's dtype), rounded once below
+                    acc[(i, qh)] = (o.to(lse.dtype), lse) if (i, qh) not in acc else merge(*acc[(i, qh)], o, lse)
             if pending is not None:
                 recv, handles = pending
                 for h in handles:

@@ -148,6 +148,29 @@ def test_scale_and_bf16():
         assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
+def test_autocast_leaves_the_block_in_its_own_precision():
+    """Under torch.autocast (the trainer's bf16-mixed forward) a block computes exactly what it
+    computes outside it: autocast would run its fp32 score products in bf16, and the backward
+    (no autocast there) would recompute other probabilities (LSE off by up to 0.06)."""
+    q, k, v = make(24, 40, 6, 2, dtype=torch.bfloat16)
+    q, k, v = (x.detach().mul(4).requires_grad_() for x in (q, k, v))  # sharp rows: bf16 scores round visibly
+    plain = attention_block(q, k, v, causal=True, q_offset=16)
+    go, gl = weights_for(*plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = attention_block(q, k, v, causal=True, q_offset=16)
+    for a, b in zip(cast, plain):
+        assert torch.equal(a, b)
+    for a, b in zip(grads(*cast, (q, k, v), go, gl), grads(*plain, (q, k, v), go, gl)):
+        assert torch.equal(a, b)
+    dout = go.to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ab.attention_block_backward(dout, q, k, v, *plain, causal=True, q_offset=16)
+    with torch.no_grad():
+        outside = ab.attention_block_backward(dout, q, k, v, *plain, causal=True, q_offset=16)
+    for a, b in zip(inside, outside):
+        assert torch.equal(a, b)
+
+
 # ---- 2. merged blocks == one attention over the concatenated keys -----------------------------
 def run_blocks(q, k, v, specs, fold="left"):
     """Attention of q over k, v split into blocks specs [(k0, k1, causal, q_offset)], merged."""

@@ -356,6 +356,38 @@ def test_prompt_lengths_are_cached(smollm, tmp_path):
         len(record_prompt_ids(r, tok, chat=False)[0]) for r in recs] != first
 
 
+def test_ranks_saving_the_length_cache_at_once(tmp_path, monkeypatch):
+    """Every rank of a job saves lengths.json at start-up: a save interleaved with another
+    process's (here: inside its write) keeps both whole, no rank fails, nothing is left behind."""
+    import os
+    from pathlib import Path
+
+    from engine.data.lengths import LengthCache
+
+    class Tok:
+        name_or_path = "t"
+
+        def __len__(self):
+            return 10
+    path = tmp_path / "lengths.json"
+    first, second = LengthCache(path, Tok(), "plain"), LengthCache(path, Tok(), "plain")
+    first.table, second.table = {"a": 1}, {"b": 2}
+    real_write, pid = Path.write_text, {"now": 100}
+    monkeypatch.setattr(os, "getpid", lambda: pid["now"])
+
+    def write(self, text, *a, **k):
+        out = real_write(self, text, *a, **k)
+        if pid["now"] == 100:  # the first rank is writing: the second saves whole meanwhile
+            pid["now"] = 101
+            second.save()
+            pid["now"] = 100
+        return out
+    monkeypatch.setattr(Path, "write_text", write)
+    first.save()
+    assert LengthCache(path, Tok(), "plain").table in ({"a": 1}, {"b": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["lengths.json"]
+
+
 def test_length_buckets():
     assert length_buckets([5, 10, 11, 20, 21], [10, 20]) == [[0, 1], [2, 3]]
     with pytest.raises(ValueError, match="increasing"):

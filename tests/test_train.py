@@ -138,6 +138,30 @@ def test_checkpoint_write_is_atomic_and_pruned(tiny_run, tmp_path, monkeypatch):
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".step-")]
 
 
+def test_a_gpu_checkpoint_loads_into_host_memory(tmp_path, monkeypatch):
+    """A one-GPU run's optimizer state is tagged cuda:0: every rank of a resumed multi-GPU job
+    would load it whole onto GPU 0, and a CPU machine not at all. It is read to host memory;
+    the CUDA generators restored are those this machine has."""
+    import torch.serialization as ser
+
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
+             "param_groups": [{"lr": 1e-5, "params": [0]}]}
+    monkeypatch.setattr(ser, "location_tag", lambda storage: "cuda:0")  # as torch.save tags a tensor on cuda:0
+    torch.save(state, tmp_path / "optimizer.pt")
+    torch.save({"cpu": torch.get_rng_state(), "cuda": [torch.zeros(8, dtype=torch.uint8)] * 4}, tmp_path / "rng.pt")
+    monkeypatch.undo()
+    (tmp_path / "trainer.json").write_text(json.dumps({"stage": "rl", "step": 3}))
+    optimizer, rng, trainer = ckpt_mod.load_checkpoint_state(tmp_path)
+    assert optimizer["state"][0]["exp_avg"].device.type == "cpu" and trainer["step"] == 3
+    assert ckpt_mod.read_trainer_state(tmp_path) == {"stage": "rl", "step": 3}
+    restored = []  # saved with 4 GPUs visible, resumed with 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, i: restored.append(i))
+    ckpt_mod.restore_rng(rng)
+    assert restored == [0, 1]
+
+
 def test_checkpoint_of_a_step_saved_twice_and_per_stage_pruning(tmp_path, monkeypatch):
     """The same step saved again (a periodic save, then the phase end's) never leaves the run
     without it: killed between moving the older copy aside and renaming the new one in, the

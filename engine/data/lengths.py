@@ -55,10 +55,14 @@ class LengthCache:
             except json.JSONDecodeError:
                 stored = {}
         stored[self.key] = self.table
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        # one temporary name per process: the ranks of a job save the same cache at once
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(stored))
-        tmp.replace(self.path)
+        try:
+            tmp.write_text(json.dumps(stored))
+            tmp.replace(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def prompt_lengths(records: Sequence, tokenizer, *, template: str = "qwenlong", chat: bool = True,

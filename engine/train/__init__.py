@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from ..config import Config
-from .checkpoint import checkpoint_name, latest_checkpoint, load_checkpoint_state, restore_rng, save_checkpoint
+from .checkpoint import (checkpoint_name, latest_checkpoint, load_checkpoint_state, read_trainer_state, restore_rng,
+                         save_checkpoint)
 from .loop import Interrupted, Precision, TrainingStopped, guarded, oom_advice, progress_bar, start_model
 from .metrics import MetricsLog, metrics_rows
 from .sft import SFTTrainer, sft_examples
@@ -171,10 +172,10 @@ def run_rl(cfg: Config, *, resume: bool = False, progress: bool = True, stop_aft
     ckpt = latest_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir}")
-    state = load_checkpoint_state(ckpt) if ckpt else None
-    if ckpt and state[2].get("stage") != "rl":
-        ckpt, state = None, None  # the newest checkpoint is SFT's: RL starts fresh from it
+    if ckpt and read_trainer_state(ckpt).get("stage") != "rl":
+        ckpt = None  # the newest checkpoint is SFT's: RL starts fresh from it
         start_from = latest_checkpoint(run_dir) / "model"
+    state = load_checkpoint_state(ckpt) if ckpt else None
     par = start_parallel(cfg)
     main = par is None or par.is_main  # only rank 0 prints, draws the bar and writes metrics
     model, tokenizer = start_model(cfg, ckpt / "model" if ckpt else (start_from or cfg.model.path))
@@ -335,7 +336,7 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     if resume and latest is None:  # starting over would delete the run's metrics
         raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir} (run without --resume to start "
                                 f"over)")
-    in_rl = latest is not None and load_checkpoint_state(latest)[2].get("stage") == "rl"
+    in_rl = latest is not None and read_trainer_state(latest).get("stage") == "rl"
 
     par = start_parallel(cfg)
     main = par is None or par.is_main

@@ -147,23 +147,37 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path if (path / "trainer.json").is_file() else None
 
 
-def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    """-> (optimizer state, rng states, trainer state) of a checkpoint directory."""
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """A checkpoint directory's trainer state (trainer.json) alone: its stage, step, phase."""
     path = Path(path)
     if not (path / "trainer.json").is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no trainer.json)")
+    return json.loads((path / "trainer.json").read_text())
+
+
+def load_checkpoint_state(path: str | os.PathLike) -> tuple[dict, dict, dict]:
+    """-> (optimizer state, rng states, trainer state) of a checkpoint directory. Tensors are read
+    into host memory, wherever they were saved (a one-GPU run's state is tagged cuda:0: every
+    rank of a resumed multi-GPU job would otherwise put the whole state on GPU 0, and a CPU
+    machine could not read it); loading them into the optimizer moves them to its device."""
+    path = Path(path)
+    trainer = read_trainer_state(path)
     if (path / "optimizer.pt").is_file():
-        optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+        optimizer = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     else:  # written by several ranks: read into the live optimizer by load_optimizer_state
         optimizer = {SHARDED: str(path / "dcp")}
-    rng = torch.load(path / "rng.pt", weights_only=True)
-    return optimizer, rng, json.loads((path / "trainer.json").read_text())
+    rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+    return optimizer, rng, trainer
 
 
 def restore_rng(rng: dict) -> None:
+    """The saved generators' states, those this machine has: a checkpoint of a machine with more
+    visible GPUs restores the first ones (the CUDA states are per device)."""
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        states = rng["cuda"][:torch.cuda.device_count()]
+        for i, state in enumerate(states):
+            torch.cuda.set_rng_state(state, i)
 
 
 # ---- optimizer states across world sizes ---------------------------------------------------
