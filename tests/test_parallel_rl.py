@@ -87,7 +87,14 @@ def _update_rank(rank, world, path, sp, rl_kw):
     trainer = make_trainer(path, rl_kw, par)
     out = trainer._update(fixed_batch(trainer), defaultdict(float))
     state = {k: v.detach().numpy().copy() for k, v in full_model_state(trainer.model).items()}  # plain pickles
-    return out["loss"], out["grad_norm"], state if rank == 0 else None
+    return out["loss"], out["grad_norm"], state if rank == 0 else None, group_timeouts(par)
+
+
+def group_timeouts(par) -> list[float]:
+    """Seconds each group of the run's mesh times out after: each dimension's and the flattened one."""
+    from engine.parallel import shard_mesh
+    return [m.get_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for m in (par.mesh["dp"], par.mesh["sp"], shard_mesh(par.mesh))]
 
 
 CASES = [("dp1-sp2-seq-mean", 2, 2, {"aggregation": "seq-mean-token-mean"}), ("dp2-sp1", 2, 1, {}),
@@ -99,9 +106,10 @@ CASES = [("dp1-sp2-seq-mean", 2, 2, {"aggregation": "seq-mean-token-mean"}), ("d
 def test_update_on_several_ranks_equals_one_process(letters, world, sp, rl_kw):
     loss, norm, weights = one_process(letters, rl_kw)
     results = run_ranks(_update_rank, world, letters, sp, rl_kw, timeout=TIMEOUT_S)
-    for r_loss, r_norm, _ in results:  # every rank logs the global figures
+    for r_loss, r_norm, _, timeouts in results:  # every rank logs the global figures
         assert r_loss == pytest.approx(loss, rel=1e-5, abs=1e-7)
         assert r_norm == pytest.approx(norm, rel=1e-5)
+        assert timeouts == [60.0] * 3  # parallel.timeout_s bounds every group of the mesh, not the world's alone
     got = {k: torch.from_numpy(v) for k, v in results[0][2].items()}
     assert got.keys() == weights.keys()
     moved = 0

@@ -12,18 +12,38 @@ parameters unsharded between forward and backward: the fused loss reads `lm_head
 """
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 
-def make_mesh(sp: int = 1, device_type: str = "cpu") -> DeviceMesh:
-    """A 2-D mesh ("dp", "sp") over the whole world: dp = world / sp."""
+def make_mesh(sp: int = 1, device_type: str = "cpu", timeout_s: float | None = None) -> DeviceMesh:
+    """A 2-D mesh ("dp", "sp") over the whole world: dp = world / sp. timeout_s: every group of
+    the mesh (each dimension's, and shard_mesh's flattened one) times out after it, as the
+    default group does; DeviceMesh would otherwise give the groups it creates torch's default
+    (30 min on gloo, 10 on NCCL): a stuck rank of a dp x sp job held its ring for that long."""
     world = dist.get_world_size()
     if sp < 1 or world % sp:
         raise ValueError(f"parallel.sp = {sp} must divide the world size {world}")
-    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"))
+    opts = None if timeout_s is None else _group_options(timeout_s)
+    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"),
+                            backend_override=None if opts is None else {"dp": opts, "sp": opts})
+    if opts is not None:
+        mesh._flatten("dp_sp", backend_override=opts)  # made now with the timeout; shard_mesh finds it
+    return mesh
+
+
+def _group_options(timeout_s: float):
+    """The options a new process group of the default backend takes its timeout from."""
+    if dist.get_backend() == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+    else:
+        opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    return opts
 
 
 def shard_mesh(mesh: DeviceMesh) -> DeviceMesh:

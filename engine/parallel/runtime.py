@@ -52,7 +52,7 @@ class Parallel:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout_s))
         from .fsdp import make_mesh
-        mesh = make_mesh(cfg.sp, "cuda" if device.type == "cuda" else "cpu")
+        mesh = make_mesh(cfg.sp, "cuda" if device.type == "cuda" else "cpu", cfg.timeout_s)
         return cls(mesh, dist.get_world_size(), dist.get_rank(), mesh["dp"].size(), mesh["dp"].get_local_rank(),
                    mesh["sp"].size(), mesh["sp"].get_local_rank(), mesh["sp"].get_group(), device)
 
