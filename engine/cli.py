@@ -14,6 +14,7 @@ overrides of any key, e.g. --model.path=/ckpt --generate.temperature=0.7.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -266,14 +267,17 @@ def cmd_generate(args, cfg: Config) -> int:
     from .model import load_model
     from .model.model import fuse_projections
     from .rollout import Generator, SamplingParams
+    from .rollout.sampling import item_seed
 
+    if args.prompt is not None and not args.prompt.strip():  # before the model loads
+        raise ConfigError("--prompt is empty: give the text to answer")
     model, tokenizer = load_model(cfg.model.path, device=cfg.model.device, dtype=cfg.model.dtype,
                                   attn_backend=cfg.model.attn_backend)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.path}: no tokenizer files in the checkpoint directory")
     fuse_projections(model.requires_grad_(False))  # it only generates: q / k / v, gate / up one product each
     gen = cfg.generate
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context_window
     window = ctx - gen.max_new_tokens  # the input must leave room for the answer
     if window < 1:
         raise ConfigError(f"generate.max_new_tokens = {gen.max_new_tokens} leaves no room for an input in the "
@@ -287,7 +291,7 @@ def cmd_generate(args, cfg: Config) -> int:
     if args.prompt is not None:
         items = [{"id": "prompt", "prompt": args.prompt}]
     else:
-        items = read_docqa_jsonl(args.input)
+        items = read_docqa_jsonl(args.input, prompt_ok=True)
     prompts, truncated = [], []
     for item in items:  # a pre-rendered prompt loses its middle too when too long
         record = SimpleNamespace(prompt=item.get("prompt"), context=item.get("context"), question=item.get("question"))
@@ -300,13 +304,18 @@ def cmd_generate(args, cfg: Config) -> int:
     stop = generator.default_stop_ids()
     params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
                             top_k=gen.top_k, seed=gen.seed)
+    per_item, seen = [], {}
+    for item in items:  # each item draws its own stream; an id given again (a question asked twice) another
+        again = seen[item["id"]] = seen.get(item["id"], -1) + 1
+        key = str(item["id"]) if not again else f"{item['id']}#{again}"
+        per_item.append(dataclasses.replace(params, seed=item_seed(gen.seed, key)))
     out_f = open(args.output, "w", encoding="utf-8") if args.output else None
     totals = {"prompt_tokens": 0, "generated_tokens": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0}
     bar = tqdm(total=len(items), desc="generate", unit="item", disable=len(items) < 2, file=sys.stderr)
     try:
         for start in range(0, len(items), gen.batch_size):
             batch = slice(start, start + gen.batch_size)
-            groups = generator.generate(prompts[batch], n=1, params=params)
+            groups = generator.generate(prompts[batch], n=1, params=per_item[batch])
             for key in totals:
                 totals[key] += getattr(generator.stats, key)
             for item, ids, cut, group in zip(items[batch], prompts[batch], truncated[batch], groups):

@@ -46,6 +46,7 @@ def test_convert_then_generate(smollm, tmp_path, capsys):
 def test_bad_override_exits_with_message(capsys):
     assert main(["generate", "--prompt", "hi", "--generate.temprature=1"]) == 2
     assert "unknown key generate.'temprature'" in capsys.readouterr().err
+    assert main(["generate", "--prompt", " "]) == 2 and "--prompt is empty" in capsys.readouterr().err
 
 
 def test_bad_jsonl_row_names_file_line_and_field(tmp_path):
@@ -55,6 +56,15 @@ def test_bad_jsonl_row_names_file_line_and_field(tmp_path):
         read_docqa_jsonl(path)
     path.write_text('{"context": "a", "question": "b"}\n{oops\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        read_docqa_jsonl(path)
+    # generate's reader: a pre-rendered prompt stands in for context and question
+    path.write_text('{"prompt": "Say hi."}\n{"context": "a"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'question' .* \(or give a pre-rendered 'prompt'\)"):
+        read_docqa_jsonl(path, prompt_ok=True)
+    path.write_text('{"prompt": ""}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'prompt' must be a non-empty string"):
+        read_docqa_jsonl(path, prompt_ok=True)
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: field 'context' must be a string \(missing\)$"):
         read_docqa_jsonl(path)
 
 
@@ -85,18 +95,21 @@ def test_command_line_traps_are_named(capsys, tmp_path):
 
 def test_generate_keeps_inputs_inside_the_window(smollm, tmp_path, capsys):
     """data.max_input_tokens past the model's window is cut to the window (and said so); a row
-    with a pre-rendered prompt is truncated in its middle like any other."""
+    with a pre-rendered prompt is truncated in its middle like any other. Each item samples from
+    its own stream: a question given twice gets two draws, not one copied."""
     from conftest import tiny_model_with_tokenizer
     model_dir = tiny_model_with_tokenizer(tmp_path / "tiny", smollm[1])  # a 1,024-token window
     items = tmp_path / "items.jsonl"
     long = "Filler sentence number x. " * 400
-    items.write_text(json.dumps({"id": "p", "prompt": long + "Where?", "context": "", "question": "Where?"}) + "\n")
+    twice = json.dumps({"id": "d", "context": "A short note.", "question": "What?"}) + "\n"
+    items.write_text(json.dumps({"id": "p", "prompt": long + "Where?"}) + "\n" + twice + twice)
     results = tmp_path / "out.jsonl"
     assert main(["generate", "--input", str(items), "--output", str(results), f"--model.path={model_dir}",
-                 "--generate.max_new_tokens=4", "--data.max_input_tokens=100000"]) == 0
-    assert "inputs are cut to 1020 tokens" in capsys.readouterr().err
-    row = json.loads(results.read_text())
-    assert row["truncated_input"] and row["prompt_tokens"] == 1020
+                 "--generate.max_new_tokens=6", "--data.max_input_tokens=100000", "--generate.temperature=1.0"]) == 0
+    assert "inputs are cut to 1018 tokens" in capsys.readouterr().err
+    row, first, second = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["truncated_input"] and row["prompt_tokens"] == 1018
+    assert first["completion"] != second["completion"]
 
 
 def test_nproc_launch_waits_through_ctrl_c_for_the_checkpoint(monkeypatch, ctrl_c_on):

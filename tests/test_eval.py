@@ -34,9 +34,11 @@ class ScriptedGenerator:
     def __init__(self, tokenizer, answer_for):
         self.tokenizer, self.answer_for = tokenizer, answer_for
         self.prompts = 0
+        self.seeds = []
 
     def generate(self, prompts, n, params):
         self.prompts += len(prompts)
+        self.seeds += [p.seed for p in params] if isinstance(params, list) else [params.seed] * len(prompts)
         out = []
         for p in prompts:
             group = []
@@ -67,6 +69,7 @@ def test_summary_equals_recomputation_from_items(smollm, tmp_path):
                      generator_factory=lambda m, t: fake)
     rows = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * (3 + 2)
+    assert len(set(fake.seeds)) == len(fake.seeds) == 5  # each item its own sampling stream
     for bench in benches:
         mine = [r for r in rows if r["benchmark"] == bench]
         items = {}

@@ -60,6 +60,11 @@ def test_yarn_changes_the_output(tiny_checkpoint):
     ids = torch.arange(100) % 300
     with torch.no_grad():
         assert (yarn(ids) - plain(ids)).abs().max() > 1e-3
+    # the window it serves: the original 32 positions × 4, when max_position_embeddings says less
+    import dataclasses
+    assert dataclasses.replace(yarn.config, max_position_embeddings=32).context_window == 128
+    assert dataclasses.replace(yarn.config, max_position_embeddings=512).context_window == 512
+    assert plain.config.context_window == plain.config.max_position_embeddings
 
 
 def test_packing_is_independent_of_neighbours(tiny_checkpoint):

@@ -93,10 +93,29 @@ def test_chunked_prefill_gives_the_same_outputs(tiny_checkpoint):
     assert [g[0].token_ids for g in chunked] == [g[0].token_ids for g in whole]
 
 
-def test_cache_too_small_is_a_clear_error(tiny_checkpoint):
+def test_cache_too_small_is_a_clear_error(tiny_checkpoint, capsys):
+    """Refused before any step, with what the request needs at most (prompt + max_new_tokens − 1
+    positions: 20 + 100 − 1 in blocks of 4 = 30); ids outside the vocabulary are named; a request
+    past the model's window is warned about once."""
     model, _ = _tiny(tiny_checkpoint, "llama")
     with pytest.raises(CacheTooSmall, match="raise the cache budget"):
         Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=2)).generate([[1] * 20], params=GREEDY)
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=29))
+
+    def step(*args):
+        raise AssertionError("a step ran before the refusal")
+    gen._step = step
+    with pytest.raises(CacheTooSmall, match=r"prompt 0 \(20 tokens\) with max_new_tokens 100 needs 30 blocks of 4"):
+        gen.generate([[1] * 20], params=SamplingParams(max_new_tokens=100, temperature=0))
+    vocab = model.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"prompt 1 has token id {bad}, outside the model's vocabulary of {vocab}"):
+            gen.generate([[1, 2], [3, bad]], params=GREEDY)
+    window = model.config.context_window
+    long = Generator(model)
+    for _ in range(2):
+        long.generate([[1] * (window - 2)], params=SamplingParams(max_new_tokens=4, temperature=0))
+    assert capsys.readouterr().err.count(f"past the model's {window}-token context window") == 1
 
 
 def test_block_manager_fork_and_copy_on_write():

@@ -308,6 +308,17 @@ def test_greedy_rows_take_the_argmax_among_sampled_rows():
     greedy = torch.tensor([p.temperature == 0 for p in params])
     assert torch.equal(tokens[greedy], logits[greedy].argmax(-1)) and tokens[3] == 10
     assert not torch.equal(tokens[~greedy], logits[~greedy].argmax(-1))
+    # more ties at the top than the partial sort's 64 candidates: still the lowest-id argmax, at top-p 1
+    flat = torch.zeros(2, 500)
+    flat[:, 300:400] = 5.0
+    tokens, _ = _sample(flat, [SamplingParams(temperature=0)] * 2, [None, None], [0, 0])
+    assert tokens.tolist() == [300, 300]
+
+
+def test_item_seeds_differ_by_item_and_not_by_batch():
+    from engine.rollout.sampling import item_seed
+    assert item_seed(0, "a") == item_seed(0, "a") != item_seed(0, "b") != item_seed(1, "b")
+    assert item_seed(None, "a") is None and 0 <= item_seed(7, "x") < 2 ** 31
 
 
 def test_behaviour_logprobs_are_log_softmax_of_the_scaled_logits_before_truncation():

@@ -10,8 +10,10 @@ class DataError(ValueError):
     """A data file or row is malformed; the message names file, line and field."""
 
 
-def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "question")) -> list[dict[str, Any]]:
-    """Rows of {id, context, question, answers?}. `id` defaults to '<file stem>-<line>'."""
+def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "question"),
+                     prompt_ok: bool = False) -> list[dict[str, Any]]:
+    """Rows of {id, context, question, answers?}. `id` defaults to '<file stem>-<line>'.
+    prompt_ok: a row may give a pre-rendered `prompt` string instead of the required fields."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
@@ -25,10 +27,15 @@ def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "
             raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        for key in required:
-            if not isinstance(row.get(key), str):
-                got = "missing" if key not in row else f"{type(row[key]).__name__}"
-                raise DataError(f"{path}:{lineno}: field {key!r} must be a string ({got})")
+        if prompt_ok and "prompt" in row:
+            if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+                raise DataError(f"{path}:{lineno}: field 'prompt' must be a non-empty string")
+        else:
+            for key in required:
+                if not isinstance(row.get(key), str):
+                    got = "missing" if key not in row else f"{type(row[key]).__name__}"
+                    alt = " (or give a pre-rendered 'prompt')" if prompt_ok else ""
+                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string ({got}){alt}")
         row.setdefault("id", f"{path.stem}-{lineno}")
         rows.append(row)
     if not rows:

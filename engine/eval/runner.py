@@ -112,6 +112,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     from tqdm import tqdm
 
     from ..rollout import Generator, SamplingParams
+    from ..rollout.sampling import item_seed
 
     settings.validate("eval")
     data = data or DataConfig()
@@ -119,7 +120,7 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
     out.mkdir(parents=True, exist_ok=True)
     for bench, records in benchmarks.items():  # results are kept by id
         check_unique_ids([(bench, records)], f"benchmark {bench}")
-    ctx = model.config.max_position_embeddings
+    ctx = model.config.context_window
     if settings.max_new_tokens >= ctx:  # QwenLong-L1's 10K new tokens, on a model with a shorter window
         if rank == 0:
             print(f"eval: max_new_tokens {settings.max_new_tokens} leaves no room for an input in the model's "
@@ -162,7 +163,10 @@ def run_eval(model, tokenizer, benchmarks: dict[str, list[DocQARecord]], setting
         for start in range(0, len(todo), settings.batch_items):
             batch = todo[start:start + settings.batch_items]
             prompts = [_prompt(bench, r, tokenizer, data, max_input) for bench, r in batch]
-            groups = gen.generate([p for p, _ in prompts], n=settings.n, params=params)
+            # each item its own stream (sample j of every item with one seed would draw the same uniforms)
+            groups = gen.generate([p for p, _ in prompts], n=settings.n,
+                                  params=[replace(params, seed=item_seed(settings.seed, f"{bench}/{rec.id}"))
+                                          for bench, rec in batch])
             for (bench, rec), (ids, cut), group in zip(batch, prompts, groups):
                 texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
                 results = reward([RewardItem(t, rec.answers, rec.task, rec.question) for t in texts])

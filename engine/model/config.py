@@ -39,6 +39,16 @@ class DecoderConfig:
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def context_window(self) -> int:
+        """Positions the model handles: max_position_embeddings, or for a RoPE that stretches the
+        window (linear, yarn) its original window times the factor when that is more (a Qwen2.5
+        config with yarn factor 4 keeps max_position_embeddings at 32,768 and serves 131,072)."""
+        if self.rope.get("rope_type") in ("linear", "yarn") and "factor" in self.rope:
+            original = int(self.rope.get("original_max_position_embeddings", self.max_position_embeddings))
+            return max(self.max_position_embeddings, int(original * float(self.rope["factor"])))
+        return self.max_position_embeddings
+
+    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -36,7 +37,7 @@ from .block_manager import BlockManager
 from .graphs import DecodeGraphs, graphs_mode
 from .paged import CacheConfig, PagedAttention, PagedKVCache, check_lookahead
 from .sampling import Completion, SamplingParams, sample, sampling_tensors, sequence_seed
-from .scheduler import Scheduler, Sequence
+from .scheduler import CacheTooSmall, Scheduler, Sequence
 
 
 @dataclass
@@ -100,8 +101,26 @@ class Generator:
         self._stop_ids: list[int] | None = None
         self._flight: _Flight | None = None
         self._lookahead = False
+        self._warned_window = False
         if next(model.parameters()).device.type == "cpu":
             hostmem.tune()  # freed tensors stay in the heap: a decode step's buffers no longer page-fault in
+
+    def _check_prompts(self, prompts: list[list[int]], per_prompt: list[SamplingParams]) -> None:
+        """Token ids inside the vocabulary (an id past it would fail deep in the embedding, on a GPU
+        as a device-side assert that ends the process), and a warning, once, for a request longer
+        than the model's context window (positions past it are generated, out of what it learnt)."""
+        vocab = self.model.config.vocab_size
+        for i, p in enumerate(prompts):
+            low, high = min(p), max(p)
+            if low < 0 or high >= vocab:
+                raise ValueError(f"generate: prompt {i} has token id {low if low < 0 else high}, outside the "
+                                 f"model's vocabulary of {vocab}")
+        window = self.model.config.context_window
+        longest = max(len(p) + q.max_new_tokens for p, q in zip(prompts, per_prompt))
+        if longest > window and not self._warned_window:
+            self._warned_window = True
+            print(f"generate: a prompt and its max_new_tokens reach {longest} positions, past the model's "
+                  f"{window}-token context window; shorten the input or max_new_tokens", file=sys.stderr)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], n: int = 1,
@@ -116,6 +135,7 @@ class Generator:
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts")
         if any(p.stop for p in per_prompt) and self.tokenizer is None:
             raise ValueError("stop strings need the tokenizer: Generator(model, tokenizer)")
+        self._check_prompts(prompts, per_prompt)
         self.stats = RolloutStats()
         bs = self.cache_cfg.block_size
         # what the rollout needs without preemption: each prompt once, and per sample its new
@@ -133,6 +153,15 @@ class Generator:
             max_len = max(len(p) + q.max_new_tokens for p, q in zip(prompts, per_prompt))
             graphs = DecodeGraphs(self.model, cache, max_batch, max_len, mode)
         blocks = BlockManager(cache.num_blocks, cache.block_size)
+        # a request the cache cannot hold whole is refused now, not after the rest of the call has run
+        # (the last new token is sampled, never written: prompt + max_new_tokens − 1 positions)
+        need, i = max((blocks.blocks_for(len(p) + q.max_new_tokens - 1), i) for i, (p, q) in
+                      enumerate(zip(prompts, per_prompt)))
+        if need > cache.num_blocks:
+            raise CacheTooSmall(f"KV cache too small: prompt {i} ({len(prompts[i])} tokens) with max_new_tokens "
+                                f"{per_prompt[i].max_new_tokens} needs {need} blocks of {cache.block_size}, the cache "
+                                f"has {cache.num_blocks}; raise the cache budget (CacheConfig.max_bytes / num_blocks), "
+                                f"or shorten the input or max_new_tokens")
         sched = Scheduler(blocks, self.cache_cfg.max_prefill_tokens, self.cache_cfg.max_num_seqs)
         self.stats.cache_blocks = cache.num_blocks
         results: list[list[Completion | None]] = [[None] * n for _ in prompts]

@@ -30,6 +30,7 @@ last bit, which moves a draw only when u lands within an ulp of a token's CDF bo
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -86,6 +87,17 @@ def truncate_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Ten
 
 # ---- per-sequence seeds and counter-based uniforms -------------------------------------------
 _M32 = 0xFFFFFFFF
+
+
+def item_seed(seed: int | None, key: str) -> int | None:
+    """A request's seed from a run's seed and the item's own name (its id): the requests of one
+    call then draw independent streams (sample j of every request with the same seed draws the
+    same uniforms, so duplicate prompts gave copies and the items' draws moved together), and an
+    item's stream does not depend on its batch or its place in the file. None stays None."""
+    if seed is None:
+        return None
+    digest = hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 33  # 31 bits
 
 
 def sequence_seed(seed: int | None, sample: int) -> int:
@@ -186,7 +198,8 @@ def sample_batch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
         rows, need = rows[~ok], need[~ok].clamp(min=width * _WIDEN)
         # top-p alone: the exact threshold from the mass histogram (a wider topk retry cost more: a
         # 1,024-wide one takes ~17 ms at B = 64, V = 49,152 here, and most such rows need more)
-        no_k = (top_k[rows] <= 0) | (top_k[rows] >= vocab)
+        # (a greedy row's threshold is its maximum, whatever its top-p: the full sort's, never the histogram's)
+        no_k = ((top_k[rows] <= 0) | (top_k[rows] >= vocab)) & ~greedy[rows]
         by_bucket.append(rows[no_k])
         rows, need = rows[~no_k], need[~no_k]
         far = 4 * need > vocab

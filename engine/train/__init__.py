@@ -43,7 +43,7 @@ def run_sft(cfg: Config, *, resume: bool = False, progress: bool = True, stop_af
         from ..parallel import parallelize
         parallelize(model, par.mesh, precision.compute)
     records = [r for path in cfg.sft.data for r in load_records(path, format=cfg.sft.format)]
-    max_input = cfg.sft.max_input_tokens or model.config.max_position_embeddings - 64
+    max_input = cfg.sft.max_input_tokens or model.config.context_window - 64
     examples = sft_examples(records, tokenizer, template=cfg.data.template, max_input_tokens=max_input,
                             chat=cfg.data.chat_template, think=cfg.rl.think)
     trainer = SFTTrainer(model, examples, cfg.train, cfg.sft, parallel=par, precision=precision, kernels=cfg.kernels)
