@@ -6,6 +6,14 @@ waiting sequences fed up to `max_prefill_tokens` tokens in all, a long prompt sp
 several steps — or a decode step, one token for every running sequence. When a decode step
 finds no free block, the most recently started sequence is preempted: its blocks are freed
 and it waits to be prefilled again from its tokens so far (recompute), ahead of new work.
+A preempted sample keeps its group's whole prompt blocks (its siblings hold them anyway):
+its recompute starts after them and it still decodes as a member of its group.
+
+While sequences run, waiting work is admitted only when all of its pending tokens fit with a
+block to spare for every running and admitted sequence: a prefill that could not finish, or
+whose blocks the next decode step would take back, was thrown away and redone again and again
+under memory pressure (`python -m bench.preempt_case`). With nothing running, the head of the
+queue is always admitted, in chunks if it must, so the rollout moves on.
 """
 from __future__ import annotations
 
@@ -76,10 +84,15 @@ class Scheduler:
     def _prefill(self):
         budget, batch, copies = self.max_prefill_tokens, [], []
         slots = self.max_num_seqs - len(self.running)
+        spare = len(self.running)  # blocks kept free: one for each running and admitted sequence
         for seq in list(self.waiting):
             # a group larger than max_num_seqs still runs, alone
             if budget <= 0 or (slots < max(seq.fork_into, 1) and (self.running or batch)):
                 break
+            spare += max(seq.fork_into, 1)
+            if (self.running or batch) and \
+                    self.blocks.cost(seq.table, seq.num_cached, seq.pending) + spare > self.blocks.num_free:
+                break  # it could not finish beside the running sequences: it waits for blocks to free
             n = min(seq.pending, budget, self._fits(seq))
             if n <= 0:
                 if not self.running and not batch:
@@ -119,11 +132,9 @@ class Scheduler:
                     if queue:  # the most recently started running sequence
                         self._preempt(queue.pop())
                         continue
-                    holder = next((w for w in reversed(self.waiting) if w.table), None)
-                    if holder is not None:  # a half-prefilled prompt gives its blocks back
-                        self.blocks.release(holder.table)
-                        holder.num_cached = 0
-                        holder.resets += 1
+                    holder = next((w for w in reversed(self.waiting) if self._own_blocks(w)), None)
+                    if holder is not None:  # a half-prefilled sequence gives its own blocks back
+                        self._give_back(holder)
                         self.preemptions += 1
                         continue
                     if not scheduled:
@@ -133,13 +144,27 @@ class Scheduler:
         return [(s, 1) for s in scheduled], copies
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.release(seq.table)
-        seq.num_cached = 0
-        seq.resets += 1
-        seq.shared_prefix = 0  # it comes back with blocks of its own
+        self._give_back(seq)
         self.running.remove(seq)
         self.waiting.appendleft(seq)
         self.preemptions += 1
+
+    def _kept(self, seq: Sequence) -> int:
+        """Blocks of seq's table it keeps when preempted: its group's whole prompt blocks."""
+        return seq.shared_prefix // self.blocks.block_size
+
+    def _own_blocks(self, seq: Sequence) -> bool:
+        return len(seq.table) > self._kept(seq)
+
+    def _give_back(self, seq: Sequence) -> None:
+        """Free seq's blocks past its group's whole prompt blocks; it is prefilled again from there
+        (the prompt's last partial block too: its copy was its own) and decodes with its group."""
+        keep = self._kept(seq)
+        rest = seq.table[keep:]
+        self.blocks.release(rest)
+        del seq.table[keep:]
+        seq.num_cached = keep * self.blocks.block_size
+        seq.resets += 1
 
     def _too_small(self, seq: Sequence) -> None:
         need = self.blocks.blocks_for(len(seq.token_ids) + 1)
