@@ -105,7 +105,14 @@ def test_the_harness_reports_hangs_and_failures_and_leaves_no_process():
         run_ranks(_one_rank_hangs, 2, timeout=6)
     with pytest.raises(AssertionError, match="planted failure on rank 1"):
         run_ranks(_one_rank_fails, 2, timeout=60)
+    with pytest.raises(AssertionError, match="cannot pickle"):  # said at once, not a timeout
+        run_ranks(_unpicklable_result, 1, timeout=60)
     assert not multiprocessing.active_children()
+
+
+def _unpicklable_result(rank, world):
+    import threading
+    return threading.Lock()
 
 
 # ---- shared-prefix group rows over the ring -------------------------------------------------

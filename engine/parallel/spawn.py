@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
 import traceback
 
@@ -29,7 +30,9 @@ def _entry(fn, rank, world, port, queue, args, backend="gloo"):
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         result = fn(rank, world, *args)
-        queue.put((rank, "ok", result))
+        # pickled here: the queue's feeder thread would print a pickling error and send nothing,
+        # and the caller would wait out its whole deadline for this rank
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure goes back to the test with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -60,12 +63,12 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "glo
             try:
                 rank, status, payload = queue.get(timeout=min(left, 1.0))
             except Exception:  # queue.Empty: check for ranks that died without a word
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                if dead and not any(e[0] in dead for e in errors):
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
+                if dead and not any(e[0] in dead for e in errors) and queue.empty():
                     raise RuntimeError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 continue
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append((rank, payload))
         if errors:
