@@ -243,11 +243,12 @@ def run_module(out: Path, log: str, limit: str, module: str, *args: str, env: di
     return result
 
 
-def run_case(tokens: int, hidden: int, out: Path) -> dict:
-    result = run_module(out, f"grpo_loss-{tokens}-{hidden}", "kernel_case", "bench.kernel_case", "--impl", "fused",
-                        "--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(VOCAB), "--dtype",
-                        "bfloat16", "--device", "cuda", "--repeats", "3")
-    return {"tokens": tokens, "hidden": hidden, **result} if _not_run(result) else result
+def run_case(tokens: int, hidden: int, out: Path, logits: str = "fp32") -> dict:
+    result = run_module(out, f"grpo_loss-{tokens}-{hidden}-{logits}", "kernel_case", "bench.kernel_case", "--impl",
+                        "fused", "--tokens", str(tokens), "--hidden", str(hidden), "--vocab", str(VOCAB), "--dtype",
+                        "bfloat16", "--device", "cuda", "--repeats", "3", "--logits", logits)
+    return {"tokens": tokens, "hidden": hidden, "logits": logits, **result} if _not_run(result) else \
+        {**result, "logits": logits}
 
 
 def best_launch(tune) -> str | None:
@@ -316,7 +317,8 @@ def main(argv=None) -> int:
         return 2
     if versions["triton"] is None:
         print("gpu_suite: triton is not importable; the Triton cases will fail and say so", file=sys.stderr)
-    from kernels.rows import chunk_rows
+    from kernels.rows import chunk_rows, logit_bytes
+    from kernels.triton_rows import TritonRows
     card = torch.cuda.get_device_name()
     report = {"card": card, "date": datetime.datetime.now().isoformat(timespec="seconds"), **versions,
               "budget_s": args.budget}
@@ -354,11 +356,14 @@ def main(argv=None) -> int:
         report["rl_step"]["split_problems"] = split_problems(report["rl_step"])
     save()
     rows = report["grpo_loss"] = []
-    for tokens, hidden in CASES:
-        r = run_case(tokens, hidden, out)
+    # fp32 chunk logits (the default) beside bf16 ones ("compute"): what the precision costs
+    for (tokens, hidden), logits in [(case, mode) for case in CASES for mode in ("fp32", "compute")]:
+        r = run_case(tokens, hidden, out, logits)
         if not _not_run(r):
-            # the Triton rows keep the chunk's logits in bf16: 2 bytes each (kernels.rows.logit_bytes)
-            chunk = chunk_rows(tokens, VOCAB, torch.device("cuda"), bytes_per_logit=2)
+            # the bytes a chunk holds a logit (kernels.rows.logit_bytes): fp32 logits + the bf16 gradient, or
+            # (compute) the bf16 logits the Triton rows work on in place
+            chunk = chunk_rows(tokens, VOCAB, torch.device("cuda"),
+                               bytes_per_logit=logit_bytes(TritonRows, torch.bfloat16, logits))
             budget = chunk * VOCAB * 4 + VOCAB * hidden * 4  # fp32 logits' bytes for that chunk + fp32 dW
             r["roofline_fraction"] = 6 * tokens * hidden * VOCAB / r["seconds"] / (rate * 1e12)
             r["memory_budget_bytes"] = budget
@@ -393,7 +398,7 @@ def main(argv=None) -> int:
     # the tuned rollout runs last, where the budget allows: skipped, it is not a failure
     failed += [name for name in CASE_NAMES if name != "tests" and _not_run(report.get(name))
                and (name != "rollout_tuned" or _not_run(report.get(name)) == "error")]
-    failed += [f"grpo_loss T={r['tokens']} H={r['hidden']}" for r in rows if _not_run(r)]
+    failed += [f"grpo_loss T={r['tokens']} H={r['hidden']} {r.get('logits', 'fp32')}" for r in rows if _not_run(r)]
     failed += [f"update {k}" for k, u in report["update"].items() if _not_run(u)]
     if failed:
         print(f"failed or skipped cases: {', '.join(failed)} (each stage's output: {out}/<stage>.log)")
@@ -406,13 +411,15 @@ def summary(report: dict, rows: list[dict], out: Path) -> None:
     """The short tables, last on the console."""
     gb = 1 << 30
     print("\n== fused GRPO loss, bf16, V=151936: forward+backward ==")
-    print(f"{'T':>6} {'H':>5} {'time: median [min–max]':>30} {'roofline':>9} {'peak extra':>11} {'vs chunk+dW':>12}")
+    print(f"{'T':>6} {'H':>5} {'logits':>7} {'time: median [min–max]':>30} {'roofline':>9} {'peak extra':>11} "
+          f"{'vs chunk+dW':>12}")
     for r in rows:
+        logits = r.get("logits", "fp32")
         if _not_run(r):
-            print(f"{r['tokens']:>6} {r['hidden']:>5}  {_why(r)}")
+            print(f"{r['tokens']:>6} {r['hidden']:>5} {logits:>7}  {_why(r)}")
             continue
-        print(f"{r['tokens']:>6} {r['hidden']:>5} {fmt(r['time'], 1e3, 'ms'):>30} {r['roofline_fraction']:8.1%} "
-              f"{r['peak_extra_bytes'] / gb:9.2f}GB {r['memory_vs_budget']:11.2f}x")
+        print(f"{r['tokens']:>6} {r['hidden']:>5} {logits:>7} {fmt(r['time'], 1e3, 'ms'):>30} "
+              f"{r['roofline_fraction']:8.1%} {r['peak_extra_bytes'] / gb:9.2f}GB {r['memory_vs_budget']:11.2f}x")
     print("targets: roofline >= 85%, peak extra <= 1.10x (one fp32 logits chunk + fp32 dW)")
     ro = report["rollout"]
     if _not_run(ro):

@@ -28,7 +28,7 @@ def _rss_bytes() -> int:
 
 
 def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32", device: str = "cpu",
-        chunk_tokens: int | None = None, repeats: int = 1) -> dict:
+        chunk_tokens: int | None = None, repeats: int = 1, logits: str = "fp32") -> dict:
     import torch
 
     from kernels import GRPOLossConfig, linear_grpo_loss, linear_logprob
@@ -49,9 +49,10 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
 
     def step(hid, w, y, adv, tw):
         if impl == "fused":
-            loss, _ = linear_grpo_loss(hid, w, y, advantages=adv, token_weight=tw, cfg=cfg, chunk_tokens=chunk_tokens)
+            loss, _ = linear_grpo_loss(hid, w, y, advantages=adv, token_weight=tw, cfg=cfg, chunk_tokens=chunk_tokens,
+                                       logits=logits)
         elif impl == "fused-logprob":  # log-probs with autograd through them (recompute in backward)
-            logp, _ = linear_logprob(hid, w, y, chunk_tokens=chunk_tokens)
+            logp, _ = linear_logprob(hid, w, y, chunk_tokens=chunk_tokens, logits=logits)
             loss = (logp * tw).sum()
         elif impl == "naive-logprob":
             loss = (naive_logprob(hid, w, y)[0] * tw.to(dt)).sum()
@@ -86,7 +87,7 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     time_ = spread(times)
     return {"impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
-            "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
+            "logits": logits, "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
             "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size(), "row_launch": _row_launch()}
 
 
@@ -109,8 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--chunk-tokens", type=int)
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--logits", default="fp32", choices=["fp32", "compute"],
+                   help="the fused ops' chunk logits for bf16 inputs: fp32 (default) or bf16 (compute)")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.impl, a.tokens, a.hidden, a.vocab, a.dtype, a.device, a.chunk_tokens, a.repeats)))
+    print(json.dumps(run(a.impl, a.tokens, a.hidden, a.vocab, a.dtype, a.device, a.chunk_tokens, a.repeats,
+                         a.logits)))
     return 0
 
 

@@ -344,9 +344,13 @@ class KernelsConfig:
     when set, override these."""
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
     chunk_mb: int = 0  # bytes of one [chunk, vocab] fp32 logits block; 0: 256 MiB on CPU, 2 GiB on GPU
+    # a chunk's logits under bf16 compute: "fp32" (written in fp32 by the product: log-probs and ratios
+    # without bf16 rounding) or "compute" (bf16: a third of the bytes, ~0.02 nat of rounding a log-prob)
+    logits: Literal["fp32", "compute"] = "fp32"
 
     def validate(self, key: str) -> None:
         _check(self.chunk_mb >= 0, f"{key}.chunk_mb", "an integer >= 0 (0: default)", self.chunk_mb)
+        _check(self.logits in ("fp32", "compute"), f"{key}.logits", "'fp32' or 'compute'", self.logits)
 
     def resolved(self) -> tuple[str, int]:
         """(backend, chunk MiB or 0), the environment winning over the recipe."""

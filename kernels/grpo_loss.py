@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from .rows import accumulate_dw, chunk_rows, logit_bytes, no_autocast, pick_rows
+from .rows import accumulate_dw, chunk_logits, chunk_rows, logit_bytes, no_autocast, pick_rows
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
@@ -180,13 +180,15 @@ def _kl_and_grad(logp: torch.Tensor, ref: torch.Tensor, estimator: str):
 # ---- the fused op -----------------------------------------------------------------------
 class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out):
+    def forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out,
+                logits):
         with no_autocast(hidden.device):  # the products in the inputs' dtype, as the gradients assume
             return _FusedGRPOLoss._forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg,
-                                           rows, chunk, stats_out)
+                                           rows, chunk, stats_out, logits)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out):
+    def _forward(ctx, hidden, weight, targets, adv, token_weight, old, ref, behaviour, cfg, rows, chunk, stats_out,
+                 logits):
         t = hidden.shape[0]
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden = torch.empty_like(hidden) if need_dh else None
@@ -198,7 +200,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             h = hidden[s:e]
-            z = h @ weight.t()  # [C, V]: GEMM 1
+            z = chunk_logits(h, weight, logits)  # [C, V]: GEMM 1
             # entropy is always computed: the loss may need it and the stats always report it
             lse, logp, ent = rows.stats(z, targets[s:e], inv_temp, with_entropy=True)
             tok_loss, dlogp, tok_stats = grpo_token_terms(
@@ -234,7 +236,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         # scale in place: the stored gradients are handed over, not copied (dW is [V, H] fp32)
         gh = d_hidden.mul_(grad_loss.to(d_hidden.dtype)) if d_hidden is not None else None
         gw = d_weight.mul_(grad_loss).to(ctx.weight_dtype) if d_weight is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None, None, None, None
 
 
 def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
@@ -242,7 +244,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
                      old_logprob: torch.Tensor | None = None, ref_logprob: torch.Tensor | None = None,
                      behaviour_logprob: torch.Tensor | None = None,
                      cfg: GRPOLossConfig | None = None, backend: str | None = None,
-                     chunk_tokens: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                     chunk_tokens: int | None = None,
+                     logits: str = "fp32") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """hidden [T, H], weight [V, H], targets [T] (the token that follows each position),
     advantages [T], token_weight [T] -> (loss scalar fp32, stats).
 
@@ -251,7 +254,8 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     fractions clipped low / high / by the dual clip, plus `tokens`. With behaviour_logprob
     (the rollout's log-probs of the same tokens): mismatch_abs (mean |trainer − rollout|),
     max_mismatch_abs, mismatch_over (share of tokens over 0.1) and, with cfg.tis_cap,
-    tis_weight (mean) and tis_capped (share at the cap)."""
+    tis_weight (mean) and tis_capped (share at the cap). logits: "fp32" (default) or "compute",
+    the chunk logits' dtype for half-precision inputs (kernels.rows.chunk_logits)."""
     cfg = cfg or GRPOLossConfig()
     _check_shapes(hidden, weight, targets, advantages=advantages, token_weight=token_weight,
                   old_logprob=old_logprob, ref_logprob=ref_logprob, behaviour_logprob=behaviour_logprob)
@@ -265,10 +269,10 @@ def linear_grpo_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         raise ValueError("cfg.tis_cap is set: pass behaviour_logprob (the rollout's log-probs of the targets)")
     rows = pick_rows(backend, hidden.device)
     chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens,
-                       logit_bytes(rows, hidden.dtype))
+                       logit_bytes(rows, hidden.dtype, logits))
     stats: dict[str, torch.Tensor] = {}
     loss = _FusedGRPOLoss.apply(hidden.contiguous(), weight, targets, advantages, token_weight,
-                    old_logprob, ref_logprob, behaviour_logprob, cfg, rows, max(chunk, 1), stats)
+                    old_logprob, ref_logprob, behaviour_logprob, cfg, rows, max(chunk, 1), stats, logits)
     return loss, stats
 
 

@@ -12,17 +12,18 @@ from __future__ import annotations
 import torch
 
 from .grpo_loss import _check_shapes
-from .rows import accumulate_dw, chunk_rows, logit_bytes, no_autocast, pick_rows
+from .rows import accumulate_dw, chunk_logits, chunk_rows, logit_bytes, no_autocast, pick_rows
 
 
 class _FusedLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk):
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk, logits):
         with no_autocast(hidden.device):  # the backward recomputes these logits: both in the inputs' dtype
-            return _FusedLogprob._forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk)
+            return _FusedLogprob._forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk,
+                                          logits)
 
     @staticmethod
-    def _forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk):
+    def _forward(ctx, hidden, weight, targets, temperature, with_entropy, rows, chunk, logits):
         t = hidden.shape[0]
         inv_temp = 1.0 / temperature
         lse = torch.empty(t, device=hidden.device, dtype=torch.float32)
@@ -30,14 +31,14 @@ class _FusedLogprob(torch.autograd.Function):
         ent = torch.empty_like(lse) if with_entropy else None
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
-            z = hidden[s:e] @ weight.t()
+            z = chunk_logits(hidden[s:e], weight, logits)
             c_lse, c_logp, c_ent = rows.stats(z, targets[s:e], inv_temp, with_entropy=with_entropy)
             lse[s:e], logp[s:e] = c_lse, c_logp
             if with_entropy:
                 ent[s:e] = c_ent
             del z
         ctx.save_for_backward(hidden, weight, targets, lse, ent if with_entropy else lse)
-        ctx.cfg = (inv_temp, with_entropy, rows, chunk)
+        ctx.cfg = (inv_temp, with_entropy, rows, chunk, logits)
         if with_entropy:
             return logp, ent
         ctx.mark_non_differentiable(lse)
@@ -51,7 +52,7 @@ class _FusedLogprob(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_logp, grad_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
-        inv_temp, with_entropy, rows, chunk = ctx.cfg
+        inv_temp, with_entropy, rows, chunk, logits = ctx.cfg
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         t = hidden.shape[0]
         d_hidden = torch.empty_like(hidden) if need_dh else None
@@ -62,7 +63,7 @@ class _FusedLogprob(torch.autograd.Function):
         for s in range(0, t, chunk):
             e = min(t, s + chunk)
             h = hidden[s:e]
-            z = h @ weight.t()
+            z = chunk_logits(h, weight, logits)
             dz = rows.grad(z, targets[s:e], lse[s:e], ent[s:e] if use_ent else None,
                            grad_logp[s:e].float(), grad_ent[s:e].float() if use_ent else None,
                            inv_temp).to(hidden.dtype)
@@ -72,21 +73,24 @@ class _FusedLogprob(torch.autograd.Function):
                 accumulate_dw(d_weight, dz, h)
             del z, dz  # one chunk of logits alive at a time
         gw = d_weight.to(weight.dtype) if d_weight is not None else None
-        return d_hidden, gw, None, None, None, None, None
+        return d_hidden, gw, None, None, None, None, None, None
 
 
 def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
                    temperature: float = 1.0, with_entropy: bool = False, backend: str | None = None,
-                   chunk_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   chunk_tokens: int | None = None,
+                   logits: str = "fp32") -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden [T, H], weight [V, H], targets [T] -> (logprob [T] fp32, entropy [T] fp32 | None)
     of softmax(hidden @ weight.T / temperature). Differentiable in hidden and weight. The
-    products run in the inputs' dtype, under torch.autocast too (cast the inputs to choose it)."""
+    products run in the inputs' dtype, under torch.autocast too (cast the inputs to choose it);
+    logits: "fp32" (the chunk's logits written in fp32 from half-precision inputs) or "compute"
+    (in the inputs' dtype), kernels.rows.chunk_logits."""
     _check_shapes(hidden, weight, targets)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     rows = pick_rows(backend, hidden.device)
     chunk = chunk_rows(hidden.shape[0], weight.shape[0], hidden.device, chunk_tokens,
-                       logit_bytes(rows, hidden.dtype))
+                       logit_bytes(rows, hidden.dtype, logits))
     logp, second = _FusedLogprob.apply(hidden.contiguous(), weight, targets, float(temperature),
-                                       bool(with_entropy), rows, max(chunk, 1))
+                                       bool(with_entropy), rows, max(chunk, 1), logits)
     return logp, (second if with_entropy else None)

@@ -106,11 +106,33 @@ def pick_rows(backend: str | None, device: torch.device):
     return TritonRows
 
 
-def logit_bytes(rows, dtype: torch.dtype) -> int:
-    """Bytes a chunk holds per logit: the logits in the input dtype, plus (torch rows, half
-    precision input) the fp32 copy the row passes work on; Triton rows work in place."""
+LOGITS = ("fp32", "compute")
+
+
+def logit_bytes(rows, dtype: torch.dtype, logits: str = "fp32") -> int:
+    """Bytes a chunk holds per logit. logits "fp32" (chunk_logits): 4, plus for half-precision
+    inputs the gradient's copy in their dtype. "compute": the logits in the input dtype, plus
+    (torch rows, half-precision input) the fp32 copy the row passes work on; Triton rows work in
+    place."""
     size = torch.finfo(dtype).bits // 8
+    if logits == "fp32":
+        return 4 + (size if size < 4 else 0)
     return size + 4 if rows is TorchRows and size < 4 else size
+
+
+def chunk_logits(h: torch.Tensor, w: torch.Tensor, logits: str = "fp32") -> torch.Tensor:
+    """h [C, H] @ w.T, a chunk's logits. "fp32": in fp32 whatever the inputs (a half-precision
+    product accumulates in fp32 and is written so: rounded to bf16, logits around 20 move each
+    log-prob by up to ~0.1 nat at temperature 0.7, and the PPO ratio with them), through torch.mm's
+    out_dtype where the device has it, else fp32 copies of the inputs. "compute": in the inputs'
+    dtype (half the bytes, the rounding kept)."""
+    if logits not in LOGITS:
+        raise ValueError(f"logits {logits!r} unknown; choose one of {', '.join(LOGITS)}")
+    if logits == "compute" or h.dtype == torch.float32:
+        return h @ w.t()
+    if _fp32_out("mm", h.device, h.dtype):
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    return h.float() @ w.float().t()
 
 
 def chunk_rows(num_tokens: int, vocab: int, device: torch.device, chunk_tokens: int | None = None,
@@ -134,18 +156,22 @@ def rows_for_budget(vocab: int, budget_mb: int, bytes_per_logit: int = 4) -> int
     return max(64, min(4096, rows // 64 * 64))
 
 
-_FP32_OUT: dict[tuple[str, torch.dtype], bool] = {}
+_FP32_OUT: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
-def _fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm takes out_dtype=float32 for `dtype` inputs on this device: probed
-    once on a 2 x 2 product and remembered. Out of memory is not an answer: it propagates."""
-    key = (device.type, dtype)
+def _fp32_out(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's `op` ("addmm" or "mm") takes out_dtype=float32 for `dtype` inputs on this
+    device: probed once on a 2 x 2 product and remembered. Out of memory is not an answer: it
+    propagates."""
+    key = (op, device.type, dtype)
     if key not in _FP32_OUT:
         a = torch.zeros(2, 2, device=device, dtype=dtype)
         out = torch.zeros(2, 2, device=device, dtype=torch.float32)
         try:
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+            if op == "mm":
+                torch.mm(a, a, out_dtype=torch.float32)
+            else:
+                torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
             _FP32_OUT[key] = True
         except torch.OutOfMemoryError:
             raise
@@ -160,7 +186,7 @@ def accumulate_dw(dw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
     (chunk-sized temporaries; nothing [V, H] and no rounding of the partial product)."""
     if dz.dtype == torch.float32:
         dw.addmm_(dz.t(), h)
-    elif _fp32_out_addmm(dz.device, dz.dtype):
+    elif _fp32_out("addmm", dz.device, dz.dtype):
         torch.addmm(dw, dz.t(), h, out_dtype=torch.float32, out=dw)
     else:
         dw.addmm_(dz.t().float(), h.float())

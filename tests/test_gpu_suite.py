@@ -252,7 +252,7 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     text = capsys.readouterr().out
     assert ran == ["bench.gpu_rollout_case", "bench.gpu_sampler_case", "bench.gpu_decode_tune",
                    "bench.gpu_rollout_case", "bench.train_step_case"] \
-        + ["bench.kernel_case"] * len(gs.CASES) \
+        + ["bench.kernel_case"] * 2 * len(gs.CASES) \
         + ["bench.decode_tables_case", "bench.update_case", "bench.update_case", "bench.gpu_ring_case",
            "bench.gpu_rollout_case"]
     # the decode_tune's best launch (waves 8) run again through the rollout, as $LONGRL_DECODE_LAUNCH
@@ -266,7 +266,8 @@ def test_suite_summary_on_a_fake_gpu(tmp_path, monkeypatch, capsys, broken):
     assert ("top_p 0.95              kernel  0.250 ms  (host 0.125 ms to issue)  best chunk 4096 x 8 warps  "
             "0.200 ms  torch sampler  4.500 ms") in text
     assert "prompt  61440: default 2.000 ms (25.0% of the roofline); best 1.000 ms (50.0%) at waves 8" in text
-    assert len(report["grpo_loss"]) == len(gs.CASES) and "targets: roofline >= 85%" in text
+    assert [r["logits"] for r in report["grpo_loss"]] == ["fp32", "compute"] * len(gs.CASES)  # each case both ways
+    assert "targets: roofline >= 85%" in text
     if broken == "tests timed out":
         assert rc == 1 and "failed or skipped cases: tests (" in text and "tests on CUDA: timed out" in text
     elif broken in (None, "no pytest"):

@@ -474,8 +474,10 @@ def test_chunk_sizing_follows_the_logits_dtype_and_rows():
     from kernels.triton_rows import TritonRows
 
     assert logit_bytes(TorchRows, torch.float32) == 4 and logit_bytes(TritonRows, torch.float32) == 4
-    assert logit_bytes(TritonRows, torch.bfloat16) == 2  # in place
-    assert logit_bytes(TorchRows, torch.bfloat16) == 6  # bf16 logits + the fp32 copy the row passes use
+    # fp32 logits of bf16 inputs (the default): 4 bytes + the gradient's bf16 copy, either rows
+    assert logit_bytes(TritonRows, torch.bfloat16) == logit_bytes(TorchRows, torch.bfloat16) == 6
+    assert logit_bytes(TritonRows, torch.bfloat16, "compute") == 2  # in place
+    assert logit_bytes(TorchRows, torch.bfloat16, "compute") == 6  # bf16 logits + the fp32 copy the row passes use
     vocab = 151_936
     assert (rows_for_budget(vocab, 1024, 4), rows_for_budget(vocab, 1024, 2)) == (1728, 3520)  # 1 GiB, x64
     assert rows_for_budget(vocab, 1024, 6) == 1152  # 1 GiB / (V x 6 bytes), a multiple of 64
@@ -586,6 +588,32 @@ def test_fused_ops_under_autocast_keep_their_gradients_consistent():
     assert value.item() == pytest.approx(-2.4)
     for name, o, r in (("d hidden", dh, -0.1 * want[1]), ("d weight", dw, -0.1 * want[2])):
         _close(o, r.float(), r, torch.float32, f"grpo {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_inputs_give_fp32_logits(backend):
+    """bf16 hidden states and lm_head with logits around 20 (a trained model's scale): the chunk's
+    logits are written in fp32 by the product, so the log-probs are those of the bf16 inputs to
+    fp32 rounding; rounded to bf16 first ("compute") they were off by up to ~0.1 nat at T 0.7."""
+    backend, device = _split(backend)
+    g = torch.Generator().manual_seed(4)
+    hidden = (torch.randn(40, 64, generator=g) * 2).to(torch.bfloat16)
+    weight = (torch.randn(700, 64, generator=g) * 0.6).to(torch.bfloat16)
+    targets = torch.randint(0, 700, (40,), generator=g)
+    exact = torch.log_softmax(hidden.double() @ weight.double().t() / 0.7, -1).gather(1, targets[:, None]).squeeze(1)
+    errors = {}
+    for mode in ("fp32", "compute"):
+        logp, _ = linear_logprob(hidden.to(device), weight.to(device), targets.to(device), temperature=0.7,
+                                 backend=backend, logits=mode)
+        loss, stats = linear_grpo_loss(hidden.to(device), weight.to(device), targets.to(device),
+                                       advantages=torch.ones(40, device=device),
+                                       token_weight=torch.full((40,), 1 / 40, device=device),
+                                       cfg=GRPOLossConfig(temperature=0.7), backend=backend, logits=mode)
+        errors[mode] = max((logp.cpu().double() - exact).abs().max().item(),
+                           abs(stats["logprob"].item() - exact.mean().item()))
+    assert errors["fp32"] < 1e-4 < 1e-2 < errors["compute"], errors
+    with pytest.raises(ValueError, match="logits 'bf16' unknown"):
+        linear_logprob(hidden, weight, targets, logits="bf16")
 
 
 def test_empty_kernel_variables_mean_unset(monkeypatch):

@@ -240,9 +240,10 @@ def test_sft_takes_the_kernels_section(letters, monkeypatch):
     seen, real = [], sft_mod.linear_logprob
     monkeypatch.setattr(sft_mod, "linear_logprob", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     trainer = SFTTrainer(model, examples(), TrainConfig(lr=LR, seed=0, token_budget=40),
-                         SFTConfig(batch_examples=4, max_steps=1), kernels=KernelsConfig(backend="torch", chunk_mb=3))
+                         SFTConfig(batch_examples=4, max_steps=1),
+                         kernels=KernelsConfig(backend="torch", chunk_mb=3, logits="compute"))
     trainer.step()
-    want = {"backend": "torch", "chunk_tokens": rows_for_budget(model.lm_head_weight.shape[0], 3)}
+    want = {"backend": "torch", "chunk_tokens": rows_for_budget(model.lm_head_weight.shape[0], 3), "logits": "compute"}
     assert seen and all(kw == want for kw in seen)
 
 

@@ -330,7 +330,7 @@ def test_recipe_keys_reach_the_trainer(tiny_setup, tmp_path, monkeypatch):
     assert (cache.block_size, cache.max_num_seqs, cache.max_prefill_tokens) == (32, 7, 333)
     vocab = trainer.model.lm_head_weight.shape[0]
     assert rows_for_budget(vocab, 100) != rows_for_budget(vocab, 200)
-    assert trainer.kernel_args == {"backend": "triton", "chunk_tokens": rows_for_budget(vocab, 100)}
+    assert trainer.kernel_args == {"backend": "triton", "chunk_tokens": rows_for_budget(vocab, 100), "logits": "fp32"}
 
     prompts_seen = []
     trainer.generator.generate = lambda prompts, n, params: prompts_seen.extend(prompts) or \
@@ -346,7 +346,7 @@ def test_recipe_keys_reach_the_trainer(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.setenv("LONGRL_KERNEL_BACKEND", "torch")
     again = GRPOTrainer(trainer.model, tok, recs, cfg.rl, cfg.train, reward=ToyReward(), data=cfg.data,
                         rollout=cfg.rollout, kernels=cfg.kernels)
-    assert again.kernel_args == {"backend": "torch", "chunk_tokens": rows_for_budget(vocab, 200)}
+    assert again.kernel_args == {"backend": "torch", "chunk_tokens": rows_for_budget(vocab, 200), "logits": "fp32"}
 
 
 # ---- 8. the flagship recipe, scaled down ----------------------------------------------------

@@ -111,10 +111,11 @@ def kernel_args(kernels, weight: torch.Tensor, precision: Precision) -> dict:
     from kernels.rows import logit_bytes, pick_rows, rows_for_budget
 
     from ..config import KernelsConfig
-    backend, chunk_mb = (kernels or KernelsConfig()).resolved()
-    per_logit = logit_bytes(pick_rows(backend, weight.device), precision.compute or weight.dtype)
+    kernels = kernels or KernelsConfig()
+    backend, chunk_mb = kernels.resolved()
+    per_logit = logit_bytes(pick_rows(backend, weight.device), precision.compute or weight.dtype, kernels.logits)
     return {"backend": backend, "chunk_tokens": rows_for_budget(weight.shape[0], chunk_mb, per_logit) if chunk_mb
-            else None}
+            else None, "logits": kernels.logits}
 
 
 def start_model(cfg: Config, source):
