@@ -526,3 +526,19 @@ def test_local_judge_runs_a_real_checkpoint(smollm):
     # verdicts are cached (a second call is served from the cache); malformed replies are not
     assert set(judge.cache) == {(i.question, i.prediction, i.gold) for i, r in zip(items, replies)
                                 if parse_verdict(r) is not None}
+
+
+def test_reward_metrics_of_several_ranks_count_as_one_process():
+    """Each rank judges its share of a step's prompts: the logged figures are every rank's, the
+    counts summed and the rates weighted (rank 0's alone was logged before)."""
+    from engine.rewards.judge import merge_reward_metrics
+    a = {"reward/judge_rescued": 2, "judge/calls": 4, "judge/unavailable": 0, "judge/yes_rate": 0.5,
+         "judge/mean_latency_s": 1.0, "judge/cached": 1}
+    b = {"reward/judge_rescued": 1, "judge/calls": 6, "judge/unavailable": 2, "judge/yes_rate": 0.25,
+         "judge/mean_latency_s": 2.0, "judge/cached": 0}
+    got = merge_reward_metrics([a, b])
+    assert got == {"reward/judge_rescued": 3, "judge/calls": 10, "judge/unavailable": 2,
+                   "judge/yes_rate": pytest.approx((0.5 * 4 + 0.25 * 4) / 8),
+                   "judge/mean_latency_s": pytest.approx((1.0 * 4 + 2.0 * 6) / 10), "judge/cached": 1}
+    assert merge_reward_metrics([{"judge/calls": 0, "judge/unavailable": 0, "judge/yes_rate": 0.0}] * 2) == \
+        {"judge/calls": 0, "judge/unavailable": 0, "judge/yes_rate": 0.0}

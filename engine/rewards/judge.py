@@ -105,6 +105,23 @@ class JudgeStats:
         return out
 
 
+def merge_reward_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Several ranks' reward metrics (HybridReward.metrics) as one process would count them: the
+    counts summed, the yes rate weighted by the answered calls, the mean latency by the calls."""
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts]
+        if key == "judge/yes_rate":
+            answered = [p["judge/calls"] - p["judge/unavailable"] for p in parts]
+            out[key] = sum(v * a for v, a in zip(values, answered)) / sum(answered) if sum(answered) else 0.0
+        elif key == "judge/mean_latency_s":
+            calls = [p["judge/calls"] for p in parts]
+            out[key] = sum(v * c for v, c in zip(values, calls)) / sum(calls) if sum(calls) else 0.0
+        else:
+            out[key] = sum(values)
+    return out
+
+
 class Judge:
     """Base: prompting, caching, counting and verdict parsing; backends implement `_complete`."""
     system_prompt = JUDGE_SYSTEM_PROMPT

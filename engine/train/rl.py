@@ -26,6 +26,7 @@ from ..data.packing import budget_batches, group_batches, pack, pack_groups
 from ..data.template import resolve_think
 from ..model.attention import GroupAttention, resolve_backend
 from ..rewards import HybridReward, RewardItem
+from ..rewards.judge import merge_reward_metrics
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
 from ..rollout import Generator, SamplingParams
 from .loop import OptimizerStep, kernel_args
@@ -236,7 +237,8 @@ class GRPOTrainer:
                "examples": [g.record.id for g in seen], **{f"curriculum/{k}": v for k, v in mix.items()}}
         row.update(self._batch_metrics(seen))
         if hasattr(self.reward, "metrics"):
-            row.update(self.reward.metrics())
+            metrics = self.reward.metrics()  # this rank's prompts' rewards: every rank's, under several
+            row.update(metrics if self.parallel is None else merge_reward_metrics(self.parallel.gather(metrics)))
         if len(batch) < self.rl.batch_prompts and self.rl.on_shortfall == "skip":
             row["dynamic/skipped_update"] = 1
             batch = []
