@@ -191,7 +191,10 @@ def test_the_kl_reference_computes_the_starting_policy(letters, tmp_path, monkey
     the same log-probs at the start of RL (KL 0), however `model.dtype = auto` loads (bf16 on a
     GPU, stood in for here), and holds each linear layer's weights in bf16 (what autocast rounds
     them to). Under FSDP2, whose policy casts every weight, the reference is bf16 throughout."""
+    import dataclasses
+
     from engine.config import KernelsConfig, RLConfig
+    from engine.data import synthetic
     from engine.model import weights
     from engine.train import _reference_model
     from engine.train.rl import GRPOTrainer
@@ -219,6 +222,21 @@ def test_the_kl_reference_computes_the_starting_policy(letters, tmp_path, monkey
         assert r.embed_tokens.weight.dtype == torch.float32 and r.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     sharded = _reference_model(cfg, tmp_path, model, None, True, BF16, parallel=Barrier())
     assert {p.dtype for p in sharded.parameters()} == {torch.bfloat16}
+    # its passes take the policy's attention backend (a bf16 reference would get flash-attn on a GPU
+    # beside an fp32 policy's SDPA), in both layouts
+    from test_parallel_rl import fixed_batch
+
+    from engine.train import rl as rl_mod
+    seen = []
+    monkeypatch.setattr(rl_mod, "resolve_backend", lambda name, device, dtype: seen.append(dtype) or "sdpa")
+    trainer.records = {r.id: r for r in synthetic.generate(6, 12, seed=3, kinds=("lookup",))}
+    batch = fixed_batch(trainer)
+    samples = [(gi, c) for gi, g in enumerate(batch) for c in g.completions]
+    for layout in (True, False):
+        trainer.rl = dataclasses.replace(trainer.rl, shared_prefix=layout)
+        micros = trainer._micro_batches(sharded, batch, samples, list(range(len(samples))))
+        assert all(m.attn.backend == "sdpa" for m in micros)
+    assert seen == [torch.float32, torch.float32]  # the policy's lm_head, not the reference's bf16
 
 
 class Barrier:  # one rank of several, as _reference_model sees it

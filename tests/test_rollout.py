@@ -381,3 +381,21 @@ def test_a_preempted_sample_keeps_its_groups_prompt_blocks():
     sched._preempt(sample)
     assert sample.table == kept and sample.num_cached == 8 and sample.shared_prefix == 10
     assert sched.waiting[0] is sample and sample.pending == 4 and bm.ref[kept[0]] == 2
+
+
+def test_a_group_whose_samples_all_wait_does_not_pin_its_prompt():
+    """Both samples of one group preempted and waiting keep its prompt blocks; the other group's
+    last sample must still grow to its full length: the kept blocks are given up (that group
+    recomputes its prompt) instead of a CacheTooSmall for a request the cache holds alone."""
+    from bench.preempt_case import TINY
+
+    from engine.model import Decoder, DecoderConfig
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig.from_hf(TINY)).eval()
+    prompts = _prompts(331, [8, 8], seed=5)
+    params = [SamplingParams(max_new_tokens=28, temperature=1.0, seed=i, ignore_eos=True) for i in range(2)]
+    gen = Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=10))  # a request needs 9
+    out = gen.generate(prompts, n=2, params=params)
+    assert [[len(c.token_ids) for c in g] for g in out] == [[28, 28], [28, 28]] and gen.stats.preemptions > 0
+    roomy = Generator(model, cache_cfg=CacheConfig(block_size=4, num_blocks=64)).generate(prompts, n=2, params=params)
+    assert [[c.token_ids for c in g] for g in out] == [[c.token_ids for c in g] for g in roomy]

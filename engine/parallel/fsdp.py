@@ -22,18 +22,20 @@ from torch.distributed.fsdp import fully_shard
 
 def make_mesh(sp: int = 1, device_type: str = "cpu", timeout_s: float | None = None) -> DeviceMesh:
     """A 2-D mesh ("dp", "sp") over the whole world: dp = world / sp. timeout_s: every group of
-    the mesh (each dimension's, and shard_mesh's flattened one) times out after it, as the
-    default group does; DeviceMesh would otherwise give the groups it creates torch's default
-    (30 min on gloo, 10 on NCCL): a stuck rank of a dp x sp job held its ring for that long."""
+    the mesh times out after it, as the default group does (the dimensions over the whole world,
+    and shard_mesh's flattened one, are the default group); DeviceMesh would otherwise give the
+    groups it creates torch's default (30 min on gloo, 10 on NCCL): a stuck rank of a dp x sp
+    job held its ring for that long."""
     world = dist.get_world_size()
     if sp < 1 or world % sp:
         raise ValueError(f"parallel.sp = {sp} must divide the world size {world}")
+    # a dimension over the whole world is the default group, which has the timeout already (and an
+    # override would open a second communicator over every rank); the smaller ones get it here
     opts = None if timeout_s is None else _group_options(timeout_s)
-    mesh = init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"),
-                            backend_override=None if opts is None else {"dp": opts, "sp": opts})
-    if opts is not None:
-        mesh._flatten("dp_sp", backend_override=opts)  # made now with the timeout; shard_mesh finds it
-    return mesh
+    sizes = {"dp": world // sp, "sp": sp}
+    override = {dim: opts for dim, size in sizes.items() if opts is not None and size < world}
+    return init_device_mesh(device_type, (world // sp, sp), mesh_dim_names=("dp", "sp"),
+                            backend_override=override or None)
 
 
 def _group_options(timeout_s: float):

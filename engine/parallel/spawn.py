@@ -63,9 +63,11 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, backend: str = "glo
             try:
                 rank, status, payload = queue.get(timeout=min(left, 1.0))
             except Exception:  # queue.Empty: check for ranks that died without a word
-                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in results]
-                if dead and not any(e[0] in dead for e in errors) and queue.empty():
-                    raise RuntimeError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
+                heard = set(results) | {e[0] for e in errors}
+                dead = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in heard]
+                if dead and queue.empty():  # gone without a word (killed, or exited with nothing sent)
+                    said = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(errors))
+                    raise RuntimeError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]}){said}")
                 continue
             if status == "ok":
                 results[rank] = pickle.loads(payload)

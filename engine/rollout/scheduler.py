@@ -94,6 +94,8 @@ class Scheduler:
                     self.blocks.cost(seq.table, seq.num_cached, seq.pending) + spare > self.blocks.num_free:
                 break  # it could not finish beside the running sequences: it waits for blocks to free
             n = min(seq.pending, budget, self._fits(seq))
+            while n <= 0 and not self.running and not batch and self._unpin(seq):
+                n = min(seq.pending, budget, self._fits(seq))
             if n <= 0:
                 if not self.running and not batch:
                     self._too_small(seq)
@@ -138,6 +140,8 @@ class Scheduler:
                         self.preemptions += 1
                         continue
                     if not scheduled:
+                        if self._unpin(seq):  # prompt blocks kept by waiting samples of other groups
+                            continue
                         self._too_small(seq)
                     self._preempt(seq)
                     break
@@ -155,6 +159,21 @@ class Scheduler:
 
     def _own_blocks(self, seq: Sequence) -> bool:
         return len(seq.table) > self._kept(seq)
+
+    def _unpin(self, needy: Sequence) -> bool:
+        """Free the blocks a waiting sample keeps (the latest queued first) that `needy` does not
+        share: when a group's samples all wait, nothing else would ever free its prompt, and the
+        last running sequence of another group could not grow. That sample recomputes its prompt
+        later. -> whether a table was released."""
+        mine = set(needy.table)
+        for w in reversed(self.waiting):
+            if w is not needy and w.table and not mine.intersection(w.table):
+                self.blocks.release(w.table)
+                w.num_cached = 0
+                w.resets += 1
+                self.preemptions += 1
+                return True
+        return False
 
     def _give_back(self, seq: Sequence) -> None:
         """Free seq's blocks past its group's whole prompt blocks; it is prefilled again from there

@@ -148,7 +148,9 @@ def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: boo
             save_model(model, tokenizer, ref_dir)
     if parallel is not None:
         parallel.barrier()
-    ref, _ = load_model(ref_dir, device=device, dtype="float32", attn_backend=cfg.model.attn_backend)
+    # under FSDP2 with bf16 compute every weight ends in bf16 (the saved copy is the bf16 one): loaded so
+    dtype = precision.compute if parallel is not None and precision.compute is not None else "float32"
+    ref, _ = load_model(ref_dir, device=device, dtype=dtype, attn_backend=cfg.model.attn_backend)
     return reference_copy(ref, precision, sharded=parallel is not None)
 
 

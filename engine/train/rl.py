@@ -24,7 +24,7 @@ from ..config import DataConfig, KernelsConfig, RLConfig, RolloutConfig, TrainCo
 from ..data.lengths import record_prompt_ids
 from ..data.packing import budget_batches, group_batches, pack, pack_groups
 from ..data.template import resolve_think
-from ..model.attention import GroupAttention, resolve_backend
+from ..model.attention import GroupAttention, VarlenAttention, resolve_backend
 from ..rewards import HybridReward, RewardItem
 from ..rewards.judge import merge_reward_metrics
 from ..rl import AEPOController, DynamicSampler, grpo_advantages, overlong_penalty
@@ -307,9 +307,11 @@ class GRPOTrainer:
         """Token-budget micro-batches for `model` over the samples `chosen` (whole groups, in
         order), in the layout rl.shared_prefix picks; only loss samples go through the model.
         Under sequence parallelism each micro-batch is this rank's share of it."""
-        w = model.lm_head_weight
-        device = w.device
-        backend = resolve_backend(getattr(model, "attn_backend", "auto"), w.device, w.dtype)
+        device = model.lm_head_weight.device
+        # the policy's attention backend for every model (policy, old, reference): a bf16 reference
+        # on flash-attn against an fp32 policy on SDPA would compute another function
+        w = self.model.lm_head_weight
+        backend = resolve_backend(getattr(self.model, "attn_backend", "auto"), device, w.dtype)
         budget = self.cfg.token_budget
         micros = []
         if self.rl.shared_prefix:
@@ -342,8 +344,8 @@ class GRPOTrainer:
                 continue
             packed = packed.to(device)
             rows = rows.to(device)
-            micros.append(_Micro(packed.input_ids, packed.cu_seqlens, None, None, rows, packed.targets[rows],
-                                 owner.to(device), _within(owner).to(device)))
+            micros.append(_Micro(packed.input_ids, packed.cu_seqlens, None, VarlenAttention(packed.cu_seqlens, backend),
+                                 rows, packed.targets[rows], owner.to(device), _within(owner).to(device)))
         return micros
 
     @property
@@ -496,14 +498,18 @@ class GRPOTrainer:
         """The reference's log-probs (_response_logprobs). A reference kept elsewhere (rl.ref_device =
         "cpu": host memory between steps) is brought to the training device for the pass and sent
         back after it, so its table and its compute are on the policy's device."""
-        home = self.ref_model.lm_head_weight.device
-        if home == device:
-            return self._response_logprobs(self.ref_model, batch, samples, chosen)
-        self.ref_model.to(device)
+        ref = self.ref_model
+        if ref.lm_head_weight.device == device:
+            return self._response_logprobs(ref, batch, samples, chosen)
+        params = list(ref.parameters())  # frozen: the host copies stay; device copies for the pass only
+        host = [p.data for p in params]
         try:
-            return self._response_logprobs(self.ref_model, batch, samples, chosen)
+            for p, h in zip(params, host):
+                p.data = h.to(device, non_blocking=True)
+            return self._response_logprobs(ref, batch, samples, chosen)
         finally:
-            self.ref_model.to(home)
+            for p, h in zip(params, host):
+                p.data = h
 
     @torch.no_grad()
     def _response_logprobs(self, model, batch, samples, chosen) -> "_Table":
