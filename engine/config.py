@@ -345,7 +345,7 @@ class KernelsConfig:
     backend: Literal["auto", "torch", "triton"] = "auto"  # auto: triton on CUDA, torch elsewhere
     chunk_mb: int = 0  # bytes of one [chunk, vocab] fp32 logits block; 0: 256 MiB on CPU, 2 GiB on GPU
     # a chunk's logits under bf16 compute: "fp32" (written in fp32 by the product: log-probs and ratios
-    # without bf16 rounding) or "compute" (bf16: a third of the bytes, ~0.02 nat of rounding a log-prob)
+    # without bf16 rounding) or "compute" (bf16: a third of the bytes, a few 0.01 nat of rounding a log-prob)
     logits: Literal["fp32", "compute"] = "fp32"
 
     def validate(self, key: str) -> None:
