@@ -281,6 +281,13 @@ def test_stop_strings_end_generation(smollm):
     assert stopped.finish_reason == "stop" and len(stopped.token_ids) < len(free.token_ids)
     assert stop in tok.decode(stopped.token_ids)
     assert stop not in tok.decode(stopped.token_ids[:-1])  # it stopped at the first occurrence
+    # a stop string of 4-byte characters spans more tokens than characters: the window holds it whole
+    from engine.rollout.scheduler import Sequence
+    wide = "𝔸𝔹ℂ𝔻𝔼𝔽𝔾"
+    ids = prompt + tok.encode(" so " + wide, add_special_tokens=False)
+    assert len(ids) - len(prompt) > len(wide) + 8
+    seq = Sequence(0, 0, ids, len(prompt), SamplingParams(stop=[wide]))
+    assert Generator(model, tok)._hits_stop_string(seq, len(ids))
 
 
 def test_behaviour_logprobs_equal_linear_logprob(smollm):

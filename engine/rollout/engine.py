@@ -402,8 +402,9 @@ class Generator:
         """Whether a stop string is in the text of the last few tokens before index `end`."""
         if not seq.params.stop:
             return False
-        longest = max(len(s) for s in seq.params.stop)
-        # decode a window of recent tokens wide enough to contain any stop string
+        # a window of recent tokens wide enough to hold any stop string: a token carries at least one
+        # byte of text (byte-level vocabularies split a 4-byte character into up to 4 tokens)
+        longest = max(len(s.encode("utf-8")) for s in seq.params.stop)
         window = seq.token_ids[max(seq.prompt_len, end - longest - 8):end]
         text = self.tokenizer.decode(window, skip_special_tokens=False)
         return any(s in text for s in seq.params.stop)

@@ -49,7 +49,7 @@ class SamplingParams:
     # None: the model's own stop rule (engine.data.template.stop_token_ids: generation_config's
     # eos ids and the chat template's end of turn), as transformers and vLLM stop by default
     stop_token_ids: list[int] | None = None
-    stop: list[str] = field(default_factory=list)  # stop strings (need the tokenizer)
+    stop: list[str] = field(default_factory=list)  # stop strings (need the tokenizer); the token completing one stays
     ignore_eos: bool = False  # True: generate max_new_tokens, stopping only at explicit stop_token_ids / stop
 
     def __post_init__(self):
