@@ -46,7 +46,8 @@ def run(groups: int, n: int, prompt_len: int, new: int, block_size: int, fractio
         full = full if full is not None else tokens
         s = gen.stats
         rows.append({"fraction": frac, "blocks": blocks, "prefilled_x_prompts":
-                     (s.prompt_tokens + s.recomputed_tokens) / (groups * prompt_len), "preemptions": s.preemptions,
+                     (s.prompt_tokens + s.recomputed_tokens) / (groups * prompt_len),
+                     "prompt_tokens_x_prompts": s.prompt_tokens / (groups * prompt_len), "preemptions": s.preemptions,
                      "steps": s.steps, "seconds": seconds, "same_tokens_as_first": tokens == full})
     return rows
 

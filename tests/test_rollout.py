@@ -368,6 +368,8 @@ def test_memory_pressure_costs_little_prompt_work():
     away at the next decode step), with the full cache's tokens."""
     from bench.preempt_case import run
     full, tight, tighter = run(groups=4, n=4, prompt_len=100, new=16, block_size=8, fractions=[1.0, 0.6, 0.4])
+    for row in (full, tight, tighter):  # the stats count each prompt once, the rest as recomputed
+        assert row["prompt_tokens_x_prompts"] == 1.0
     for row in (tight, tighter):
         assert row["preemptions"] > 0 and row["same_tokens_as_first"]
         assert row["prefilled_x_prompts"] < 1.5 and row["steps"] < 3 * full["steps"]

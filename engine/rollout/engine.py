@@ -43,7 +43,7 @@ from .scheduler import CacheTooSmall, Scheduler, Sequence
 @dataclass
 class RolloutStats:
     prompt_tokens: int = 0  # prompt tokens the model prefilled (a group's prompt counts once)
-    recomputed_tokens: int = 0  # tokens prefilled again after a preemption
+    recomputed_tokens: int = 0  # tokens prefilled again (a preemption, a half-done prefill taken back)
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -342,12 +342,12 @@ class Generator:
         ends, ready = [], []
         offset = 0
         for seq, n in batch:
-            if not decode:
-                if seq.sample < 0 or seq.num_generated == 0:
-                    self.stats.prompt_tokens += n
-                else:
-                    self.stats.recomputed_tokens += n
+            if not decode:  # prompt positions past the furthest its cache ever reached: prefilled the first time
+                fresh = max(0, min(seq.num_cached + n, seq.prompt_len) - max(seq.num_cached, seq.computed))
+                self.stats.prompt_tokens += fresh
+                self.stats.recomputed_tokens += n - fresh
             seq.num_cached += n
+            seq.computed = max(seq.computed, seq.num_cached)
             offset += n
             if seq.pending == 0:
                 ends.append(offset - 1)
@@ -363,7 +363,7 @@ class Generator:
         for j in range(parent.fork_into):
             child = self._new_seq(parent.request, j, list(parent.token_ids), parent.prompt_len, parent.params)
             child.table = blocks.fork(parent.table)
-            child.num_cached = parent.num_cached
+            child.num_cached = child.computed = parent.num_cached
             child.shared_prefix = parent.num_cached if parent.fork_into > 1 else 0
             sched.running.append(child)
             children.append(child)

@@ -34,6 +34,7 @@ class Sequence:        # every field (token lists included) of every sequence ah
     seed: int | None = None  # sampled samples only: the 64-bit seed of its uniforms (sampling.sequence_seed)
     table: list[int] = field(default_factory=list)
     num_cached: int = 0
+    computed: int = 0  # the furthest num_cached ever reached: prefill below it is recomputation
     logprobs: list[float] = field(default_factory=list)
     fork_into: int = 0  # a group's prompt: fork this many samples when its prefill completes
     shared_prefix: int = 0  # tokens of KV shared with the group's other samples (0: none)
