@@ -87,7 +87,8 @@ def run(impl: str, tokens: int, hidden: int, vocab: int, dtype: str = "float32",
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     time_ = spread(times)
     return {"impl": impl, "tokens": tokens, "hidden": hidden, "vocab": vocab, "dtype": dtype, "device": device,
-            "logits": logits, "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base), "baseline_bytes": base,
+            "logits": logits, "seconds": time_["median"], "time": time_, "peak_extra_bytes": max(0, peak - base),
+            "baseline_bytes": base,
             "grad_bytes": (tokens * hidden + vocab * hidden) * inputs[0].element_size(), "row_launch": _row_launch()}
 
 

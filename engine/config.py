@@ -350,7 +350,6 @@ class KernelsConfig:
 
     def validate(self, key: str) -> None:
         _check(self.chunk_mb >= 0, f"{key}.chunk_mb", "an integer >= 0 (0: default)", self.chunk_mb)
-        _check(self.logits in ("fp32", "compute"), f"{key}.logits", "'fp32' or 'compute'", self.logits)
 
     def resolved(self) -> tuple[str, int]:
         """(backend, chunk MiB or 0), the environment winning over the recipe."""

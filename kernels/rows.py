@@ -114,6 +114,8 @@ def logit_bytes(rows, dtype: torch.dtype, logits: str = "fp32") -> int:
     inputs the gradient's copy in their dtype. "compute": the logits in the input dtype, plus
     (torch rows, half-precision input) the fp32 copy the row passes work on; Triton rows work in
     place."""
+    if logits not in LOGITS:  # checked here, once an op: chunk_logits runs in the chunk loop
+        raise ValueError(f"logits {logits!r} unknown; choose one of {', '.join(LOGITS)}")
     size = torch.finfo(dtype).bits // 8
     if logits == "fp32":
         return 4 + (size if size < 4 else 0)
@@ -125,9 +127,7 @@ def chunk_logits(h: torch.Tensor, w: torch.Tensor, logits: str = "fp32") -> torc
     product accumulates in fp32 and is written so: rounded to bf16, logits around 20 move each
     log-prob by up to ~0.1 nat at temperature 0.7, and the PPO ratio with them), through torch.mm's
     out_dtype where the device has it, else fp32 copies of the inputs. "compute": in the inputs'
-    dtype (half the bytes, the rounding kept)."""
-    if logits not in LOGITS:
-        raise ValueError(f"logits {logits!r} unknown; choose one of {', '.join(LOGITS)}")
+    dtype (half the bytes, the rounding kept). `logits` is checked by logit_bytes."""
     if logits == "compute" or h.dtype == torch.float32:
         return h @ w.t()
     if _fp32_out("mm", h.device, h.dtype):

@@ -329,6 +329,10 @@ def test_metrics_log_resume_and_tensorboard(tmp_path):
                                                                  ("rl", 2), ("eval", 2)]
     log.write({"stage": "rl", "step": 3, "loss": float("nan")})
     assert resumed.rows()[-1]["loss"] is None  # JSON has no NaN
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # killed while writing step 4's row: a resume drops it
+        f.write('{"stage": "rl", "st')
+    again = MetricsLog(tmp_path, "rl", resume_after_step=3)
+    assert [(r["stage"], r["step"]) for r in again.rows()][-2:] == [("eval", 2), ("rl", 3)]
     if log.tb is not None:  # TensorBoard event files when the package is installed
         assert list((tmp_path / "tb").glob("events.*"))
 

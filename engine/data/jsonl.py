@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def read_docqa_jsonl(path: str | Path, required: tuple[str, ...] = ("context", "
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def replace_text(path: Path, text: str) -> None:
+    """`text` written aside (a name of this process's own) and renamed into place: a kill leaves
+    the old file or the new one, whole, and processes writing the same file at once do not
+    collide."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_text(path: Path) -> str:

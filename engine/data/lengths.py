@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+from .jsonl import replace_text
 from .template import build_prompt_ids, encode_prompt
 
 
@@ -55,14 +56,8 @@ class LengthCache:
             except json.JSONDecodeError:
                 stored = {}
         stored[self.key] = self.table
-        # one temporary name per process: the ranks of a job save the same cache at once
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(json.dumps(stored))
-            tmp.replace(self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        replace_text(self.path, json.dumps(stored))  # the ranks of a job save the same cache at once
 
 
 def prompt_lengths(records: Sequence, tokenizer, *, template: str = "qwenlong", chat: bool = True,

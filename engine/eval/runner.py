@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config import DataConfig, EvalConfig, RolloutConfig
-from ..data.jsonl import jsonl_lines
+from ..data.jsonl import jsonl_lines, replace_text
 from ..data.lengths import record_prompt_ids
 from ..data.template import resolve_think
 from ..data.loaders import DocQARecord, check_unique_ids
@@ -231,7 +231,7 @@ def _check_settings(path: Path, current: dict, write: bool) -> None:
             raise ValueError(f"{path.parent} holds results made with other settings ({'; '.join(changed)}): "
                              f"evaluate into another folder, or delete it to start over")
     elif write:
-        _replace_text(path, json.dumps(current, indent=1))
+        replace_text(path, json.dumps(current, indent=1))
 
 
 def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward) -> None:
@@ -255,14 +255,7 @@ def _judge_again(path: Path, done: dict, benchmarks: dict, reward: HybridReward)
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """items.jsonl's rows (non-ASCII kept as is), replacing the file whole."""
-    _replace_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Written aside and renamed into place: a kill leaves the old file or the new one, whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    replace_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _merge_parts(out: Path, benchmarks: dict, settings: EvalConfig) -> None:

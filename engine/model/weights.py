@@ -310,15 +310,20 @@ def _split_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[s
     return shards
 
 
+# config keys of the source that a written checkpoint must not carry: its quantisation, its path, the
+# library version, and `torch_dtype` (the old name of `dtype`: a reader that prefers it would load the
+# source's dtype)
+SOURCE_ONLY_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype")
+
+
 def save_model(model: Decoder, tokenizer, out_dir: str | os.PathLike, *,
                max_shard_bytes: int = _DEFAULT_SHARD_BYTES, state_dict: dict | None = None) -> Path:
     """A directory that transformers' AutoModelForCausalLM.from_pretrained loads. state_dict:
     the full weights when `model` holds only a shard of them (gathered by engine.parallel);
     {} writes the config, generation config and tokenizer alone (the weights are elsewhere)."""
     cfg = model.config
-    hf_config = {k: v for k, v in cfg.hf_config.items() if k not in ("quantization_config", "_name_or_path")}
+    hf_config = {k: v for k, v in cfg.hf_config.items() if k not in SOURCE_ONLY_KEYS}
     dtype = model.embed_tokens.weight.dtype
-    hf_config.pop("torch_dtype", None)  # the old name: a reader that prefers it would load the source's dtype
     hf_config.update(architectures=[ARCHITECTURES[cfg.model_type]], model_type=cfg.model_type,
                      tie_word_embeddings=cfg.tie_word_embeddings, dtype=_dtype_name(dtype))
     state = {}
@@ -365,7 +370,6 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike | None 
     cfg = DecoderConfig.from_hf(hf_config, source=str(src))
     state = {k: v for k, v in hf_model.state_dict().items()
              if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
-    for k in ("quantization_config", "_name_or_path", "transformers_version"):
-        hf_config.pop(k, None)
+    hf_config = {k: v for k, v in hf_config.items() if k not in SOURCE_ONLY_KEYS}
     hf_config["architectures"] = [ARCHITECTURES[cfg.model_type]]
     return write_checkpoint(hf_config, state, tokenizer, out)

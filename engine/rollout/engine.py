@@ -346,8 +346,8 @@ class Generator:
                 fresh = max(0, min(seq.num_cached + n, seq.prompt_len) - max(seq.num_cached, seq.computed))
                 self.stats.prompt_tokens += fresh
                 self.stats.recomputed_tokens += n - fresh
+                seq.computed = max(seq.computed, seq.num_cached + n)  # decode only runs past the prompt
             seq.num_cached += n
-            seq.computed = max(seq.computed, seq.num_cached)
             offset += n
             if seq.pending == 0:
                 ends.append(offset - 1)

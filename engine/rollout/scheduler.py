@@ -34,7 +34,7 @@ class Sequence:        # every field (token lists included) of every sequence ah
     seed: int | None = None  # sampled samples only: the 64-bit seed of its uniforms (sampling.sequence_seed)
     table: list[int] = field(default_factory=list)
     num_cached: int = 0
-    computed: int = 0  # the furthest num_cached ever reached: prefill below it is recomputation
+    computed: int = 0  # the furthest a prefill (or the fork) brought num_cached: prompt below it is recomputed
     logprobs: list[float] = field(default_factory=list)
     fork_into: int = 0  # a group's prompt: fork this many samples when its prefill completes
     shared_prefix: int = 0  # tokens of KV shared with the group's other samples (0: none)
@@ -169,17 +169,16 @@ class Scheduler:
         mine = set(needy.table)
         for w in reversed(self.waiting):
             if w is not needy and w.table and not mine.intersection(w.table):
-                self.blocks.release(w.table)
-                w.num_cached = 0
-                w.resets += 1
+                self._give_back(w, keep=0)
                 self.preemptions += 1
                 return True
         return False
 
-    def _give_back(self, seq: Sequence) -> None:
-        """Free seq's blocks past its group's whole prompt blocks; it is prefilled again from there
-        (the prompt's last partial block too: its copy was its own) and decodes with its group."""
-        keep = self._kept(seq)
+    def _give_back(self, seq: Sequence, keep: int | None = None) -> None:
+        """Free seq's blocks past its group's whole prompt blocks (or past `keep` blocks); it is
+        prefilled again from there (the prompt's last partial block too: its copy was its own) and
+        decodes with its group."""
+        keep = self._kept(seq) if keep is None else keep
         rest = seq.table[keep:]
         self.blocks.release(rest)
         del seq.table[keep:]

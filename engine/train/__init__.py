@@ -133,9 +133,10 @@ def _reference_model(cfg: Config, run_dir: Path, model, tokenizer, resuming: boo
                      parallel=None):
     """The frozen starting weights for the KL term: saved once under RUN_DIR/reference at the
     start of RL, so a resumed run compares against the same reference. `model` unsharded;
-    under several ranks rank 0 writes and every rank reads. Loaded in fp32 and cast as the
-    policy computes (engine.train.rl.reference_copy): on a GPU `model.dtype = auto` would be
-    bf16 everywhere, another function than fp32 weights under autocast."""
+    under several ranks rank 0 writes and every rank reads. Loaded as the policy computes
+    (engine.train.rl.reference_copy: fp32 with bf16 linear layers in one process, bf16 under
+    FSDP2), not in `model.dtype`: on a GPU `auto` is bf16 everywhere, another function than
+    fp32 weights under autocast."""
     from ..model import load_model, save_model
     from .rl import reference_copy
 
@@ -365,7 +366,8 @@ def run_pipeline(cfg: Config, *, resume: bool = False, progress: bool = True, st
     if cfg.sft.data and not in_rl:
         start = run_sft(cfg, resume=latest is not None, progress=progress, fresh_log=False) / "model"
         # a resume after SFT's end has it already (every rank reads the same file: all decide alike)
-        if cfg.eval.sets and "after-sft" not in {r.get("label") for r in metrics_rows(run_dir) if r.get("stage") == "eval"}:
+        if cfg.eval.sets and not any(r.get("stage") == "eval" and r.get("label") == "after-sft"
+                                     for r in metrics_rows(run_dir)):
             evaluate_dir(start, "after-sft")
     if not cfg.rl.data:
         last = start.parent if start else latest

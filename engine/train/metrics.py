@@ -20,14 +20,9 @@ class MetricsLog:
         if fresh and self.path.exists():
             self.path.unlink()
         elif resume_after_step is not None and self.path.is_file():
-            keep = []
-            for line in self.path.read_text().splitlines():
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if not (row.get("stage") in (stage, "eval") and (row.get("step") or 0) > resume_after_step):
-                    keep.append(line)
-            self.path.write_text("".join(line + "\n" for line in keep))
+            keep = [row for row in metrics_rows(run_dir)
+                    if not (row.get("stage") in (stage, "eval") and (row.get("step") or 0) > resume_after_step)]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def write(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -45,11 +40,23 @@ class MetricsLog:
 
 
 def metrics_rows(run_dir: str | os.PathLike) -> list[dict]:
-    """RUN_DIR/metrics.jsonl's rows ([] before the first)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    """RUN_DIR/metrics.jsonl's rows ([] before the first). A torn last row (a run killed while
+    writing it) is left out; any other row that is not JSON is named by line."""
+    from ..data.jsonl import jsonl_lines
+
+    path = Path(run_dir).expanduser() / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(jsonl_lines(path.read_text(encoding="utf-8")), 1) if line.strip()]
+    rows = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1:
+                continue
+            raise ValueError(f"{path}:{n}: not a JSON row") from None
+    return rows
 
 
 def efficiency(model, seconds: float, peak_tflops: float, *, train_tokens: int = 0, forward_tokens: int = 0,

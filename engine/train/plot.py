@@ -7,7 +7,6 @@ runs (an ablation): held-out accuracy, training reward and response length side 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 RL_PANELS = [("reward/mean", "training reward (rollouts)"), ("response/mean_len", "response length (tokens)"),
@@ -16,18 +15,12 @@ RL_PANELS = [("reward/mean", "training reward (rollouts)"), ("response/mean_len"
 
 
 def read_rows(run_dir: str | Path) -> list[dict]:
+    from .metrics import metrics_rows
+
     path = Path(run_dir).expanduser() / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a longrl run directory?)")
-    rows = []
-    lines = [(n, line) for n, line in enumerate(path.read_text().split("\n"), 1) if line.strip()]
-    for k, (n, line) in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if k == len(lines) - 1:  # a run killed mid-write: its torn last row is left out
-                continue
-            raise ValueError(f"{path}:{n}: not a JSON row") from None
+    rows = metrics_rows(run_dir)  # a torn last row left out
     if not rows:
         raise ValueError(f"{path}: empty")
     return rows

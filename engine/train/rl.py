@@ -138,11 +138,9 @@ class GRPOTrainer:
     def _frozen_copy(self, where: str):
         """The reference policy: the weights as they are now (the start of RL), frozen (under
         several ranks: of the unsharded copy)."""
-        if self.parallel is None:
-            ref = reference_copy(copy.deepcopy(self.model), self.precision)
-        else:  # the unsharded copy holds the weights in the compute dtype, what FSDP2's policy casts to
-            ref = copy.deepcopy(self.rollout_model).requires_grad_(False).eval()
-            ref.set_activation_checkpointing(False)
+        # under several ranks the unsharded copy: its weights are in the compute dtype, FSDP2's policy's
+        ref = reference_copy(copy.deepcopy(self.model if self.parallel is None else self.rollout_model),
+                             self.precision, sharded=self.parallel is not None)
         return ref.to("cpu") if where == "cpu" else ref
 
     @property
